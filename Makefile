@@ -1,0 +1,33 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# One intra-op thread: on small shared CPUs more threads make the tiny-model steps several times slower.
+RUN_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+
+.PHONY: demo test test-slow lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: on CPU-only machines with a local wheel folder this takes the CPU build; an
+	# unpinned torch resolved later would pull several GB of CUDA packages.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(RUN_ENV) $(VENV)/bin/vlm-rl train --config recipes/demo_cpu.yaml
+
+test: $(VENV)/.installed
+	$(RUN_ENV) $(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(RUN_ENV) $(PY) -m pytest -q -m slow
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check vlm_rl tests benchmarks
+	$(VENV)/bin/ruff format --check vlm_rl tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,54 @@
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vlm_rl.config import VLMGRPOConfig  # noqa: E402
+from vlm_rl.models import FAMILIES, build_tiny_model, load_model_and_processor  # noqa: E402
+
+torch.set_num_threads(1)
+
+ALL_FAMILIES = sorted(FAMILIES)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """One tiny model directory per family, built once per test session."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: build_tiny_model(family, root / family) for family in ALL_FAMILIES}
+
+
+@pytest.fixture
+def load_tiny(tiny_dirs):
+    """Fresh (model, processor) of a family, fp32, as the trainer would load them."""
+
+    def load(family: str):
+        return load_model_and_processor(str(tiny_dirs[family]), dtype="float32")
+
+    return load
+
+
+def small_config(output_dir, **overrides) -> VLMGRPOConfig:
+    """A CPU-sized GRPO config: a few tiny steps, no checkpoints unless asked."""
+    settings = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "num_generations": 2,
+        "max_completion_length": 4,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "use_cpu": True,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    settings.update(overrides)
+    return VLMGRPOConfig(**settings)

@@ -1,0 +1,85 @@
+"""The trainer's per-token log-probs equal a direct single-sample forward, row by row, on mixed batches."""
+
+import random
+
+import pytest
+import torch
+from conftest import ALL_FAMILIES, small_config
+from trl.data_utils import prepare_multimodal_messages
+
+from vlm_rl.data import make_shapes_dataset
+from vlm_rl.data.synthetic import draw_shape
+from vlm_rl.rewards.accuracy import accuracy
+from vlm_rl.trainers import VLMGRPOTrainer
+
+NUM_GENERATIONS = 2
+
+
+def mixed_rows():
+    """Image, text-only and two-image rows of different prompt lengths, each repeated for its group."""
+    images = make_shapes_dataset(2, text_fraction=0.0, seed=3)
+    texts = make_shapes_dataset(2, text_fraction=1.0, seed=4)
+    rng = random.Random(0)
+    two_images = {
+        "prompt": [{"role": "user", "content": "Are the two shapes the same color?"}],
+        "images": [draw_shape("circle", "red", 56, rng), draw_shape("square", "blue", 84, rng)],
+        "answer": "no",
+        "task": "image",
+    }
+    rows = [images[0], texts[0], two_images, texts[1], images[1]]
+    return [row for row in rows for _ in range(NUM_GENERATIONS)]
+
+
+def single_sample_logps(model, processor, row, completion_ids):
+    """Log-probs of `completion_ids` after `row`'s prompt, from one unpadded forward of that sample alone."""
+    conversation = prepare_multimodal_messages(row["prompt"], images=row["images"])
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    encoded = processor(text=[text], images=row["images"] or None, return_tensors="pt")
+    prompt_ids = encoded.pop("input_ids")
+    encoded.pop("attention_mask")
+    input_ids = torch.cat([prompt_ids, completion_ids[None]], dim=1)
+    if "mm_token_type_ids" in encoded:
+        encoded["mm_token_type_ids"] = torch.cat(
+            [encoded["mm_token_type_ids"], torch.zeros_like(completion_ids)[None]], dim=1
+        )
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **encoded).logits
+    logits = logits[0, prompt_ids.size(1) - 1 : -1].float()
+    return prompt_ids[0], torch.log_softmax(logits, dim=-1).gather(-1, completion_ids[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_logprobs_match_single_sample_forward(family, load_tiny, tmp_path):
+    model, processor = load_tiny(family)
+    args = small_config(tmp_path, num_generations=NUM_GENERATIONS, per_device_train_batch_size=10)
+    dataset = make_shapes_dataset(4)
+    trainer = VLMGRPOTrainer(
+        model=model, reward_funcs=[accuracy], args=args, train_dataset=dataset, processing_class=processor
+    )
+    rows = mixed_rows()
+    batch = trainer._generate_and_score_completions(rows)
+
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    assert (prompt_mask[:, 0] == 0).any() and (prompt_mask[:, -1] == 1).all(), "prompts must be left-padded"
+    assert batch["num_images"] == [1, 1, 0, 0, 2, 2, 0, 0, 1, 1]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    vision_inputs = {
+        key: batch[key]
+        for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "num_images")
+        if key in batch
+    }
+
+    # One chunk for the whole batch, chunks of two (some without any image) and chunks of three.
+    for chunk_size in (None, 2, 3):
+        with torch.no_grad():
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_ids.size(1), batch_size=chunk_size, **vision_inputs
+            )
+        for i, row in enumerate(rows):
+            row_completion = completion_ids[i][completion_mask[i].bool()]
+            ref_prompt, ref_logps = single_sample_logps(model, processor, row, row_completion)
+            assert torch.equal(prompt_ids[i][prompt_mask[i].bool()], ref_prompt)
+            ours = logps[i][completion_mask[i].bool()]
+            torch.testing.assert_close(ours, ref_logps, atol=1e-5, rtol=0, msg=f"row {i}, chunk size {chunk_size}")

@@ -1,0 +1,165 @@
+"""Whole runs from recipe files: the CLI, accelerate launch, outputs, resume and start-up errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from vlm_rl.config import RecipeError, parse_recipe
+from vlm_rl.rewards import RewardSpecError
+from vlm_rl.train import main as train_main
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_RUN = {
+    "model_name_or_path": "tiny:qwen2_vl",
+    "dtype": "float32",
+    "dataset": "synthetic:shapes",
+    "train_size": 32,
+    "eval_size": 8,
+    "text_fraction": 0.25,
+    "reward_funcs": ["accuracy", "think_answer_format"],
+    "reward_weights": [1.0, 0.5],
+    "num_generations": 2,
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 4,
+    "max_completion_length": 3,
+    "max_steps": 2,
+    "use_cpu": True,
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "logging_steps": 1,
+    "save_strategy": "steps",
+    "save_steps": 1,
+    "report_to": "none",
+    "disable_tqdm": True,
+}
+
+
+def write_recipe(directory: Path, **overrides) -> Path:
+    recipe = {**SMALL_RUN, "output_dir": str(directory / "run"), **overrides}
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def trainer_state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "trainer_state.json").read_text())
+
+
+def logged_steps(state: dict) -> list[int]:
+    return [entry["step"] for entry in state["log_history"] if "loss" in entry]
+
+
+def test_demo_recipe_parses_and_flags_override_it():
+    model, data, rewards, training, path = parse_recipe(
+        ["--config", str(REPO / "recipes/demo_cpu.yaml"), "--max_steps", "7", "--reward_funcs", "accuracy", "x.py:f"]
+    )
+    assert path == REPO / "recipes/demo_cpu.yaml"
+    assert model.model_name_or_path == "tiny:qwen2_vl"
+    assert data.dataset == "synthetic:shapes"
+    assert training.max_steps == 7 and training.num_generations == 16  # flag wins, YAML elsewhere
+    assert rewards.reward_funcs == ["accuracy", "x.py:f"]
+
+
+def test_unknown_recipe_key_names_file_key_and_closest_field(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("learning_rat: 0.1\n")
+    with pytest.raises(RecipeError, match=r"typo\.yaml: unknown key 'learning_rat'\. Did you mean 'learning_rate'\?"):
+        parse_recipe(["--config", str(path)])
+
+
+def test_bad_reward_fails_at_start_up_before_any_model_is_built(tmp_path):
+    recipe = write_recipe(tmp_path, reward_funcs=["accuracy", "rewards/missing.py:score"])
+    with pytest.raises(RewardSpecError, match=r"rewards/missing\.py"):
+        train_main(["--config", str(recipe)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_run_writes_checkpoints_state_plot_and_eval(tmp_path):
+    recipe = write_recipe(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    vlm_rl = Path(sys.executable).with_name("vlm-rl")
+    subprocess.run([str(vlm_rl), "train", "--config", str(recipe)], check=True, env=env, cwd=tmp_path, timeout=300)
+
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert trainer_state(run)["global_step"] == 2
+    with Image.open(run / "reward_curve.png") as plot:
+        assert plot.size[0] >= 600 and plot.size[1] >= 300
+    # `vlm-rl plot` redraws it from trainer_state.json.
+    (run / "reward_curve.png").unlink()
+    subprocess.run([str(vlm_rl), "plot", str(run)], check=True, env=env, timeout=120)
+    assert (run / "reward_curve.png").stat().st_size > 10_000
+    results = json.loads((run / "eval_results.json").read_text())
+    assert results["chance"] == 0.25 and results["num_rows"] == 8
+    assert 0.0 <= results["accuracy"] <= 1.0 and 0.0 <= results["blind_accuracy"] <= 1.0
+    assert set(results["rewards"]) == {"accuracy", "think_answer_format"}
+    assert len((run / "eval_samples.jsonl").read_text().splitlines()) == 8
+    # The saved model reloads as a normal model directory.
+    from vlm_rl.models import load_model_and_processor
+
+    model, processor = load_model_and_processor(str(run))
+    assert model.config.model_type == "qwen2_vl" and processor.tokenizer is not None
+
+
+def test_accelerate_launch_runs_the_module_entry_point(tmp_path):
+    recipe = write_recipe(tmp_path, final_eval=False, plot=False, save_strategy="no", max_steps=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--config_file", str(REPO / "launch/single_process.yaml")]
+    subprocess.run([*command, "-m", "vlm_rl.train", "--config", str(recipe)], check=True, env=env, timeout=300)
+    assert trainer_state(tmp_path / "run")["global_step"] == 1
+
+
+def test_resume_from_path_and_auto_continue_the_step_count(tmp_path, caplog):
+    recipe = str(write_recipe(tmp_path, final_eval=False, plot=False))
+    run = tmp_path / "run"
+    train_main(["--config", recipe])  # steps 1-2, checkpoints 1 and 2
+    assert logged_steps(trainer_state(run)) == [1, 2]
+
+    # From an explicit (older) checkpoint: steps 2-3 are trained again on top of checkpoint-1.
+    train_main(["--config", recipe, "--resume_from_checkpoint", str(run / "checkpoint-1"), "--max_steps", "3"])
+    state = trainer_state(run)
+    assert state["global_step"] == 3 and logged_steps(state) == [1, 2, 3]
+
+    # `auto` takes the newest complete checkpoint, skipping a broken newer one and saying so.
+    broken = run / "checkpoint-9"
+    broken.mkdir()
+    (broken / "trainer_state.json").write_text("{truncated")
+    with caplog.at_level("INFO", logger="vlm_rl"):
+        train_main(["--config", recipe, "--resume_from_checkpoint", "auto", "--max_steps", "4"])
+    assert "Skipping incomplete checkpoint" in caplog.text and "checkpoint-9" in caplog.text
+    assert "resuming from" in caplog.text and "checkpoint-3" in caplog.text
+    state = trainer_state(run)
+    assert state["global_step"] == 4 and logged_steps(state) == [1, 2, 3, 4]
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, caplog):
+    recipe = str(write_recipe(tmp_path, final_eval=False, plot=False, save_strategy="no", max_steps=1))
+    with caplog.at_level("INFO", logger="vlm_rl"):
+        train_main(["--config", recipe, "--resume_from_checkpoint", "auto"])
+    assert "starting from scratch" in caplog.text
+    assert trainer_state(tmp_path / "run")["global_step"] == 1
+
+
+def test_resume_from_a_missing_checkpoint_is_an_error(tmp_path):
+    recipe = str(write_recipe(tmp_path))
+    with pytest.raises(FileNotFoundError, match="checkpoint-404"):
+        train_main(["--config", recipe, "--resume_from_checkpoint", str(tmp_path / "checkpoint-404")])
+
+
+def test_tiny_model_command_builds_a_reloadable_model(tmp_path):
+    from vlm_rl.cli import main as cli_main
+    from vlm_rl.models import load_model_and_processor
+
+    cli_main(["tiny-model", "--family", "qwen2_5_vl", "--output_dir", str(tmp_path / "m")])
+    model, processor = load_model_and_processor(str(tmp_path / "m"))
+    assert model.config.model_type == "qwen2_5_vl"
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    shutil.rmtree(tmp_path / "m")

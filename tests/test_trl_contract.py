@@ -1,0 +1,60 @@
+"""What VLMGRPOTrainer assumes about TRL's internals. A TRL upgrade that changes them fails here first.
+
+If `test_stock_trl_still_fails_on_mixed_batches` starts failing, TRL fixed mixed batches itself: re-check
+whether the overrides in `vlm_rl/trainers/grpo.py` are still needed.
+"""
+
+import inspect
+
+import pytest
+import trl
+from conftest import small_config
+from datasets import concatenate_datasets
+from packaging.version import Version
+from trl import GRPOTrainer
+
+from vlm_rl.data import make_shapes_dataset
+from vlm_rl.rewards.accuracy import accuracy
+from vlm_rl.trainers import VLMGRPOTrainer
+
+
+def test_trl_version_is_in_the_tested_range():
+    assert Version("1.16") <= Version(trl.__version__) < Version("1.17")
+
+
+def test_overridden_methods_keep_their_signatures():
+    logps = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    # Our override forwards these positionally to TRL's method, one chunk at a time.
+    assert list(logps)[:8] == [
+        "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+        "compute_aux_loss",
+    ]  # fmt: skip
+    assert "num_images" in logps and "pixel_values" in logps
+    assert list(inspect.signature(GRPOTrainer._tokenize_prompts).parameters) == ["self", "prompts"]
+    # TRL still marks image-less rows with None (what our `_tokenize_prompts` normalises).
+    assert "images.append(prompt_images if prompt_images else None)" in inspect.getsource(
+        GRPOTrainer._tokenize_prompts
+    )
+
+
+def test_stock_trl_still_fails_on_mixed_batches(load_tiny, tmp_path):
+    model, processor = load_tiny("qwen2_vl")
+    # One batch of 4 prompts, 2 with an image and 2 without.
+    dataset = concatenate_datasets([make_shapes_dataset(2), make_shapes_dataset(2, text_fraction=1.0)])
+    args = small_config(tmp_path, max_steps=1, per_device_train_batch_size=8, shuffle_dataset=False)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=[accuracy], args=args, train_dataset=dataset, processing_class=processor
+    )
+    with pytest.raises(TypeError, match="only a single or a list of entries is supported"):
+        trainer.train()
+
+
+def test_generation_never_samples_media_tokens(load_tiny, tmp_path):
+    model, processor = load_tiny("qwen2_vl")
+    trainer = VLMGRPOTrainer(
+        model=model, reward_funcs=[accuracy], args=small_config(tmp_path), train_dataset=make_shapes_dataset(4),
+        processing_class=processor,
+    )  # fmt: skip
+    config = model.config
+    media = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+    assert media <= set(trainer.generation_config.suppress_tokens)

@@ -1,0 +1,63 @@
+"""The `vlm-rl` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _tiny_model(args: argparse.Namespace) -> None:
+    from vlm_rl.models import build_tiny_model
+
+    path = build_tiny_model(
+        args.family,
+        args.output_dir,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_hidden_layers,
+        seed=args.seed,
+    )
+    print(f"Tiny {args.family} model written to {path}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from vlm_rl.plotting import plot_run
+
+    print(f"Wrote {plot_run(args.run_dir)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlm_rl.models.tiny import FAMILIES
+
+    parser = argparse.ArgumentParser(prog="vlm-rl", description="GRPO post-training for vision-language models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "train",
+        add_help=False,
+        help="Train from a recipe: vlm-rl train --config recipes/X.yaml [--field value ...]; --help lists the fields.",
+    )
+    tiny = commands.add_parser("tiny-model", help="Build a tiny random-weight VLM of a real architecture, offline.")
+    tiny.add_argument("--family", required=True, choices=sorted(FAMILIES))
+    tiny.add_argument("--output_dir", required=True, help="Directory to save the model and processor to.")
+    tiny.add_argument("--hidden_size", type=int, default=64)
+    tiny.add_argument("--num_hidden_layers", type=int, default=2)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_tiny_model)
+    plot = commands.add_parser("plot", help="Write RUN_DIR/reward_curve.png from RUN_DIR/trainer_state.json.")
+    plot.add_argument("run_dir")
+    plot.set_defaults(func=_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from vlm_rl.train import main as train_main
+
+        train_main(argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Recipe schema: the dataclasses a recipe YAML (and any `--field value` flag) is parsed into.
+
+A recipe is one flat YAML mapping, as with TRL's own scripts; each key belongs to exactly one of the
+dataclasses below. `TrlParser` does the parsing, so every field is also a command-line flag.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+from trl import GRPOConfig, TrlParser
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train."""
+
+    model_name_or_path: str = field(
+        default="tiny:qwen2_vl",
+        metadata={
+            "help": "A Hub id, a local model directory, or `tiny:<family>` for the embedded random-weight tiny model "
+            "(built offline into `<output_dir>/tiny-<family>`; families: qwen2_vl, qwen2_5_vl, qwen3_vl)."
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights dtype: `auto` (as saved), `float32`, `bfloat16` or `float16`."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on."""
+
+    dataset: str = field(
+        default="synthetic:shapes",
+        metadata={"help": "`synthetic:shapes` (coloured shapes generated in code; the answer is only in the image)."},
+    )
+    train_size: int = field(default=2000, metadata={"help": "Rows in the generated training split."})
+    eval_size: int = field(default=200, metadata={"help": "Rows in the generated held-out split."})
+    text_fraction: float = field(
+        default=0.0, metadata={"help": "Fraction of text-only rows (the colour stated in words) in both splits."}
+    )
+    image_size: int = field(default=56, metadata={"help": "Side of the generated square images, in pixels."})
+
+
+@dataclass
+class RewardArguments:
+    """How completions are scored. Weights are GRPOConfig's `reward_weights`."""
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={
+            "help": "Rewards, each a registered name (`accuracy`, `think_answer_format`), `package.module:function` "
+            "or `path/to/file.py:function` (relative to the recipe's directory, then the working directory)."
+        },
+    )
+
+
+@dataclass
+class VLMGRPOConfig(GRPOConfig):
+    """TRL's `GRPOConfig`, plus what a vlm-rl run does around training.
+
+    `resume_from_checkpoint` also accepts `auto`: the newest complete checkpoint in `output_dir`, or a fresh
+    start when there is none.
+    """
+
+    final_eval: bool = field(
+        default=True,
+        metadata={
+            "help": "After training, generate greedily on the held-out split and write `eval_results.json` with "
+            "each reward's mean, with the images as given and with images swapped between rows (`blind_*`)."
+        },
+    )
+    eval_accuracy_reward: str = field(
+        default="accuracy",
+        metadata={"help": "The reward reported as `accuracy` / `blind_accuracy` in `eval_results.json`."},
+    )
+    plot: bool = field(default=True, metadata={"help": "Write `reward_curve.png` (reward against step) at the end."})
+
+
+RECIPE_DATACLASSES = (ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig)
+
+
+class RecipeError(ValueError):
+    """A recipe file cannot be used as written."""
+
+
+def check_recipe_keys(path: str | Path) -> None:
+    """Fail on a key that no dataclass knows, naming the file, the key and the closest valid key."""
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as error:
+        raise RecipeError(f"Recipe file {path} not found.") from error
+    except yaml.YAMLError as error:
+        raise RecipeError(f"Recipe file {path} is not valid YAML: {error}") from error
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"Recipe file {path} must be a YAML mapping of field names to values.")
+    valid = {f.name for cls in RECIPE_DATACLASSES for f in fields(cls)} | {"env"}
+    for key in recipe:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"Recipe file {path}: unknown key {key!r}.{hint}")
+
+
+def parse_recipe(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig, Path | None]:
+    """Parse `--config recipe.yaml` plus command-line overrides; also return the recipe's path."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe_path = Path(argv[argv.index("--config") + 1]) if "--config" in argv[:-1] else None
+    if recipe_path is not None:
+        check_recipe_keys(recipe_path)
+    parser = TrlParser(RECIPE_DATACLASSES)
+    model_args, data_args, reward_args, training_args = parser.parse_args_and_config(args=argv)
+    return model_args, data_args, reward_args, training_args, recipe_path

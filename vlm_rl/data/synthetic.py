@@ -1,0 +1,86 @@
+"""A synthetic visual task generated in code: coloured shapes, questions whose answer is only in the image.
+
+Every image row asks for the colour of the one shape drawn on a random light background. The question
+text is the same whatever the answer, so a policy that ignores the image can do no better than chance;
+`blind` evaluation (images swapped between rows) measures exactly that. Optional text-only rows state
+the colour in words, so mixed batches of image and text samples come from the same task.
+"""
+
+from __future__ import annotations
+
+import random
+
+from datasets import Dataset, Features, List, Value
+from datasets import Image as ImageFeature
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 200, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+QUESTION_TEMPLATES = {
+    "image": "What color is the shape? Answer with one word.",
+    "text": "The {shape} is {color}. What color is the {shape}? Answer with one word.",
+}
+
+SPLITS = ("train", "test")
+FEATURES = Features(
+    {
+        "prompt": List({"role": Value("string"), "content": Value("string")}),
+        "images": List(ImageFeature()),
+        "answer": Value("string"),
+        "task": Value("string"),
+    }
+)
+
+
+def draw_shape(shape: str, color: str, size: int, rng: random.Random) -> Image.Image:
+    """One shape of `color` at a random position and scale on a random light-grey background."""
+    grey = rng.randint(200, 255)
+    image = Image.new("RGB", (size, size), (grey, grey, grey))
+    draw = ImageDraw.Draw(image)
+    extent = rng.randint(size // 2, size - 4)
+    x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
+    box = (x0, y0, x0 + extent - 1, y0 + extent - 1)
+    fill = COLORS[color]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(x0 + extent // 2, y0), (x0, y0 + extent - 1), (x0 + extent - 1, y0 + extent - 1)], fill=fill)
+    return image
+
+
+def make_shapes_dataset(
+    num_rows: int,
+    split: str = "train",
+    *,
+    image_size: int = 56,
+    text_fraction: float = 0.0,
+    seed: int = 0,
+) -> Dataset:
+    """Rows with `prompt` (conversational), `images` (one or none), `answer` and `task` columns.
+
+    `split` picks an independent random stream ("train" or "test"); `text_fraction` of the rows are
+    text-only. Deterministic for a given (split, seed).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r} for the shapes dataset; use one of {list(SPLITS)}.")
+    if not 0.0 <= text_fraction <= 1.0:
+        raise ValueError(f"text_fraction must be between 0 and 1, got {text_fraction}.")
+    rng = random.Random(f"shapes-{split}-{seed}")  # independent streams: held-out rows are not training rows
+    rows = []
+    for _ in range(num_rows):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        if rng.random() < text_fraction:
+            question, images, task = QUESTION_TEMPLATES["text"].format(shape=shape, color=color), [], "text"
+        else:
+            question, images, task = QUESTION_TEMPLATES["image"], [draw_shape(shape, color, image_size, rng)], "image"
+        rows.append(
+            {"prompt": [{"role": "user", "content": question}], "images": images, "answer": color, "task": task}
+        )
+    return Dataset.from_list(rows, features=FEATURES)

@@ -1,0 +1,44 @@
+"""Loading the policy model and its processor from a recipe's model section."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText
+
+from vlm_rl.models.processing import load_processor
+from vlm_rl.models.tiny import FAMILIES, build_tiny_model
+
+logger = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny:"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(model_name_or_path: str, output_dir: str | Path) -> str:
+    """`tiny:<family>` becomes a tiny model built (once) inside `output_dir`; anything else is returned as is."""
+    if not model_name_or_path.startswith(TINY_PREFIX):
+        return model_name_or_path
+    family = model_name_or_path.removeprefix(TINY_PREFIX)
+    if family not in FAMILIES:
+        raise ValueError(
+            f"model_name_or_path {model_name_or_path!r}: unknown tiny family; use one of {sorted(FAMILIES)}."
+        )
+    path = Path(output_dir) / f"tiny-{family}"
+    if not (path / "config.json").is_file():
+        logger.info("Building the tiny %s model in %s.", family, path)
+        build_tiny_model(family, path)
+    return str(path)
+
+
+def load_model_and_processor(model_name_or_path: str, *, dtype: str = "auto", trust_remote_code: bool = False):
+    """The image-text-to-text model and its processor from a Hub id or a local directory."""
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of: auto, {', '.join(_DTYPES)}.")
+    processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_name_or_path, dtype=_DTYPES.get(dtype, "auto"), trust_remote_code=trust_remote_code
+    )
+    return model, processor

@@ -1,0 +1,117 @@
+"""One GRPO run from a recipe.
+
+vlm-rl train --config recipes/demo_cpu.yaml [--field value ...]
+accelerate launch --config_file launch/single_process.yaml -m vlm_rl.train --config recipes/demo_cpu.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import transformers
+
+from vlm_rl.checkpoints import resolve_resume
+from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe
+from vlm_rl.data import TaskData, load_task
+from vlm_rl.evaluation import evaluate_policy, mean_reward
+from vlm_rl.models import load_model_and_processor, resolve_model_path
+from vlm_rl.plotting import plot_reward_curve
+from vlm_rl.rewards import load_rewards
+from vlm_rl.trainers import VLMGRPOTrainer
+
+logger = logging.getLogger("vlm_rl")
+
+
+def final_evaluation(trainer: VLMGRPOTrainer, task: TaskData, reward_funcs: list, args: VLMGRPOConfig) -> dict:
+    """Greedy held-out evaluation with the right images and with images swapped between rows."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    kwargs = {"max_new_tokens": args.max_completion_length, "batch_size": args.per_device_eval_batch_size}
+    records = evaluate_policy(model, trainer.processing_class, task.eval, reward_funcs, **kwargs)
+    blind_records = evaluate_policy(model, trainer.processing_class, task.eval, reward_funcs, blind=True, **kwargs)
+    names = [func.__name__ for func in reward_funcs]
+    results = {
+        # `accuracy` and its blind twin are over rows with images: only there can the image be swapped.
+        "accuracy": mean_reward(records, args.eval_accuracy_reward, has_images=True),
+        "blind_accuracy": mean_reward(blind_records, args.eval_accuracy_reward, has_images=True),
+        "chance": task.chance,
+        "text_only_accuracy": mean_reward(records, args.eval_accuracy_reward, has_images=False),
+        "num_rows": len(records),
+        "num_image_rows": sum(r["has_images"] for r in records),
+        "rewards": {name: mean_reward(records, name) for name in names},
+        "blind_rewards": {name: mean_reward(blind_records, name, has_images=True) for name in names},
+        "global_step": trainer.state.global_step,
+    }
+    output_dir = Path(args.output_dir)
+    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with open(output_dir / "eval_samples.jsonl", "w") as f:
+        for record, blind in zip(records, blind_records, strict=True):
+            f.write(json.dumps({**record, "blind_completion": blind["completion"]}) + "\n")
+    return results
+
+
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    reward_args: RewardArguments,
+    training_args: VLMGRPOConfig,
+    recipe_dir: Path | None = None,
+) -> VLMGRPOTrainer:
+    """Train (resuming if asked), save the model, then plot and evaluate as the recipe says."""
+    # Everything that can fail from a typo fails here, before any model is loaded.
+    reward_funcs = load_rewards(reward_args.reward_funcs, base_dir=recipe_dir)
+    names = [func.__name__ for func in reward_funcs]
+    if training_args.final_eval and training_args.eval_accuracy_reward not in names:
+        raise ValueError(
+            f"eval_accuracy_reward={training_args.eval_accuracy_reward!r} is not among the recipe's rewards {names}."
+        )
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    task = load_task(
+        data_args.dataset,
+        train_size=data_args.train_size,
+        eval_size=data_args.eval_size,
+        text_fraction=data_args.text_fraction,
+        image_size=data_args.image_size,
+        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+    )
+    model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
+    model, processor = load_model_and_processor(
+        model_path, dtype=model_args.dtype, trust_remote_code=training_args.trust_remote_code
+    )
+    trainer = VLMGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=task.train,
+        eval_dataset=task.eval if training_args.eval_strategy != "no" else None,
+        processing_class=processor,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+
+    if trainer.accelerator.is_main_process:
+        output_dir = Path(training_args.output_dir)
+        if training_args.plot:
+            path = plot_reward_curve(trainer.state.log_history, output_dir / "reward_curve.png")
+            logger.info("Reward curve: %s", path)
+        if training_args.final_eval and task.eval is not None:
+            results = final_evaluation(trainer, task, reward_funcs, training_args)
+            logger.info(
+                "Held-out evaluation: %s",
+                json.dumps({k: results[k] for k in ("accuracy", "blind_accuracy", "chance")}),
+            )
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, reward_args, training_args, recipe_path = parse_recipe(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    run(model_args, data_args, reward_args, training_args, recipe_path.parent if recipe_path else None)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

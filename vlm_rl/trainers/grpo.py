@@ -1,0 +1,97 @@
+"""`VLMGRPOTrainer`: TRL's GRPO trainer, made safe for batches that mix text-only and image samples.
+
+Each override is narrow and names the TRL 1.16 behaviour it changes; `tests/test_trl_contract.py` fails if
+a TRL upgrade moves the internals these overrides rely on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import ProcessorMixin
+from trl import GRPOTrainer
+
+from vlm_rl.trainers.logprobs import select_rows, split_vision_inputs
+
+
+def media_token_ids(config) -> list[int]:
+    """Token ids that mark images or videos in the prompt; a completion must never contain them."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index")
+    return sorted({getattr(config, name) for name in names if isinstance(getattr(config, name, None), int)})
+
+
+class VLMGRPOTrainer(GRPOTrainer):
+    """GRPO for vision-language models where any row may have zero, one or several images."""
+
+    def __init__(self, model, reward_funcs=None, args=None, processing_class=None, **kwargs):
+        if args is not None and not isinstance(model, str):
+            # TRL suppresses only the image token. A sampled video or vision start/end token makes the next
+            # forward fail ("Image features and image tokens do not match") or misplaces M-RoPE positions.
+            generation_kwargs = dict(args.generation_kwargs or {})
+            suppress = set(generation_kwargs.get("suppress_tokens") or []) | set(media_token_ids(model.config))
+            generation_kwargs["suppress_tokens"] = sorted(suppress)
+            args.generation_kwargs = generation_kwargs
+        if isinstance(processing_class, ProcessorMixin):
+            # TRL left-pads prompt ids itself, but builds per-token vision inputs (mm_token_type_ids,
+            # token_type_ids) with a processor call that pads on the tokenizer's side. Qwen tokenizers pad
+            # on the right, which misaligns those inputs with the prompt for every row shorter than the
+            # longest: left-pad everywhere.
+            processing_class.tokenizer.padding_side = "left"
+        super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
+
+    def _tokenize_prompts(self, prompts: list):
+        # TRL marks an image-less row with `None`, and the processor call that builds the training inputs
+        # rejects `None` inside the image list; an empty list means the same and is accepted.
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        if images is not None:
+            images = [row_images or [] for row_images in images]
+        return prompt_ids, images, multimodal_fields
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        batch_size: int | None = None,
+        compute_entropy: bool = False,
+        compute_aux_loss: bool = False,
+        num_images: list[int] | None = None,
+        **model_inputs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        model_inputs = {key: value for key, value in model_inputs.items() if value is not None}
+        if "pixel_values" not in model_inputs:
+            # Text-only rows: a plain language-model forward.
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **model_inputs,
+            )  # fmt: skip
+        if num_images is None:
+            raise ValueError("Vision inputs were given without `num_images`; cannot tell which rows have images.")
+
+        # Rows with images: chunk as TRL does, but give each chunk exactly its own rows' vision inputs, and
+        # none when no row of the chunk has an image (TRL would run the vision tower on an empty tensor).
+        split_inputs = split_vision_inputs(model_inputs, num_images)
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies, aux_losses = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            end = min(start + batch_size, input_ids.size(0))
+            chunk_logps, chunk_entropies, chunk_aux = super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids[start:end],
+                attention_mask[start:end],
+                logits_to_keep,
+                end - start,
+                compute_entropy,
+                compute_aux_loss,
+                **select_rows(split_inputs, num_images, start, end),
+            )
+            logps.append(chunk_logps)
+            entropies.append(chunk_entropies)
+            aux_losses.append(chunk_aux)
+        return (
+            torch.cat(logps, dim=0),
+            torch.cat(entropies, dim=0) if compute_entropy else None,
+            torch.stack(aux_losses).mean() if compute_aux_loss else None,
+        )
