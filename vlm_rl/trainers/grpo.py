@@ -25,13 +25,6 @@ class VLMGRPOTrainer(GRPOTrainer):
     """GRPO for vision-language models where any row may have zero, one or several images."""
 
     def __init__(self, model, reward_funcs=None, args=None, processing_class=None, **kwargs):
-        if args is not None and not isinstance(model, str):
-            # TRL suppresses only the image token. A sampled video or vision start/end token makes the next
-            # forward fail ("Image features and image tokens do not match") or misplaces M-RoPE positions.
-            generation_kwargs = dict(args.generation_kwargs or {})
-            suppress = set(generation_kwargs.get("suppress_tokens") or []) | set(media_token_ids(model.config))
-            generation_kwargs["suppress_tokens"] = sorted(suppress)
-            args.generation_kwargs = generation_kwargs
         if isinstance(processing_class, ProcessorMixin):
             # TRL left-pads prompt ids itself, but builds per-token vision inputs (mm_token_type_ids,
             # token_type_ids) with a processor call that pads on the tokenizer's side. Qwen tokenizers pad
@@ -39,6 +32,14 @@ class VLMGRPOTrainer(GRPOTrainer):
             # longest: left-pad everywhere.
             processing_class.tokenizer.padding_side = "left"
         super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
+        if self._is_vlm and not self.use_vllm:
+            # TRL suppresses only the image token. A sampled video or vision start/end token makes the next
+            # forward fail ("Image features and image tokens do not match") or misplaces M-RoPE positions.
+            suppress = set(self.generation_kwargs.get("suppress_tokens") or []) | set(
+                media_token_ids(self.model.config)
+            )
+            self.generation_kwargs["suppress_tokens"] = sorted(suppress)
+            self.generation_config.suppress_tokens = sorted(suppress)
 
     def _tokenize_prompts(self, prompts: list):
         # TRL marks an image-less row with `None`, and the processor call that builds the training inputs
