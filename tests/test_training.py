@@ -3,8 +3,10 @@
 import math
 
 import pytest
+import torch
 from conftest import ALL_FAMILIES, small_config
 from datasets import concatenate_datasets
+from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
 from vlm_rl.data import make_shapes_dataset
 from vlm_rl.trainers import VLMGRPOTrainer
@@ -65,3 +67,43 @@ def test_grpo_steps_train_the_right_parameters(family, batches, load_tiny, tmp_p
         assert not changed(vision, before), "text-only batches must leave the vision tower untouched"
     else:
         assert changed(vision, before), "image batches must train the vision tower"
+
+
+def select_micro_batch(batch, rows):
+    """Rows `rows` of a scored generation batch, split the way TRL's `_prepare_inputs` splits micro-batches."""
+    split = split_pixel_values_by_grid(batch)
+    size = len(batch["num_images"])
+    selected = {}
+    for key, value in split.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == size:
+            selected[key] = value[rows]
+        elif isinstance(value, list) and len(value) == size:
+            selected[key] = [value[i] for i in rows]
+        else:
+            selected[key] = value
+    return unsplit_pixel_values_by_grid(selected)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_text_only_micro_batch_of_a_mixed_batch_trains(family, load_tiny, tmp_path):
+    model, processor = load_tiny(family)
+    args = small_config(tmp_path, per_device_train_batch_size=8, shuffle_dataset=False)
+    trainer = VLMGRPOTrainer(
+        model=model, reward_funcs=[longer_is_better], args=args, train_dataset=mixed_dataset(),
+        processing_class=processor,
+    )  # fmt: skip
+    rows = [row for row in mixed_dataset().select(range(4)) for _ in range(2)]  # [image, image, text, text] x 2
+    batch = trainer._generate_and_score_completions(rows)
+    assert batch["num_images"] == [1, 1, 1, 1, 0, 0, 0, 0] and "pixel_values" in batch
+
+    for micro_rows, vision_trains in (([4, 5, 6, 7], False), ([0, 5, 2, 7], True)):
+        model.zero_grad()
+        micro_batch = select_micro_batch(batch, micro_rows)
+        assert ("pixel_values" in micro_batch and micro_batch["pixel_values"].numel() > 0) == vision_trains
+        loss = trainer.compute_loss(model, micro_batch)
+        loss.backward()
+        assert torch.isfinite(loss)
+        vision, language = vision_and_language_params(model)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in language.values())
+        vision_grads = any(p.grad is not None and p.grad.abs().sum() > 0 for p in vision.values())
+        assert vision_grads == vision_trains
