@@ -9,6 +9,7 @@ import torch  # noqa: E402
 
 from vlm_rl.config import VLMGRPOConfig  # noqa: E402
 from vlm_rl.models import FAMILIES, build_tiny_model, load_model_and_processor  # noqa: E402
+from vlm_rl.rewards.timeout import time_limit  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -52,3 +53,11 @@ def small_config(output_dir, **overrides) -> VLMGRPOConfig:
     }
     settings.update(overrides)
     return VLMGRPOConfig(**settings)
+
+
+def no_hang(seconds: float = 30.0):
+    """Interrupt the block after `seconds`: a guard against pathological (e.g. quadratic) inputs, not a timing.
+
+    Linear work on the inputs tested finishes in well under a second; a quadratic path takes minutes.
+    """
+    return time_limit(seconds, what="work that must not hang on adversarial input")

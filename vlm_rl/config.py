@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 from trl import GRPOConfig, TrlParser
 
+from vlm_rl.rewards.configured import ERROR_POLICIES
+
 
 @dataclass
 class ModelArguments:
@@ -38,7 +40,11 @@ class DataArguments:
 
     dataset: str = field(
         default="synthetic:shapes",
-        metadata={"help": "`synthetic:shapes` (coloured shapes generated in code; the answer is only in the image)."},
+        metadata={
+            "help": "`synthetic:shapes` (coloured shapes generated in code; the answer is only in the image) or "
+            "`synthetic:grounding_math` (boxes on non-square images mixed with text-only sums; `task` column "
+            "`grounding` / `math`, for reward routing)."
+        },
     )
     train_size: int = field(default=2000, metadata={"help": "Rows in the generated training split."})
     eval_size: int = field(default=200, metadata={"help": "Rows in the generated held-out split."})
@@ -55,8 +61,10 @@ class RewardArguments:
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
         metadata={
-            "help": "Rewards, each a registered name (`accuracy`, `think_answer_format`), `package.module:function` "
-            "or `path/to/file.py:function` (relative to the recipe's directory, then the working directory)."
+            "help": "Rewards, each a registered name (`accuracy`, `iou`, ...), an installed `vlm_rl.rewards` entry "
+            "point, `package.module:function` or `path/to/file.py:function` (relative to the recipe's directory, "
+            "then the working directory); or a mapping `{reward: ..., name, weight, kwargs, tasks, timeout}` "
+            "(see docs/rewards.md). On the command line a mapping is written as YAML: `'{reward: iou, tasks: [g]}'`."
         },
     )
 
@@ -81,6 +89,33 @@ class VLMGRPOConfig(GRPOConfig):
         metadata={"help": "The reward reported as `accuracy` / `blind_accuracy` in `eval_results.json`."},
     )
     plot: bool = field(default=True, metadata={"help": "Write `reward_curve.png` (reward against step) at the end."})
+    reward_timeout: float | None = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds one call of one reward function may take (per batch); past it, its samples count as "
+            "failed. A reward entry's `timeout` overrides it; 0 or null: no limit."
+        },
+    )
+    reward_error_policy: str = field(
+        default="none",
+        metadata={
+            "help": "What a sample gets when its reward raises, times out or returns NaN/inf: `none` (not scored "
+            "by that reward), `zero` (0.0), or `raise` (stop the run; for debugging). Failures are counted in "
+            "`rewards/<name>/failures`.",
+            "choices": ["none", "zero", "raise"],
+        },
+    )
+    reward_route_column: str = field(
+        default="task",
+        metadata={"help": "The dataset column whose value selects the rewards with matching `tasks` for each row."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reward_error_policy not in ERROR_POLICIES:
+            raise ValueError(
+                f"reward_error_policy must be one of {list(ERROR_POLICIES)}, got {self.reward_error_policy!r}."
+            )
 
 
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig)

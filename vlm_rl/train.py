@@ -19,7 +19,7 @@ from vlm_rl.data import TaskData, load_task
 from vlm_rl.evaluation import evaluate_policy, mean_reward
 from vlm_rl.models import load_model_and_processor, resolve_model_path
 from vlm_rl.plotting import plot_reward_curve
-from vlm_rl.rewards import load_rewards
+from vlm_rl.rewards import ConfiguredReward, RewardSpecError, load_rewards
 from vlm_rl.trainers import VLMGRPOTrainer
 
 logger = logging.getLogger("vlm_rl")
@@ -52,6 +52,44 @@ def final_evaluation(trainer: VLMGRPOTrainer, task: TaskData, reward_funcs: list
     return results
 
 
+def reward_weights(rewards: list[ConfiguredReward], recipe_weights: list[float] | None) -> list[float] | None:
+    """One weight per reward, from the entries' `weight` or else the recipe's `reward_weights` (None: all 1.0)."""
+    if all(reward.weight is None for reward in rewards):
+        return recipe_weights
+    if recipe_weights is not None:
+        raise RewardSpecError(
+            "The recipe sets both `reward_weights` and a `weight` inside `reward_funcs`; use one of the two."
+        )
+    return [1.0 if reward.weight is None else float(reward.weight) for reward in rewards]
+
+
+def check_routes(rewards: list[ConfiguredReward], dataset, route_column: str) -> None:
+    """Every task a reward is routed to exists in the data, and every row is scored by at least one reward."""
+    routed = [reward for reward in rewards if reward.tasks is not None]
+    if not routed:
+        return
+    if route_column not in dataset.column_names:
+        raise RewardSpecError(
+            f"Rewards {[r.__name__ for r in routed]} are routed by `tasks`, but the training data has no "
+            f"{route_column!r} column (columns: {dataset.column_names}); set `reward_route_column`."
+        )
+    present = set(dataset[route_column])
+    for reward in routed:
+        missing = sorted(set(reward.tasks) - present)
+        if missing:
+            raise RewardSpecError(
+                f"Reward {reward.__name__!r} is routed to tasks {missing} that no training row has; the "
+                f"{route_column!r} column holds {sorted(map(str, present))}."
+            )
+    if len(routed) == len(rewards):
+        unscored = sorted(map(str, present - {task for reward in routed for task in reward.tasks}))
+        if unscored:
+            raise RewardSpecError(
+                f"Training rows with {route_column} {unscored} are scored by no reward; add them to a reward's "
+                "`tasks`, or add a reward without `tasks`."
+            )
+
+
 def run(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -61,7 +99,14 @@ def run(
 ) -> VLMGRPOTrainer:
     """Train (resuming if asked), save the model, then plot and evaluate as the recipe says."""
     # Everything that can fail from a typo fails here, before any model is loaded.
-    reward_funcs = load_rewards(reward_args.reward_funcs, base_dir=recipe_dir)
+    reward_funcs = load_rewards(
+        reward_args.reward_funcs,
+        base_dir=recipe_dir,
+        timeout=training_args.reward_timeout,
+        error_policy=training_args.reward_error_policy,
+        route_column=training_args.reward_route_column,
+    )
+    training_args.reward_weights = reward_weights(reward_funcs, training_args.reward_weights)
     names = [func.__name__ for func in reward_funcs]
     if training_args.final_eval and training_args.eval_accuracy_reward not in names:
         raise ValueError(
@@ -76,6 +121,7 @@ def run(
         image_size=data_args.image_size,
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
     )
+    check_routes(reward_funcs, task.train, training_args.reward_route_column)
     model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
     model, processor = load_model_and_processor(
         model_path, dtype=model_args.dtype, trust_remote_code=training_args.trust_remote_code
@@ -89,6 +135,9 @@ def run(
         processing_class=processor,
     )
     trainer.train(resume_from_checkpoint=resume)
+    for name, counts in trainer.reward_failures.items():
+        if any(counts.values()):
+            logger.warning("Reward %r failed on %s samples during training.", name, counts)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
 

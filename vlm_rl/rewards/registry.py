@@ -1,10 +1,11 @@
 """The reward registry, and loading rewards from a recipe's `reward_funcs` list.
 
 A reward is a plain function with TRL's calling convention: `f(prompts, completions, **kwargs)`, where the
-kwargs carry every dataset column of the batch (e.g. `answer`), and it returns one float per completion.
-A recipe names it in one of three ways:
+kwargs carry every dataset column of the batch (e.g. `answer`), and it returns one float (or None) per
+completion. A recipe names it in one of four ways:
 
 - a registered name: `accuracy`
+- the name of an entry point in the `vlm_rl.rewards` group, so a pip-installed package can ship rewards
 - a module path: `my_package.rewards:iou_reward`
 - a file path: `path/to/rewards.py:my_reward` (relative paths are resolved from the recipe's directory,
   then from the working directory)
@@ -19,15 +20,17 @@ import importlib.util
 import inspect
 import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
+
+from vlm_rl.rewards.configured import ConfiguredReward
+from vlm_rl.rewards.spec import RewardSpec, RewardSpecError
 
 RewardFunc = Callable[..., list[float | None]]
 
+ENTRY_POINT_GROUP = "vlm_rl.rewards"
+
 REWARD_REGISTRY: dict[str, RewardFunc] = {}
-
-
-class RewardSpecError(ValueError):
-    """A recipe names a reward that cannot be loaded."""
 
 
 def register_reward(name: str) -> Callable[[RewardFunc], RewardFunc]:
@@ -86,6 +89,24 @@ def _get_function(module, func_name: str, spec: str, where: str) -> RewardFunc:
     return func
 
 
+def _load_entry_point(spec: str) -> RewardFunc | None:
+    matches = entry_points(group=ENTRY_POINT_GROUP, name=spec)
+    if not matches:
+        return None
+    entry_point = next(iter(matches))
+    owner = entry_point.dist.name if entry_point.dist is not None else "an installed package"
+    try:
+        func = entry_point.load()
+    except Exception as error:
+        raise RewardSpecError(
+            f"Reward {spec!r}: the {ENTRY_POINT_GROUP!r} entry point from {owner} ({entry_point.value}) failed to "
+            f"load: {error!r}"
+        ) from error
+    if not callable(func):
+        raise RewardSpecError(f"Reward {spec!r}: the entry point from {owner} ({entry_point.value}) is not callable.")
+    return func
+
+
 def resolve_reward(spec: str, base_dir: str | Path | None = None) -> RewardFunc:
     """The reward function a recipe entry names (see the module docstring for the accepted forms)."""
     import vlm_rl.rewards  # noqa: F401  (registers the built-ins)
@@ -101,16 +122,75 @@ def resolve_reward(spec: str, base_dir: str | Path | None = None) -> RewardFunc:
             search_dirs = [Path(base_dir)] if base_dir is not None else []
             return _load_from_file(target, func_name, [*search_dirs, Path.cwd()], spec)
         return _load_from_module(target, func_name, spec)
-    close = difflib.get_close_matches(spec, REWARD_REGISTRY, n=1)
+    func = _load_entry_point(spec)
+    if func is not None:
+        return func
+    installed = sorted(entry_point.name for entry_point in entry_points(group=ENTRY_POINT_GROUP))
+    known = sorted(REWARD_REGISTRY) + installed
+    close = difflib.get_close_matches(spec, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise RewardSpecError(
-        f"Unknown reward {spec!r}.{hint} Registered rewards: {sorted(REWARD_REGISTRY)}. A custom reward is named "
+        f"Unknown reward {spec!r}.{hint} Registered rewards: {sorted(REWARD_REGISTRY)}; installed through the "
+        f"{ENTRY_POINT_GROUP!r} entry points: {installed or 'none'}. A custom reward is named "
         "'package.module:function' or 'path/to/file.py:function'."
     )
 
 
-def load_rewards(specs: list[str], base_dir: str | Path | None = None) -> list[RewardFunc]:
-    """Resolve every entry of a recipe's `reward_funcs`, failing on the first that cannot be loaded."""
-    if not specs:
+def _check_kwargs(func: RewardFunc, kwargs: dict, where: str) -> None:
+    """Recipe kwargs must name parameters the function declares: `**kwargs` alone would swallow a typo."""
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # some builtins and C callables have no signature; nothing to check
+        return
+    named = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        and name not in ("prompts", "completions")
+    ]
+    for key in kwargs:
+        if key not in named:
+            close = difflib.get_close_matches(str(key), named, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RewardSpecError(
+                f"{where}: the reward has no keyword parameter {key!r}.{hint} Its keyword parameters: "
+                f"{named or 'none'}."
+            )
+
+
+def load_rewards(
+    entries: list[str | dict],
+    base_dir: str | Path | None = None,
+    *,
+    timeout: float | None = None,
+    error_policy: str = "none",
+    route_column: str = "task",
+) -> list[ConfiguredReward]:
+    """Resolve and configure every entry of a recipe's `reward_funcs`, failing on the first that cannot work."""
+    if not entries:
         raise RewardSpecError("The recipe lists no rewards: set `reward_funcs`, e.g. `reward_funcs: [accuracy]`.")
-    return [resolve_reward(spec, base_dir) for spec in specs]
+    rewards: list[ConfiguredReward] = []
+    for position, entry in enumerate(entries):
+        spec = RewardSpec.parse(entry, position)
+        where = f"reward_funcs[{position}] ({spec.reward!r})"
+        func = resolve_reward(spec.reward, base_dir)
+        _check_kwargs(func, spec.kwargs, where)
+        name = spec.name or getattr(func, "__name__", type(func).__name__)
+        taken = [other.__name__ for other in rewards]
+        if name in taken:
+            raise RewardSpecError(
+                f"{where} would be logged as {name!r}, like reward_funcs[{taken.index(name)}]; give one of them a "
+                "distinct `name`."
+            )
+        reward = ConfiguredReward(
+            func,
+            name=name,
+            kwargs=spec.kwargs,
+            tasks=spec.tasks,
+            weight=spec.weight,
+            timeout=spec.timeout if spec.timeout is not None else timeout,
+            error_policy=error_policy,
+            route_column=route_column,
+        )
+        rewards.append(reward)
+    return rewards

@@ -9,9 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
+from torch import nn
 from transformers import ProcessorMixin
 from trl import GRPOTrainer
+from trl.trainer.utils import get_callable_name
 
+from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
 from vlm_rl.trainers.logprobs import select_rows, split_vision_inputs
 
 
@@ -25,6 +29,8 @@ class VLMGRPOTrainer(GRPOTrainer):
     """GRPO for vision-language models where any row may have zero, one or several images."""
 
     def __init__(self, model, reward_funcs=None, args=None, processing_class=None, **kwargs):
+        reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        reward_funcs = [self._guarded(func, args) for func in reward_funcs]
         if isinstance(processing_class, ProcessorMixin):
             # TRL left-pads prompt ids itself, but builds per-token vision inputs (mm_token_type_ids,
             # token_type_ids) with a processor call that pads on the tokenizer's side. Qwen tokenizers pad
@@ -40,6 +46,70 @@ class VLMGRPOTrainer(GRPOTrainer):
             )
             self.generation_kwargs["suppress_tokens"] = sorted(suppress)
             self.generation_config.suppress_tokens = sorted(suppress)
+        # Rewards get the processor (e.g. its resize rule, for box coordinates), the model family and the
+        # completion length limit (for length penalties).
+        context = {
+            "processing_class": self.processing_class,
+            "model_type": getattr(self.accelerator.unwrap_model(self.model).config, "model_type", None),
+            "max_completion_length": self.max_completion_length,
+        }
+        for func in self.reward_funcs:
+            if isinstance(func, ConfiguredReward):
+                func.context.update(context)
+        # Failed samples so far per reward and kind (error, timeout, nonfinite), summed over processes.
+        self.reward_failures: dict[str, dict[str, int]] = {}
+        self._seen_routes: set[str] = set()
+
+    @staticmethod
+    def _guarded(func, args):
+        """Plain reward callables get the same failure isolation as the ones a recipe configures."""
+        if func is None or isinstance(func, str | nn.Module | ConfiguredReward):
+            return func
+        return ConfiguredReward(
+            func,
+            name=get_callable_name(func),
+            timeout=getattr(args, "reward_timeout", None),
+            error_policy=getattr(args, "reward_error_policy", "none"),
+            route_column=getattr(args, "reward_route_column", "task"),
+        )
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._log_reward_breakdown(inputs, rewards_per_func)
+        return rewards_per_func
+
+    def _log_reward_breakdown(self, inputs: list[dict], rewards_per_func: torch.Tensor) -> None:
+        """Per reward: how many samples it scored, and mean/std/count per task; failure totals for `log`."""
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        all_rewards = self.accelerator.gather(rewards_per_func).cpu()
+        route_column = getattr(self.args, "reward_route_column", "task")
+        routes = gather_object([row.get(route_column) for row in inputs])
+        # A task absent from this batch counts 0, so each count averages over the same steps.
+        self._seen_routes.update(r for r in routes if isinstance(r, str))
+        for i, name in enumerate(self.reward_func_names):
+            scored = ~torch.isnan(all_rewards[:, i])
+            metrics[f"rewards/{name}/count"].append(scored.sum().item())
+            for route in sorted(self._seen_routes):
+                in_route = torch.tensor([r == route for r in routes])
+                values = all_rewards[in_route & scored, i]
+                metrics[f"rewards/{name}/{route}/count"].append(float(values.numel()))
+                if values.numel():
+                    metrics[f"rewards/{name}/{route}/mean"].append(values.mean().item())
+                    metrics[f"rewards/{name}/{route}/std"].append(values.std(unbiased=False).item())
+        for func in self.reward_funcs:
+            if isinstance(func, ConfiguredReward):
+                local = torch.tensor([func.failures[kind] for kind in FAILURE_KINDS], device=self.accelerator.device)
+                totals = self.accelerator.reduce(local, reduction="sum").tolist()
+                self.reward_failures[func.__name__] = dict(zip(FAILURE_KINDS, map(int, totals), strict=True))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            # Running totals, not averages: a failure shows up in every later log line.
+            for name, counts in self.reward_failures.items():
+                logs[f"rewards/{name}/failures"] = sum(counts.values())
+                logs.update({f"rewards/{name}/failures_{kind}": n for kind, n in counts.items() if n})
+        super().log(logs, start_time)
 
     def _tokenize_prompts(self, prompts: list):
         # TRL marks an image-less row with `None`, and the processor call that builds the training inputs

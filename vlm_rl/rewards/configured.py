@@ -1,0 +1,176 @@
+"""`ConfiguredReward`: a reward function as a recipe configures it, and the guard around every call.
+
+A bad reward must not cost a run: a call that raises, runs past its time limit or returns NaN/inf gives the
+affected samples `None` (or 0.0, by policy) instead of stopping training. Each kind of failure is counted,
+and the first of each kind is logged once, with the reward's name, the sample's index and its task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import numbers
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from trl.trainer.utils import is_async_callable
+
+from vlm_rl.rewards.timeout import RewardTimeout, time_limit
+
+logger = logging.getLogger(__name__)
+
+ERROR_POLICIES = ("none", "zero", "raise")
+FAILURE_KINDS = ("error", "timeout", "nonfinite")
+
+
+class RewardError(RuntimeError):
+    """A reward failed under `reward_error_policy: raise`."""
+
+
+class ConfiguredReward:
+    """Calls `func` on the rows it is routed to, with the recipe's keyword arguments, under a time limit.
+
+    It keeps TRL's calling convention, so the trainer (and the held-out evaluation) call it like any reward.
+    `context` holds what the trainer adds to every call (`processing_class`, `model_type`).
+    """
+
+    def __init__(
+        self,
+        func: Callable,
+        *,
+        name: str,
+        kwargs: dict[str, Any] | None = None,
+        tasks: list[str] | None = None,
+        weight: float | None = None,
+        timeout: float | None = None,
+        error_policy: str = "none",
+        route_column: str = "task",
+    ):
+        if error_policy not in ERROR_POLICIES:
+            raise ValueError(f"reward_error_policy must be one of {ERROR_POLICIES}, got {error_policy!r}.")
+        self.func = func
+        self.__name__ = name
+        self.kwargs = dict(kwargs or {})
+        self.tasks = list(tasks) if tasks is not None else None
+        self.weight = weight  # None: the recipe's `reward_weights`, or 1.0
+        self.timeout = timeout
+        self.error_policy = error_policy
+        self.route_column = route_column
+        self.context: dict[str, Any] = {}
+        self.failures: Counter[str] = Counter()
+        self._reported: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"ConfiguredReward({self.__name__!r}, tasks={self.tasks}, kwargs={self.kwargs})"
+
+    def applicable_rows(self, num_samples: int, columns: dict[str, Any]) -> list[int]:
+        """Indices of the samples this reward scores: all, or those whose route column is in `tasks`."""
+        if self.tasks is None:
+            return list(range(num_samples))
+        routes = columns.get(self.route_column)
+        if routes is None:
+            raise KeyError(
+                f"Reward {self.__name__!r} is routed to tasks {self.tasks}, but the batch has no "
+                f"{self.route_column!r} column (columns: {sorted(columns)}). Add the column to the dataset, or "
+                "set `reward_route_column`."
+            )
+        return [i for i, route in enumerate(routes) if route in self.tasks]
+
+    def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
+        num_samples = len(completions)
+        scores: list[float | None] = [None] * num_samples
+        rows = self.applicable_rows(num_samples, columns)
+        if not rows:
+            return scores
+        clashes = sorted(set(self.kwargs) & set(columns))
+        if clashes:
+            raise ValueError(
+                f"Reward {self.__name__!r}: recipe kwargs {clashes} have the same names as dataset columns; rename "
+                "the column or the keyword."
+            )
+        routes = columns.get(self.route_column)
+        for row, score in zip(rows, self._score(rows, prompts, completions, columns, routes), strict=True):
+            scores[row] = score
+        return scores
+
+    def _score(self, rows: list[int], prompts: list, completions: list, columns: dict, routes) -> list:
+        """Scores of `rows`; when the call raises, each row is retried alone so one bad sample costs only itself."""
+        try:
+            values = self._call(rows, prompts, completions, columns)
+            return [self._checked(value, row, routes) for row, value in zip(rows, values, strict=True)]
+        except RewardTimeout as error:
+            return [self._failed("timeout", row, routes, error) for row in rows]
+        except RewardError:
+            raise
+        except Exception as error:
+            if len(rows) == 1:
+                return [self._failed("error", rows[0], routes, error)]
+            return [self._score([row], prompts, completions, columns, routes)[0] for row in rows]
+
+    def _call(self, rows: list[int], prompts: list, completions: list, columns: dict[str, Any]) -> list:
+        """One call of `func` on `rows`, under the time limit; returns exactly one value per row."""
+        prompts, completions, columns = _select(rows, prompts, completions, columns, len(completions))
+        call_kwargs = {**self.context, **columns, **self.kwargs}
+        with time_limit(self.timeout, what="the call"):
+            if is_async_callable(self.func):
+                values = asyncio.run(self.func(prompts=prompts, completions=completions, **call_kwargs))
+            else:
+                values = self.func(prompts=prompts, completions=completions, **call_kwargs)
+        if not isinstance(values, list | tuple) or len(values) != len(rows):
+            # A broken contract, not a bad sample: retrying row by row would hide it.
+            count = f"{len(values)} values" if isinstance(values, list | tuple) else f"a {type(values).__name__}"
+            raise RewardError(
+                f"Reward {self.__name__!r} returned {count} for {len(rows)} completions; it must return a list with "
+                "one float (or None) per completion."
+            )
+        return list(values)
+
+    def _checked(self, value: Any, row: int, routes: list | None) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, numbers.Real) or hasattr(value, "item"):  # Python, NumPy and 0-d torch numbers
+            number = float(value)
+            if math.isfinite(number):
+                return number
+            return self._failed("nonfinite", row, routes, ValueError(f"returned {number}"))
+        return self._failed("error", row, routes, TypeError(f"returned {value!r} ({type(value).__name__})"))
+
+    def _failed(self, kind: str, row: int, routes: list | None, error: BaseException) -> float | None:
+        route = f" (task {routes[row]!r})" if routes is not None else ""
+        message = f"Reward {self.__name__!r} failed on sample {row}{route} [{kind}]: {error}"
+        if self.error_policy == "raise":
+            raise RewardError(message) from error
+        self.failures[kind] += 1
+        if kind not in self._reported:
+            self._reported.add(kind)
+            fallback = "0.0" if self.error_policy == "zero" else "None (not scored)"
+            logger.warning(
+                "%s. Such samples score %s; further %s failures of this reward are counted in the logged "
+                "`rewards/%s/failures`, not reported. Set `reward_error_policy: raise` to stop on the first.",
+                message, fallback, kind, self.__name__,
+                exc_info=error if kind == "error" else None,
+            )  # fmt: skip
+        return 0.0 if self.error_policy == "zero" else None
+
+
+def _select(rows: list[int], prompts: list, completions: list, columns: dict[str, Any], num_samples: int):
+    """The batch restricted to `rows`: per-sample lists are subset, everything else passes through."""
+
+    def subset(value):
+        return [value[i] for i in rows] if isinstance(value, list) and len(value) == num_samples else value
+
+    selected = {key: subset(value) for key, value in columns.items()}
+    if callable(columns.get("log_extra")):
+        log_extra = columns["log_extra"]
+
+        def scatter_log_extra(column: str, values: list) -> None:
+            # TRL's table wants one value per sample of the whole batch.
+            full = [None] * num_samples
+            for row, value in zip(rows, values, strict=True):
+                full[row] = value
+            log_extra(column, full)
+
+        selected["log_extra"] = scatter_log_extra
+    return subset(prompts), subset(completions), selected
