@@ -3,8 +3,10 @@
 import textwrap
 
 import pytest
+from conftest import no_hang
 
 from vlm_rl.rewards import REWARD_REGISTRY, RewardSpecError, load_rewards, register_reward, resolve_reward
+from vlm_rl.rewards.parsing import extract_answer, tagged_blocks
 
 
 def as_chat(*texts):
@@ -70,7 +72,7 @@ def test_user_reward_by_module_path(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     (short,) = load_rewards(["my_lab_rewards:short"])
-    assert short(completions=as_chat("ok", "far too long")) == [1.0, 0.0]
+    assert short(prompts=["q", "q"], completions=as_chat("ok", "far too long")) == [1.0, 0.0]
 
 
 def test_user_reward_by_file_path_relative_to_recipe(tmp_path, monkeypatch):
@@ -82,7 +84,10 @@ def test_user_reward_by_file_path_relative_to_recipe(tmp_path, monkeypatch):
     )
     monkeypatch.chdir(tmp_path)  # the recipe directory is searched before the working directory
     (mentions_red,) = load_rewards(["rewards/lab.py:mentions_red"], base_dir=recipe_dir)
-    assert mentions_red(completions=as_chat("a red one", "blue"), answer=["red", "red"]) == [1.0, 0.0]
+    assert mentions_red(prompts=["q", "q"], completions=as_chat("a red one", "blue"), answer=["red", "red"]) == [
+        1.0,
+        0.0,
+    ]
     # An absolute path works from anywhere.
     (again,) = load_rewards([f"{recipe_dir}/rewards/lab.py:mentions_red"])
     assert again.__name__ == "mentions_red"
@@ -113,3 +118,26 @@ def test_reward_file_that_fails_to_import_names_the_file(tmp_path):
 def test_empty_reward_list_is_an_error():
     with pytest.raises(RewardSpecError, match="no rewards"):
         load_rewards([])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("<answer>a</answer>", "a"),
+        ("think <answer> a </answer> more <answer>b</answer>", "b"),
+        ("<answer>a<answer>b</answer>", "a<answer>b"),
+        ("no tags", "no tags"),
+        ("<answer>unclosed", "<answer>unclosed"),
+        ("</answer>only close", "</answer>only close"),
+        ("<answer></answer>", ""),
+        ("<answer>x</answer> trailing <answer>unclosed", "x"),
+    ],
+)
+def test_extract_answer_takes_the_last_complete_block(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_answer_extraction_is_linear_on_repeated_unclosed_tags():
+    with no_hang():
+        assert extract_answer("<answer>" * 200_000).startswith("<answer>")
+        assert tagged_blocks("<answer>" * 200_000 + "x</answer>", "answer") == ["<answer>" * 199_999 + "x"]
