@@ -39,3 +39,36 @@ def load_processor(name_or_path: str, *, trust_remote_code: bool = False, revisi
         if processor_class is not None:
             return image_only_processor_class(processor_class).from_pretrained(name_or_path, **kwargs)
     return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+
+
+def resized_image_size(processor, width: int, height: int) -> tuple[int, int]:
+    """The (width, height) a Qwen-VL style processor resizes a `width`×`height` image to, for its coordinates.
+
+    It asks the processor itself (a blank image through its image processor, `image_grid_thw` × patch size)
+    rather than re-implementing its resize rule, so it stays exact whatever the family's rule and settings.
+    Results are cached per image processor object and size.
+    """
+    image_processor = getattr(processor, "image_processor", processor)
+    if not isinstance(getattr(image_processor, "patch_size", None), int):
+        raise ValueError(
+            f"box_format 'resized' needs a Qwen-VL style processor (an image processor with a `patch_size` that "
+            f"returns `image_grid_thw`); {type(image_processor).__name__} has no such resize rule. Use box_format "
+            "'pixel', 'norm1000' or 'norm1' for this model."
+        )
+    if width < 1 or height < 1:
+        raise ValueError(f"Cannot resize an image of {width}x{height} pixels.")
+    return _resized_image_size(image_processor, int(width), int(height))
+
+
+@functools.lru_cache(maxsize=4096)
+def _resized_image_size(image_processor, width: int, height: int) -> tuple[int, int]:
+    from PIL import Image
+
+    output = image_processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")
+    if "image_grid_thw" not in output:
+        raise ValueError(
+            f"box_format 'resized' needs a Qwen-VL style processor; {type(image_processor).__name__} returns no "
+            "`image_grid_thw`. Use box_format 'pixel', 'norm1000' or 'norm1' for this model."
+        )
+    _, grid_height, grid_width = (int(value) for value in output["image_grid_thw"][0])
+    return grid_width * image_processor.patch_size, grid_height * image_processor.patch_size
