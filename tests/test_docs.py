@@ -5,11 +5,13 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import small_config
+from PIL import Image
 
 from vlm_rl.config import parse_recipe
 from vlm_rl.data import make_shapes_dataset
-from vlm_rl.rewards import REWARD_REGISTRY, resolve_reward
+from vlm_rl.rewards import REWARD_REGISTRY, load_rewards, resolve_reward
 from vlm_rl.rewards.accuracy import accuracy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,8 +31,27 @@ def test_rewards_doc_examples_run():
         assert namespace["mentions_answer"](prompts=[], completions=completions, answer=["red", "red"]) == [1.0, 0.0]
         assert resolve_reward("answer_is_short") is namespace["answer_is_short"]
         assert namespace["answer_is_short"](completions=completions) == [1.0, 1.0]
+        boxes = [
+            [{"role": "assistant", "content": "[1, 2, 30, 40]"}],
+            [{"role": "assistant", "content": "[0, 0, 99, 9]"}],
+        ]
+        images = [[Image.new("RGB", (56, 40))], [Image.new("RGB", (56, 40))]]
+        assert namespace["box_inside_image"](prompts=[], completions=boxes, images=images) == [1.0, 0.0]
+        assert namespace["box_inside_image"](prompts=[], completions=boxes[:1], images=[[]]) == [None]
     finally:
         REWARD_REGISTRY.pop("answer_is_short", None)
+
+
+def test_rewards_doc_recipes_of_built_ins_load():
+    """Every `reward_funcs` example made of built-ins loads as written (names, keys and keywords checked)."""
+    checked = 0
+    for block in code_blocks(REPO / "docs/rewards.md", "yaml"):
+        entries = yaml.safe_load(block).get("reward_funcs", [])
+        references = [entry if isinstance(entry, str) else entry.get("reward") for entry in entries]
+        if entries and all(reference in REWARD_REGISTRY for reference in references):
+            load_rewards(entries)
+            checked += 1
+    assert checked >= 3
 
 
 def test_trainer_doc_example_runs(load_tiny, tmp_path):

@@ -163,3 +163,70 @@ def test_tiny_model_command_builds_a_reloadable_model(tmp_path):
     assert model.config.model_type == "qwen2_5_vl"
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
     shutil.rmtree(tmp_path / "m")
+
+
+FLAKY_REWARDS = '''
+import time
+
+CALLS = {"flaky": 0, "sleepy": 0}
+
+
+def flaky(prompts, completions, **kwargs):
+    """Raises on every third call."""
+    CALLS["flaky"] += 1
+    if CALLS["flaky"] % 3 == 0:
+        raise RuntimeError("flaky reward is down")
+    return [0.5] * len(completions)
+
+
+def sleepy(prompts, completions, **kwargs):
+    """Sleeps far past its time limit on every other call."""
+    CALLS["sleepy"] += 1
+    if CALLS["sleepy"] % 2 == 0:
+        time.sleep(60)
+    return [0.25] * len(completions)
+'''
+
+
+def test_failing_and_hanging_rewards_do_not_stop_the_run(tmp_path, caplog):
+    (tmp_path / "lab_rewards.py").write_text(FLAKY_REWARDS)
+    recipe = write_recipe(
+        tmp_path,
+        reward_funcs=["accuracy", "lab_rewards.py:flaky", {"reward": "lab_rewards.py:sleepy", "timeout": 0.5}],
+        reward_weights=None,
+        max_steps=4,
+        save_strategy="no",
+        final_eval=False,
+    )
+    with caplog.at_level("WARNING"):
+        train_main(["--config", str(recipe)])
+    state = trainer_state(tmp_path / "run")
+    assert logged_steps(state) == [1, 2, 3, 4]
+    last = [entry for entry in state["log_history"] if "loss" in entry][-1]
+    assert last["rewards/flaky/failures"] > 0
+    assert last["rewards/flaky/failures_error"] == last["rewards/flaky/failures"]
+    assert last["rewards/sleepy/failures_timeout"] == 2 * 4  # calls 2 and 4, a batch of 4 samples each
+    assert last["rewards/accuracy/failures"] == 0
+    reports = [r.getMessage() for r in caplog.records]
+    assert any("Reward 'flaky' failed on sample" in m and "flaky reward is down" in m for m in reports)
+    assert any("Reward 'sleepy' failed on sample" in m and "time limit of 0.5 s" in m for m in reports)
+    assert any("Reward 'flaky' failed on" in m and "samples during training" in m for m in reports)
+
+
+def test_mixed_recipe_scores_each_row_only_with_its_own_rewards(tmp_path):
+    recipe = REPO / "recipes/grounding_math_cpu.yaml"
+    overrides = ["--train_size", "32", "--eval_size", "8", "--max_steps", "2", "--logging_steps", "1"]
+    overrides += ["--max_completion_length", "8", "--save_strategy", "no", "--output_dir", str(tmp_path / "run")]
+    train_main(["--config", str(recipe), *overrides])
+    steps = [entry for entry in trainer_state(tmp_path / "run")["log_history"] if "loss" in entry]
+    assert len(steps) == 2
+    for entry in steps:
+        # Each reward scored only the rows of its own task, and some of them...
+        assert entry["rewards/iou/math/count"] == 0 < entry["rewards/iou/grounding/count"]
+        assert entry["rewards/math_accuracy/grounding/count"] == 0 < entry["rewards/math_accuracy/math/count"]
+        # ...while the unrouted format reward scored every row.
+        total = entry["rewards/answer_format/grounding/count"] + entry["rewards/answer_format/math/count"]
+        assert entry["rewards/answer_format/count"] == total == 16
+        assert entry["rewards/iou/count"] + entry["rewards/math_accuracy/count"] == total
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert set(results["rewards"]) == {"iou", "math_accuracy", "answer_format"}

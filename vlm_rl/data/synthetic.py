@@ -8,6 +8,7 @@ the colour in words, so mixed batches of image and text samples come from the sa
 
 from __future__ import annotations
 
+import json
 import random
 
 from datasets import Dataset, Features, List, Value
@@ -37,13 +38,19 @@ FEATURES = Features(
 )
 
 
-def draw_shape(shape: str, color: str, size: int, rng: random.Random) -> Image.Image:
-    """One shape of `color` at a random position and scale on a random light-grey background."""
+def place_shape(
+    shape: str, color: str, width: int, height: int, rng: random.Random
+) -> tuple[Image.Image, list[float]]:
+    """One shape of `color` at a random position and scale on a random light-grey background, and its box.
+
+    The box is `[x1, y1, x2, y2]` in pixels of the returned image, edges included.
+    """
     grey = rng.randint(200, 255)
-    image = Image.new("RGB", (size, size), (grey, grey, grey))
+    image = Image.new("RGB", (width, height), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
-    extent = rng.randint(size // 2, size - 4)
-    x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
+    side = min(width, height)
+    extent = rng.randint(side // 2, side - 4)
+    x0, y0 = rng.randint(0, width - extent), rng.randint(0, height - extent)
     box = (x0, y0, x0 + extent - 1, y0 + extent - 1)
     fill = COLORS[color]
     if shape == "circle":
@@ -52,7 +59,17 @@ def draw_shape(shape: str, color: str, size: int, rng: random.Random) -> Image.I
         draw.rectangle(box, fill=fill)
     else:
         draw.polygon([(x0 + extent // 2, y0), (x0, y0 + extent - 1), (x0 + extent - 1, y0 + extent - 1)], fill=fill)
-    return image
+    return image, [float(v) for v in box]
+
+
+def draw_shape(shape: str, color: str, size: int, rng: random.Random) -> Image.Image:
+    """A `size`×`size` image with one shape (see `place_shape`)."""
+    return place_shape(shape, color, size, size, rng)[0]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r} for a synthetic dataset; use one of {list(SPLITS)}.")
 
 
 def make_shapes_dataset(
@@ -68,8 +85,7 @@ def make_shapes_dataset(
     `split` picks an independent random stream ("train" or "test"); `text_fraction` of the rows are
     text-only. Deterministic for a given (split, seed).
     """
-    if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r} for the shapes dataset; use one of {list(SPLITS)}.")
+    _check_split(split)
     if not 0.0 <= text_fraction <= 1.0:
         raise ValueError(f"text_fraction must be between 0 and 1, got {text_fraction}.")
     rng = random.Random(f"shapes-{split}-{seed}")  # independent streams: held-out rows are not training rows
@@ -83,4 +99,31 @@ def make_shapes_dataset(
         rows.append(
             {"prompt": [{"role": "user", "content": question}], "images": images, "answer": color, "task": task}
         )
+    return Dataset.from_list(rows, features=FEATURES)
+
+
+def make_grounding_math_dataset(
+    num_rows: int, split: str = "train", *, image_size: int = 56, seed: int = 0
+) -> Dataset:
+    """A mixed task for reward routing: half grounding rows, half text-only arithmetic rows.
+
+    Grounding rows (`task` "grounding") show one shape on a non-square `1.5·image_size × image_size` image
+    and ask for its box; `answer` is `[x1, y1, x2, y2]` in pixels of that image, as JSON. Math rows (`task`
+    "math") ask for a sum of two integers; `answer` is the sum.
+    """
+    _check_split(split)
+    rng = random.Random(f"grounding-math-{split}-{seed}")
+    rows = []
+    for _ in range(num_rows):
+        if rng.random() < 0.5:
+            color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            image, box = place_shape(shape, color, image_size * 3 // 2, image_size, rng)
+            question = f"Where is the {color} {shape}? Answer with its bounding box [x1, y1, x2, y2] in pixels."
+            rows.append({"prompt": [{"role": "user", "content": question}], "images": [image],
+                         "answer": json.dumps(box), "task": "grounding"})  # fmt: skip
+        else:
+            a, b = rng.randint(0, 50), rng.randint(0, 50)
+            question = f"What is {a} + {b}? Put the result in <answer></answer>."
+            rows.append({"prompt": [{"role": "user", "content": question}], "images": [],
+                         "answer": str(a + b), "task": "math"})  # fmt: skip
     return Dataset.from_list(rows, features=FEATURES)

@@ -1,12 +1,27 @@
-"""Rewards: the registry, the built-in rewards and loading user rewards named in a recipe."""
+"""Rewards: the registry, the built-in rewards, and loading and guarding the rewards a recipe names."""
 
-from vlm_rl.rewards import accuracy, format  # noqa: F401  (register the built-ins)
+from vlm_rl.rewards import accuracy, counting, format, grounding, judge, length, ocr  # noqa: F401  (built-ins)
+from vlm_rl.rewards.configured import ConfiguredReward, RewardError
 from vlm_rl.rewards.registry import (
+    ENTRY_POINT_GROUP,
     REWARD_REGISTRY,
-    RewardSpecError,
     load_rewards,
     register_reward,
     resolve_reward,
 )
+from vlm_rl.rewards.spec import RewardSpec, RewardSpecError
+from vlm_rl.rewards.timeout import RewardTimeout, time_limit
 
-__all__ = ["REWARD_REGISTRY", "RewardSpecError", "load_rewards", "register_reward", "resolve_reward"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "REWARD_REGISTRY",
+    "ConfiguredReward",
+    "RewardError",
+    "RewardSpec",
+    "RewardSpecError",
+    "RewardTimeout",
+    "load_rewards",
+    "register_reward",
+    "resolve_reward",
+    "time_limit",
+]
