@@ -70,6 +70,36 @@ def test_log_extra_gets_one_value_per_sample_of_the_whole_batch():
     assert logged == {"parsed": [None, "p0", None, "p1"]}
 
 
+def test_a_retried_call_logs_once_per_sample_and_only_what_succeeded():
+    logged, metrics = {}, []
+
+    def logs_then_fails(prompts, completions, answer, log_extra, log_metric, **kwargs):
+        log_extra("seen", list(answer))
+        log_metric("calls", 1.0)
+        if "a1" in answer:
+            raise ValueError("a1 is bad")
+        return [1.0] * len(completions)
+
+    reward = ConfiguredReward(logs_then_fails, name="logs")
+    scores = reward(
+        **batch("t", "t", "t"),
+        log_extra=lambda column, values: logged.setdefault(column, []).append(values),
+        log_metric=lambda name, value: metrics.append(name),
+    )
+    assert scores == [1.0, None, 1.0]
+    # The failed batch attempt and the failed row logged nothing; the two rows that succeeded logged once.
+    assert logged == {"seen": [["a0", None, "a2"]]}
+    assert metrics == ["calls", "calls"]
+
+
+def test_routes_compare_as_text_so_integer_task_columns_work():
+    (reward,) = load_rewards([{"reward": "accuracy", "tasks": [1]}])
+    columns = batch("x", "x")
+    columns["task"] = [1, 2]
+    columns["completions"] = [[{"role": "assistant", "content": "a0"}]] * 2
+    assert reward(**columns) == [1.0, None]
+
+
 def test_recipe_kwargs_reach_the_function_and_typos_are_rejected_at_load(tmp_path):
     (tmp_path / "lab.py").write_text(
         textwrap.dedent(
@@ -210,6 +240,37 @@ def test_a_hanging_reward_is_cut_off_at_its_timeout():
         match=r"'hangs' failed on sample 0 \(task 't'\) \[timeout\]: the call ran past its time limit of 0.2 s",
     ):
         ConfiguredReward(hangs, name="hangs", timeout=0.2, error_policy="raise")(**batch("t"))
+
+
+def test_retries_share_the_calls_time_limit():
+    def slow_and_failing(prompts, completions, **kwargs):
+        time.sleep(0.2)
+        raise RuntimeError("down")
+
+    reward = ConfiguredReward(slow_and_failing, name="slow", timeout=0.5)
+    with no_hang(10):  # alone, the batch call and its 8 row retries would take 1.8 s
+        assert reward(**batch(*"t" * 8)) == [None] * 8
+    assert reward.failures["timeout"] > 0
+    assert reward.failures["error"] + reward.failures["timeout"] == 8
+
+
+def test_async_rewards_work_where_an_event_loop_is_already_running():
+    class LoopBound:
+        """Like an async HTTP client: usable only on the loop it was first used on."""
+
+        loop = None
+
+        async def __call__(self, prompts, completions, **kwargs):
+            current = asyncio.get_running_loop()
+            self.loop = self.loop or current
+            return [1.0 if current is self.loop else 0.0] * len(completions)
+
+    reward = ConfiguredReward(LoopBound(), name="bound")
+
+    async def host():  # a notebook or an async application
+        return reward(**batch("t")), reward(**batch("t"))
+
+    assert asyncio.run(host()) == ([1.0], [1.0])
 
 
 def test_async_rewards_are_awaited_and_time_limited():

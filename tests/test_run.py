@@ -230,3 +230,25 @@ def test_mixed_recipe_scores_each_row_only_with_its_own_rewards(tmp_path):
         assert entry["rewards/iou/count"] + entry["rewards/math_accuracy/count"] == total
     results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert set(results["rewards"]) == {"iou", "math_accuracy", "answer_format"}
+
+
+def test_per_task_reward_counts_over_two_processes(tmp_path):
+    """Two CPU processes over gloo: counts cover the gathered batch once, not once per process."""
+    recipe = write_recipe(
+        tmp_path,
+        text_fraction=0.0,  # every rank gets image rows (mixed multi-process batches: see issue 5's note)
+        reward_funcs=[{"reward": "accuracy", "tasks": ["image"]}, "think_answer_format"],
+        reward_weights=None,
+        save_strategy="no",
+        final_eval=False,
+        plot=False,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "-m", "vlm_rl.train"]
+    subprocess.run([*command, "--config", str(recipe)], check=True, env=env, timeout=300)
+    steps = [entry for entry in trainer_state(tmp_path / "run")["log_history"] if "loss" in entry]
+    assert len(steps) == 2
+    for entry in steps:  # 2 processes x 4 completions, each counted once
+        assert entry["rewards/accuracy/count"] == entry["rewards/accuracy/image/count"] == 8
+        assert entry["rewards/think_answer_format/image/count"] == 8

@@ -17,7 +17,8 @@ from trl.data_utils import prepare_multimodal_messages
 from vlm_rl.trainers.grpo import media_token_ids
 
 
-def _generate(model, processor, prompts: list, images: list[list], max_new_tokens: int) -> list[str]:
+def _generate(model, processor, prompts: list, images: list[list], max_new_tokens: int):
+    """Greedy completions: their texts, and their token ids up to and including the first end-of-sequence."""
     conversations = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, images, strict=True)]
     texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     flat_images = [image for row in images for image in row]
@@ -32,7 +33,11 @@ def _generate(model, processor, prompts: list, images: list[list], max_new_token
         suppress_tokens=media_token_ids(model.config),
         pad_token_id=tokenizer.pad_token_id,
     )
-    return tokenizer.batch_decode(output[:, inputs["input_ids"].size(1) :], skip_special_tokens=True)
+    generated = output[:, inputs["input_ids"].size(1) :].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    ids = [row[: next((i + 1 for i, token in enumerate(row) if token in eos), len(row))] for row in generated]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True), ids
 
 
 def deranged_images(images: Sequence[list], seed: int = 0) -> list[list]:
@@ -75,11 +80,12 @@ def evaluate_policy(
         batch = rows[start : start + batch_size]
         images = all_images[start : start + batch_size]
         prompts = [row["prompt"] for row in batch]
-        texts = _generate(model, processor, prompts, images, max_new_tokens)
+        texts, completion_ids = _generate(model, processor, prompts, images, max_new_tokens)
         completions = [[{"role": "assistant", "content": text}] for text in texts]
         # Same calling convention as in training: every dataset column, as lists over the batch.
         columns = {key: [row[key] for row in batch] for key in batch[0] if key != "prompt"}
         columns["images"] = images
+        columns["completion_ids"] = completion_ids
         scores = {func.__name__: func(prompts=prompts, completions=completions, **columns) for func in reward_funcs}
         for i, text in enumerate(texts):
             records.append(

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import transformers
+from accelerate import PartialState
 
 from vlm_rl.checkpoints import resolve_resume
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe
@@ -73,16 +74,16 @@ def check_routes(rewards: list[ConfiguredReward], dataset, route_column: str) ->
             f"Rewards {[r.__name__ for r in routed]} are routed by `tasks`, but the training data has no "
             f"{route_column!r} column (columns: {dataset.column_names}); set `reward_route_column`."
         )
-    present = set(dataset[route_column])
+    present = {str(value) for value in dataset[route_column] if value is not None}
     for reward in routed:
         missing = sorted(set(reward.tasks) - present)
         if missing:
             raise RewardSpecError(
                 f"Reward {reward.__name__!r} is routed to tasks {missing} that no training row has; the "
-                f"{route_column!r} column holds {sorted(map(str, present))}."
+                f"{route_column!r} column holds {sorted(present)}."
             )
     if len(routed) == len(rewards):
-        unscored = sorted(map(str, present - {task for reward in routed for task in reward.tasks}))
+        unscored = sorted(present - {task for reward in routed for task in reward.tasks})
         if unscored:
             raise RewardSpecError(
                 f"Training rows with {route_column} {unscored} are scored by no reward; add them to a reward's "
@@ -122,7 +123,8 @@ def run(
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
     )
     check_routes(reward_funcs, task.train, training_args.reward_route_column)
-    model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
+    with PartialState().main_process_first():  # one process builds a tiny model; the others then load it
+        model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
     model, processor = load_model_and_processor(
         model_path, dtype=model_args.dtype, trust_remote_code=training_args.trust_remote_code
     )

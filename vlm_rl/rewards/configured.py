@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from trl.trainer.utils import is_async_callable
+from trl.trainer.utils import is_async_callable, start_event_loop_in_daemon
 
 from vlm_rl.rewards.timeout import RewardTimeout, time_limit
 
@@ -76,7 +76,7 @@ class ConfiguredReward:
                 f"{self.route_column!r} column (columns: {sorted(columns)}). Add the column to the dataset, or "
                 "set `reward_route_column`."
             )
-        return [i for i, route in enumerate(routes) if route in self.tasks]
+        return [i for i, route in enumerate(routes) if route is not None and str(route) in self.tasks]
 
     def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
         num_samples = len(completions)
@@ -91,33 +91,47 @@ class ConfiguredReward:
                 "the column or the keyword."
             )
         routes = columns.get(self.route_column)
-        for row, score in zip(rows, self._score(rows, prompts, completions, columns, routes), strict=True):
-            scores[row] = score
+        hooks = _BufferedHooks(columns, num_samples)
+        try:
+            # One limit for the whole call, the row-by-row retries included.
+            with time_limit(self.timeout, what="the call"):
+                self._score(rows, prompts, completions, columns, routes, scores, hooks)
+        except RewardTimeout as error:
+            done = set(hooks.kept_rows)
+            for row in rows:
+                if row not in done:
+                    scores[row] = self._failed("timeout", row, routes, error)
+        hooks.flush()
         return scores
 
-    def _score(self, rows: list[int], prompts: list, completions: list, columns: dict, routes) -> list:
-        """Scores of `rows`; when the call raises, each row is retried alone so one bad sample costs only itself."""
+    def _score(self, rows, prompts, completions, columns, routes, scores, hooks: _BufferedHooks) -> None:
+        """Fill in `scores` for `rows`; when the call raises, each row is retried alone so one bad sample costs only
+        itself. Only the attempts that succeed keep what they logged through `log_extra` / `log_metric`."""
+        attempt = hooks.attempt(rows)
         try:
-            values = self._call(rows, prompts, completions, columns)
-            return [self._checked(value, row, routes) for row, value in zip(rows, values, strict=True)]
-        except RewardTimeout as error:
-            return [self._failed("timeout", row, routes, error) for row in rows]
-        except RewardError:
+            values = self._call(rows, prompts, completions, {**columns, **attempt.hooks})
+        except (RewardTimeout, RewardError):
             raise
         except Exception as error:
             if len(rows) == 1:
-                return [self._failed("error", rows[0], routes, error)]
-            return [self._score([row], prompts, completions, columns, routes)[0] for row in rows]
+                scores[rows[0]] = self._failed("error", rows[0], routes, error)
+                hooks.keep(attempt, record=False)
+                return
+            for row in rows:
+                self._score([row], prompts, completions, columns, routes, scores, hooks)
+            return
+        for row, value in zip(rows, values, strict=True):
+            scores[row] = self._checked(value, row, routes)
+        hooks.keep(attempt)
 
     def _call(self, rows: list[int], prompts: list, completions: list, columns: dict[str, Any]) -> list:
-        """One call of `func` on `rows`, under the time limit; returns exactly one value per row."""
+        """One call of `func` on `rows`; returns exactly one value per row."""
         prompts, completions, columns = _select(rows, prompts, completions, columns, len(completions))
         call_kwargs = {**self.context, **columns, **self.kwargs}
-        with time_limit(self.timeout, what="the call"):
-            if is_async_callable(self.func):
-                values = asyncio.run(self.func(prompts=prompts, completions=completions, **call_kwargs))
-            else:
-                values = self.func(prompts=prompts, completions=completions, **call_kwargs)
+        if is_async_callable(self.func):
+            values = _run_coroutine(self.func(prompts=prompts, completions=completions, **call_kwargs))
+        else:
+            values = self.func(prompts=prompts, completions=completions, **call_kwargs)
         if not isinstance(values, list | tuple) or len(values) != len(rows):
             # A broken contract, not a bad sample: retrying row by row would hide it.
             count = f"{len(values)} values" if isinstance(values, list | tuple) else f"a {type(values).__name__}"
@@ -161,16 +175,69 @@ def _select(rows: list[int], prompts: list, completions: list, columns: dict[str
     def subset(value):
         return [value[i] for i in rows] if isinstance(value, list) and len(value) == num_samples else value
 
-    selected = {key: subset(value) for key, value in columns.items()}
-    if callable(columns.get("log_extra")):
-        log_extra = columns["log_extra"]
+    return subset(prompts), subset(completions), {key: subset(value) for key, value in columns.items()}
 
-        def scatter_log_extra(column: str, values: list) -> None:
-            # TRL's table wants one value per sample of the whole batch.
-            full = [None] * num_samples
-            for row, value in zip(rows, values, strict=True):
-                full[row] = value
-            log_extra(column, full)
 
-        selected["log_extra"] = scatter_log_extra
-    return subset(prompts), subset(completions), selected
+class _Attempt:
+    """What one call logged through TRL's hooks, held back until the call is known to have succeeded."""
+
+    def __init__(self, rows: list[int], columns: dict[str, Any]):
+        self.rows = rows
+        self.extra: list[tuple[str, list]] = []
+        self.metrics: list[tuple[str, float]] = []
+        self.hooks = {}
+        if callable(columns.get("log_extra")):
+            self.hooks["log_extra"] = lambda column, values: self.extra.append((column, list(values)))
+        if callable(columns.get("log_metric")):
+            self.hooks["log_metric"] = lambda name, value: self.metrics.append((name, value))
+
+
+class _BufferedHooks:
+    """TRL's `log_extra` / `log_metric` for one guarded call: a failed attempt that is retried must not log twice,
+    and `log_extra` wants one value per sample of the whole batch."""
+
+    def __init__(self, columns: dict[str, Any], num_samples: int):
+        self.columns = columns
+        self.num_samples = num_samples
+        self.kept: list[_Attempt] = []
+        self.kept_rows: list[int] = []
+
+    def attempt(self, rows: list[int]) -> _Attempt:
+        return _Attempt(rows, self.columns)
+
+    def keep(self, attempt: _Attempt, record: bool = True) -> None:
+        self.kept_rows.extend(attempt.rows)
+        if record:
+            self.kept.append(attempt)
+
+    def flush(self) -> None:
+        extra: dict[str, list] = {}
+        for attempt in self.kept:
+            for column, values in attempt.extra:
+                full = extra.setdefault(column, [None] * self.num_samples)
+                for row, value in zip(attempt.rows, values, strict=True):
+                    full[row] = value
+            for name, value in attempt.metrics:
+                self.columns["log_metric"](name, value)
+        for column, values in extra.items():
+            self.columns["log_extra"](column, values)
+
+
+_event_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _run_coroutine(coroutine) -> Any:
+    """Await an async reward on one long-lived event loop in a daemon thread.
+
+    A fresh loop per call (`asyncio.run`) would break clients bound to the loop they were created on, and fails
+    where a loop is already running (notebooks). Waiting here stays interruptible by the time limit.
+    """
+    global _event_loop
+    if _event_loop is None:
+        _, _event_loop, ready = start_event_loop_in_daemon(name="vlm-rl-async-rewards")
+        ready.wait()
+    future = asyncio.run_coroutine_threadsafe(coroutine, _event_loop)
+    try:
+        return future.result()
+    finally:
+        future.cancel()  # no-op when done; stops the coroutine when the time limit interrupted the wait

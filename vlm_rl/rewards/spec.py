@@ -72,9 +72,11 @@ class RewardSpec:
             self.kwargs = {}
         if not isinstance(self.kwargs, dict):
             raise RewardSpecError(f"{where}: `kwargs` must be a mapping of keyword to value, got {self.kwargs!r}.")
-        if isinstance(self.tasks, str):
+        if isinstance(self.tasks, str | int):
             self.tasks = [self.tasks]
-        if self.tasks is not None and (not self.tasks or not all(isinstance(t, str) for t in self.tasks)):
+        if self.tasks is not None and (not self.tasks or not all(isinstance(t, str | int) for t in self.tasks)):
             raise RewardSpecError(f"{where}: `tasks` must be a non-empty list of task names, got {self.tasks!r}.")
+        if self.tasks is not None:
+            self.tasks = [str(task) for task in self.tasks]  # route values are compared as text: 1 and "1" agree
         if self.timeout is not None and not (isinstance(self.timeout, int | float) and self.timeout > 0):
             raise RewardSpecError(f"{where}: `timeout` must be a positive number of seconds, got {self.timeout!r}.")

@@ -41,8 +41,11 @@ def time_limit(seconds: float | None, what: str = "reward code") -> Iterator[Non
         yield  # the outer limit fires first anyway
         return
 
+    active = True
+
     def expire(signum, frame):
-        raise RewardTimeout(f"{what} ran past its time limit of {seconds:g} s")
+        if active:  # an alarm handled after the block ended must not fail code that finished in time
+            raise RewardTimeout(f"{what} ran past its time limit of {seconds:g} s")
 
     started = time.monotonic()
     outer_handler = signal.signal(signal.SIGALRM, expire)
@@ -50,6 +53,7 @@ def time_limit(seconds: float | None, what: str = "reward code") -> Iterator[Non
     try:
         yield
     finally:
+        active = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, outer_handler)
         if outer_remaining:

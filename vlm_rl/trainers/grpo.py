@@ -29,8 +29,9 @@ class VLMGRPOTrainer(GRPOTrainer):
     """GRPO for vision-language models where any row may have zero, one or several images."""
 
     def __init__(self, model, reward_funcs=None, args=None, processing_class=None, **kwargs):
-        reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        reward_funcs = [self._guarded(func, args) for func in reward_funcs]
+        if reward_funcs is not None:  # None: TRL's own check (or an environment's rewards) applies
+            reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            reward_funcs = [self._guarded(func, args) for func in reward_funcs]
         if isinstance(processing_class, ProcessorMixin):
             # TRL left-pads prompt ids itself, but builds per-token vision inputs (mm_token_type_ids,
             # token_type_ids) with a processor call that pads on the tokenizer's side. Qwen tokenizers pad
@@ -63,7 +64,7 @@ class VLMGRPOTrainer(GRPOTrainer):
     @staticmethod
     def _guarded(func, args):
         """Plain reward callables get the same failure isolation as the ones a recipe configures."""
-        if func is None or isinstance(func, str | nn.Module | ConfiguredReward):
+        if isinstance(func, str | nn.Module | ConfiguredReward):
             return func
         return ConfiguredReward(
             func,
@@ -82,16 +83,16 @@ class VLMGRPOTrainer(GRPOTrainer):
         """Per reward: how many samples it scored, and mean/std/count per task; failure totals for `log`."""
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
-        all_rewards = self.accelerator.gather(rewards_per_func).cpu()
+        all_rewards = rewards_per_func.cpu()  # TRL's `_calculate_rewards` returns them gathered over processes
         route_column = getattr(self.args, "reward_route_column", "task")
         routes = gather_object([row.get(route_column) for row in inputs])
         # A task absent from this batch counts 0, so each count averages over the same steps.
-        self._seen_routes.update(r for r in routes if isinstance(r, str))
+        self._seen_routes.update(str(r) for r in routes if r is not None)
         for i, name in enumerate(self.reward_func_names):
             scored = ~torch.isnan(all_rewards[:, i])
             metrics[f"rewards/{name}/count"].append(scored.sum().item())
             for route in sorted(self._seen_routes):
-                in_route = torch.tensor([r == route for r in routes])
+                in_route = torch.tensor([r is not None and str(r) == route for r in routes])
                 values = all_rewards[in_route & scored, i]
                 metrics[f"rewards/{name}/{route}/count"].append(float(values.numel()))
                 if values.numel():
