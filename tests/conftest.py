@@ -8,12 +8,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from vlm_rl.config import VLMGRPOConfig  # noqa: E402
-from vlm_rl.models import FAMILIES, build_tiny_model, load_model_and_processor  # noqa: E402
+from vlm_rl.models import build_tiny_model, load_model_and_processor, tiny_families  # noqa: E402
 from vlm_rl.rewards.timeout import time_limit  # noqa: E402
 
 torch.set_num_threads(1)
 
-ALL_FAMILIES = sorted(FAMILIES)
+ALL_FAMILIES = sorted(tiny_families())
+# Families whose rows may mix text-only and image rows in one batch / hold several images.
+TEXT_MIX_FAMILIES = [name for name in ALL_FAMILIES if tiny_families()[name].text_only]
+MULTI_IMAGE_FAMILIES = [name for name in ALL_FAMILIES if tiny_families()[name].multi_image]
 
 
 @pytest.fixture(scope="session")

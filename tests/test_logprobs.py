@@ -9,14 +9,15 @@ from trl.data_utils import prepare_multimodal_messages
 
 from vlm_rl.data import make_shapes_dataset
 from vlm_rl.data.synthetic import draw_shape
+from vlm_rl.models.adapters import PER_TOKEN_KEYS
 from vlm_rl.rewards.accuracy import accuracy
 from vlm_rl.trainers import VLMGRPOTrainer
 
 NUM_GENERATIONS = 2
 
 
-def mixed_rows():
-    """Image, text-only and two-image rows of different prompt lengths, each repeated for its group."""
+def mixed_rows(adapter):
+    """Image, text-only and two-image rows of different prompt lengths (as the family allows), each repeated."""
     images = make_shapes_dataset(2, text_fraction=0.0, seed=3)
     texts = make_shapes_dataset(2, text_fraction=1.0, seed=4)
     rng = random.Random(0)
@@ -27,6 +28,8 @@ def mixed_rows():
         "task": "image",
     }
     rows = [images[0], texts[0], two_images, texts[1], images[1]]
+    rows = [row for row in rows if (adapter.text_only or row["images"]) and (adapter.multi_image or
+                                                                             len(row["images"]) < 2)]  # fmt: skip
     return [row for row in rows for _ in range(NUM_GENERATIONS)]
 
 
@@ -38,10 +41,9 @@ def single_sample_logps(model, processor, row, completion_ids):
     prompt_ids = encoded.pop("input_ids")
     encoded.pop("attention_mask")
     input_ids = torch.cat([prompt_ids, completion_ids[None]], dim=1)
-    if "mm_token_type_ids" in encoded:
-        encoded["mm_token_type_ids"] = torch.cat(
-            [encoded["mm_token_type_ids"], torch.zeros_like(completion_ids)[None]], dim=1
-        )
+    for key in PER_TOKEN_KEYS:
+        if key in encoded:
+            encoded[key] = torch.cat([encoded[key], torch.zeros_like(completion_ids)[None]], dim=1)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **encoded).logits
     logits = logits[0, prompt_ids.size(1) - 1 : -1].float()
@@ -56,20 +58,18 @@ def test_logprobs_match_single_sample_forward(family, load_tiny, tmp_path):
     trainer = VLMGRPOTrainer(
         model=model, reward_funcs=[accuracy], args=args, train_dataset=dataset, processing_class=processor
     )
-    rows = mixed_rows()
+    rows = mixed_rows(trainer.adapter)
     batch = trainer._generate_and_score_completions(rows)
 
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
     completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
     assert (prompt_mask[:, 0] == 0).any() and (prompt_mask[:, -1] == 1).all(), "prompts must be left-padded"
-    assert batch["num_images"] == [1, 1, 0, 0, 2, 2, 0, 0, 1, 1]
+    assert batch["num_images"] == [len(row["images"]) for row in rows]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    vision_inputs = {
-        key: batch[key]
-        for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "num_images")
-        if key in batch
-    }
+    adapter = trainer.adapter
+    vision_inputs = {key: batch[key] for key in (*adapter.image_keys, *adapter.row_keys, "num_images", "num_tiles")
+                     if key in batch}  # fmt: skip
 
     # One chunk for the whole batch, chunks of two (some without any image) and chunks of three.
     for chunk_size in (None, 2, 3):

@@ -1,14 +1,16 @@
-"""Real GRPO steps on each tiny family with all-image, all-text and mixed batches."""
+"""Real GRPO steps on each tiny family with all-image, all-text, mixed and multi-image batches."""
 
 import math
+import random
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, small_config
-from datasets import concatenate_datasets
-from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
+from conftest import ALL_FAMILIES, MULTI_IMAGE_FAMILIES, TEXT_MIX_FAMILIES, small_config
+from datasets import Dataset, concatenate_datasets
 
 from vlm_rl.data import make_shapes_dataset
+from vlm_rl.data.synthetic import FEATURES, draw_shape
+from vlm_rl.models import adapter_for
 from vlm_rl.trainers import VLMGRPOTrainer
 
 
@@ -18,8 +20,12 @@ def longer_is_better(completions, **kwargs):
 
 
 def vision_and_language_params(model):
-    vision = {n: p for n, p in model.named_parameters() if ".visual." in f".{n}"}
-    language = {n: p for n, p in model.named_parameters() if n not in vision}
+    """Parameters of the vision side (tower and projector) and of the language model, by the family adapter."""
+    adapter = adapter_for(model.config)
+    groups = {name: adapter.parameter_group(name) for name, _ in model.named_parameters()}
+    assert None not in groups.values(), f"parameters in no group: {[n for n, g in groups.items() if g is None]}"
+    vision = {n: p for n, p in model.named_parameters() if groups[n] in ("vision", "projector")}
+    language = {n: p for n, p in model.named_parameters() if groups[n] == "language"}
     assert vision and language
     return vision, language
 
@@ -40,14 +46,32 @@ def mixed_dataset():
     return concatenate_datasets(halves)
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
-@pytest.mark.parametrize("batches", ["image", "text", "mixed"])
+def multi_image_dataset():
+    """Rows with two images of different sizes, one image, and (where the family allows) none."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(8):
+        count = (2, 1, 2, 0)[i % 4]
+        images = [draw_shape("circle", "red", 56, rng), draw_shape("square", "blue", 84, rng)][:count]
+        rows.append({"prompt": [{"role": "user", "content": "Are the shapes the same color?"}], "images": images,
+                     "answer": "no", "task": "image"})  # fmt: skip
+    return Dataset.from_list(rows, features=FEATURES)
+
+
+CASES = [(family, batches) for family in ALL_FAMILIES for batches in ("image", "text", "mixed", "multi")
+         if (batches not in ("text", "mixed") or family in TEXT_MIX_FAMILIES)
+         and (batches != "multi" or family in MULTI_IMAGE_FAMILIES)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "batches"), CASES)
 def test_grpo_steps_train_the_right_parameters(family, batches, load_tiny, tmp_path):
     model, processor = load_tiny(family)
-    # The tiny tokenizers pad on the right, like the real Qwen ones: the trainer must left-pad regardless.
-    assert processor.tokenizer.padding_side == "right"
     if batches == "mixed":
         dataset = mixed_dataset()
+    elif batches == "multi":
+        dataset = multi_image_dataset()
+        if family not in TEXT_MIX_FAMILIES:
+            dataset = dataset.filter(lambda row: len(row["images"]) > 0)
     else:
         dataset = make_shapes_dataset(8, text_fraction=1.0 if batches == "text" else 0.0)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -69,9 +93,9 @@ def test_grpo_steps_train_the_right_parameters(family, batches, load_tiny, tmp_p
         assert changed(vision, before), "image batches must train the vision tower"
 
 
-def select_micro_batch(batch, rows):
-    """Rows `rows` of a scored generation batch, split the way TRL's `_prepare_inputs` splits micro-batches."""
-    split = split_pixel_values_by_grid(batch)
+def select_micro_batch(trainer, batch, rows):
+    """Rows `rows` of a scored generation batch, split the way the trainer's `_prepare_inputs` splits it."""
+    split = trainer.adapter.split_vision_inputs(batch, batch["num_images"])
     size = len(batch["num_images"])
     selected = {}
     for key, value in split.items():
@@ -81,10 +105,10 @@ def select_micro_batch(batch, rows):
             selected[key] = [value[i] for i in rows]
         else:
             selected[key] = value
-    return unsplit_pixel_values_by_grid(selected)
+    return trainer._merge_micro_batch(selected)
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family", TEXT_MIX_FAMILIES)
 def test_text_only_micro_batch_of_a_mixed_batch_trains(family, load_tiny, tmp_path):
     model, processor = load_tiny(family)
     args = small_config(tmp_path, per_device_train_batch_size=8, shuffle_dataset=False)
@@ -98,7 +122,7 @@ def test_text_only_micro_batch_of_a_mixed_batch_trains(family, load_tiny, tmp_pa
 
     for micro_rows, vision_trains in (([4, 5, 6, 7], False), ([0, 5, 2, 7], True)):
         model.zero_grad()
-        micro_batch = select_micro_batch(batch, micro_rows)
+        micro_batch = select_micro_batch(trainer, batch, micro_rows)
         assert ("pixel_values" in micro_batch and micro_batch["pixel_values"].numel() > 0) == vision_trains
         loss = trainer.compute_loss(model, micro_batch)
         loss.backward()

@@ -26,7 +26,7 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlm_rl.models.tiny import FAMILIES
+    from vlm_rl.models import tiny_families
 
     parser = argparse.ArgumentParser(prog="vlm-rl", description="GRPO post-training for vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Train from a recipe: vlm-rl train --config recipes/X.yaml [--field value ...]; --help lists the fields.",
     )
     tiny = commands.add_parser("tiny-model", help="Build a tiny random-weight VLM of a real architecture, offline.")
-    tiny.add_argument("--family", required=True, choices=sorted(FAMILIES))
+    tiny.add_argument("--family", required=True, choices=sorted(tiny_families()))
     tiny.add_argument("--output_dir", required=True, help="Directory to save the model and processor to.")
     tiny.add_argument("--hidden_size", type=int, default=64)
     tiny.add_argument("--num_hidden_layers", type=int, default=2)

@@ -25,12 +25,30 @@ class ModelArguments:
         default="tiny:qwen2_vl",
         metadata={
             "help": "A Hub id, a local model directory, or `tiny:<family>` for the embedded random-weight tiny model "
-            "(built offline into `<output_dir>/tiny-<family>`; families: qwen2_vl, qwen2_5_vl, qwen3_vl)."
+            "(built offline into `<output_dir>/tiny-<family>`; families: see docs/models.md)."
         },
     )
     dtype: str = field(
         default="auto",
         metadata={"help": "Weights dtype: `auto` (as saved), `float32`, `bfloat16` or `float16`."},
+    )
+    min_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Smallest image area (pixels) the processor resizes to, for families with dynamic resolution "
+            "(Qwen-VL); applied to the processor itself, so generation, training, evaluation and saved "
+            "checkpoints agree. Unset: the processor's own setting."
+        },
+    )
+    max_pixels: int | None = field(
+        default=None, metadata={"help": "Largest image area (pixels) the processor resizes to; see `min_pixels`."}
+    )
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "Do not train the vision encoder."})
+    freeze_projector: bool = field(
+        default=False, metadata={"help": "Do not train the projector (connector / merger / resampler)."}
+    )
+    freeze_language_model: bool = field(
+        default=False, metadata={"help": "Do not train the language model (embeddings and head included)."}
     )
 
 

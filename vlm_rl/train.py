@@ -18,7 +18,7 @@ from vlm_rl.checkpoints import resolve_resume
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe
 from vlm_rl.data import TaskData, load_task
 from vlm_rl.evaluation import evaluate_policy, mean_reward
-from vlm_rl.models import load_model_and_processor, resolve_model_path
+from vlm_rl.models import apply_freezing, load_model_and_processor, resolve_model_path
 from vlm_rl.plotting import plot_reward_curve
 from vlm_rl.rewards import ConfiguredReward, RewardSpecError, load_rewards
 from vlm_rl.trainers import VLMGRPOTrainer
@@ -126,7 +126,17 @@ def run(
     with PartialState().main_process_first():  # one process builds a tiny model; the others then load it
         model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
     model, processor = load_model_and_processor(
-        model_path, dtype=model_args.dtype, trust_remote_code=training_args.trust_remote_code
+        model_path,
+        dtype=model_args.dtype,
+        trust_remote_code=training_args.trust_remote_code,
+        min_pixels=model_args.min_pixels,
+        max_pixels=model_args.max_pixels,
+    )
+    apply_freezing(
+        model,
+        vision_tower=model_args.freeze_vision_tower,
+        projector=model_args.freeze_projector,
+        language_model=model_args.freeze_language_model,
     )
     trainer = VLMGRPOTrainer(
         model=model,

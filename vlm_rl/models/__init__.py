@@ -1,14 +1,21 @@
-"""Model and processor loading, and the tiny offline models used by the demo and the tests."""
+"""Model and processor loading, family adapters, freezing, and the tiny offline models."""
 
+from vlm_rl.models.adapters import FamilyAdapter, adapter_for, register_adapter, registered_adapters
+from vlm_rl.models.freezing import apply_freezing
 from vlm_rl.models.loading import load_model_and_processor, resolve_model_path
 from vlm_rl.models.processing import image_only_processor_class, load_processor
-from vlm_rl.models.tiny import FAMILIES, build_tiny_model
+from vlm_rl.models.tiny import build_tiny_model, tiny_families
 
 __all__ = [
-    "FAMILIES",
+    "FamilyAdapter",
+    "adapter_for",
+    "apply_freezing",
     "build_tiny_model",
     "image_only_processor_class",
     "load_model_and_processor",
     "load_processor",
+    "register_adapter",
+    "registered_adapters",
     "resolve_model_path",
+    "tiny_families",
 ]

@@ -6,6 +6,8 @@ a TRL upgrade moves the internals these overrides rely on.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -13,10 +15,14 @@ from accelerate.utils import gather_object
 from torch import nn
 from transformers import ProcessorMixin
 from trl import GRPOTrainer
-from trl.trainer.utils import get_callable_name
+from trl.extras.profiling import profiling_decorator
+from trl.trainer.utils import get_callable_name, shuffle_sequence_dict, split_tensor_dict
 
+from vlm_rl.models.adapters import GenericAdapter, adapter_for
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
-from vlm_rl.trainers.logprobs import select_rows, split_vision_inputs
+from vlm_rl.trainers.logprobs import select_rows
+
+_TRL_LOGPS_PARAMETERS = frozenset(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
 
 
 def media_token_ids(config) -> list[int]:
@@ -39,6 +45,8 @@ class VLMGRPOTrainer(GRPOTrainer):
             # longest: left-pad everywhere.
             processing_class.tokenizer.padding_side = "left"
         super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
+        self.adapter = adapter_for(self.model.config) if self._is_vlm else GenericAdapter()
+        self._loss_only_inputs: dict[str, Any] = {}
         if self._is_vlm and not self.use_vllm:
             # TRL suppresses only the image token. A sampled video or vision start/end token makes the next
             # forward fail ("Image features and image tokens do not match") or misplaces M-RoPE positions.
@@ -132,32 +140,31 @@ class VLMGRPOTrainer(GRPOTrainer):
         num_images: list[int] | None = None,
         **model_inputs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        model_inputs = {key: value for key, value in model_inputs.items() if value is not None}
-        if "pixel_values" not in model_inputs:
-            # Text-only rows: a plain language-model forward.
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
-                **model_inputs,
-            )  # fmt: skip
+        model_inputs = {**self._loss_only_inputs, **{k: v for k, v in model_inputs.items() if v is not None}}
         if num_images is None:
-            raise ValueError("Vision inputs were given without `num_images`; cannot tell which rows have images.")
-
-        # Rows with images: chunk as TRL does, but give each chunk exactly its own rows' vision inputs, and
-        # none when no row of the chunk has an image (TRL would run the vision tower on an empty tensor).
-        split_inputs = split_vision_inputs(model_inputs, num_images)
+            if any(key in model_inputs for key in self.adapter.image_keys):
+                raise ValueError("Vision inputs were given without `num_images`; cannot tell which rows have images.")
+            num_images = [0] * input_ids.size(0)
+        # Chunk as TRL does, but give each chunk exactly its own rows' vision inputs (the family adapter knows
+        # which are whose), and none when no row of the chunk has an image: TRL would run the vision tower on
+        # an empty tensor. A text-only chunk is a plain language-model forward.
+        split_inputs = self.adapter.split_vision_inputs(model_inputs, num_images)
         batch_size = batch_size or input_ids.size(0)
         logps, entropies, aux_losses = [], [], []
         for start in range(0, input_ids.size(0), batch_size):
             end = min(start + batch_size, input_ids.size(0))
+            chunk_inputs = select_rows(self.adapter, split_inputs, num_images, start, end)
+            # Inputs TRL's method has no parameter for (a family's extra inputs) go straight to the model call.
+            extra = {key: chunk_inputs.pop(key) for key in list(chunk_inputs) if key not in _TRL_LOGPS_PARAMETERS}
             chunk_logps, chunk_entropies, chunk_aux = super()._get_per_token_logps_and_entropies(
-                model,
+                functools.partial(model, **extra) if extra else model,
                 input_ids[start:end],
                 attention_mask[start:end],
                 logits_to_keep,
                 end - start,
                 compute_entropy,
                 compute_aux_loss,
-                **select_rows(split_inputs, num_images, start, end),
+                **chunk_inputs,
             )
             logps.append(chunk_logps)
             entropies.append(chunk_entropies)
@@ -167,3 +174,38 @@ class VLMGRPOTrainer(GRPOTrainer):
             torch.cat(entropies, dim=0) if compute_entropy else None,
             torch.stack(aux_losses).mean() if compute_aux_loss else None,
         )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # TRL's loss passes a fixed list of vision inputs to the log-prob method; a family's other inputs (the
+        # adapter's keys outside that list) reach it through `_loss_only_inputs`.
+        keys = (*self.adapter.image_keys, *self.adapter.row_keys)
+        self._loss_only_inputs = {k: inputs[k] for k in keys if k in inputs and k not in _TRL_LOGPS_PARAMETERS}
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._loss_only_inputs = {}
+
+    @profiling_decorator
+    def _prepare_inputs(self, generation_batch: dict[str, Any]) -> dict[str, Any]:
+        # TRL's version (1.16), with the family adapter splitting vision inputs per sample before the generation
+        # batch is shuffled and cut into micro-batches. TRL's `split_pixel_values_by_grid` guesses the layout
+        # from shapes and, for per-sample padded `pixel_values` (Idefics3 / SmolVLM) whose row count equals the
+        # batch's image count, reassigns images between samples.
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            if batch.get("num_images") is not None:
+                batch = self.adapter.split_vision_inputs(batch, batch["num_images"])
+            batch = shuffle_sequence_dict(batch)
+            batches = split_tensor_dict(batch, self.args.steps_per_generation)
+            self._buffered_inputs = [self._merge_micro_batch(micro_batch) for micro_batch in batches]
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _merge_micro_batch(self, micro_batch: dict[str, Any]) -> dict[str, Any]:
+        if micro_batch.get("num_images") is None:
+            return micro_batch
+        if sum(micro_batch["num_images"]) == 0:  # no image in this micro-batch: no vision inputs at all
+            return {k: v for k, v in micro_batch.items() if k not in self.adapter.image_keys}
+        return self.adapter.merge_vision_inputs(micro_batch)

@@ -1,0 +1,216 @@
+"""Family adapters: everything that differs between VLM families, behind one small interface.
+
+The trainer, the freezing options and the tiny-model builder ask the adapter of the model's family instead
+of guessing from tensor shapes. Guessing is what TRL 1.16 does (`split_pixel_values_by_grid`): it tells a
+per-image `pixel_values` from a per-sample padded one by comparing its length with the number of images,
+which is wrong whenever the two happen to be equal, and then hands one sample's images to another.
+
+A family module (`vlm_rl/models/families/<family>.py`) subclasses `FamilyAdapter`, sets its class
+attributes, overrides what its layout needs, and registers one instance per tiny-model family with
+`register_adapter`.
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import accumulate
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Per-token inputs: one row per sample, one column per token. They describe text, so they are kept for rows
+# without images and are split and merged like `input_ids`.
+PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+
+
+class FamilyAdapter:
+    """One VLM family: its module layout, its vision-input layout, its image-size rule and its tiny model.
+
+    Class attributes describe the family; methods have defaults for the common case (one `pixel_values` entry
+    per image) and are overridden where a family differs.
+    """
+
+    name: ClassVar[str]
+    """Key of the family (`tiny:<name>`, `vlm-rl tiny-model --family <name>`)."""
+    label: ClassVar[str]
+    """Name people know the family by, for tables and messages."""
+    model_types: ClassVar[tuple[str, ...]]
+    """`config.model_type` values this adapter handles."""
+    vision_modules: ClassVar[tuple[str, ...]]
+    """Parameter-name prefixes of the vision tower (the projector excluded when it lives inside it)."""
+    projector_modules: ClassVar[tuple[str, ...]]
+    """Parameter-name prefixes of the projector / connector / resampler."""
+    language_modules: ClassVar[tuple[str, ...]]
+    """Parameter-name prefixes of the language model, its embeddings and its head."""
+    image_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    """Model inputs with one entry per image (or per tile, per grid row: see `split_vision_inputs`)."""
+    row_keys: ClassVar[tuple[str, ...]] = PER_TOKEN_KEYS
+    """Model inputs with one row per sample, needed with or without images (e.g. per-token type ids)."""
+    multi_image: ClassVar[bool] = True
+    """Whether a row may hold several images."""
+    text_only: ClassVar[bool] = True
+    """Whether text-only rows may share a batch with image rows."""
+    has_tiny_model: ClassVar[bool] = True
+    """Whether `build_tiny` makes an offline tiny model (False for an adapter of real checkpoints only)."""
+    notes: ClassVar[str] = ""
+    """What a user should know about this family (shown in docs/models.md)."""
+
+    # ----- vision inputs -----------------------------------------------------------------------------------
+
+    def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
+        """Split batched model inputs into per-sample lists for every image-indexed key.
+
+        Afterwards each key in `image_keys` maps to a list with one tensor per sample (empty for a row without
+        images); per-token keys stay tensors with one row per sample; anything else is returned unchanged.
+        """
+        split = dict(inputs)
+        for key in self.image_keys:
+            if key in inputs and inputs[key] is not None:
+                split[key] = self._split_by_counts(key, inputs[key], num_images)
+        return split
+
+    def merge_vision_inputs(self, split: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of `split_vision_inputs`: batched tensors again, for a forward pass."""
+        merged = dict(split)
+        for key in self.image_keys:
+            if isinstance(split.get(key), list):
+                merged[key] = torch.cat(split[key], dim=0)
+        return merged
+
+    @staticmethod
+    def _split_by_counts(key: str, value: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        if value.size(0) != sum(counts):
+            raise ValueError(
+                f"Vision input {key!r} has {value.size(0)} entries for {sum(counts)} images ({counts} per sample); "
+                "the processor output does not match this family's adapter."
+            )
+        return list(torch.split(value, counts, dim=0))
+
+    # ----- image size ----------------------------------------------------------------------------------------
+
+    def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
+        """Bound the pixels per image the processor resizes to. Families that resize to a fixed size refuse."""
+        if min_pixels is None and max_pixels is None:
+            return
+        raise ValueError(
+            f"{self.label} resizes every image to a fixed size, so `min_pixels` / `max_pixels` do not apply; "
+            "remove them from the recipe."
+        )
+
+    # ----- tiny model ----------------------------------------------------------------------------------------
+
+    def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
+        """Save a tiny random-weight model and its processor (real classes, offline) to `output_dir`."""
+        raise NotImplementedError(f"{self.label} has no tiny model.")
+
+    # ----- parameters ----------------------------------------------------------------------------------------
+
+    def parameter_group(self, name: str) -> str | None:
+        """`vision`, `projector` or `language` for a parameter name (a PEFT wrapper's prefix is ignored)."""
+        name = name.removeprefix("base_model.model.")
+        for group, prefixes in (
+            ("projector", self.projector_modules),  # first: Qwen's merger sits inside its vision tower
+            ("vision", self.vision_modules),
+            ("language", self.language_modules),
+        ):
+            if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
+                return group
+        return None
+
+
+class GenericAdapter(FamilyAdapter):
+    """Fallback for a model type no adapter knows: TRL's own shape-based handling of vision inputs."""
+
+    name = "generic"
+    label = "unknown family"
+    has_tiny_model = False
+    model_types = ()
+    vision_modules = ("model.vision_tower", "model.visual", "vision_tower", "vision_model")
+    projector_modules = ("model.multi_modal_projector", "multi_modal_projector")
+    language_modules = ("model.language_model", "language_model", "lm_head")
+
+    def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
+        from trl.trainer.utils import split_pixel_values_by_grid
+
+        split = split_pixel_values_by_grid({**inputs, "num_images": list(num_images)})
+        if "num_images" not in inputs:
+            split.pop("num_images")
+        return split
+
+    def merge_vision_inputs(self, split: dict[str, Any]) -> dict[str, Any]:
+        from trl.trainer.utils import unsplit_pixel_values_by_grid
+
+        return unsplit_pixel_values_by_grid(split)
+
+
+class GridAdapter(FamilyAdapter):
+    """Qwen-VL layout: `pixel_values` holds one row per patch, `image_grid_thw` one (t, h, w) per image."""
+
+    image_keys = ("pixel_values", "image_grid_thw")
+
+    def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
+        split = dict(inputs)
+        if inputs.get("pixel_values") is None:
+            return split
+        grid = inputs["image_grid_thw"]
+        patches = grid.prod(dim=-1).tolist()
+        bounds = [0, *accumulate(num_images)]
+        per_sample = [sum(patches[bounds[i] : bounds[i + 1]]) for i in range(len(num_images))]
+        split["pixel_values"] = self._split_by_counts("pixel_values", inputs["pixel_values"], per_sample)
+        split["image_grid_thw"] = self._split_by_counts("image_grid_thw", grid, num_images)
+        return split
+
+    def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
+        image_processor = processor.image_processor
+        size = dict(image_processor.size)
+        if min_pixels is not None:
+            size["shortest_edge"] = int(min_pixels)
+        if max_pixels is not None:
+            size["longest_edge"] = int(max_pixels)
+        if size["shortest_edge"] > size["longest_edge"]:
+            raise ValueError(f"min_pixels ({size['shortest_edge']}) exceeds max_pixels ({size['longest_edge']}).")
+        unit = (image_processor.patch_size * image_processor.merge_size) ** 2
+        if size["longest_edge"] < unit:
+            raise ValueError(f"max_pixels must be at least {unit} for {self.label} (one merged patch).")
+        # Qwen processors read the pixel bounds from `size` (`shortest_edge` = min, `longest_edge` = max).
+        image_processor.size = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
+
+
+_ADAPTERS: dict[str, FamilyAdapter] = {}
+_BY_MODEL_TYPE: dict[str, FamilyAdapter] = {}
+
+
+def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
+    """Make `adapter` known by its family name and its model types."""
+    if adapter.name in _ADAPTERS:
+        raise ValueError(f"A family adapter named {adapter.name!r} is already registered.")
+    _ADAPTERS[adapter.name] = adapter
+    for model_type in adapter.model_types:
+        _BY_MODEL_TYPE.setdefault(model_type, adapter)
+    return adapter
+
+
+def registered_adapters() -> dict[str, FamilyAdapter]:
+    """Every registered family, by name, in registration order."""
+    import vlm_rl.models.families  # noqa: F401  (registers the built-in families)
+
+    return dict(_ADAPTERS)
+
+
+def adapter_for(config) -> FamilyAdapter:
+    """The adapter of a model config (or a model); `GenericAdapter` with a warning for an unknown family."""
+    registered_adapters()
+    config = getattr(config, "config", config)
+    model_type = getattr(config, "model_type", None)
+    if model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]
+    logger.warning(
+        "No vlm-rl adapter for model type %r; falling back to TRL's shape-based handling of vision inputs, which "
+        "can mis-assign images in mixed multi-image batches. Known families: %s.",
+        model_type,
+        ", ".join(sorted(_BY_MODEL_TYPE)),
+    )
+    return GenericAdapter()
