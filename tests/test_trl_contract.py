@@ -30,6 +30,24 @@ def test_overridden_methods_keep_their_signatures():
         "compute_aux_loss",
     ]  # fmt: skip
     assert "num_images" in logps and "pixel_values" in logps
+    # Extra inputs reach the model through `functools.partial(model, ...)`: TRL's method may only call `model`.
+    source = inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies)
+    assert (
+        source.count("model(") == 1 and "outputs = model(**model_inputs, labels=labels, fused_lm_head=True)" in source
+    )
+    assert "model." not in source.replace("self.model.", "")
+    # Our `_prepare_inputs` is TRL's with the adapter's split/merge in place of TRL's shape-based guess.
+    prepare = inspect.getsource(GRPOTrainer._prepare_inputs)
+    for line in (
+        "generate_every = self.args.steps_per_generation * self.num_iterations",
+        "if self._step % generate_every == 0 or self._buffered_inputs is None:",
+        "generation_batch = split_pixel_values_by_grid(generation_batch)",
+        "generation_batch = shuffle_sequence_dict(generation_batch)",
+        "generation_batches = split_tensor_dict(generation_batch, self.args.steps_per_generation)",
+        "self._buffered_inputs = [unsplit_pixel_values_by_grid(batch) for batch in generation_batches]",
+        "inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]",
+    ):
+        assert line in prepare, line
     assert list(inspect.signature(GRPOTrainer._tokenize_prompts).parameters) == ["self", "prompts"]
     # TRL still marks image-less rows with None (what our `_tokenize_prompts` normalises).
     assert "images.append(prompt_images if prompt_images else None)" in inspect.getsource(

@@ -21,9 +21,9 @@ def apply_freezing(
 ) -> dict[str, int]:
     """Set `requires_grad=False` on the chosen parts; return the trainable parameter count per group.
 
-    Parameters of a PEFT adapter (`lora_`) keep training whatever their base module, so LoRA on a frozen
-    language model trains the LoRA weights only. Fails if a part to freeze has no parameters, since that
-    means the adapter does not know this model's layout and nothing would be frozen.
+    A frozen part trains nothing, LoRA weights inside it included: on a PEFT model, call this after wrapping,
+    and LoRA then trains in the parts left unfrozen only. Fails if a part to freeze has no parameters, since
+    that means the adapter does not know this model's layout and nothing would be frozen.
     """
     adapter = adapter or adapter_for(model.config)
     frozen = {group for group, chosen in (("vision", vision_tower), ("projector", projector),
@@ -33,7 +33,7 @@ def apply_freezing(
     for name, param in model.named_parameters():
         group = adapter.parameter_group(name) or "other"
         found[group] = found.get(group, 0) + param.numel()
-        if group in frozen and "lora_" not in name:
+        if group in frozen:
             param.requires_grad_(False)
         if param.requires_grad:
             trainable[group] = trainable.get(group, 0) + param.numel()

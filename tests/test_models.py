@@ -1,0 +1,90 @@
+"""Family adapters: the registry, parameter groups, image-size bounds, and what each family declares."""
+
+import pytest
+import torch
+from conftest import ALL_FAMILIES
+from PIL import Image
+from trl.data_utils import prepare_multimodal_messages
+
+from vlm_rl.models import adapter_for, load_model_and_processor, tiny_families
+from vlm_rl.models.adapters import GenericAdapter
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_parameter_belongs_to_one_part(family, load_tiny):
+    model, _ = load_tiny(family)
+    adapter = adapter_for(model.config)
+    assert adapter.name == family or model.config.model_type in adapter.model_types
+    groups = {name: adapter.parameter_group(name) for name, _ in model.named_parameters()}
+    assert None not in groups.values(), [name for name, group in groups.items() if group is None]
+    assert {"vision", "projector", "language"} <= set(groups.values())
+
+
+def test_unknown_model_type_falls_back_to_trl_handling_with_a_warning(caplog):
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig()
+    config.model_type = "no_such_vlm"
+    assert isinstance(adapter_for(config), GenericAdapter)
+    assert "No vlm-rl adapter for model type 'no_such_vlm'" in caplog.text
+
+
+def image_patches(processor, width: int, height: int) -> int:
+    output = processor.image_processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")
+    return int(output["image_grid_thw"].prod())
+
+
+def test_min_max_pixels_bound_qwen_images_and_are_saved_with_the_processor(tiny_dirs, tmp_path):
+    path = str(tiny_dirs["qwen2_vl"])
+    _, default = load_model_and_processor(path)
+    model, bounded = load_model_and_processor(path, min_pixels=56 * 56, max_pixels=56 * 56)
+    patch_area = 14 * 14
+    # A large image is scaled down to at most max_pixels, a small one up to at least min_pixels.
+    assert image_patches(default, 224, 224) * patch_area > 56 * 56
+    assert image_patches(bounded, 224, 224) * patch_area <= 56 * 56
+    assert image_patches(bounded, 28, 28) * patch_area >= 56 * 56
+    # The bounds live on the processor, so a saved checkpoint (and anything that reloads it) keeps them.
+    bounded.save_pretrained(tmp_path)
+    model.config.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    _, reloaded = load_model_and_processor(str(tmp_path))
+    assert image_patches(reloaded, 224, 224) == image_patches(bounded, 224, 224)
+
+
+def test_min_pixels_above_max_pixels_is_an_error(tiny_dirs):
+    with pytest.raises(ValueError, match=r"min_pixels \(12544\) exceeds max_pixels \(3136\)"):
+        load_model_and_processor(str(tiny_dirs["qwen2_vl"]), min_pixels=112 * 112, max_pixels=56 * 56)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_split_then_merge_gives_back_the_processor_output(family, load_tiny):
+    """Per-sample split and merge are exact inverses on a batch with 0, 1 and 2 images per row."""
+    model, processor = load_tiny(family)
+    adapter = adapter_for(model.config)
+    rows = [[Image.new("RGB", (56, 56), "red")], [Image.new("RGB", (84, 56), "blue")]]
+    if adapter.multi_image:
+        rows.append([Image.new("RGB", (56, 84), "green"), Image.new("RGB", (56, 56), "white")])
+    if adapter.text_only:
+        rows.insert(1, [])
+    texts = [
+        processor.apply_chat_template(
+            prepare_multimodal_messages([{"role": "user", "content": "Colour?"}], images=images),
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for images in rows
+    ]
+    inputs = dict(processor(text=texts, images=rows, padding=True, return_tensors="pt"))
+    num_images = [len(images) for images in rows]
+    vision = {k: v for k, v in inputs.items() if k in (*adapter.image_keys, *adapter.row_keys)}
+    split = adapter.split_vision_inputs({**vision, "num_images": num_images}, num_images)
+    for key in adapter.image_keys:
+        if key in vision:
+            assert isinstance(split[key], list) and len(split[key]) == len(rows), key
+    merged = adapter.merge_vision_inputs(split)
+    for key, value in vision.items():
+        assert torch.equal(merged[key], value), key
+
+
+def test_tiny_families_are_the_registered_ones_with_a_builder():
+    assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"} <= set(tiny_families())
