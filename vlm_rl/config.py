@@ -54,22 +54,105 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Which data to train and evaluate on."""
+    """Which data to train and evaluate on, and how its rows become prompts (see docs/data.md)."""
 
     dataset: str = field(
         default="synthetic:shapes",
         metadata={
-            "help": "`synthetic:shapes` (coloured shapes generated in code; the answer is only in the image) or "
+            "help": "`synthetic:shapes` (coloured shapes generated in code; the answer is only in the image), "
             "`synthetic:grounding_math` (boxes on non-square images mixed with text-only sums; `task` column "
-            "`grounding` / `math`, for reward routing)."
+            "`grounding` / `math`, for reward routing), a local .jsonl/.json/.parquet/.csv file, a glob or a "
+            "directory of such files, a directory written by `Dataset.save_to_disk`, or a Hub dataset id. "
+            "Relative paths: from the recipe's directory, then the working directory."
         },
     )
-    train_size: int = field(default=2000, metadata={"help": "Rows in the generated training split."})
-    eval_size: int = field(default=200, metadata={"help": "Rows in the generated held-out split."})
-    text_fraction: float = field(
-        default=0.0, metadata={"help": "Fraction of text-only rows (the colour stated in words) in both splits."}
+    dataset_config: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration name."})
+    split: str = field(
+        default="train", metadata={"help": "The training split of a Hub dataset or a saved `DatasetDict`."}
     )
-    image_size: int = field(default=56, metadata={"help": "Side of the generated square images, in pixels."})
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Held-out data, any kind `dataset` accepts; read with the same mapping and template."},
+    )
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "The held-out split of `eval_dataset` if given, else of `dataset` (Hub or `DatasetDict`)."},
+    )
+    train_size: int | None = field(
+        default=None,
+        metadata={"help": "Synthetic: rows generated (default 2000). Otherwise: use only the first N training rows."},
+    )
+    eval_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Synthetic: rows generated (default 200). Otherwise: with `eval_dataset`/`eval_split`, use only "
+            "the first N held-out rows; without, hold out N training rows chosen with the seed (default: none)."
+        },
+    )
+    column_mapping: dict[str, str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Renames columns before anything else reads them, `{source: target}`, e.g. "
+            "`{solution: answer, img: image}`. On the command line: `'{solution: answer}'`."
+        },
+    )
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "The user message, formatted with the row's columns (after `column_mapping`), e.g. "
+            "`'{question}\\nAnswer in <answer></answer>.'`. Unset: the `prompt` column, a string or a conversation."
+        },
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "A system message put before every prompt that does not start with one."},
+    )
+    image_root: str | None = field(
+        default=None,
+        metadata={"help": "Directory that relative image paths start from. Unset: the directory of each data file."},
+    )
+    bad_rows: str = field(
+        default="raise",
+        metadata={
+            "help": "A row that cannot be used (unreadable line, missing value, missing or corrupt image, prompt over "
+            "`max_prompt_length`): `raise` stops with the file and row, `skip` leaves it out and counts it in "
+            "`data/skipped_rows`.",
+            "choices": ["raise", "skip"],
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest prompt in tokens, image tokens included, measured with the model's processor when a row "
+            "is loaded (a processor call per row). Unset: no limit."
+        },
+    )
+    text_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Synthetic: fraction of text-only rows (the colour stated in words) in both splits."},
+    )
+    image_size: int = field(
+        default=56, metadata={"help": "Synthetic: side of the generated square images, in pixels."}
+    )
+
+    def __post_init__(self):
+        if self.bad_rows not in ("raise", "skip"):
+            raise ValueError(f"bad_rows must be `raise` or `skip`, got {self.bad_rows!r}.")
+        if isinstance(self.column_mapping, str):
+            try:
+                self.column_mapping = yaml.safe_load(self.column_mapping)
+            except yaml.YAMLError as error:
+                raise ValueError(f"column_mapping is not a YAML mapping: {error}") from error
+        mapping = self.column_mapping
+        if mapping is not None and not (
+            isinstance(mapping, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items())
+        ):
+            raise ValueError(f"column_mapping must map column names to column names, got {mapping!r}.")
+        for name in ("train_size", "eval_size"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}.")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be at least 1, got {self.max_prompt_length}.")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from accelerate import PartialState
 
 from vlm_rl.checkpoints import resolve_resume
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe
-from vlm_rl.data import TaskData, load_task
+from vlm_rl.data import SkippedRowsCallback, TaskData, load_task
 from vlm_rl.evaluation import evaluate_policy, mean_reward
 from vlm_rl.models import apply_freezing, load_model_and_processor, resolve_model_path
 from vlm_rl.plotting import plot_reward_curve
@@ -115,14 +115,12 @@ def run(
         )
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     task = load_task(
-        data_args.dataset,
-        train_size=data_args.train_size,
-        eval_size=data_args.eval_size,
-        text_fraction=data_args.text_fraction,
-        image_size=data_args.image_size,
+        data_args,
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+        base_dir=recipe_dir,
     )
-    check_routes(reward_funcs, task.train, training_args.reward_route_column)
+    # The rows' plain columns: reading the route column decodes no image.
+    check_routes(reward_funcs, task.train.with_format(None), training_args.reward_route_column)
     with PartialState().main_process_first():  # one process builds a tiny model; the others then load it
         model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
     model, processor = load_model_and_processor(
@@ -138,6 +136,7 @@ def run(
         projector=model_args.freeze_projector,
         language_model=model_args.freeze_language_model,
     )
+    task.attach_processor(processor)  # measures prompts for `max_prompt_length`
     trainer = VLMGRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
@@ -146,6 +145,8 @@ def run(
         eval_dataset=task.eval if training_args.eval_strategy != "no" else None,
         processing_class=processor,
     )
+    # First in line, so that the reporters see `data/skipped_rows` in the logs it adds to.
+    trainer.callback_handler.callbacks.insert(0, SkippedRowsCallback(task.skipped_train))
     trainer.train(resume_from_checkpoint=resume)
     for name, counts in trainer.reward_failures.items():
         if any(counts.values()):
@@ -164,6 +165,9 @@ def run(
                 "Held-out evaluation: %s",
                 json.dumps({k: results[k] for k in ("accuracy", "blind_accuracy", "chance")}),
             )
+        elif training_args.final_eval:
+            logger.info("No held-out data (eval_dataset, eval_split or eval_size): the final evaluation is skipped.")
+    task.log_summary()
     return trainer
 
 

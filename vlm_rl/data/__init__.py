@@ -1,6 +1,18 @@
-"""Datasets for training and evaluation."""
+"""Datasets for training and evaluation: the synthetic tasks, and data from files or the Hub (docs/data.md)."""
 
 from vlm_rl.data.loading import TaskData, load_task
+from vlm_rl.data.rows import LazyRows, load_rows
+from vlm_rl.data.stats import DataError, SkippedRows, SkippedRowsCallback
 from vlm_rl.data.synthetic import make_grounding_math_dataset, make_shapes_dataset
 
-__all__ = ["TaskData", "load_task", "make_grounding_math_dataset", "make_shapes_dataset"]
+__all__ = [
+    "DataError",
+    "LazyRows",
+    "SkippedRows",
+    "SkippedRowsCallback",
+    "TaskData",
+    "load_rows",
+    "load_task",
+    "make_grounding_math_dataset",
+    "make_shapes_dataset",
+]
