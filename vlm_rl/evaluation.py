@@ -7,13 +7,14 @@ policy that reads the image scores near chance there; one that guesses from the 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from datasets import Dataset
 from trl.data_utils import prepare_multimodal_messages
 
+from vlm_rl.data import load_rows
 from vlm_rl.trainers.grpo import media_token_ids
 
 
@@ -21,10 +22,12 @@ def _generate(model, processor, prompts: list, images: list[list], max_new_token
     """Greedy completions: their texts, and their token ids up to and including the first end-of-sequence."""
     conversations = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, images, strict=True)]
     texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-    flat_images = [image for row in images for image in row]
+    # One image list per row, as the trainer passes them: some processors (LLaVA-OneVision) treat a row with
+    # several images differently from several rows with one image each.
     inputs = processor(
-        text=texts, images=flat_images or None, padding=True, padding_side="left", return_tensors="pt"
-    ).to(model.device)
+        text=texts, images=list(images) if any(images) else None, padding=True, padding_side="left",
+        return_tensors="pt",
+    ).to(model.device)  # fmt: skip
     tokenizer = processor.tokenizer
     output = model.generate(
         **inputs,
@@ -40,17 +43,19 @@ def _generate(model, processor, prompts: list, images: list[list], max_new_token
     return tokenizer.batch_decode(ids, skip_special_tokens=True), ids
 
 
-def deranged_images(images: Sequence[list], seed: int = 0) -> list[list]:
-    """Each image row gets the images of another image row; text-only rows keep none."""
-    image_rows = [i for i, row in enumerate(images) if row]
+def deranged_rows(image_rows: Sequence[int], seed: int = 0) -> dict[int, int]:
+    """For each image row, the other image row whose images it gets in a blind evaluation (none keeps its own)."""
     if len(image_rows) < 2:
         raise ValueError("A blind evaluation needs at least two rows with images.")
-    order = image_rows[:]
+    order = list(image_rows)
     random.Random(seed).shuffle(order)
-    swapped = [list(row) for row in images]
-    for position, row in enumerate(order):
-        swapped[row] = list(images[order[(position + 1) % len(order)]])
-    return swapped
+    return {row: order[(position + 1) % len(order)] for position, row in enumerate(order)}
+
+
+def _batches(dataset: Dataset, batch_size: int) -> Iterator[list[tuple[int, dict]]]:
+    """(index, row) pairs, one batch at a time: only a batch's images are decoded and held at once."""
+    for start in range(0, len(dataset), batch_size):
+        yield load_rows(dataset, list(range(start, min(start + batch_size, len(dataset)))))
 
 
 @torch.no_grad()
@@ -68,17 +73,22 @@ def evaluate_policy(
     """Generate greedily for every row and score each completion with every reward.
 
     Returns one record per row: the completion, whether the row has images, and `rewards` by function name.
+    Rows load a batch at a time; a lazily loaded dataset's bad rows are left out under `bad_rows: skip`.
     """
     was_training = model.training
     model.eval()
-    rows = list(dataset)  # iterating decodes image features; `Dataset.to_list()` would not
-    all_images = [row.get("images") or [] for row in rows]
-    if blind:
-        all_images = deranged_images(all_images, seed)
+    partners = None
+    if blind:  # which rows have images: a first pass, so that no more than a batch of images is held
+        image_rows = [index for batch in _batches(dataset, batch_size) for index, row in batch if row.get("images")]
+        partners = deranged_rows(image_rows, seed)
     records = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        images = all_images[start : start + batch_size]
+    for indexed in _batches(dataset, batch_size):
+        batch = [row for _, row in indexed]
+        if partners is None:
+            images = [row.get("images") or [] for row in batch]
+        else:
+            lent = dict(load_rows(dataset, [partners[index] for index, _ in indexed if index in partners]))
+            images = [list(lent[partners[index]]["images"]) if index in partners else [] for index, _ in indexed]
         prompts = [row["prompt"] for row in batch]
         texts, completion_ids = _generate(model, processor, prompts, images, max_new_tokens)
         completions = [[{"role": "assistant", "content": text}] for text in texts]
