@@ -88,3 +88,19 @@ def test_documented_train_commands_parse(doc, command, monkeypatch):
 
 def test_there_are_documented_commands_to_check():
     assert len(TRAIN_COMMANDS) >= 4
+
+
+def test_models_doc_support_table_matches_the_adapters():
+    from vlm_rl.models.support import documented_table, support_table
+
+    assert documented_table(REPO / "docs/models.md") == support_table()
+
+
+def test_models_doc_examples_run(tmp_path):
+    for block in code_blocks(REPO / "docs/models.md", "python"):
+        exec(block.replace("/tmp/vlm-rl-docs", str(tmp_path)), {})
+    for block in code_blocks(REPO / "docs/models.md", "yaml"):
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(block)
+        model_args = parse_recipe(["--config", str(recipe), "--use_cpu", "true", "--bf16", "false"])[0]
+        assert model_args.max_pixels is not None

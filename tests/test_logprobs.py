@@ -27,6 +27,8 @@ def mixed_rows(adapter):
         "answer": "no",
         "task": "image",
     }
+    if not adapter.multi_image:  # one image, but still a prompt of another length
+        two_images = {**two_images, "images": two_images["images"][:1]}
     rows = [images[0], texts[0], two_images, texts[1], images[1]]
     rows = [row for row in rows if (adapter.text_only or row["images"]) and (adapter.multi_image or
                                                                              len(row["images"]) < 2)]  # fmt: skip
@@ -36,8 +38,9 @@ def mixed_rows(adapter):
 def single_sample_logps(model, processor, row, completion_ids):
     """Log-probs of `completion_ids` after `row`'s prompt, from one unpadded forward of that sample alone."""
     conversation = prepare_multimodal_messages(row["prompt"], images=row["images"])
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    encoded = processor(text=[text], images=row["images"] or None, return_tensors="pt")
+    encoded = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     prompt_ids = encoded.pop("input_ids")
     encoded.pop("attention_mask")
     input_ids = torch.cat([prompt_ids, completion_ids[None]], dim=1)

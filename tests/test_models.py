@@ -77,7 +77,14 @@ def test_split_then_merge_gives_back_the_processor_output(family, load_tiny):
     inputs = dict(processor(text=texts, images=rows, padding=True, return_tensors="pt"))
     num_images = [len(images) for images in rows]
     vision = {k: v for k, v in inputs.items() if k in (*adapter.image_keys, *adapter.row_keys)}
-    split = adapter.split_vision_inputs({**vision, "num_images": num_images}, num_images)
+    extra = {}
+    pixel_values = inputs.get("pixel_values")
+    if pixel_values is not None and pixel_values.ndim == 4 and pixel_values.size(0) != sum(num_images):
+        # Tile-indexed `pixel_values` (InternVL): the processor drops the tiles per image; TRL recomputes them
+        # per sample as `num_tiles`, exactly so.
+        patches = processor.image_processor(images=rows, crop_to_patches=True, return_tensors="pt")["num_patches"]
+        extra["num_tiles"] = [int(group.sum()) for group in torch.split(patches, num_images)]
+    split = adapter.split_vision_inputs({**vision, "num_images": num_images, **extra}, num_images)
     for key in adapter.image_keys:
         if key in vision:
             assert isinstance(split[key], list) and len(split[key]) == len(rows), key

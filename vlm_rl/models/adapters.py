@@ -53,6 +53,8 @@ class FamilyAdapter:
     """Whether a row may hold several images."""
     text_only: ClassVar[bool] = True
     """Whether text-only rows may share a batch with image rows."""
+    image_size_bounds: ClassVar[tuple[str, ...]] = ()
+    """Which of `min_pixels` / `max_pixels` `set_image_size_bounds` maps onto the processor (it refuses others)."""
     has_tiny_model: ClassVar[bool] = True
     """Whether `build_tiny` makes an offline tiny model (False for an adapter of real checkpoints only)."""
     notes: ClassVar[str] = ""
@@ -150,6 +152,7 @@ class GridAdapter(FamilyAdapter):
     """Qwen-VL layout: `pixel_values` holds one row per patch, `image_grid_thw` one (t, h, w) per image."""
 
     image_keys = ("pixel_values", "image_grid_thw")
+    image_size_bounds = ("min_pixels", "max_pixels")
 
     def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
         split = dict(inputs)

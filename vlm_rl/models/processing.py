@@ -23,10 +23,35 @@ def image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[Pr
     if "video_processor" not in inspect.signature(processor_class.__init__).parameters:
         return processor_class
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    methods = {"__init__": init_without_parameter(processor_class.__init__, "video_processor"), "__module__": __name__}
+    if "apply_chat_template" in vars(processor_class):
+        # SmolVLM's override fills video defaults from `self.video_processor`; for images and text it adds nothing.
+        methods["apply_chat_template"] = ProcessorMixin.apply_chat_template
+    return type(processor_class.__name__, (processor_class,), methods)
 
-    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "__module__": __name__})
+
+def init_without_parameter(init, name: str):
+    """`init` with its parameter `name` always None and every other parameter (name, order, default) kept.
+
+    transformers reads a processor's settings from the parameters of its `__init__`, both when saving
+    (`to_dict`: its signature) and when loading (`from_args_and_dict`: its code's argument names). A wrapper taking
+    `**kwargs` would drop settings such as LLaVA-OneVision's `num_image_tokens`, so the wrapper is generated with
+    the same parameters.
+    """
+    parameters = [p for p in inspect.signature(init).parameters.values() if p.name not in ("self", name)]
+    if any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.VAR_KEYWORD) for p in parameters):
+        raise TypeError(f"Cannot rebuild {init.__qualname__}{inspect.signature(init)} without {name!r}.")
+    named = [p for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+    defaults = {p.name: p.default for p in named}
+    declared = [p.name if p.default is p.empty else f"{p.name}=_defaults[{p.name!r}]" for p in named]
+    passed = [f"{p.name}={p.name}" for p in named]
+    source = (
+        f"def __init__(self, {', '.join([*declared, '**kwargs'])}):\n"
+        f"    _init(self, {', '.join([*passed, f'{name}=None', '**kwargs'])})\n"
+    )
+    namespace = {"_defaults": defaults, "_init": init}
+    exec(source, namespace)  # a def built from the parameter names of a transformers class, nothing else
+    return namespace["__init__"]
 
 
 def load_processor(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None):
@@ -37,8 +62,22 @@ def load_processor(name_or_path: str, *, trust_remote_code: bool = False, revisi
         class_name = PROCESSOR_MAPPING_NAMES.get(model_type)
         processor_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
         if processor_class is not None:
-            return image_only_processor_class(processor_class).from_pretrained(name_or_path, **kwargs)
-    return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+            processor = image_only_processor_class(processor_class).from_pretrained(name_or_path, **kwargs)
+            return _with_chat_template(processor)
+    return _with_chat_template(AutoProcessor.from_pretrained(name_or_path, **kwargs))
+
+
+def _with_chat_template(processor):
+    """`processor` with its saved chat template, which BLIP-2's and InstructBLIP's processors drop.
+
+    Their `__init__` does not pass `chat_template` on to `ProcessorMixin` (transformers 5.19,
+    processing_blip_2.py:59, processing_instructblip.py:61), so `apply_chat_template` fails with "this processor
+    does not have a chat template"; their tokenizer loads the same saved `chat_template.jinja`.
+    """
+    tokenizer = getattr(processor, "tokenizer", None)
+    if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None):
+        processor.chat_template = tokenizer.chat_template
+    return processor
 
 
 def resized_image_size(processor, width: int, height: int) -> tuple[int, int]:

@@ -65,6 +65,19 @@ def build_tokenizer(
     )
 
 
+def name_special_tokens(
+    tokenizer: PreTrainedTokenizerFast, names: dict[str, str], **settings
+) -> PreTrainedTokenizerFast:
+    """`tokenizer` with model-specific named special tokens (e.g. `image_token`) and changed init `settings`.
+
+    Multimodal processors read their placeholder tokens by name (`tokenizer.image_token`, `..._id`); transformers
+    saves such names in the tokenizer config (`extra_special_tokens`) and restores them on load.
+    """
+    kwargs = {**tokenizer.init_kwargs, **settings}
+    kwargs.pop("backend", None)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, extra_special_tokens=names, **kwargs)
+
+
 def attention_sizes(hidden_size: int) -> tuple[int, int]:
     """(heads, head_dim) for a tiny width: CPU attention kernels (vLLM's too) need head_dim >= 32."""
     num_heads = max(1, hidden_size // 32)

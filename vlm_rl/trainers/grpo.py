@@ -11,16 +11,16 @@ import inspect
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, is_peft_model
 from torch import nn
 from transformers import ProcessorMixin
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
-from trl.trainer.utils import get_callable_name, shuffle_sequence_dict, split_tensor_dict
+from trl.trainer.utils import get_callable_name, pad, shuffle_sequence_dict, split_tensor_dict
 
-from vlm_rl.models.adapters import GenericAdapter, adapter_for
+from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
-from vlm_rl.trainers.logprobs import select_rows
+from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits, select_rows
 
 _TRL_LOGPS_PARAMETERS = frozenset(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
 
@@ -46,6 +46,12 @@ class VLMGRPOTrainer(GRPOTrainer):
             processing_class.tokenizer.padding_side = "left"
         super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
         self.adapter = adapter_for(self.model.config) if self._is_vlm else GenericAdapter()
+        # The models TRL gave a fused LM head (the policy unwrapped from PEFT, the reference model).
+        for scored in (self.model.get_base_model() if is_peft_model(self.model) else self.model, self.ref_model):
+            if scored is not None and scored.base_model is scored:
+                score_from_logits(scored, self.temperature)
+        # Adapter inputs TRL keeps out of the training batch (InstructBLIP's `qformer_input_ids`), per batch.
+        self._adapter_fields: dict[str, torch.Tensor] = {}
         self._loss_only_inputs: dict[str, Any] = {}
         if self._is_vlm and not self.use_vllm:
             # TRL suppresses only the image token. A sampled video or vision start/end token makes the next
@@ -126,7 +132,26 @@ class VLMGRPOTrainer(GRPOTrainer):
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
         if images is not None:
             images = [row_images or [] for row_images in images]
+        # A family's extra inputs come back as unpadded lists, which TRL would left-pad like prompt ids for
+        # generation; they are not aligned with the prompt (InstructBLIP's Q-Former text has its own absolute
+        # positions), so pad them on the right, as the processor does, and keep them for the training batch.
+        self._adapter_fields = {}
+        for key in (*self.adapter.image_keys, *self.adapter.row_keys):
+            value = multimodal_fields.get(key)
+            if key in _TRL_LOGPS_PARAMETERS or key in PER_TOKEN_KEYS or not (value and isinstance(value[0], list)):
+                continue
+            multimodal_fields[key] = pad([torch.tensor(row) for row in value], padding_value=0, padding_side="right")
+            self._adapter_fields[key] = multimodal_fields[key]
         return prompt_ids, images, multimodal_fields
+
+    def _generate_and_score_completions(self, inputs):
+        # TRL's output keeps a fixed list of vision inputs; add the family's others, from the same processor call
+        # that generation used.
+        self._adapter_fields = {}
+        output = super()._generate_and_score_completions(inputs)
+        for key, value in self._adapter_fields.items():
+            output.setdefault(key, value.to(self.accelerator.device))
+        return output
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -141,6 +166,7 @@ class VLMGRPOTrainer(GRPOTrainer):
         **model_inputs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         model_inputs = {**self._loss_only_inputs, **{k: v for k, v in model_inputs.items() if v is not None}}
+        model_inputs = align_per_token_inputs(model_inputs, input_ids.size(1))
         if num_images is None:
             if any(key in model_inputs for key in self.adapter.image_keys):
                 raise ValueError("Vision inputs were given without `num_images`; cannot tell which rows have images.")

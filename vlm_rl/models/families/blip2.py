@@ -1,0 +1,224 @@
+"""BLIP-2 and InstructBLIP: a ViT, a Q-Former that turns each image into a fixed number of query tokens, and a
+causal LM (OPT, Vicuna / Llama) that reads them.
+
+The processors do not place image tokens where the chat template puts the image: when a call has any image,
+`Blip2Processor` / `InstructBlipProcessor` prepend `num_query_tokens` `<image>` tokens (before BOS) to every
+row of the call, whatever that row's images. So every row must hold exactly one image. InstructBLIP also feeds
+the prompt text to its Q-Former (`qformer_input_ids`, `qformer_attention_mask`), one row per image.
+
+Real checkpoints have no chat template; the tiny models use the "Question: ... Answer:" prompt of the BLIP-2
+paper, and users of real checkpoints must give one (see `CHAT_TEMPLATE`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import transformers
+from tokenizers import processors
+from transformers.utils import is_torchvision_available
+
+from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.tiny import attention_sizes, build_tokenizer, name_special_tokens
+
+# "Question: <text> Answer:" (the BLIP-2 paper's VQA prompt); images render nothing, since the processor
+# prepends the query tokens itself. No BOS: the tokenizers add it, as OPT's and Llama's do, so that the
+# processor's Q-Former tokenizer (InstructBLIP) adds its [CLS] ... [SEP] too (a template starting with BOS makes
+# `apply_chat_template` turn special tokens off for every tokenizer of the processor).
+CHAT_TEMPLATE = "".join(
+    [
+        "{%- for message in messages %}",
+        "{%- if message['content'] is string %}{%- set text = message['content'] %}",
+        "{%- else %}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')",
+        " | map(attribute='text') | join(' ') %}{%- endif %}",
+        "{%- if message['role'] == 'system' %}{{- text + '\\n' }}",
+        "{%- elif message['role'] == 'user' %}{{- 'Question: ' + text }}",
+        "{%- else %}{{- ' Answer: ' + text + eos_token + '\\n' }}{%- endif %}",
+        "{%- endfor %}",
+        "{%- if add_generation_prompt %}{{- ' Answer:' }}{%- endif %}",
+    ]
+)
+IMAGE_SIZE = 28  # 2 x 2 patches of 14
+NUM_QUERY_TOKENS = 8
+
+
+class Blip2Adapter(FamilyAdapter):
+    """BLIP-2: one fixed-size `pixel_values` entry per image, `num_query_tokens` LM tokens per image."""
+
+    name = "blip2"
+    label = "BLIP-2"
+    model_types = ("blip-2",)
+    vision_modules = ("vision_model",)
+    projector_modules = ("query_tokens", "qformer", "language_projection")
+    language_modules = ("language_model",)
+    multi_image = False
+    text_only = False
+    notes = (
+        "Exactly one image per row: the processor prepends the query tokens to every row of a call, and the model "
+        "requires `pixel_values`. Real checkpoints ship no chat template (give one, e.g. the tiny model's "
+        '"Question: ... Answer:"); the Q-Former counts as the projector; decoder-only LMs only (not Flan-T5).'
+    )
+
+    config_class: ClassVar[str] = "Blip2Config"
+    model_class: ClassVar[str] = "Blip2ForConditionalGeneration"
+    processor_class: ClassVar[str] = "Blip2Processor"
+    # OPT (Salesforce/blip2-opt-*): BOS and EOS are both </s>, and <image> is added after the vocabulary.
+    special_tokens: ClassVar[tuple[str, ...]] = ("<s>", "<pad>", "</s>", "<unk>", "<image>")
+    bos_token: ClassVar[str] = "</s>"
+    pad_token: ClassVar[str] = "<pad>"
+
+    def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
+        # Refuse here, before the first forward: with two images in a row the model would silently give the query
+        # tokens of one row the features of another row's image (it scatters image features in batch order).
+        if any(count != 1 for count in num_images):
+            raise ValueError(
+                f"{self.label} takes exactly one image per row: its processor gives every row of a batch the query "
+                f"tokens of one image, and the model cannot run without images. Images per row: {num_images}."
+            )
+        return super().split_vision_inputs(inputs, num_images)
+
+    def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
+        if min_pixels is None and max_pixels is None:
+            return
+        size = processor.image_processor.size
+        raise ValueError(
+            f"{self.label} resizes every image to {size['width']}×{size['height']} pixels (one fixed set of query "
+            "tokens per image), so `min_pixels` / `max_pixels` do not apply; remove them from the recipe."
+        )
+
+    def text_config(self, hidden_size: int, num_hidden_layers: int, vocab_size: int, ids: dict[str, int]) -> dict:
+        num_heads, _ = attention_sizes(hidden_size)
+        return {
+            "model_type": "opt",
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "word_embed_proj_dim": hidden_size,
+            "ffn_dim": hidden_size * 2,
+            "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": num_heads,
+            "max_position_embeddings": 512,
+            "dropout": 0.0,  # OPT's default 0.1 would make the trainer's log-probs random
+            "bos_token_id": ids[self.bos_token],
+            "eos_token_id": ids["</s>"],
+            "pad_token_id": ids[self.pad_token],
+        }
+
+    def extra_processor_parts(self) -> tuple[dict, dict]:
+        """(processor arguments, Q-Former config entries) beyond BLIP-2's."""
+        return {}, {}
+
+    def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
+        tokenizer = build_tokenizer(
+            list(self.special_tokens),
+            CHAT_TEMPLATE,
+            eos_token="</s>",
+            pad_token=self.pad_token,
+            bos_token=self.bos_token,
+        )
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in self.special_tokens}
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{self.bos_token} $A", special_tokens=[(self.bos_token, ids[self.bos_token])]
+        )
+        processor_parts, qformer_extra = self.extra_processor_parts()
+        qformer_config = {
+            "hidden_size": 32,
+            "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "cross_attention_frequency": 1,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "max_position_embeddings": 128,
+            **qformer_extra,
+        }
+        vision_config = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": 2,
+            "image_size": IMAGE_SIZE,
+            "patch_size": 14,
+        }
+        config = getattr(transformers, self.config_class)(
+            text_config=self.text_config(hidden_size, num_hidden_layers, len(tokenizer), ids),
+            vision_config=vision_config,
+            qformer_config=qformer_config,
+            num_query_tokens=NUM_QUERY_TOKENS,
+            image_token_index=ids["<image>"],
+        )
+        torch.manual_seed(seed)
+        model = getattr(transformers, self.model_class)(config)
+        model.generation_config.eos_token_id = ids["</s>"]
+        model.generation_config.pad_token_id = ids[self.pad_token]
+        model.generation_config.bos_token_id = ids[self.bos_token]
+
+        image_processor_class = "BlipImageProcessor" if is_torchvision_available() else "BlipImageProcessorPil"
+        image_processor = getattr(transformers, image_processor_class)(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        )
+        processor = getattr(transformers, self.processor_class)(
+            image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=NUM_QUERY_TOKENS, **processor_parts
+        )
+        # These processors drop `chat_template` in `__init__` (transformers 5.19); the tokenizer saves it.
+        processor.chat_template = CHAT_TEMPLATE
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+
+
+class InstructBlipAdapter(Blip2Adapter):
+    """InstructBLIP: BLIP-2 whose Q-Former also reads the prompt, one `qformer_input_ids` row per image."""
+
+    name = "instructblip"
+    label = "InstructBLIP"
+    model_types = ("instructblip",)
+    # The Q-Former runs once per image on that image's prompt (the model concatenates the query and the text
+    # masks image by image), so its text inputs are image-indexed: split and merged like `pixel_values`.
+    image_keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
+    notes = (
+        "As BLIP-2: exactly one image per row, no chat template in real checkpoints, decoder-only LMs only (Vicuna, "
+        "not Flan-T5). The Q-Former also reads the rendered prompt (`qformer_input_ids`, one row per image)."
+    )
+
+    config_class = "InstructBlipConfig"
+    model_class = "InstructBlipForConditionalGeneration"
+    processor_class = "InstructBlipProcessor"
+    # Vicuna / Llama (Salesforce/instructblip-vicuna-*).
+    special_tokens = ("<unk>", "<s>", "</s>", "[PAD]", "<image>")
+    bos_token = "<s>"
+    pad_token = "[PAD]"
+
+    def text_config(self, hidden_size: int, num_hidden_layers: int, vocab_size: int, ids: dict[str, int]) -> dict:
+        num_heads, head_dim = attention_sizes(hidden_size)
+        return {
+            "model_type": "llama",
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": hidden_size * 2,
+            "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_heads,
+            "head_dim": head_dim,
+            "max_position_embeddings": 512,
+            "bos_token_id": ids[self.bos_token],
+            "eos_token_id": ids["</s>"],
+            "pad_token_id": ids[self.pad_token],
+        }
+
+    def extra_processor_parts(self) -> tuple[dict, dict]:
+        # The Q-Former tokenizer is BERT's: [CLS] text [SEP], padded on the right (its positions are absolute).
+        qformer_tokenizer = build_tokenizer(
+            ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], None, eos_token="[SEP]", pad_token="[PAD]"
+        )
+        qformer_tokenizer = name_special_tokens(
+            qformer_tokenizer, {}, cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", unk_token="[UNK]"
+        )
+        qformer_tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+        return {"qformer_tokenizer": qformer_tokenizer}, {"vocab_size": len(qformer_tokenizer), "pad_token_id": 0}
+
+
+for _adapter in (Blip2Adapter, InstructBlipAdapter):
+    register_adapter(_adapter())

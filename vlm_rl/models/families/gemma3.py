@@ -1,0 +1,183 @@
+"""Gemma 3: a SigLIP tower at a fixed size, pooled to `mm_tokens_per_image` soft tokens per image.
+
+The processor expands each `<start_of_image>` of the prompt into `<start_of_image>`, the image's soft tokens
+and `<end_of_image>`, and marks the soft tokens with `token_type_ids` = 1: the language model attends
+bidirectionally inside each such block, so `token_type_ids` must stay aligned with `input_ids` (left-padded,
+zero over the completion) in every forward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.utils import is_torchvision_available
+
+from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.tiny import attention_sizes, build_tokenizer, name_special_tokens
+
+# Gemma's own order for the first ids (pad 0, eos 1, bos 2, unk 3, mask 4), then the chat and image tokens.
+SPECIAL_TOKENS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
+
+# Gemma 3's chat template (google/gemma-3-4b-it): a system message becomes a prefix of the first user turn and
+# an image part becomes `<start_of_image>`, which the processor expands.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    '    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    '        {%- set role = "model" -%}\n'
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    '        {{ raise_exception("Invalid content type") }}\n'
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+# Tiny sizes: a 28-pixel SigLIP with 7-pixel patches (4×4 patches), pooled 2×2 to 4 soft tokens per image.
+IMAGE_SIZE = 28
+PATCH_SIZE = 7
+MM_TOKENS_PER_IMAGE = 4
+SLIDING_WINDOW = 16  # shorter than a prompt, so the local layers' window and the image blocks interact
+
+
+class Gemma3Adapter(FamilyAdapter):
+    """One `pixel_values` entry per image (pan-and-scan off), per-token `token_type_ids` marking image tokens."""
+
+    name = "gemma3"
+    label = "Gemma 3"
+    model_types = ("gemma3",)
+    vision_modules = ("model.vision_tower",)
+    projector_modules = ("model.multi_modal_projector",)
+    language_modules = ("model.language_model", "lm_head")
+    notes = (
+        "Every image is resized to the tower's square (896×896 on the released models); pan-and-scan stays off "
+        "(TRL never turns it on). `token_type_ids` mark the image tokens, which attend to each other bidirectionally."
+    )
+
+    def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
+        if min_pixels is None and max_pixels is None:
+            return
+        size = processor.image_processor.size
+        raise ValueError(
+            f"{self.label} resizes every image to {size['width']}×{size['height']} pixels, so `min_pixels` / "
+            "`max_pixels` do not apply; remove them from the recipe."
+        )
+
+    def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
+        tokenizer = build_tokenizer(
+            SPECIAL_TOKENS, CHAT_TEMPLATE, eos_token="<end_of_turn>", pad_token="<pad>", bos_token="<bos>"
+        )
+        # The processor reads the image tokens by name; Gemma's tokenizer prepends <bos> and pads on the left.
+        tokenizer = name_special_tokens(
+            tokenizer,
+            {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+            add_bos_token=True,
+            padding_side="left",
+        )
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+        num_heads, head_dim = attention_sizes(hidden_size)
+        text_config = {
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": hidden_size * 2,
+            "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_heads,
+            "head_dim": head_dim,
+            "query_pre_attn_scalar": head_dim,
+            "sliding_window": SLIDING_WINDOW,
+            # Gemma 3 interleaves local (sliding) and global layers; the tiny model has both kinds.
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_hidden_layers)],
+            "max_position_embeddings": 4096,
+            "bos_token_id": ids["<bos>"],
+            "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]],
+            "pad_token_id": ids["<pad>"],
+        }
+        vision_config = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": IMAGE_SIZE,
+            "patch_size": PATCH_SIZE,
+            "vision_use_head": False,
+        }
+        config = transformers.Gemma3Config(
+            text_config=text_config,
+            vision_config=vision_config,
+            mm_tokens_per_image=MM_TOKENS_PER_IMAGE,
+            boi_token_index=ids["<start_of_image>"],
+            eoi_token_index=ids["<end_of_image>"],
+            image_token_index=ids["<image_soft_token>"],
+        )
+        torch.manual_seed(seed)
+        model = transformers.Gemma3ForConditionalGeneration(config)
+        # transformers initialises the projection to zeros, which would cut the vision tower off from every
+        # gradient; released checkpoints have a trained one.
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
+        model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
+        model.generation_config.pad_token_id = ids["<pad>"]
+        model.generation_config.bos_token_id = ids["<bos>"]
+
+        image_processor_class = "Gemma3ImageProcessor" if is_torchvision_available() else "Gemma3ImageProcessorPil"
+        image_processor = getattr(transformers, image_processor_class)(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+            do_pan_and_scan=False,
+        )
+        processor = transformers.Gemma3Processor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=tokenizer.chat_template,
+            image_seq_length=MM_TOKENS_PER_IMAGE,
+        )
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+
+
+register_adapter(Gemma3Adapter())
