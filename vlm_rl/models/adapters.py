@@ -82,6 +82,23 @@ class FamilyAdapter:
                 merged[key] = torch.cat(split[key], dim=0)
         return merged
 
+    def check_images_per_row(self, num_images: list[int]) -> None:
+        """Refuse a batch with rows the family cannot take (text-only rows, several images), before the model
+        fails on them with a shape error or, worse, silently pairs a row with another row's image."""
+        unsupported = [
+            (i, n)
+            for i, n in enumerate(num_images)
+            if (n == 0 and not self.text_only) or (n > 1 and not self.multi_image)
+        ]
+        if unsupported:
+            kinds = (("no image", self.text_only), ("one image", True), ("several images", self.multi_image))
+            allowed = " or ".join(label for label, ok in kinds if ok)
+            row, count = unsupported[0]
+            raise ValueError(
+                f"{self.label} rows take {allowed}; row {row} of this batch has {count} image(s) ({len(unsupported)} "
+                f"such rows in the batch). Filter the dataset, or choose a family that supports it (docs/models.md)."
+            )
+
     @staticmethod
     def _split_by_counts(key: str, value: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         if value.size(0) != sum(counts):

@@ -132,6 +132,8 @@ class VLMGRPOTrainer(GRPOTrainer):
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
         if images is not None:
             images = [row_images or [] for row_images in images]
+        if self._is_vlm:
+            self.adapter.check_images_per_row([len(row) for row in images] if images else [0] * len(prompts))
         # A family's extra inputs come back as unpadded lists, which TRL would left-pad like prompt ids for
         # generation; they are not aligned with the prompt (InstructBLIP's Q-Former text has its own absolute
         # positions), so pad them on the right, as the processor does, and keep them for the training batch.

@@ -13,7 +13,7 @@ paper, and users of real checkpoints must give one (see `CHAT_TEMPLATE`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import transformers
@@ -68,16 +68,6 @@ class Blip2Adapter(FamilyAdapter):
     special_tokens: ClassVar[tuple[str, ...]] = ("<s>", "<pad>", "</s>", "<unk>", "<image>")
     bos_token: ClassVar[str] = "</s>"
     pad_token: ClassVar[str] = "<pad>"
-
-    def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
-        # Refuse here, before the first forward: with two images in a row the model would silently give the query
-        # tokens of one row the features of another row's image (it scatters image features in batch order).
-        if any(count != 1 for count in num_images):
-            raise ValueError(
-                f"{self.label} takes exactly one image per row: its processor gives every row of a batch the query "
-                f"tokens of one image, and the model cannot run without images. Images per row: {num_images}."
-            )
-        return super().split_vision_inputs(inputs, num_images)
 
     def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
         if min_pixels is None and max_pixels is None:
