@@ -252,3 +252,31 @@ def test_per_task_reward_counts_over_two_processes(tmp_path):
     for entry in steps:  # 2 processes x 4 completions, each counted once
         assert entry["rewards/accuracy/count"] == entry["rewards/accuracy/image/count"] == 8
         assert entry["rewards/think_answer_format/image/count"] == 8
+
+
+def test_recipe_freezing_and_pixel_bounds_reach_the_trained_model(tmp_path):
+    """`freeze_vision_tower` and `max_pixels` from a recipe: the saved vision tower is the initial one, the saved
+    processor keeps the bound, and the language model trained."""
+    import torch
+
+    from vlm_rl.models import adapter_for, load_model_and_processor
+
+    # A reward with spread on a random policy, so that the step has non-zero advantages.
+    (tmp_path / "spread.py").write_text(
+        "def longer(completions, **kwargs):\n    return [float(len(c[0]['content'])) for c in completions]\n"
+    )
+    recipe = write_recipe(
+        tmp_path, freeze_vision_tower=True, max_pixels=28 * 28, final_eval=False, plot=False, save_strategy="no",
+        text_fraction=0.0, learning_rate=1e-2, reward_funcs=["spread.py:longer"], reward_weights=None,
+    )  # fmt: skip
+    train_main(["--config", str(recipe)])
+    run = tmp_path / "run"
+    initial, _ = load_model_and_processor(str(run / "tiny-qwen2_vl"))
+    trained, processor = load_model_and_processor(str(run))
+    adapter = adapter_for(trained.config)
+    before = dict(initial.named_parameters())
+    changed = {adapter.parameter_group(n) for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    assert "vision" not in changed and "language" in changed
+    assert processor.image_processor.size["longest_edge"] == 28 * 28
+    grid = processor.image_processor(images=[Image.new("RGB", (224, 224))], return_tensors="pt")["image_grid_thw"]
+    assert int(grid.prod()) * 14 * 14 <= 28 * 28
