@@ -114,9 +114,13 @@ class FamilyAdapter:
         """Bound the pixels per image the processor resizes to. Families that resize to a fixed size refuse."""
         if min_pixels is None and max_pixels is None:
             return
+        image_processor = processor.image_processor
+        size = getattr(image_processor, "crop_size", None) if image_processor.do_center_crop else None
+        size = size or image_processor.size
+        fixed = f" ({size['width']}×{size['height']} for this model)" if size.get("width") else ""
         raise ValueError(
-            f"{self.label} resizes every image to a fixed size, so `min_pixels` / `max_pixels` do not apply; "
-            "remove them from the recipe."
+            f"{self.label} resizes every image to one fixed size{fixed}, so `min_pixels` / `max_pixels` do not "
+            "apply; remove them from the recipe."
         )
 
     # ----- tiny model ----------------------------------------------------------------------------------------

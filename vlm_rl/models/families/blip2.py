@@ -69,15 +69,6 @@ class Blip2Adapter(FamilyAdapter):
     bos_token: ClassVar[str] = "</s>"
     pad_token: ClassVar[str] = "<pad>"
 
-    def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
-        if min_pixels is None and max_pixels is None:
-            return
-        size = processor.image_processor.size
-        raise ValueError(
-            f"{self.label} resizes every image to {size['width']}×{size['height']} pixels (one fixed set of query "
-            "tokens per image), so `min_pixels` / `max_pixels` do not apply; remove them from the recipe."
-        )
-
     def text_config(self, hidden_size: int, num_hidden_layers: int, vocab_size: int, ids: dict[str, int]) -> dict:
         num_heads, _ = attention_sizes(hidden_size)
         return {

@@ -97,15 +97,6 @@ class Gemma3Adapter(FamilyAdapter):
         "(TRL never turns it on). `token_type_ids` mark the image tokens, which attend to each other bidirectionally."
     )
 
-    def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
-        if min_pixels is None and max_pixels is None:
-            return
-        size = processor.image_processor.size
-        raise ValueError(
-            f"{self.label} resizes every image to {size['width']}×{size['height']} pixels, so `min_pixels` / "
-            "`max_pixels` do not apply; remove them from the recipe."
-        )
-
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
         tokenizer = build_tokenizer(
             SPECIAL_TOKENS, CHAT_TEMPLATE, eos_token="<end_of_turn>", pad_token="<pad>", bos_token="<bos>"

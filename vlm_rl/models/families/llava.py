@@ -99,15 +99,6 @@ class LlavaAdapter(FamilyAdapter):
     image_mean: ClassVar[tuple[float, ...]] = (0.48145466, 0.4578275, 0.40821073)
     image_std: ClassVar[tuple[float, ...]] = (0.26862954, 0.26130258, 0.27577711)
 
-    def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
-        if min_pixels is None and max_pixels is None:
-            return
-        crop = processor.image_processor.crop_size
-        raise ValueError(
-            f"{self.label} resizes every image to one fixed size ({crop['width']}×{crop['height']} for this model), "
-            "so `min_pixels` / `max_pixels` do not apply; remove them from the recipe."
-        )
-
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
         tokenizer = build_tokenizer(
             list(self.special_tokens),
