@@ -33,3 +33,40 @@ def test_eval_generates_for_every_family(family, load_tiny):
         model, processor, dataset, load_rewards(["accuracy"]), max_new_tokens=2, batch_size=4, blind=True
     )
     assert len(blind) == len(records)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_eval_prompts_are_tokenized_as_in_training(family, load_tiny):
+    """Each row's prompt ids (and any other per-row text input, e.g. InstructBLIP's Q-Former text) equal a
+    solo call of the trainer's (TRL's) tokenization: no second BOS, no padding on the wrong side."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    from vlm_rl.evaluation import prompt_inputs
+    from vlm_rl.models import adapter_for
+
+    model, processor = load_tiny(family)
+    dataset = make_shapes_dataset(4, text_fraction=0.5 if family in TEXT_MIX_FAMILIES else 0.0, seed=2)
+    rows = list(dataset)
+    # Prompts of different lengths, so that padding shows.
+    rows[0]["prompt"] = [{"role": "user", "content": "What color is the shape in this small picture? One word."}]
+    batch = prompt_inputs(
+        adapter_for(model.config), processor, [r["prompt"] for r in rows], [r["images"] for r in rows]
+    )
+    for i, row in enumerate(rows):
+        solo = processor.apply_chat_template(
+            prepare_multimodal_messages(row["prompt"], images=row["images"]),
+            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        )  # fmt: skip
+        ids = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+        assert ids.tolist() == solo["input_ids"][0].tolist(), f"row {i}"
+        assert batch["attention_mask"][i, -1] == 1, "prompts are left-padded"
+        if "qformer_input_ids" in solo:
+            width = solo["qformer_input_ids"].size(1)
+            assert batch["qformer_input_ids"][i, :width].tolist() == solo["qformer_input_ids"][0].tolist()
+
+
+def test_eval_refuses_rows_the_family_cannot_take(load_tiny):
+    model, processor = load_tiny("blip2")
+    dataset = make_shapes_dataset(4, text_fraction=0.5, seed=1)
+    with pytest.raises(ValueError, match="BLIP-2 rows take one image"):
+        evaluate_policy(model, processor, dataset, load_rewards(["accuracy"]), max_new_tokens=2, batch_size=4)

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 from conftest import small_config
+from test_training import select_micro_batch
 from trl.data_utils import prepare_multimodal_messages
 
 from vlm_rl.data import make_shapes_dataset
@@ -100,24 +101,9 @@ def test_instructblip_qformer_inputs_reach_generation_scoring_and_loss(load_tiny
     assert seen and all(torch.equal(call, ids) for call in seen), "generation and scoring read these rows"
 
     seen.clear()
-    micro_batch = select_rows_of(trainer, batch, [3, 0])
+    micro_batch = select_micro_batch(trainer, batch, [3, 0])
     trainer.compute_loss(trainer.model, micro_batch)
     assert len(seen) == 1 and torch.equal(seen[0], ids[[3, 0]])
-
-
-def select_rows_of(trainer, batch, rows):
-    """Rows `rows` of a scored batch, split and merged by the adapter as the trainer's micro-batches are."""
-    split = trainer.adapter.split_vision_inputs(batch, batch["num_images"])
-    size = len(batch["num_images"])
-    picked = {}
-    for key, value in split.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == size:
-            picked[key] = value[rows]
-        elif isinstance(value, list) and len(value) == size:
-            picked[key] = [value[i] for i in rows]
-        else:
-            picked[key] = value
-    return trainer._merge_micro_batch(picked)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -69,3 +69,9 @@ def test_lora_on_top_of_a_frozen_vision_tower(family, load_tiny, tmp_path):
         "only the language model's LoRA weights train"
     )
     assert all("lora_" in name for name in changed["projector"])
+
+
+def test_freezing_every_part_is_an_error(load_tiny):
+    model, _ = load_tiny("qwen2_vl")
+    with pytest.raises(ValueError, match="leaves this Qwen2-VL model nothing to train"):
+        apply_freezing(model, vision_tower=True, projector=True, language_model=True)

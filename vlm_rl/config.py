@@ -36,8 +36,9 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Smallest image area (pixels) the processor resizes to, for families with dynamic resolution "
-            "(Qwen-VL); applied to the processor itself, so generation, training, evaluation and saved "
-            "checkpoints agree. Unset: the processor's own setting."
+            "(Qwen-VL, InternVL; Idefics3 / SmolVLM take `max_pixels` only: see docs/models.md). Set on the "
+            "processor itself, so generation, training, evaluation and saved checkpoints agree. Unset: the "
+            "processor's own setting."
         },
     )
     max_pixels: int | None = field(

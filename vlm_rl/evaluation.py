@@ -12,22 +12,40 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from transformers import BatchFeature
 from trl.data_utils import prepare_multimodal_messages
 
 from vlm_rl.data import load_rows
+from vlm_rl.models.adapters import FamilyAdapter, adapter_for
 from vlm_rl.trainers.grpo import media_token_ids
+
+
+def prompt_inputs(adapter: FamilyAdapter, processor, prompts: list, images: list[list]):
+    """The padded model inputs of a batch of prompts, built the way the trainer builds them.
+
+    Like TRL, one `apply_chat_template` call renders and tokenizes the conversations with their images: a
+    second tokenization of rendered text would add BOS again (Gemma 3), and a flat image list would tile a
+    multi-image row differently (LLaVA-OneVision). Text inputs are left-padded, then the family adapter moves
+    any that must pad on the right (InstructBLIP's Q-Former text has absolute positions).
+    """
+    conversations = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, images, strict=True)]
+    tokenizer = processor.tokenizer
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        inputs = processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+            processor_kwargs={"padding": True, "return_tensors": "pt"},
+        )  # fmt: skip
+    finally:
+        tokenizer.padding_side = padding_side
+    return BatchFeature(adapter.repad_prompt_inputs(dict(inputs)))
 
 
 def _generate(model, processor, prompts: list, images: list[list], max_new_tokens: int):
     """Greedy completions: their texts, and their token ids up to and including the first end-of-sequence."""
-    conversations = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, images, strict=True)]
-    texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-    # One image list per row, as the trainer passes them: some processors (LLaVA-OneVision) treat a row with
-    # several images differently from several rows with one image each.
-    inputs = processor(
-        text=texts, images=list(images) if any(images) else None, padding=True, padding_side="left",
-        return_tensors="pt",
-    ).to(model.device)  # fmt: skip
+    adapter = adapter_for(model.config)
+    adapter.check_images_per_row([len(row) for row in images])
+    inputs = prompt_inputs(adapter, processor, prompts, images).to(model.device)
     tokenizer = processor.tokenizer
     output = model.generate(
         **inputs,

@@ -55,8 +55,6 @@ class FamilyAdapter:
     """Whether text-only rows may share a batch with image rows."""
     image_size_bounds: ClassVar[tuple[str, ...]] = ()
     """Which of `min_pixels` / `max_pixels` `set_image_size_bounds` maps onto the processor (it refuses others)."""
-    has_tiny_model: ClassVar[bool] = True
-    """Whether `build_tiny` makes an offline tiny model (False for an adapter of real checkpoints only)."""
     notes: ClassVar[str] = ""
     """What a user should know about this family (shown in docs/models.md)."""
 
@@ -98,6 +96,14 @@ class FamilyAdapter:
                 f"{self.label} rows take {allowed}; row {row} of this batch has {count} image(s) ({len(unsupported)} "
                 f"such rows in the batch). Filter the dataset, or choose a family that supports it (docs/models.md)."
             )
+
+    def repad_prompt_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """A left-padded batch of prompt inputs (one processor call), with any input that must pad elsewhere fixed.
+
+        Processors pad every text input on the language model's side; an input with absolute positions of its
+        own (InstructBLIP's Q-Former text) must stay right-padded.
+        """
+        return inputs
 
     @staticmethod
     def _split_by_counts(key: str, value: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
@@ -149,7 +155,6 @@ class GenericAdapter(FamilyAdapter):
 
     name = "generic"
     label = "unknown family"
-    has_tiny_model = False
     model_types = ()
     vision_modules = ("model.vision_tower", "model.visual", "vision_tower", "vision_model")
     projector_modules = ("model.multi_modal_projector", "multi_modal_projector")

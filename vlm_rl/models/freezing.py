@@ -43,6 +43,8 @@ def apply_freezing(
             f"Cannot freeze {missing} of this {adapter.label} model: no parameter matches the adapter's prefixes "
             f"({ {g: getattr(adapter, f'{g}_modules') for g in missing} })."
         )
+    if frozen and not trainable:
+        raise ValueError(f"Freezing {sorted(frozen)} leaves this {adapter.label} model nothing to train.")
     if frozen:
         logger.info("Froze %s; trainable parameters per part: %s.", sorted(frozen), trainable)
     return trainable

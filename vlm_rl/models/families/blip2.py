@@ -13,7 +13,7 @@ paper, and users of real checkpoints must give one (see `CHAT_TEMPLATE`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import transformers
@@ -161,6 +161,15 @@ class InstructBlipAdapter(Blip2Adapter):
         "As BLIP-2: exactly one image per row, no chat template in real checkpoints, decoder-only LMs only (Vicuna, "
         "not Flan-T5). The Q-Former also reads the rendered prompt (`qformer_input_ids`, one row per image)."
     )
+
+    def repad_prompt_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        mask = inputs.get("qformer_attention_mask")
+        if mask is None:
+            return inputs
+        # A stable sort of each row's mask, ones first, moves its tokens to the front in order: right padding.
+        order = mask.argsort(dim=1, descending=True, stable=True)
+        return {**inputs, "qformer_input_ids": inputs["qformer_input_ids"].gather(1, order),
+                "qformer_attention_mask": mask.gather(1, order)}  # fmt: skip
 
     config_class = "InstructBlipConfig"
     model_class = "InstructBlipForConditionalGeneration"
