@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from test_data import png, write_jsonl
 
@@ -134,3 +135,16 @@ def test_bad_rows_skip_keeps_training_and_counts_each_bad_row_once(tmp_path, tin
     assert results["num_rows"] == 3 and results["num_image_rows"] == 2
     assert any(m.startswith("Data: Skipped 1 eval rows: 1 corrupt_image") for m in messages)
     assert any(m.startswith("Data: Skipped 5 train rows") for m in messages)
+
+
+def test_rows_the_model_family_cannot_take_fail_before_the_model_loads(tmp_path, tiny_dirs):
+    """BLIP-2 takes exactly one image per row: a text-only row and a two-image row are named at start-up."""
+    png(tmp_path / "a.png")
+    rows = [{"question": "Colour?", "image": "a.png", "answer": "red"}] * 2
+    write_jsonl(tmp_path / "train.jsonl", [*rows, {"question": "Colour?", "image": None, "answer": "red"}])
+    fields = {"model_name_or_path": str(tiny_dirs["blip2"]), "prompt_template": "{question}", "final_eval": False}
+    with pytest.raises(ValueError, match=r"BLIP-2 rows take one image; .*train\.jsonl line 3 has 0 image\(s\)"):
+        run_recipe(tmp_path, dataset=str(tmp_path / "train.jsonl"), **fields)
+    write_jsonl(tmp_path / "two.jsonl", [*rows, {"question": "Same?", "image": ["a.png", "a.png"], "answer": "yes"}])
+    with pytest.raises(ValueError, match=r"two\.jsonl line 3 has 2 image\(s\)"):
+        run_recipe(tmp_path, dataset=str(tmp_path / "two.jsonl"), **fields)

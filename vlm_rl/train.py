@@ -13,12 +13,13 @@ from pathlib import Path
 
 import transformers
 from accelerate import PartialState
+from transformers import AutoConfig
 
 from vlm_rl.checkpoints import resolve_resume
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe
-from vlm_rl.data import SkippedRowsCallback, TaskData, load_task
+from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts, load_task
 from vlm_rl.evaluation import evaluate_policy, mean_reward
-from vlm_rl.models import apply_freezing, load_model_and_processor, resolve_model_path
+from vlm_rl.models import adapter_for, apply_freezing, load_model_and_processor, resolve_model_path
 from vlm_rl.plotting import plot_reward_curve
 from vlm_rl.rewards import ConfiguredReward, RewardSpecError, load_rewards
 from vlm_rl.trainers import VLMGRPOTrainer
@@ -123,6 +124,11 @@ def run(
     check_routes(reward_funcs, task.train.with_format(None), training_args.reward_route_column)
     with PartialState().main_process_first():  # one process builds a tiny model; the others then load it
         model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
+    # Rows the family cannot take (e.g. text-only rows for BLIP-2) fail here, named, before the model loads.
+    adapter = adapter_for(AutoConfig.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code))
+    for dataset in (task.train, task.eval):
+        if dataset is not None:
+            adapter.check_images_per_row(*image_counts(dataset))
     model, processor = load_model_and_processor(
         model_path,
         dtype=model_args.dtype,

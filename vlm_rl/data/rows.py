@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -464,3 +464,25 @@ def _image_paths(column: pa.ChunkedArray) -> list[tuple[int, str]]:
         found += [(int(p) + offset, path) for p, path in zip(positions, paths, strict=True) if path is not None]
         offset += len(chunk)
     return found
+
+
+def image_counts(dataset: Dataset) -> tuple[np.ndarray, Callable[[int], str]]:
+    """Images per row, read from the raw image column without decoding any, and a function naming a row."""
+    loader = lazy_rows(dataset)
+    if loader is None:  # an in-memory dataset (the synthetic tasks): an `images` list column, if any
+        raw, column, where = dataset, IMAGES if IMAGES in dataset.column_names else None, "row {}".format
+    else:
+        raw, column = loader.raw, loader.fmt.image_column
+        row_ids = raw.with_format("arrow")[ROW_ID].to_numpy()
+
+        def where(position: int) -> str:
+            return loader.source.where(int(row_ids[position]))
+
+    if column is None:
+        return np.zeros(len(raw), dtype=int), where
+    values = raw.with_format("arrow")[column]
+    if _is_list(values.type):
+        counts = pc.fill_null(pc.list_value_length(values), 0)
+    else:
+        counts = pc.cast(pc.is_valid(values), pa.int64())
+    return counts.to_numpy(zero_copy_only=False), where

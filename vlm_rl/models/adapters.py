@@ -13,6 +13,7 @@ attributes, overrides what its layout needs, and registers one instance per tiny
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,9 +81,11 @@ class FamilyAdapter:
                 merged[key] = torch.cat(split[key], dim=0)
         return merged
 
-    def check_images_per_row(self, num_images: list[int]) -> None:
-        """Refuse a batch with rows the family cannot take (text-only rows, several images), before the model
-        fails on them with a shape error or, worse, silently pairs a row with another row's image."""
+    def check_images_per_row(
+        self, num_images: Sequence[int], where: Callable[[int], str] = "row {} of this batch".format
+    ) -> None:
+        """Refuse rows the family cannot take (text-only rows, several images), before the model fails on them
+        with a shape error or, worse, silently pairs a row with another row's image. `where` names a row."""
         unsupported = [
             (i, n)
             for i, n in enumerate(num_images)
@@ -93,8 +96,8 @@ class FamilyAdapter:
             allowed = " or ".join(label for label, ok in kinds if ok)
             row, count = unsupported[0]
             raise ValueError(
-                f"{self.label} rows take {allowed}; row {row} of this batch has {count} image(s) ({len(unsupported)} "
-                f"such rows in the batch). Filter the dataset, or choose a family that supports it (docs/models.md)."
+                f"{self.label} rows take {allowed}; {where(row)} has {count} image(s) ({len(unsupported)} such "
+                "rows). Filter the dataset, or choose a family that supports it (docs/models.md)."
             )
 
     def repad_prompt_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
