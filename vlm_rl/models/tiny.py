@@ -84,6 +84,19 @@ def attention_sizes(hidden_size: int) -> tuple[int, int]:
     return num_heads, hidden_size // num_heads
 
 
+def decoder_sizes(vocab_size: int, hidden_size: int, num_hidden_layers: int) -> dict[str, int]:
+    """The sizes every tiny decoder config shares: `attention_sizes` heads (no grouping) and a 2× MLP."""
+    num_heads, _ = attention_sizes(hidden_size)
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_heads,
+    }
+
+
 def tiny_families() -> dict:
     """The registered families, by name: each has a tiny model, so each is in every per-family test."""
     from vlm_rl.models.adapters import registered_adapters

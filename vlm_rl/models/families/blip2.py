@@ -21,7 +21,7 @@ from tokenizers import processors
 from transformers.utils import is_torchvision_available
 
 from vlm_rl.models.adapters import FamilyAdapter, register_adapter
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer, name_special_tokens
+from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes, name_special_tokens
 
 # "Question: <text> Answer:" (the BLIP-2 paper's VQA prompt); images render nothing, since the processor
 # prepends the query tokens itself. No BOS: the tokenizers add it, as OPT's and Llama's do, so that the
@@ -183,12 +183,7 @@ class InstructBlipAdapter(Blip2Adapter):
         num_heads, head_dim = attention_sizes(hidden_size)
         return {
             "model_type": "llama",
-            "vocab_size": vocab_size,
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": num_hidden_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_heads,
+            **decoder_sizes(vocab_size, hidden_size, num_hidden_layers),
             "head_dim": head_dim,
             "max_position_embeddings": 512,
             "bos_token_id": ids[self.bos_token],

@@ -15,7 +15,7 @@ import transformers
 from transformers.utils import is_torchvision_available
 
 from vlm_rl.models.adapters import FamilyAdapter, register_adapter
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer, name_special_tokens
+from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes, name_special_tokens
 
 # Gemma's own order for the first ids (pad 0, eos 1, bos 2, unk 3, mask 4), then the chat and image tokens.
 SPECIAL_TOKENS = [
@@ -111,12 +111,7 @@ class Gemma3Adapter(FamilyAdapter):
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
         num_heads, head_dim = attention_sizes(hidden_size)
         text_config = {
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": num_hidden_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_heads,
+            **decoder_sizes(len(tokenizer), hidden_size, num_hidden_layers),
             "head_dim": head_dim,
             "query_pre_attn_scalar": head_dim,
             "sliding_window": SLIDING_WINDOW,

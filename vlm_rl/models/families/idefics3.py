@@ -25,7 +25,7 @@ from transformers.utils import is_torchvision_available
 
 from vlm_rl.models.adapters import FamilyAdapter, register_adapter
 from vlm_rl.models.processing import image_only_processor_class
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer
+from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes
 
 # `<row_i_col_j>` for the tile grid (the processors know up to 6×6), `<global-img>` for the global image.
 TILE_TOKENS = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
@@ -178,12 +178,7 @@ class Idefics3Adapter(FamilyAdapter):
         num_heads, head_dim = attention_sizes(hidden_size)
         text_config = {
             "model_type": "llama",
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": num_hidden_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_heads,
+            **decoder_sizes(len(tokenizer), hidden_size, num_hidden_layers),
             "head_dim": head_dim,
             "max_position_embeddings": 4096,
             "bos_token_id": ids[self.bos_token],

@@ -19,7 +19,7 @@ from transformers.utils import is_torchvision_available
 
 from vlm_rl.models.adapters import FamilyAdapter, register_adapter
 from vlm_rl.models.processing import image_only_processor_class
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer, name_special_tokens
+from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes, name_special_tokens
 
 # Qwen2.5's chat tokens, then InternVL's image and grounding tokens (OpenGVLab/InternVL3-*-hf).
 SPECIAL_TOKENS = [
@@ -144,12 +144,7 @@ class InternVLAdapter(FamilyAdapter):
         num_heads, head_dim = attention_sizes(hidden_size)
         text_config = {
             "model_type": "qwen2",
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": num_hidden_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_heads,
+            **decoder_sizes(len(tokenizer), hidden_size, num_hidden_layers),
             "max_position_embeddings": 4096,
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],

@@ -20,7 +20,7 @@ from transformers.utils import is_torchvision_available
 
 from vlm_rl.models.adapters import FamilyAdapter, register_adapter
 from vlm_rl.models.processing import image_only_processor_class
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer
+from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes
 
 PATCH_SIZE = 14
 
@@ -116,12 +116,7 @@ class LlavaAdapter(FamilyAdapter):
         num_heads, head_dim = attention_sizes(hidden_size)
         text_config = {
             "model_type": self.text_model_type,
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": num_hidden_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_heads,
+            **decoder_sizes(len(tokenizer), hidden_size, num_hidden_layers),
             "head_dim": head_dim,
             "max_position_embeddings": 4096,
             "bos_token_id": ids[self.bos_token or self.pad_token],  # Qwen2 configs name <|endoftext|>

@@ -11,7 +11,7 @@ from transformers.utils import is_torchvision_available
 
 from vlm_rl.models.adapters import GridAdapter, register_adapter
 from vlm_rl.models.processing import image_only_processor_class
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer
+from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes
 
 # The Qwen-VL special tokens, in the order the real tokenizers list them.
 SPECIAL_TOKENS = [
@@ -83,12 +83,7 @@ class QwenVLAdapter(GridAdapter):
         half = head_dim // 2  # M-RoPE splits the rotary half-dimension over (temporal, height, width)
         mrope_section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
         text_config = {
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": num_hidden_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_heads,
+            **decoder_sizes(len(tokenizer), hidden_size, num_hidden_layers),
             "max_position_embeddings": 4096,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
             "bos_token_id": ids["<|endoftext|>"],
