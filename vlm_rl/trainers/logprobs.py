@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from trl.trainer.utils import FusedCausalLMOutput
 
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, FamilyAdapter
@@ -67,12 +68,16 @@ def score_from_logits(model, temperature: float) -> None:
         if not fused_lm_head:
             return fused_forward(*args, labels=labels, **kwargs)
         kwargs["use_cache"] = False
-        logits = fused_forward(*args, **kwargs).logits[:, :-1].float() / temperature
         labels = labels[:, 1:]
         mask = labels != -100
+        # Only positions from the first scored one (the completions) go through the vocabulary-wide softmax.
+        start = int(mask.any(dim=0).int().argmax()) if mask.any() else mask.size(1)
+        logits = fused_forward(*args, **kwargs).logits[:, start:-1].float() / temperature
         logps = logits.log_softmax(dim=-1)
-        log_probs = logps.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(~mask, 0)
-        entropy = -(logps.exp() * logps).sum(dim=-1).masked_fill(~mask, 0)
+        log_probs = logps.gather(-1, labels[:, start:].clamp(min=0)[..., None])[..., 0]
+        entropy = -(logps.exp() * logps).sum(dim=-1)
+        log_probs = nn.functional.pad(log_probs, (start, 0)).masked_fill(~mask, 0)
+        entropy = nn.functional.pad(entropy, (start, 0)).masked_fill(~mask, 0)
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask)
 
