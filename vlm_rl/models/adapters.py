@@ -136,7 +136,9 @@ class FamilyAdapter:
 
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
         """Save a tiny random-weight model and its processor (real classes, offline) to `output_dir`."""
-        raise NotImplementedError(f"{self.label} has no tiny model.")
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no `build_tiny`; every registered family needs one (docs/models.md)."
+        )
 
     # ----- parameters ----------------------------------------------------------------------------------------
 
