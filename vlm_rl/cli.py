@@ -25,6 +25,19 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"Wrote {plot_run(args.run_dir)}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from vlm_rl.export import export_merged
+
+    path = export_merged(
+        args.checkpoint,
+        args.output_dir,
+        base_model=args.base_model,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"Merged model written to {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlm_rl.models import tiny_families
 
@@ -45,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="Write RUN_DIR/reward_curve.png from RUN_DIR/trainer_state.json.")
     plot.add_argument("run_dir")
     plot.set_defaults(func=_plot)
+    export = commands.add_parser(
+        "export", help="Merge a LoRA run's adapter into its base model and save a full model directory."
+    )
+    export.add_argument(
+        "--checkpoint", required=True, help="A LoRA run's output_dir or checkpoint-N directory (adapter_config.json)."
+    )
+    export.add_argument("--output_dir", required=True, help="Directory to save the merged model and processor to.")
+    export.add_argument(
+        "--base_model",
+        default=None,
+        help="Base model directory or Hub id. Default: base_model_name_or_path in the adapter_config.json.",
+    )
+    export.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    export.add_argument("--trust_remote_code", action="store_true")
+    export.set_defaults(func=_export)
     return parser
 
 

@@ -51,6 +51,56 @@ class ModelArguments:
     freeze_language_model: bool = field(
         default=False, metadata={"help": "Do not train the language model (embeddings and head included)."}
     )
+    use_peft: bool = field(
+        default=False,
+        metadata={
+            "help": "Train LoRA adapters instead of the model's weights: on the language model's linear layers, "
+            "plus the vision tower / projector with `lora_vision_tower` / `lora_projector` (see docs/lora.md)."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the LoRA input. 0 keeps generation and training log-probs of one policy equal."},
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Linear layers that get LoRA, by name or dotted name suffix (e.g. `q_proj v_proj`), within the "
+            "parts that get LoRA. Unset or `all-linear`: every linear layer there except the LM head."
+        },
+    )
+    lora_vision_tower: bool = field(
+        default=False, metadata={"help": "Also put LoRA on the vision tower's linear layers (needs `use_peft`)."}
+    )
+    lora_projector: bool = field(
+        default=False, metadata={"help": "Also put LoRA on the projector's linear layers (needs `use_peft`)."}
+    )
+
+    def __post_init__(self):
+        # LoRA contradictions fail at parse time, before any model is loaded.
+        if isinstance(self.lora_target_modules, str):  # a YAML scalar: `lora_target_modules: q_proj`
+            self.lora_target_modules = [self.lora_target_modules]
+        asked = [name for name in ("lora_vision_tower", "lora_projector") if getattr(self, name)]
+        if self.lora_target_modules:
+            asked.append("lora_target_modules")
+        if asked and not self.use_peft:
+            raise ValueError(f"{', '.join(asked)} set without use_peft: true; LoRA is off unless use_peft is set.")
+        for lora_field, freeze_field in (
+            ("lora_vision_tower", "freeze_vision_tower"),
+            ("lora_projector", "freeze_projector"),
+        ):
+            if getattr(self, lora_field) and getattr(self, freeze_field):
+                raise ValueError(
+                    f"{lora_field}: true and {freeze_field}: true contradict each other (a frozen part trains no "
+                    "LoRA weights either); drop one of the two."
+                )
+        if self.use_peft and (self.lora_r < 1 or self.lora_dropout < 0 or self.lora_dropout >= 1):
+            raise ValueError(
+                f"lora_r must be >= 1 and lora_dropout in [0, 1); got lora_r={self.lora_r}, "
+                f"lora_dropout={self.lora_dropout}."
+            )
 
 
 @dataclass

@@ -20,6 +20,7 @@ from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRP
 from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts, load_task
 from vlm_rl.evaluation import evaluate_policy, mean_reward
 from vlm_rl.models import adapter_for, apply_freezing, load_model_and_processor, resolve_model_path
+from vlm_rl.models.lora import use_base_as_reference, wrap_with_lora
 from vlm_rl.plotting import plot_reward_curve
 from vlm_rl.rewards import ConfiguredReward, RewardSpecError, load_rewards
 from vlm_rl.trainers import VLMGRPOTrainer
@@ -136,6 +137,8 @@ def run(
         min_pixels=model_args.min_pixels,
         max_pixels=model_args.max_pixels,
     )
+    if model_args.use_peft:  # before freezing: a frozen part then trains no LoRA weights either
+        model = wrap_with_lora(model, model_args)
     apply_freezing(
         model,
         vision_tower=model_args.freeze_vision_tower,
@@ -151,6 +154,7 @@ def run(
         eval_dataset=task.eval if training_args.eval_strategy != "no" else None,
         processing_class=processor,
     )
+    use_base_as_reference(trainer.model)  # beta > 0 with LoRA: the reference is the adapter-disabled base
     # First in line, so that the reporters see `data/skipped_rows` in the logs it adds to.
     trainer.callback_handler.callbacks.insert(0, SkippedRowsCallback(task.skipped_train))
     trainer.train(resume_from_checkpoint=resume)

@@ -3,6 +3,7 @@
 from vlm_rl.models.adapters import FamilyAdapter, adapter_for, register_adapter, registered_adapters
 from vlm_rl.models.freezing import apply_freezing
 from vlm_rl.models.loading import load_model_and_processor, resolve_model_path
+from vlm_rl.models.lora import lora_target_modules, use_base_as_reference, wrap_with_lora
 from vlm_rl.models.processing import image_only_processor_class, load_processor
 from vlm_rl.models.tiny import build_tiny_model, tiny_families
 
@@ -14,8 +15,11 @@ __all__ = [
     "image_only_processor_class",
     "load_model_and_processor",
     "load_processor",
+    "lora_target_modules",
     "register_adapter",
     "registered_adapters",
     "resolve_model_path",
     "tiny_families",
+    "use_base_as_reference",
+    "wrap_with_lora",
 ]

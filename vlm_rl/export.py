@@ -1,0 +1,85 @@
+"""`vlm-rl export`: a LoRA run's adapter merged into its base model, saved as a plain model directory.
+
+A LoRA run saves only adapters (in `output_dir` and every `checkpoint-N/`). Serving it, evaluating it with
+other tools or training on from it wants an ordinary `from_pretrained` directory: the base model with the
+adapter's update added to its weights, and the processor the run trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from vlm_rl.models.loading import load_model_and_processor
+from vlm_rl.models.processing import _with_chat_template
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def adapter_base_model(checkpoint: Path) -> str:
+    """The base model an adapter directory names (`base_model_name_or_path` in its adapter_config.json)."""
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"--checkpoint {checkpoint} is not a directory.")
+    config_file = checkpoint / ADAPTER_CONFIG
+    if not config_file.is_file():
+        full = (checkpoint / "config.json").is_file()
+        raise ValueError(
+            f"{checkpoint} holds no LoRA adapter (no {ADAPTER_CONFIG}); "
+            + (
+                "it is a full model already: load it with from_pretrained."
+                if full
+                else "pass a LoRA run's output_dir or one of its checkpoint-N directories."
+            )
+        )
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config_file} names no base_model_name_or_path; pass the base model with --base_model.")
+    return base
+
+
+def export_merged(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge the adapter in `checkpoint` into its base model; save model and processor to `output_dir`.
+
+    The base model is `base_model` if given, else the one the adapter config names. The processor is the
+    checkpoint's own when it saved one (it carries the run's image-size bounds), else the base model's.
+    """
+    from peft import PeftModel
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    named_base = adapter_base_model(checkpoint)
+    base = base_model or named_base
+    source = "--base_model" if base_model else f"base_model_name_or_path in {checkpoint / ADAPTER_CONFIG}"
+    if output_dir.resolve() == checkpoint.resolve():
+        raise ValueError(f"--output_dir must differ from --checkpoint ({checkpoint}): the adapter files would mix in.")
+    if Path(base).is_absolute() and not Path(base).is_dir():
+        raise FileNotFoundError(
+            f"Base model directory {base} (from {source}) does not exist; pass the base model's directory or Hub id "
+            "with --base_model."
+        )
+    try:
+        model, processor = load_model_and_processor(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"Cannot load the base model {base!r} (from {source}): {error}\nPass the base model's directory or Hub "
+            "id with --base_model."
+        ) from error
+    if any((checkpoint / name).is_file() for name in _PROCESSOR_FILES):
+        # The processor's own class (image-only where torchvision is missing), from the checkpoint's files.
+        processor = type(processor).from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+        processor = _with_chat_template(processor)
+    merged = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
+    merged.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    logger.info("Merged the adapter in %s into %s; saved to %s.", checkpoint, base, output_dir)
+    return output_dir
