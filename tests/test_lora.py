@@ -2,6 +2,7 @@
 
 import gc
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from vlm_rl.train import run
 
 # Families whose projector has no linear layer for LoRA to wrap (Gemma 3's is a bare weight matrix).
 NO_LINEAR_PROJECTOR = {"gemma3"}
+REPO = Path(__file__).resolve().parent.parent
 MAX_PIXELS = 4096  # recorded on the run's processor; the export must carry it
 
 
@@ -91,6 +93,11 @@ def test_target_modules_by_name_and_names_that_match_nothing(load_tiny):
     # The language model's MLP names do not exist in Qwen2-VL's vision tower: the vision tower would get nothing.
     with pytest.raises(ValueError, match=r"matching lora_target_modules \['gate_proj'\] in \['vision'\]"):
         lora_target_modules(model, ["language", "vision"], ["gate_proj"])
+
+
+def test_lora_doc_example_runs(tmp_path):
+    (block,) = re.findall(r"```python\n(.*?)```", (REPO / "docs/lora.md").read_text(), flags=re.DOTALL)
+    exec(block.replace("/tmp/vlm-rl-docs", str(tmp_path)), {})
 
 
 @pytest.mark.parametrize(
