@@ -106,12 +106,16 @@ def wrap_with_lora(model: nn.Module, model_args: ModelArguments) -> PeftModel:
     """The model with fresh LoRA adapters where the recipe asks; only the adapters are trainable.
 
     A local base model is recorded by its absolute path in the adapter config, so `vlm-rl export` finds it
-    from any working directory.
+    from any working directory. Call it after the training arguments exist (they declare a ZeRO-3 launch).
     """
     from peft import get_peft_model
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     config = lora_config(model, model_args)
-    peft_model = get_peft_model(model, config)
+    # As TRL does when it wraps the model itself: under ZeRO-3 the adapters keep the base model's dtype, since
+    # ZeRO-3 gathers parameters into buffers of one dtype and fp32 adapters on a bf16 base fail the first step
+    # (trl#6089, DeepSpeed#8072).
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
     base = config.base_model_name_or_path
     if base and Path(base).is_dir():
         config.base_model_name_or_path = str(Path(base).resolve())
