@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="Train from a recipe: vlm-rl train --config recipes/X.yaml [--field value ...]; --help lists the fields.",
     )
+    commands.add_parser(
+        "vllm-serve",
+        add_help=False,
+        help="Serve rollouts for `vllm_mode: server` with vLLM, set up from the same recipe: "
+        "vlm-rl vllm-serve --config recipes/X.yaml [--field value ...] [-- --vllm-flag ...].",
+    )
     tiny = commands.add_parser("tiny-model", help="Build a tiny random-weight VLM of a real architecture, offline.")
     tiny.add_argument("--family", required=True, choices=sorted(tiny_families()))
     tiny.add_argument("--output_dir", required=True, help="Directory to save the model and processor to.")
@@ -82,6 +88,11 @@ def main(argv: list[str] | None = None) -> None:
         from vlm_rl.train import main as train_main
 
         train_main(argv[1:])
+        return
+    if argv and argv[0] == "vllm-serve":
+        from vlm_rl.rollout.serve import main as serve_main
+
+        serve_main(argv[1:])
         return
     args = build_parser().parse_args(argv)
     args.func(args)

@@ -16,6 +16,8 @@ from trl import GRPOConfig, TrlParser
 
 from vlm_rl.rewards.configured import ERROR_POLICIES
 
+WEIGHT_TRANSPORTS = ("auto", "nccl", "files")
+
 
 @dataclass
 class ModelArguments:
@@ -262,8 +264,37 @@ class VLMGRPOConfig(GRPOConfig):
         metadata={"help": "The dataset column whose value selects the rewards with matching `tasks` for each row."},
     )
 
+    vllm_weight_transport: str = field(
+        default="auto",
+        metadata={
+            "help": "How a vLLM server (`vllm_mode: server`) receives the policy's weights after each update: `nccl` "
+            "(TRL's weight-transfer group; CUDA only), `files` (safetensors written to `vllm_weights_dir`, then "
+            "reloaded by the server: works on CPU and across machines that share a file system), or `auto` (`nccl` "
+            "when training on CUDA, else `files`). Colocated vLLM always reloads in place.",
+            "choices": list(WEIGHT_TRANSPORTS),
+        },
+    )
+    vllm_weights_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where `vllm_weight_transport: files` writes the weights; the server must be able to read it. "
+            "Unset: `<output_dir>/vllm_weights`."
+        },
+    )
+    vllm_limit_mm_per_prompt: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most images in one prompt that vLLM makes room for. Unset: the largest number of images in a "
+            "row of the training and held-out data (at least 1)."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.vllm_weight_transport not in WEIGHT_TRANSPORTS:
+            raise ValueError(
+                f"vllm_weight_transport must be one of {list(WEIGHT_TRANSPORTS)}, got {self.vllm_weight_transport!r}."
+            )
         if self.reward_error_policy not in ERROR_POLICIES:
             raise ValueError(
                 f"reward_error_policy must be one of {list(ERROR_POLICIES)}, got {self.reward_error_policy!r}."

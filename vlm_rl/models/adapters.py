@@ -132,6 +132,11 @@ class FamilyAdapter:
             "apply; remove them from the recipe."
         )
 
+    def engine_processor_kwargs(self, processor) -> dict[str, Any]:
+        """Image-processor settings an inference engine (vLLM's `mm_processor_kwargs`) needs to expand images into
+        as many tokens as `processor`: the ones `set_image_size_bounds` may have changed from the saved files."""
+        return {}
+
     # ----- tiny model ----------------------------------------------------------------------------------------
 
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
@@ -211,6 +216,9 @@ class GridAdapter(FamilyAdapter):
             raise ValueError(f"max_pixels must be at least {unit} for {self.label} (one merged patch).")
         # Qwen processors read the pixel bounds from `size` (`shortest_edge` = min, `longest_edge` = max).
         image_processor.size = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
+
+    def engine_processor_kwargs(self, processor) -> dict[str, Any]:
+        return {"size": dict(processor.image_processor.size)}
 
 
 _ADAPTERS: dict[str, FamilyAdapter] = {}

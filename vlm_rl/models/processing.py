@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+from pathlib import Path
 
 import transformers
 from transformers import AutoConfig, AutoProcessor, ProcessorMixin
@@ -55,9 +57,10 @@ def init_without_parameter(init, name: str):
 
 
 def load_processor(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None):
-    """`AutoProcessor.from_pretrained`, falling back to an image-only processor without torchvision."""
+    """`AutoProcessor.from_pretrained`, falling back to an image-only processor without torchvision, or for a
+    saved processor that has no video processor (one saved where torchvision was missing)."""
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
-    if not is_torchvision_available():
+    if not is_torchvision_available() or _saved_without_video_processor(name_or_path):
         model_type = AutoConfig.from_pretrained(name_or_path, **kwargs).model_type
         class_name = PROCESSOR_MAPPING_NAMES.get(model_type)
         processor_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
@@ -65,6 +68,15 @@ def load_processor(name_or_path: str, *, trust_remote_code: bool = False, revisi
             processor = image_only_processor_class(processor_class).from_pretrained(name_or_path, **kwargs)
             return _with_chat_template(processor)
     return _with_chat_template(AutoProcessor.from_pretrained(name_or_path, **kwargs))
+
+
+def _saved_without_video_processor(name_or_path: str) -> bool:
+    """A local processor directory whose files hold no video processor."""
+    directory = Path(name_or_path)
+    config = directory / "processor_config.json"
+    if not config.is_file() or (directory / "video_preprocessor_config.json").is_file():
+        return False
+    return "video_processor" not in json.loads(config.read_text())
 
 
 def _with_chat_template(processor):

@@ -6,16 +6,19 @@ a TRL upgrade moves the internals these overrides rely on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from torch import nn
-from transformers import ProcessorMixin
+from transformers import AutoConfig, ProcessorMixin
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
+from trl.trainer import grpo_trainer as grpo_trainer_module
 from trl.trainer.utils import get_callable_name, pad, shuffle_sequence_dict, split_tensor_dict
 
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
@@ -44,7 +47,8 @@ class VLMGRPOTrainer(GRPOTrainer):
             # on the right, which misaligns those inputs with the prompt for every row shorter than the
             # longest: left-pad everywhere.
             processing_class.tokenizer.padding_side = "left"
-        super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
+        with self._vlm_rollout_backend(model, args, processing_class):
+            super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
         self.adapter = adapter_for(self.model.config) if self._is_vlm else GenericAdapter()
         # The models TRL gave a fused LM head (the policy unwrapped from PEFT, the reference model).
         for scored in (self.model.get_base_model() if is_peft_model(self.model) else self.model, self.ref_model):
@@ -74,6 +78,38 @@ class VLMGRPOTrainer(GRPOTrainer):
         # Failed samples so far per reward and kind (error, timeout, nonfinite), summed over processes.
         self.reward_failures: dict[str, dict[str, int]] = {}
         self._seen_routes: set[str] = set()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _vlm_rollout_backend(model, args, processing_class):
+        """Have TRL's `__init__` build `VLMRollout` where it builds its vLLM backend, with the VLM's settings.
+
+        TRL 1.16 constructs `VLLMGeneration` by its module-level name inside `GRPOTrainer.__init__` and offers no
+        hook; the name is swapped for the duration of that call only (`tests/test_trl_contract.py` pins it).
+        """
+        if not getattr(args, "use_vllm", False) or not isinstance(processing_class, ProcessorMixin):
+            yield
+            return
+        from vlm_rl.rollout.vllm import VLMRollout
+
+        config = model.config if isinstance(model, nn.Module) else AutoConfig.from_pretrained(model)
+        media = media_token_ids(config)
+        backend = functools.partial(
+            VLMRollout,
+            mm_processor_kwargs=adapter_for(config).engine_processor_kwargs(processing_class),
+            limit_mm_per_prompt=args.vllm_limit_mm_per_prompt or 1,
+            banned_tokens=processing_class.tokenizer.convert_ids_to_tokens(media),
+            image_token_id=getattr(processing_class, "image_token_id", None),
+            weight_transport=getattr(args, "vllm_weight_transport", "auto"),
+            weights_dir=getattr(args, "vllm_weights_dir", None) or str(Path(args.output_dir) / "vllm_weights"),
+            dtype=str(model.dtype).removeprefix("torch.") if isinstance(model, nn.Module) else "auto",
+        )
+        original = grpo_trainer_module.VLLMGeneration
+        grpo_trainer_module.VLLMGeneration = backend
+        try:
+            yield
+        finally:
+            grpo_trainer_module.VLLMGeneration = original
 
     @staticmethod
     def _guarded(func, args):

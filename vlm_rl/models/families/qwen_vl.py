@@ -65,6 +65,7 @@ class QwenVLAdapter(GridAdapter):
     config_class: str
     model_class: str
     processor_class: str
+    video_processor_class: str
     patch_size: int
     vision_config: dict
     default_system = "You are a helpful assistant."
@@ -124,10 +125,16 @@ class QwenVLAdapter(GridAdapter):
             image_mean=list(self.image_mean),
             image_std=list(self.image_std),
         )
-        processor_class = image_only_processor_class(getattr(transformers, self.processor_class))
-        processor = processor_class(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
-        )
+        parts = {"image_processor": image_processor, "tokenizer": tokenizer, "chat_template": tokenizer.chat_template}
+        if is_torchvision_available():
+            # vLLM builds the full processor from the saved files, video processor included.
+            processor_class = getattr(transformers, self.processor_class)
+            parts["video_processor"] = getattr(transformers, self.video_processor_class)(
+                patch_size=self.patch_size, merge_size=2, temporal_patch_size=2
+            )
+        else:
+            processor_class = image_only_processor_class(getattr(transformers, self.processor_class))
+        processor = processor_class(**parts)
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
 
@@ -139,6 +146,7 @@ class Qwen2VLAdapter(QwenVLAdapter):
     config_class = "Qwen2VLConfig"
     model_class = "Qwen2VLForConditionalGeneration"
     processor_class = "Qwen2VLProcessor"
+    video_processor_class = "Qwen2VLVideoProcessor"
     patch_size = 14
     vision_config = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2}
 
@@ -150,6 +158,7 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
     config_class = "Qwen2_5_VLConfig"
     model_class = "Qwen2_5_VLForConditionalGeneration"
     processor_class = "Qwen2_5_VLProcessor"
+    video_processor_class = "Qwen2VLVideoProcessor"
     patch_size = 14
     vision_config = {
         "depth": 2,
@@ -168,6 +177,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     config_class = "Qwen3VLConfig"
     model_class = "Qwen3VLForConditionalGeneration"
     processor_class = "Qwen3VLProcessor"
+    video_processor_class = "Qwen3VLVideoProcessor"
     patch_size = 16
     vision_config = {
         "depth": 2,

@@ -1,0 +1,1 @@
+"""Rollout backends: vLLM (colocated or a server) for generation during GRPO."""

