@@ -186,6 +186,8 @@ def vllm_server(tiny_qwen, tmp_path):
         "vllm_max_model_length": 512,
         "vllm_limit_mm_per_prompt": 2,
         "output_dir": str(tmp_path / "server"),
+        "use_cpu": True,
+        "bf16": False,
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -210,7 +212,8 @@ def vllm_server(tiny_qwen, tmp_path):
             time.sleep(2)
         yield recipe
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
