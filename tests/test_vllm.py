@@ -236,3 +236,22 @@ def test_server_grpo_with_mixed_rows(vllm_server, tiny_qwen, tmp_path):
     )
     train_and_check(trainer, log, model, processor)
     assert (tmp_path / "run" / "vllm_weights" / "model.safetensors").is_file()
+
+
+def test_colocate_syncs_lora_merged_including_the_vision_tower(tiny_qwen, tmp_path):
+    """LoRA adapters (language model and vision tower) reach vLLM merged into the base weights at every sync."""
+    from vlm_rl.config import ModelArguments
+    from vlm_rl.models import wrap_with_lora
+
+    model, processor = load_policy(tiny_qwen)
+    model = wrap_with_lora(model, ModelArguments(use_peft=True, lora_r=8, lora_vision_tower=True))
+    args = vllm_config(tmp_path, vllm_mode="colocate", learning_rate=5e-2, beta=0.04)
+    trainer = VLMGRPOTrainer(
+        model=model, reward_funcs=[CompletionLog()], args=args, train_dataset=rows(), processing_class=processor
+    )
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    moved = [n for n, p in model.named_parameters() if "lora_B" in n and not p.detach().equal(lora_b[n])]
+    assert any(".visual." in n for n in moved) and any("language_model" in n for n in moved)
+    gaps = logp_gaps(trainer)
+    assert len(gaps) == 4 and max(gaps) < SYNCED_GAP, gaps
