@@ -239,7 +239,10 @@ class VLMRollout(VLLMGeneration):
         from safetensors.torch import save_file
 
         main = self.accelerator.is_main_process
-        state = {name: param.detach().to("cpu", copy=True).contiguous() for name, param in self._iter_named_params()}
+        state = {}
+        for name, param in self._iter_named_params():
+            if main:
+                state[name] = param.detach().to("cpu", copy=True).contiguous()
         if main:
             directory = Path(self.weights_dir or "vllm_weights").resolve()
             directory.mkdir(parents=True, exist_ok=True)
