@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,7 +33,16 @@ def resolve_model_path(model_name_or_path: str, output_dir: str | Path) -> str:
     path = Path(output_dir) / f"tiny-{family}"
     if not (path / "config.json").is_file():
         logger.info("Building the tiny %s model in %s.", family, path)
-        build_tiny_model(family, path)
+        # Built aside and moved in whole: a trainer and a `vlm-rl vllm-serve` started together from one recipe
+        # must never read a half-written model.
+        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+        build_tiny_model(family, partial)
+        try:
+            partial.rename(path)
+        except OSError:  # another process finished first; its model is the same (same family and seed)
+            if not (path / "config.json").is_file():
+                raise
+            shutil.rmtree(partial)
     return str(path)
 
 
