@@ -6,21 +6,26 @@ accelerate launch --config_file launch/single_process.yaml -m vlm_rl.train --con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import transformers
 from accelerate import PartialState
+from peft import PeftModel
+from torch import nn
 from transformers import AutoConfig
+from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 from vlm_rl.checkpoints import resolve_resume
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe
 from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts, load_task
 from vlm_rl.evaluation import evaluate_policy, mean_reward
 from vlm_rl.models import adapter_for, apply_freezing, load_model_and_processor, resolve_model_path
-from vlm_rl.models.lora import use_base_as_reference, wrap_with_lora
+from vlm_rl.models.lora import wrap_with_lora
 from vlm_rl.plotting import plot_reward_curve
 from vlm_rl.rewards import ConfiguredReward, RewardSpecError, load_rewards
 from vlm_rl.trainers import VLMGRPOTrainer
@@ -28,9 +33,8 @@ from vlm_rl.trainers import VLMGRPOTrainer
 logger = logging.getLogger("vlm_rl")
 
 
-def final_evaluation(trainer: VLMGRPOTrainer, task: TaskData, reward_funcs: list, args: VLMGRPOConfig) -> dict:
-    """Greedy held-out evaluation with the right images and with images swapped between rows."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
+def final_evaluation(model, trainer: VLMGRPOTrainer, task: TaskData, reward_funcs: list, args: VLMGRPOConfig) -> dict:
+    """Greedy held-out evaluation of `model` with the right images and with images swapped between rows."""
     kwargs = {"max_new_tokens": args.max_completion_length, "batch_size": args.per_device_eval_batch_size}
     records = evaluate_policy(model, trainer.processing_class, task.eval, reward_funcs, **kwargs)
     blind_records = evaluate_policy(model, trainer.processing_class, task.eval, reward_funcs, blind=True, **kwargs)
@@ -53,6 +57,84 @@ def final_evaluation(trainer: VLMGRPOTrainer, task: TaskData, reward_funcs: list
         for record, blind in zip(records, blind_records, strict=True):
             f.write(json.dumps({**record, "blind_completion": blind["completion"]}) + "\n")
     return results
+
+
+def is_zero3(accelerator) -> bool:
+    """Whether the model's weights are partitioned over processes (DeepSpeed ZeRO stage 3)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def check_zero3_saves_full_model(accelerator) -> None:
+    """Under ZeRO-3 the output directory must get gathered weights, or it holds no loadable model at all."""
+    if not is_zero3(accelerator):
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if not config.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise ValueError(
+            "DeepSpeed ZeRO-3 is set to save only sharded weights, so the output directory and checkpoints would hold "
+            "no model that `from_pretrained` can load. Set `zero3_save_16bit_model: true` under `deepspeed_config` in "
+            "the accelerate config (as launch/zero3.yaml does), or `stage3_gather_16bit_weights_on_model_save: true` "
+            "in a DeepSpeed JSON config."
+        )
+
+
+@contextlib.contextmanager
+def trained_policy(trainer: VLMGRPOTrainer, model_path: str, dtype: str) -> Iterator[nn.Module]:
+    """The trained model, whole, for the main process to evaluate alone.
+
+    Under ZeRO-3 each process holds a shard of the weights and every forward gathers them with collectives the
+    other processes would have to join, step for step, through a generation whose length only the main process
+    knows. The output directory holds the same weights gathered (`trainer.save_model` ran first), so the main
+    process loads them from there, unpartitioned: one more copy of the model in memory, for the evaluation only.
+    """
+    if not is_zero3(trainer.accelerator):
+        yield trainer.accelerator.unwrap_model(trainer.model)
+        return
+    output_dir = Path(trainer.args.output_dir)
+    adapter = (output_dir / "adapter_config.json").is_file()  # LoRA: the base model with the saved adapter
+    # Also while it runs: with ZeRO-3 on, `generate` would sync every step with the other processes.
+    with without_zero3_init(trainer.args):
+        model, _ = load_model_and_processor(
+            model_path if adapter else str(output_dir), dtype=dtype, trust_remote_code=trainer.args.trust_remote_code
+        )
+        if adapter:
+            model = PeftModel.from_pretrained(model, output_dir)
+        yield model.to(trainer.accelerator.device)
+
+
+@contextlib.contextmanager
+def without_zero3_init(training_args: VLMGRPOConfig) -> Iterator[None]:
+    """Models constructed inside are not partitioned by ZeRO-3 as they are built.
+
+    Under ZeRO-3, transformers partitions a model while constructing it, with collectives every process must
+    join; a model only the main process builds (a `tiny:` model, before the others load it) would wait forever.
+    """
+    plugin = training_args.deepspeed_plugin
+    if plugin is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def describe_distribution(accelerator) -> str:
+    """How training is spread over processes, in one line: a DeepSpeed launch on CPU without `ddp_backend: gloo`
+    or `use_cpu` silently runs without DeepSpeed, and this line (logged at start-up) shows it."""
+    state = accelerator.state
+    text = f"{state.num_processes} process(es), distributed type {state.distributed_type.value}"
+    if state.deepspeed_plugin is not None:
+        plugin = state.deepspeed_plugin
+        text += f", ZeRO stage {plugin.zero_stage}"
+        offload = {
+            name: plugin.deepspeed_config.get("zero_optimization", {}).get(key, {}).get("device", "none")
+            for name, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param"))
+        }
+        text += ", offload " + ", ".join(f"{name}: {device}" for name, device in offload.items())
+    return text
 
 
 def reward_weights(rewards: list[ConfiguredReward], recipe_weights: list[float] | None) -> list[float] | None:
@@ -123,13 +205,19 @@ def run(
     )
     # The rows' plain columns: reading the route column decodes no image.
     check_routes(reward_funcs, task.train.with_format(None), training_args.reward_route_column)
-    with PartialState().main_process_first():  # one process builds a tiny model; the others then load it
+    # One process builds a tiny model; the others then load it.
+    with PartialState().main_process_first(), without_zero3_init(training_args):
         model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
     # Rows the family cannot take (e.g. text-only rows for BLIP-2) fail here, named, before the model loads.
     adapter = adapter_for(AutoConfig.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code))
+    most_images = 1
     for dataset in (task.train, task.eval):
         if dataset is not None:
-            adapter.check_images_per_row(*image_counts(dataset))
+            counts, where = image_counts(dataset)
+            adapter.check_images_per_row(counts, where)
+            most_images = max(most_images, int(counts.max()) if len(counts) else 0)
+    if training_args.vllm_limit_mm_per_prompt is None:
+        training_args.vllm_limit_mm_per_prompt = most_images
     model, processor = load_model_and_processor(
         model_path,
         dtype=model_args.dtype,
@@ -154,7 +242,8 @@ def run(
         eval_dataset=task.eval if training_args.eval_strategy != "no" else None,
         processing_class=processor,
     )
-    use_base_as_reference(trainer.model)  # beta > 0 with LoRA: the reference is the adapter-disabled base
+    logger.info("Training setup: %s.", describe_distribution(trainer.accelerator))
+    check_zero3_saves_full_model(trainer.accelerator)
     # First in line, so that the reporters see `data/skipped_rows` in the logs it adds to.
     trainer.callback_handler.callbacks.insert(0, SkippedRowsCallback(task.skipped_train))
     trainer.train(resume_from_checkpoint=resume)
@@ -164,19 +253,17 @@ def run(
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
 
-    if trainer.accelerator.is_main_process:
-        output_dir = Path(training_args.output_dir)
-        if training_args.plot:
-            path = plot_reward_curve(trainer.state.log_history, output_dir / "reward_curve.png")
-            logger.info("Reward curve: %s", path)
-        if training_args.final_eval and task.eval is not None:
-            results = final_evaluation(trainer, task, reward_funcs, training_args)
-            logger.info(
-                "Held-out evaluation: %s",
-                json.dumps({k: results[k] for k in ("accuracy", "blind_accuracy", "chance")}),
-            )
-        elif training_args.final_eval:
-            logger.info("No held-out data (eval_dataset, eval_split or eval_size): the final evaluation is skipped.")
+    if trainer.accelerator.is_main_process and training_args.plot:
+        path = plot_reward_curve(trainer.state.log_history, Path(training_args.output_dir) / "reward_curve.png")
+        logger.info("Reward curve: %s", path)
+    if trainer.accelerator.is_main_process and training_args.final_eval and task.eval is not None:
+        with trained_policy(trainer, model_path, model_args.dtype) as policy:
+            results = final_evaluation(policy, trainer, task, reward_funcs, training_args)
+        logger.info(
+            "Held-out evaluation: %s", json.dumps({k: results[k] for k in ("accuracy", "blind_accuracy", "chance")})
+        )
+    elif trainer.accelerator.is_main_process and training_args.final_eval:
+        logger.info("No held-out data (eval_dataset, eval_split or eval_size): the final evaluation is skipped.")
     task.log_summary()
     return trainer
 
