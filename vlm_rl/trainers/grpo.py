@@ -35,6 +35,14 @@ def media_token_ids(config) -> list[int]:
     return sorted({getattr(config, name) for name in names if isinstance(getattr(config, name, None), int)})
 
 
+def _float_tensors(output: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor in a model output (a tensor, a ModelOutput or dict, or nested tuples/lists)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, list | tuple) else []
+    return [tensor for value in values for tensor in _float_tensors(value)]
+
+
 class VLMGRPOTrainer(GRPOTrainer):
     """GRPO for vision-language models where any row may have zero, one or several images."""
 
@@ -59,6 +67,7 @@ class VLMGRPOTrainer(GRPOTrainer):
         # Adapter inputs TRL keeps out of the training batch (InstructBLIP's `qformer_input_ids`), per batch.
         self._adapter_fields: dict[str, torch.Tensor] = {}
         self._loss_only_inputs: dict[str, Any] = {}
+        self._dummy_vision_inputs: dict[str, torch.Tensor] | None = None  # built at first need
         if self._is_vlm and not self.use_vllm:
             # TRL suppresses only the image token. A sampled video or vision start/end token makes the next
             # forward fail ("Image features and image tokens do not match") or misplaces M-RoPE positions.
@@ -188,10 +197,63 @@ class VLMGRPOTrainer(GRPOTrainer):
         # TRL's output keeps a fixed list of vision inputs; add the family's others, from the same processor call
         # that generation used.
         self._adapter_fields = {}
-        output = super()._generate_and_score_completions(inputs)
+        # TRL gathers the batch's images for its completion logs only on processes whose batch has an image: a
+        # process with only text rows skips that collective and the others wait in it forever. Gather here, on
+        # every process alike, and only when the completion logs that read them are on.
+        log_multimodal, self.log_multimodal = self.log_multimodal, False
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self.log_multimodal = log_multimodal
+        if log_multimodal and self.log_completions and any(key in inputs[0] for key in ("images", "image")):
+            rows = [row.get("images") or ([row["image"]] if row.get("image") is not None else []) for row in inputs]
+            self._logs["images"].extend(gather_object(rows))
         for key, value in self._adapter_fields.items():
             output.setdefault(key, value.to(self.accelerator.device))
         return output
+
+    @contextlib.contextmanager
+    def _vision_forward_without_images(self, model):
+        """Inside, a forward of `model` also runs the vision tower once, on a blank image, adding exactly zero.
+
+        With several processes, every process must run the same modules in the same order, forward and backward:
+        under ZeRO-3 each module's weights are gathered from all processes as it runs (and its gradients reduced
+        in backward), and DDP without `find_unused_parameters` waits for a gradient of every weight. A process
+        whose chunk has no image would skip the vision tower another process runs on its images; they then wait
+        for each other forever, or DeepSpeed fails comparing their module orders. So a forward without images
+        runs the vision tower where an image forward does, right after the token embeddings, and adds
+        `0.0 * features.sum()` to those embeddings: the same modules and collectives as an image forward, and the
+        same logits and loss as a plain text forward (the vision weights get zero gradients from it).
+        """
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if is_peft_model(base) else base
+        if self._dummy_vision_inputs is None:
+            from PIL import Image
+
+            from vlm_rl.evaluation import prompt_inputs  # evaluation imports this module
+
+            prompt = [{"role": "user", "content": "?"}]
+            inputs = prompt_inputs(self.adapter, self.processing_class, [prompt], [[Image.new("RGB", (32, 32))]])
+            parameters = inspect.signature(base.get_image_features).parameters
+            self._dummy_vision_inputs = {k: inputs[k] for k in self.adapter.image_keys if k in parameters}
+        dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
+        vision_inputs = {
+            key: value.to(self.accelerator.device, dtype=dtype if value.is_floating_point() else value.dtype)
+            for key, value in self._dummy_vision_inputs.items()
+        }
+
+        def add_zero_vision_output(module, args, embeddings):
+            # Only the features an image forward feeds the language model (`pooler_output`, in transformers 5):
+            # a backward through other outputs too would run the vision tower's backward hooks once more.
+            features = base.get_image_features(**vision_inputs, return_dict=True).pooler_output
+            zero = sum(0.0 * tensor.sum() for tensor in _float_tensors(features))
+            return embeddings + zero.to(embeddings.dtype)
+
+        handle = base.get_input_embeddings().register_forward_hook(add_zero_vision_output)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -222,16 +284,19 @@ class VLMGRPOTrainer(GRPOTrainer):
             chunk_inputs = select_rows(self.adapter, split_inputs, num_images, start, end)
             # Inputs TRL's method has no parameter for (a family's extra inputs) go straight to the model call.
             extra = {key: chunk_inputs.pop(key) for key in list(chunk_inputs) if key not in _TRL_LOGPS_PARAMETERS}
-            chunk_logps, chunk_entropies, chunk_aux = super()._get_per_token_logps_and_entropies(
-                functools.partial(model, **extra) if extra else model,
-                input_ids[start:end],
-                attention_mask[start:end],
-                logits_to_keep,
-                end - start,
-                compute_entropy,
-                compute_aux_loss,
-                **chunk_inputs,
-            )
+            # Several processes: a chunk without images still runs the vision tower (see the method's docstring).
+            text_only = self._is_vlm and self.accelerator.num_processes > 1 and not any(num_images[start:end])
+            with self._vision_forward_without_images(model) if text_only else contextlib.nullcontext():
+                chunk_logps, chunk_entropies, chunk_aux = super()._get_per_token_logps_and_entropies(
+                    functools.partial(model, **extra) if extra else model,
+                    input_ids[start:end],
+                    attention_mask[start:end],
+                    logits_to_keep,
+                    end - start,
+                    compute_entropy,
+                    compute_aux_loss,
+                    **chunk_inputs,
+                )
             logps.append(chunk_logps)
             entropies.append(chunk_entropies)
             aux_losses.append(chunk_aux)

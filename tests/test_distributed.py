@@ -1,0 +1,278 @@
+"""Two processes on CPU with the real entry point: DDP, ZeRO-2, ZeRO-3 (+offload), resume, the final model, and
+mixed text/image micro-batches across processes.
+
+Each test launches `accelerate launch --config_file launch/<config>.yaml ... -m vlm_rl.train` with a recipe
+written to tmp_path; the recipe is the same for every config (CPU settings come as flags, as docs/distributed.md
+says). Every launch runs in its own process group and is killed whole when it runs past its time limit.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from vlm_rl.config import DataArguments
+from vlm_rl.data import load_task
+from vlm_rl.evaluation import evaluate_policy
+from vlm_rl.models import load_model_and_processor
+from vlm_rl.rewards import load_rewards
+
+REPO = Path(__file__).resolve().parent.parent
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+DEEPSPEED_FLAGS = ("--ddp_backend", "gloo")  # DeepSpeed on CPU communicates over gloo
+
+pytestmark = pytest.mark.scale
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (extra `deepspeed`)"
+)
+
+LENGTH_REWARD = '''
+def text_length(completions, **kwargs):
+    """Varies between samples of one prompt, so every step has advantages and gradients."""
+    return [float(len(completion[0]["content"])) for completion in completions]
+'''
+
+# Records, per process, which of its rows had an image: the mixed-data test checks the split it relies on.
+ROW_MARKER_REWARD = """
+import json
+import os
+
+
+def row_marker(completions, images=None, **kwargs):
+    with open(os.path.join(os.path.dirname(__file__), f"rows-rank{os.environ['RANK']}.jsonl"), "a") as f:
+        f.write(json.dumps([bool(row) for row in images or [[]] * len(completions)]) + "\\n")
+    return [float(len(completion[0]["content"])) for completion in completions]
+"""
+
+SMALL_RUN = {
+    "model_name_or_path": "tiny:qwen2_vl",  # built by the main process at start-up (unpartitioned under ZeRO-3)
+    "dtype": "float32",
+    "dataset": "synthetic:shapes",
+    "train_size": 32,
+    "eval_size": 8,
+    "reward_funcs": ["accuracy", "length.py:text_length"],
+    "num_generations": 2,
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 4,
+    "max_completion_length": 3,
+    "max_steps": 2,
+    "learning_rate": 1.0e-2,
+    "lr_scheduler_type": "constant",
+    "seed": 0,
+    "use_cpu": True,
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "disable_tqdm": True,
+    "plot": False,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_recipe(directory: Path, **overrides) -> Path:
+    (directory / "length.py").write_text(LENGTH_REWARD)
+    recipe = {**SMALL_RUN, "output_dir": str(directory / "run"), **overrides}
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def launch(config: str, recipe: Path, *flags: str, script: Path | None = None, timeout: float = 300):
+    """`accelerate launch` two processes; returns (exit code or None on timeout, combined output)."""
+    entry = [str(script)] if script else ["-m", "vlm_rl.train"]
+    command = [
+        str(ACCELERATE), "launch", "--config_file", str(REPO / "launch" / config), "--num_processes", "2",
+        "--main_process_port", str(free_port()), *entry, "--config", str(recipe), *flags,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+    log_path = recipe.parent / f"launch-{len(list(recipe.parent.glob('launch-*.log')))}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher and every rank it started
+            process.wait()
+            code = None
+    return code, log_path.read_text()
+
+
+def check_ran(code: int | None, output: str) -> None:
+    assert code == 0, f"the launch {'timed out' if code is None else f'exited with {code}'}:\n{output[-6000:]}"
+
+
+def setup_line(output: str) -> str:
+    """The start-up line each process logs; DeepSpeed silently dropped would show here (see FACTS)."""
+    lines = re.findall(r"Training setup: (.*)\.", output)
+    assert len(lines) == 2, output[-4000:]  # one per process
+    return lines[0]
+
+
+def trainer_state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "trainer_state.json").read_text())
+
+
+def check_trained(run_dir: Path, steps: int) -> list[dict]:
+    """`steps` optimizer steps ran, each with a finite loss and a non-zero gradient."""
+    state = trainer_state(run_dir)
+    assert state["global_step"] == steps
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in logged] == list(range(1, steps + 1))
+    for entry in logged:
+        assert torch.isfinite(torch.tensor(entry["loss"])), entry
+        assert entry["grad_norm"] > 0, entry
+    return logged
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    code, output = launch("cpu_ddp.yaml", write_recipe(tmp_path))
+    check_ran(code, output)
+    setup = setup_line(output)
+    assert setup.startswith("2 process(es), distributed type MULTI_CPU"), setup
+    run_dir = tmp_path / "run"
+    check_trained(run_dir, 2)
+    assert (run_dir / "model.safetensors").is_file()
+    assert json.loads((run_dir / "eval_results.json").read_text())["num_rows"] == 8
+
+
+@needs_deepspeed
+def test_zero2_on_two_cpu_processes(tmp_path):
+    code, output = launch("zero2.yaml", write_recipe(tmp_path), *DEEPSPEED_FLAGS)
+    check_ran(code, output)
+    assert (
+        setup_line(output)
+        == "2 process(es), distributed type DEEPSPEED, ZeRO stage 2, offload optimizer: none, parameters: none"
+    )
+    check_trained(tmp_path / "run", 2)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+@needs_deepspeed
+def test_zero3_offload_on_two_cpu_processes(tmp_path):
+    # The first run on a machine builds DeepSpeed's CPU Adam op (about a minute).
+    code, output = launch("zero3_offload.yaml", write_recipe(tmp_path), *DEEPSPEED_FLAGS, timeout=480)
+    check_ran(code, output)
+    assert (
+        setup_line(output)
+        == "2 process(es), distributed type DEEPSPEED, ZeRO stage 3, offload optimizer: cpu, parameters: cpu"
+    )
+    check_trained(tmp_path / "run", 2)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+@needs_deepspeed
+def test_zero3_checkpoints_resume_and_final_model(tmp_path):
+    recipe = write_recipe(tmp_path, save_strategy="steps", save_steps=1)
+    run_dir = tmp_path / "run"
+    code, output = launch("zero3.yaml", recipe, *DEEPSPEED_FLAGS)
+    check_ran(code, output)
+    assert (
+        setup_line(output)
+        == "2 process(es), distributed type DEEPSPEED, ZeRO stage 3, offload optimizer: none, parameters: none"
+    )
+    check_trained(run_dir, 2)
+    checkpoint = run_dir / "checkpoint-2"
+    assert (checkpoint / "global_step2").is_dir()  # DeepSpeed's sharded states, for resuming
+    assert (checkpoint / "model.safetensors").is_file()  # and the gathered weights
+
+    code, output = launch(
+        "zero3.yaml", recipe, *DEEPSPEED_FLAGS, "--max_steps", "4", "--resume_from_checkpoint", "auto"
+    )
+    check_ran(code, output)
+    assert f"resuming from {checkpoint}" in output
+    logged = check_trained(run_dir, 4)  # steps 1-2 from the checkpoint's history, 3-4 from this run
+    assert logged[2]["num_tokens"] > logged[1]["num_tokens"]  # the token count carried on from the checkpoint
+
+    # The final model is a whole, normal directory: every weight of the initial model, trained, in one file.
+    initial = load_file(run_dir / "tiny-qwen2_vl" / "model.safetensors")
+    final = load_file(run_dir / "model.safetensors")
+    assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in initial.items()}
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)
+    model, processor = load_model_and_processor(str(run_dir), dtype="float32")
+
+    # The final evaluation ran on those gathered weights: the reloaded model generates the same completions.
+    data_args = DataArguments(dataset="synthetic:shapes", train_size=32, eval_size=8)
+    task = load_task(data_args, seed=0)
+    records = evaluate_policy(model, processor, task.eval, load_rewards(["accuracy"]), max_new_tokens=3, batch_size=4)
+    samples = [json.loads(line) for line in (run_dir / "eval_samples.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in records] == [s["completion"] for s in samples]
+    assert json.loads((run_dir / "eval_results.json").read_text())["global_step"] == 4
+
+
+def mixed_data_recipe(directory: Path) -> Path:
+    """Each step gives process 0 a text-only prompt and process 1 a prompt with an image (shuffling off).
+
+    Two prompts per step, two samples each, two per process: process 0 gets prompt 2k, process 1 prompt 2k+1.
+    """
+    (directory / "images").mkdir()
+    colours = ["red", "green", "blue", "yellow"]
+    with open(directory / "train.jsonl", "w") as f:
+        for i in range(8):
+            row = {"question": f"Which colour is it? ({i})", "label": colours[i % 4], "image": None}
+            if i % 2:
+                Image.new("RGB", (32, 32), colours[i % 4]).save(directory / f"images/{i}.png")
+                row["image"] = f"images/{i}.png"
+            f.write(json.dumps(row) + "\n")
+    (directory / "marker.py").write_text(ROW_MARKER_REWARD)
+    return write_recipe(
+        directory,
+        dataset=str(directory / "train.jsonl"),
+        train_size=None,
+        eval_size=None,
+        column_mapping={"label": "answer"},
+        prompt_template="{question}",
+        shuffle_dataset=False,
+        reward_funcs=["accuracy", "marker.py:row_marker"],
+        per_device_train_batch_size=2,
+        final_eval=False,
+        log_completions=True,  # TRL's image gather for the completion logs runs too
+    )
+
+
+def rows_with_images(directory: Path, rank: int) -> list[list[bool]]:
+    return [json.loads(line) for line in (directory / f"rows-rank{rank}.jsonl").read_text().splitlines()]
+
+
+@needs_deepspeed
+def test_zero3_mixed_text_and_image_processes_do_not_hang(tmp_path):
+    code, output = launch("zero3.yaml", mixed_data_recipe(tmp_path), *DEEPSPEED_FLAGS, timeout=240)
+    check_ran(code, output)
+    check_trained(tmp_path / "run", 2)
+    assert rows_with_images(tmp_path, 0)[0] == [False, False]  # step 1: process 0 has text only ...
+    assert rows_with_images(tmp_path, 1)[0] == [True, True]  # ... while process 1 has images
+
+
+@needs_deepspeed
+def test_zero3_mixed_data_fails_without_the_dummy_vision_forward(tmp_path):
+    script = REPO / "tests" / "distributed" / "train_without_dummy_vision_forward.py"
+    code, output = launch("zero3.yaml", mixed_data_recipe(tmp_path), *DEEPSPEED_FLAGS, script=script, timeout=240)
+    assert code != 0  # a hang (killed at the time limit, None) or a collective failing across processes
+    assert not (tmp_path / "run" / "trainer_state.json").exists()
+    assert rows_with_images(tmp_path, 0)[0] == [False, False]
+    assert rows_with_images(tmp_path, 1)[0] == [True, True]
