@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,12 @@ def launch(config: str, recipe: Path, *flags: str, script: Path | None = None, t
         str(ACCELERATE), "launch", "--config_file", str(REPO / "launch" / config), "--num_processes", "2",
         "--main_process_port", str(free_port()), *entry, "--config", str(recipe), *flags,
     ]  # fmt: skip
+    code, output = run_launchers([command], recipe.parent, timeout)
+    return code[0], output
+
+
+def run_launchers(commands: list[list[str]], directory: Path, timeout: float) -> tuple[list[int | None], str]:
+    """Run launch commands side by side (one per simulated node); exit codes (None: killed at the time limit)."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -109,18 +116,28 @@ def launch(config: str, recipe: Path, *flags: str, script: Path | None = None, t
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
     }
-    log_path = recipe.parent / f"launch-{len(list(recipe.parent.glob('launch-*.log')))}.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    first = len(list(directory.glob("launch-*.log")))
+    log_paths = [directory / f"launch-{first + i}.log" for i in range(len(commands))]
+    processes = []
+    for command, log_path in zip(commands, log_paths, strict=True):
+        with open(log_path, "w") as log:
+            processes.append(
+                subprocess.Popen(
+                    command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
+    deadline = time.monotonic() + timeout
+    codes = []
+    for process in processes:
         try:
-            code = process.wait(timeout=timeout)
+            codes.append(process.wait(timeout=max(deadline - time.monotonic(), 1)))
         except subprocess.TimeoutExpired:
+            codes.append(None)
+    for process, code in zip(processes, codes, strict=True):
+        if code is None:
             os.killpg(process.pid, signal.SIGKILL)  # the launcher and every rank it started
             process.wait()
-            code = None
-    return code, log_path.read_text()
+    return codes, "\n".join(path.read_text() for path in log_paths)
 
 
 def check_ran(code: int | None, output: str) -> None:
@@ -223,6 +240,40 @@ def test_zero3_checkpoints_resume_and_final_model(tmp_path):
     samples = [json.loads(line) for line in (run_dir / "eval_samples.jsonl").read_text().splitlines()]
     assert [r["completion"] for r in records] == [s["completion"] for s in samples]
     assert json.loads((run_dir / "eval_results.json").read_text())["global_step"] == 4
+
+
+@needs_deepspeed
+def test_multi_node_template_as_two_machines_on_one_host(tmp_path):
+    # launch/multi_node_zero3.yaml as launch/slurm_multinode.sh runs it, one launcher per "node" (one process each).
+    recipe, port = write_recipe(tmp_path), str(free_port())
+    commands = [
+        [
+            str(ACCELERATE),
+            "launch",
+            "--config_file",
+            str(REPO / "launch" / "multi_node_zero3.yaml"),
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "-m",
+            "vlm_rl.train",
+            "--config",
+            str(recipe),
+            *DEEPSPEED_FLAGS,
+        ]  # fmt: skip
+        for rank in (0, 1)
+    ]
+    codes, output = run_launchers(commands, tmp_path, timeout=300)
+    assert codes == [0, 0], output[-6000:]
+    assert setup_line(output).startswith("2 process(es), distributed type DEEPSPEED, ZeRO stage 3")
+    check_trained(tmp_path / "run", 2)
 
 
 def mixed_data_recipe(directory: Path) -> Path:
