@@ -276,6 +276,17 @@ def test_multi_node_template_as_two_machines_on_one_host(tmp_path):
     check_trained(tmp_path / "run", 2)
 
 
+@needs_deepspeed
+def test_zero3_without_gathered_save_is_refused_at_start_up(tmp_path):
+    config = yaml.safe_load((REPO / "launch" / "zero3.yaml").read_text())
+    config["deepspeed_config"]["zero3_save_16bit_model"] = False
+    (tmp_path / "zero3_shards_only.yaml").write_text(yaml.safe_dump(config))
+    code, output = launch(str(tmp_path / "zero3_shards_only.yaml"), write_recipe(tmp_path), *DEEPSPEED_FLAGS)
+    assert code != 0
+    assert "Set `zero3_save_16bit_model: true`" in output
+    assert not (tmp_path / "run" / "trainer_state.json").exists()
+
+
 def mixed_data_recipe(directory: Path) -> Path:
     """Each step gives process 0 a text-only prompt and process 1 a prompt with an image (shuffling off).
 
