@@ -6,7 +6,6 @@ written to tmp_path; the recipe is the same for every config (CPU settings come 
 says). Every launch runs in its own process group and is killed whole when it runs past its time limit.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -34,9 +33,6 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 DEEPSPEED_FLAGS = ("--ddp_backend", "gloo")  # DeepSpeed on CPU communicates over gloo
 
 pytestmark = pytest.mark.scale
-needs_deepspeed = pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (extra `deepspeed`)"
-)
 
 LENGTH_REWARD = '''
 def text_length(completions, **kwargs):
@@ -178,7 +174,6 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert json.loads((run_dir / "eval_results.json").read_text())["num_rows"] == 8
 
 
-@needs_deepspeed
 def test_zero2_on_two_cpu_processes(tmp_path):
     code, output = launch("zero2.yaml", write_recipe(tmp_path), *DEEPSPEED_FLAGS)
     check_ran(code, output)
@@ -190,7 +185,6 @@ def test_zero2_on_two_cpu_processes(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-@needs_deepspeed
 def test_zero3_offload_on_two_cpu_processes(tmp_path):
     # The first run on a machine builds DeepSpeed's CPU Adam op (about a minute).
     code, output = launch("zero3_offload.yaml", write_recipe(tmp_path), *DEEPSPEED_FLAGS, timeout=480)
@@ -203,7 +197,6 @@ def test_zero3_offload_on_two_cpu_processes(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-@needs_deepspeed
 def test_zero3_checkpoints_resume_and_final_model(tmp_path):
     recipe = write_recipe(tmp_path, save_strategy="steps", save_steps=1)
     run_dir = tmp_path / "run"
@@ -242,7 +235,38 @@ def test_zero3_checkpoints_resume_and_final_model(tmp_path):
     assert json.loads((run_dir / "eval_results.json").read_text())["global_step"] == 4
 
 
-@needs_deepspeed
+def test_zero3_lora_checkpoints_resume_and_export(tmp_path):
+    """LoRA (language model and vision tower) under ZeRO-3 with a KL term: adapters in checkpoints, resume, export."""
+    recipe = write_recipe(
+        tmp_path, use_peft=True, lora_r=8, lora_vision_tower=True, beta=0.04, save_strategy="steps", save_steps=1
+    )
+    run_dir = tmp_path / "run"
+    code, output = launch("zero3.yaml", recipe, *DEEPSPEED_FLAGS)
+    check_ran(code, output)
+    check_trained(run_dir, 2)
+    checkpoint = run_dir / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "ref").exists()
+    adapter = load_file(checkpoint / "adapter_model.safetensors")
+    assert any(".visual." in name for name in adapter) and any("language_model" in name for name in adapter)
+    assert json.loads((run_dir / "eval_results.json").read_text())["global_step"] == 2
+
+    code, output = launch(
+        "zero3.yaml", recipe, *DEEPSPEED_FLAGS, "--max_steps", "3", "--resume_from_checkpoint", "auto"
+    )
+    check_ran(code, output)
+    assert f"resuming from {checkpoint}" in output
+    check_trained(run_dir, 3)
+
+    merged = tmp_path / "merged"
+    subprocess.run(
+        [sys.executable, "-m", "vlm_rl.cli", "export", "--checkpoint", str(run_dir), "--output_dir", str(merged)],
+        check=True, timeout=300,
+    )  # fmt: skip
+    model, processor = load_model_and_processor(str(merged), dtype="float32")
+    inputs = processor(text=["Hello"], return_tensors="pt")
+    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
+
+
 def test_multi_node_template_as_two_machines_on_one_host(tmp_path):
     # launch/multi_node_zero3.yaml as launch/slurm_multinode.sh runs it, one launcher per "node" (one process each).
     recipe, port = write_recipe(tmp_path), str(free_port())
@@ -276,7 +300,6 @@ def test_multi_node_template_as_two_machines_on_one_host(tmp_path):
     check_trained(tmp_path / "run", 2)
 
 
-@needs_deepspeed
 def test_zero3_without_gathered_save_is_refused_at_start_up(tmp_path):
     config = yaml.safe_load((REPO / "launch" / "zero3.yaml").read_text())
     config["deepspeed_config"]["zero3_save_16bit_model"] = False
@@ -320,7 +343,6 @@ def rows_with_images(directory: Path, rank: int) -> list[list[bool]]:
     return [json.loads(line) for line in (directory / f"rows-rank{rank}.jsonl").read_text().splitlines()]
 
 
-@needs_deepspeed
 def test_zero3_mixed_text_and_image_processes_do_not_hang(tmp_path):
     code, output = launch("zero3.yaml", mixed_data_recipe(tmp_path), *DEEPSPEED_FLAGS, timeout=240)
     check_ran(code, output)
@@ -340,7 +362,6 @@ def test_ddp_mixed_text_and_image_processes_without_find_unused_parameters(tmp_p
     assert rows_with_images(tmp_path, 1)[0] == [True, True]
 
 
-@needs_deepspeed
 def test_zero3_mixed_data_fails_without_the_dummy_vision_forward(tmp_path):
     script = REPO / "tests" / "distributed" / "train_without_dummy_vision_forward.py"
     code, output = launch("zero3.yaml", mixed_data_recipe(tmp_path), *DEEPSPEED_FLAGS, script=script, timeout=240)
