@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 from conftest import small_config
 from datasets import Dataset
@@ -175,6 +174,8 @@ def free_port() -> int:
 @pytest.fixture
 def vllm_server(tiny_qwen, tmp_path):
     """`vlm-rl vllm-serve` started from a recipe, on 127.0.0.1; yields the recipe's settings."""
+    import requests  # installed with vLLM (the default suite imports this module without it)
+
     port = free_port()
     recipe = {
         "model_name_or_path": str(tiny_qwen),

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import requests
 from PIL import Image
 from trl.generation.vllm_client import VLLMClient
 from trl.generation.vllm_generation import VLLMGeneration, extract_logprobs
@@ -260,6 +259,8 @@ class VLMRollout(VLLMGeneration):
 
     @staticmethod
     def _post(url: str, body: dict | None = None) -> None:
+        import requests  # installed with vLLM
+
         response = requests.post(url, json=body, timeout=600)
         if response.status_code == 404:
             raise RuntimeError(
