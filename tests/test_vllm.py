@@ -61,6 +61,16 @@ class CompletionLog:
         return [float(ids[0] % 7) if ids else 0.0 for ids in completion_ids]
 
 
+@pytest.fixture(autouse=True)
+def one_job_per_test():
+    """Each test is its own training job: colocated vLLM sets RANK / WORLD_SIZE / MASTER_PORT for its process
+    group (as TRL does), which would make the next test's trainer rendezvous on a port that is still taken."""
+    environment = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environment)
+
+
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory) -> Path:
     return build_tiny_model("qwen2_vl", tmp_path_factory.mktemp("tiny") / "qwen2_vl")

