@@ -174,25 +174,18 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert json.loads((run_dir / "eval_results.json").read_text())["num_rows"] == 8
 
 
-def test_zero2_on_two_cpu_processes(tmp_path):
-    code, output = launch("zero2.yaml", write_recipe(tmp_path), *DEEPSPEED_FLAGS)
+@pytest.mark.parametrize(
+    ("config", "setup"),
+    [
+        ("zero2.yaml", "ZeRO stage 2, offload optimizer: none, parameters: none"),
+        ("zero3_offload.yaml", "ZeRO stage 3, offload optimizer: cpu, parameters: cpu"),
+    ],
+)
+def test_deepspeed_on_two_cpu_processes(config, setup, tmp_path):
+    # The first offload run on a machine builds DeepSpeed's CPU Adam op (about a minute).
+    code, output = launch(config, write_recipe(tmp_path), *DEEPSPEED_FLAGS, timeout=480)
     check_ran(code, output)
-    assert (
-        setup_line(output)
-        == "2 process(es), distributed type DEEPSPEED, ZeRO stage 2, offload optimizer: none, parameters: none"
-    )
-    check_trained(tmp_path / "run", 2)
-    assert (tmp_path / "run" / "model.safetensors").is_file()
-
-
-def test_zero3_offload_on_two_cpu_processes(tmp_path):
-    # The first run on a machine builds DeepSpeed's CPU Adam op (about a minute).
-    code, output = launch("zero3_offload.yaml", write_recipe(tmp_path), *DEEPSPEED_FLAGS, timeout=480)
-    check_ran(code, output)
-    assert (
-        setup_line(output)
-        == "2 process(es), distributed type DEEPSPEED, ZeRO stage 3, offload optimizer: cpu, parameters: cpu"
-    )
+    assert setup_line(output) == f"2 process(es), distributed type DEEPSPEED, {setup}"
     check_trained(tmp_path / "run", 2)
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
