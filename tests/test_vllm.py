@@ -90,7 +90,6 @@ def vllm_config(output_dir: Path, **overrides):
         "max_completion_length": 6,
         "max_steps": 4,
         "learning_rate": 1e-2,
-        "vllm_limit_mm_per_prompt": 2,
         "vllm_max_model_length": 512,
     }
     return small_config(output_dir, **{**settings, **overrides})

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
+from datasets import Dataset
 from torch import nn
 from transformers import AutoConfig, ProcessorMixin
 from trl import GRPOTrainer
@@ -21,6 +22,7 @@ from trl.extras.profiling import profiling_decorator
 from trl.trainer import grpo_trainer as grpo_trainer_module
 from trl.trainer.utils import get_callable_name, pad, shuffle_sequence_dict, split_tensor_dict
 
+from vlm_rl.data import image_counts
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
@@ -43,6 +45,14 @@ def _float_tensors(output: Any) -> list[torch.Tensor]:
     return [tensor for value in values for tensor in _float_tensors(value)]
 
 
+def most_images_per_row(dataset) -> int:
+    """The largest number of images in a row of `dataset` (read without decoding any), at least 1."""
+    if not isinstance(dataset, Dataset):
+        return 1
+    counts, _ = image_counts(dataset)
+    return max(1, int(counts.max()) if len(counts) else 0)
+
+
 class VLMGRPOTrainer(GRPOTrainer):
     """GRPO for vision-language models where any row may have zero, one or several images."""
 
@@ -56,7 +66,7 @@ class VLMGRPOTrainer(GRPOTrainer):
             # on the right, which misaligns those inputs with the prompt for every row shorter than the
             # longest: left-pad everywhere.
             processing_class.tokenizer.padding_side = "left"
-        with self._vlm_rollout_backend(model, args, processing_class):
+        with self._vlm_rollout_backend(model, args, processing_class, kwargs.get("train_dataset")):
             super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
         use_base_as_reference(self.model)  # beta > 0 with LoRA: the reference is the adapter-disabled base
         self.adapter = adapter_for(self.model.config) if self._is_vlm else GenericAdapter()
@@ -92,7 +102,7 @@ class VLMGRPOTrainer(GRPOTrainer):
 
     @staticmethod
     @contextlib.contextmanager
-    def _vlm_rollout_backend(model, args, processing_class):
+    def _vlm_rollout_backend(model, args, processing_class, train_dataset=None):
         """Have TRL's `__init__` build `VLMRollout` where it builds its vLLM backend, with the VLM's settings.
 
         TRL 1.16 constructs `VLLMGeneration` by its module-level name inside `GRPOTrainer.__init__` and offers no
@@ -108,7 +118,7 @@ class VLMGRPOTrainer(GRPOTrainer):
         backend = functools.partial(
             VLMRollout,
             mm_processor_kwargs=adapter_for(config).engine_processor_kwargs(processing_class),
-            limit_mm_per_prompt=args.vllm_limit_mm_per_prompt or 1,
+            limit_mm_per_prompt=args.vllm_limit_mm_per_prompt or most_images_per_row(train_dataset),
             banned_tokens=processing_class.tokenizer.convert_ids_to_tokens(media),
             image_token_id=getattr(processing_class, "image_token_id", None),
             weight_transport=getattr(args, "vllm_weight_transport", "auto"),
