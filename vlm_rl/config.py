@@ -288,6 +288,21 @@ class VLMGRPOConfig(GRPOConfig):
             "row of the training and held-out data (at least 1)."
         },
     )
+    share_prompt_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Score the completions of one prompt in a single sequence that holds the prompt once: the "
+            "language model runs P + G·C tokens per group instead of G·(P + C), with the same log-probs and "
+            "gradients. Families or attention kernels that cannot take it use the plain forward."
+        },
+    )
+    encode_images_once: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each distinct image of a log-prob pass through the vision tower once and reuse its "
+            "features for every row that shows it (same log-probs and gradients)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
