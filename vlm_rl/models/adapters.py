@@ -58,6 +58,10 @@ class FamilyAdapter:
     """Which of `min_pixels` / `max_pixels` `set_image_size_bounds` maps onto the processor (it refuses others)."""
     notes: ClassVar[str] = ""
     """What a user should know about this family (shown in docs/models.md)."""
+    shares_prompts: ClassVar[bool] = False
+    """Whether the rows of one prompt can be scored in one packed sequence (`vlm_rl/trainers/shared_prefix.py`):
+    the language model takes a custom 4D attention mask and explicit position ids and has no attention rule of its
+    own (Gemma 3 attends bidirectionally among image tokens; BLIP-2 prepends query tokens)."""
 
     # ----- vision inputs -----------------------------------------------------------------------------------
 
@@ -116,6 +120,15 @@ class FamilyAdapter:
                 "the processor output does not match this family's adapter."
             )
         return list(torch.split(value, counts, dim=0))
+
+    def position_ids(
+        self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """The position ids `model`'s plain forward gives these rows, `(rows, length)` (M-RoPE: `(3, rows, length)`).
+
+        `inputs` are the rows' merged model inputs. By default the language model numbers the columns from 0.
+        """
+        return torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
 
     # ----- image size ----------------------------------------------------------------------------------------
 
@@ -189,6 +202,21 @@ class GridAdapter(FamilyAdapter):
 
     image_keys = ("pixel_values", "image_grid_thw")
     image_size_bounds = ("min_pixels", "max_pixels")
+    shares_prompts = True
+
+    def position_ids(
+        self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        # M-RoPE: image tokens get 2D grid positions, and the text after an image continues from its largest one.
+        if inputs.get("image_grid_thw") is None:  # the plain forward of rows without images numbers the columns
+            return super().position_ids(model, input_ids, attention_mask, inputs)
+        positions, _ = model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=attention_mask,
+        )
+        return positions
 
     def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
         split = dict(inputs)

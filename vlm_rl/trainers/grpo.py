@@ -27,6 +27,7 @@ from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
 from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits, select_rows
+from vlm_rl.trainers.shared_prefix import chunk_groups, group_rows, pack
 
 _TRL_LOGPS_PARAMETERS = frozenset(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
 
@@ -283,20 +284,25 @@ class VLMGRPOTrainer(GRPOTrainer):
             if any(key in model_inputs for key in self.adapter.image_keys):
                 raise ValueError("Vision inputs were given without `num_images`; cannot tell which rows have images.")
             num_images = [0] * input_ids.size(0)
+        split_inputs = self.adapter.split_vision_inputs(model_inputs, num_images)
+        batch_size = batch_size or input_ids.size(0)
+        if self._shares_prompts(model):
+            shared = self._shared_prompt_logps(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                split_inputs, num_images,
+            )  # fmt: skip
+            if shared is not None:
+                return shared
         # Chunk as TRL does, but give each chunk exactly its own rows' vision inputs (the family adapter knows
         # which are whose), and none when no row of the chunk has an image: TRL would run the vision tower on
         # an empty tensor. A text-only chunk is a plain language-model forward.
-        split_inputs = self.adapter.split_vision_inputs(model_inputs, num_images)
-        batch_size = batch_size or input_ids.size(0)
         logps, entropies, aux_losses = [], [], []
         for start in range(0, input_ids.size(0), batch_size):
             end = min(start + batch_size, input_ids.size(0))
-            chunk_inputs = select_rows(self.adapter, split_inputs, num_images, start, end)
+            chunk_inputs = select_rows(self.adapter, split_inputs, num_images, range(start, end))
             # Inputs TRL's method has no parameter for (a family's extra inputs) go straight to the model call.
             extra = {key: chunk_inputs.pop(key) for key in list(chunk_inputs) if key not in _TRL_LOGPS_PARAMETERS}
-            # Several processes: a chunk without images still runs the vision tower (see the method's docstring).
-            text_only = self._is_vlm and self.accelerator.num_processes > 1 and not any(num_images[start:end])
-            with self._vision_forward_without_images(model) if text_only else contextlib.nullcontext():
+            with self._vision_forward_if_text_only(model, num_images[start:end]):
                 chunk_logps, chunk_entropies, chunk_aux = super()._get_per_token_logps_and_entropies(
                     functools.partial(model, **extra) if extra else model,
                     input_ids[start:end],
@@ -313,6 +319,93 @@ class VLMGRPOTrainer(GRPOTrainer):
         return (
             torch.cat(logps, dim=0),
             torch.cat(entropies, dim=0) if compute_entropy else None,
+            torch.stack(aux_losses).mean() if compute_aux_loss else None,
+        )
+
+    def _vision_forward_if_text_only(self, model, num_images: list[int]):
+        """`_vision_forward_without_images` for a chunk without images when several processes train together."""
+        if self._is_vlm and self.accelerator.num_processes > 1 and not any(num_images):
+            return self._vision_forward_without_images(model)
+        return contextlib.nullcontext()
+
+    def _shares_prompts(self, model) -> bool:
+        """Whether the shared-prompt forward is on and exact for this model (else the plain forward runs)."""
+        if not (getattr(self.args, "share_prompt_prefix", False) and self.adapter.shares_prompts):
+            return False
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if is_peft_model(base) else base
+        text_config = base.config.get_text_config()
+        # A custom 4D mask works with the eager and SDPA kernels only; every layer must attend to the full past.
+        kernels = {getattr(config, "_attn_implementation", None) for config in (base.config, text_config)}
+        layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
+        return kernels <= {"eager", "sdpa"} and layer_types == {"full_attention"} and base.base_model is not base
+
+    def _shared_prompt_logps(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        batch_size: int,
+        compute_entropy: bool,
+        compute_aux_loss: bool,
+        split_inputs: dict[str, Any],
+        num_images: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """The log-prob pass with each prompt once per group (`shared_prefix.py`); None where nothing is shared."""
+        image_inputs = [split_inputs[k] for k in self.adapter.image_keys if isinstance(split_inputs.get(k), list)]
+
+        def same_images(a: int, b: int) -> bool:
+            return all(rows[a].shape == rows[b].shape and torch.equal(rows[a], rows[b]) for rows in image_inputs)
+
+        groups = group_rows(input_ids[:, : input_ids.size(1) - logits_to_keep], same_images)
+        if len(groups) == input_ids.size(0):
+            return None
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if is_peft_model(base) else base
+        dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
+        kernel = getattr(base.config.get_text_config(), "_attn_implementation", None)
+        order, logps, entropies, aux_losses = [], [], [], []
+        for chunk in chunk_groups(groups, batch_size):
+            rows = [row for group in chunk for row in group]
+            local, start = [], 0
+            for group in chunk:
+                local.append(list(range(start, start + len(group))))
+                start += len(group)
+            packing = pack(local, input_ids[rows], attention_mask[rows], logits_to_keep)
+            if packing is None:
+                return None
+            row_inputs = select_rows(self.adapter, split_inputs, num_images, rows)
+            positions = self.adapter.position_ids(base, input_ids[rows], attention_mask[rows], row_inputs)
+            inputs = select_rows(self.adapter, split_inputs, num_images, [group[0] for group in chunk])
+            inputs.pop("num_images", None)
+            for key in self.adapter.row_keys:
+                if key in row_inputs:
+                    inputs[key] = packing.gather(row_inputs[key])
+            if compute_aux_loss:
+                inputs["output_router_logits"] = True
+            chunk_images = [num_images[row] for row in rows]
+            with self._vision_forward_if_text_only(model, chunk_images), self.accelerator.autocast():
+                outputs = model(
+                    input_ids=packing.gather(input_ids[rows]),
+                    attention_mask=packing.attention_mask(None if kernel == "sdpa" else dtype),
+                    position_ids=packing.gather(positions),
+                    shift_labels=packing.labels,
+                    fused_lm_head=True,
+                    **inputs,
+                )
+            order.extend(rows)
+            logps.append(packing.scatter(outputs.log_probs))
+            if compute_entropy:
+                entropies.append(packing.scatter(outputs.entropy))
+            if compute_aux_loss:
+                aux_losses.append(outputs.aux_loss)
+        restore = torch.empty(len(order), dtype=torch.long)
+        restore[torch.tensor(order)] = torch.arange(len(order))
+        restore = restore.to(input_ids.device)
+        return (
+            torch.cat(logps)[restore],
+            torch.cat(entropies)[restore] if compute_entropy else None,
             torch.stack(aux_losses).mean() if compute_aux_loss else None,
         )
 

@@ -8,6 +8,7 @@ breaks TRL 1.16 on mixed batches. Which inputs belong to which row is the family
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,22 +19,23 @@ from vlm_rl.models.adapters import PER_TOKEN_KEYS, FamilyAdapter
 
 
 def select_rows(
-    adapter: FamilyAdapter, split_inputs: dict[str, Any], num_images: list[int], start: int, end: int
+    adapter: FamilyAdapter, split_inputs: dict[str, Any], num_images: list[int], rows: Sequence[int]
 ) -> dict[str, Any]:
-    """The model inputs of rows `start:end` from the output of `adapter.split_vision_inputs`.
+    """The model inputs of `rows` (in that order) from the output of `adapter.split_vision_inputs`.
 
     Image inputs are left out entirely when none of these rows has an image; inputs with one row per sample
     (per-token inputs, the adapter's `row_keys`) are kept either way.
     """
-    has_images = sum(num_images[start:end]) > 0
+    rows = list(rows)
+    has_images = any(num_images[row] for row in rows)
     row_keys = adapter.row_keys
     selected: dict[str, Any] = {}
     for key, value in split_inputs.items():
         if key in row_keys or (has_images and isinstance(value, list | torch.Tensor)):
-            selected[key] = value[start:end]
+            selected[key] = [value[row] for row in rows] if isinstance(value, list) else value[rows]
     if not has_images:
         return selected
-    selected["num_images"] = list(num_images[start:end])
+    selected["num_images"] = [num_images[row] for row in rows]
     return adapter.merge_vision_inputs(selected)
 
 

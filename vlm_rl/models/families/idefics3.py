@@ -59,6 +59,8 @@ def chat_template(prefix: str) -> str:
 class Idefics3Adapter(FamilyAdapter):
     """Idefics3: `pixel_values` / `pixel_attention_mask` padded per sample with all-zero tiles."""
 
+    shares_prompts = True
+
     name = "idefics3"
     label = "Idefics3"
     model_types = ("idefics3",)

@@ -66,6 +66,8 @@ MAX_TILES = 4
 class InternVLAdapter(FamilyAdapter):
     """Tile-indexed `pixel_values`: each sample owns as many consecutive tiles as its images were cut into."""
 
+    shares_prompts = True
+
     name = "internvl"
     label = "InternVL 3"
     model_types = ("internvl",)

@@ -66,6 +66,8 @@ CHATML_TEMPLATE = (
 class LlavaAdapter(FamilyAdapter):
     """LLaVA-1.5: one fixed-size `pixel_values` entry per image; the base of the NeXT and OneVision adapters."""
 
+    shares_prompts = True
+
     name = "llava"
     label = "LLaVA-1.5"
     model_types = ("llava",)
