@@ -130,6 +130,14 @@ class FamilyAdapter:
         """
         return torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
 
+    def tiles_per_row(self, processor, images: list[list]) -> list[int] | None:
+        """For a family whose vision inputs hold tiles, each row's tile count (`num_tiles`); None otherwise."""
+        return None
+
+    def select_generation_rows(self, model, index: torch.Tensor) -> None:
+        """After a prefill of distinct prompts, keep per-row generation state of `model` for the rows `index` (one
+        entry per generated row, naming its prompt's row in the prefill), as the cache's rows are."""
+
     # ----- image size ----------------------------------------------------------------------------------------
 
     def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
@@ -217,6 +225,11 @@ class GridAdapter(FamilyAdapter):
             attention_mask=attention_mask,
         )
         return positions
+
+    def select_generation_rows(self, model, index: torch.Tensor) -> None:
+        # The prefill leaves each prompt's M-RoPE offset (image positions run ahead of the token count) on the model.
+        if model.model.rope_deltas is not None:
+            model.model.rope_deltas = model.model.rope_deltas[index]
 
     def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
         split = dict(inputs)

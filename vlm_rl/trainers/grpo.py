@@ -26,7 +26,7 @@ from vlm_rl.data import image_counts
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
-from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits, select_rows
+from vlm_rl.trainers.logprobs import BOOKKEEPING_KEYS, align_per_token_inputs, score_from_logits, select_rows
 from vlm_rl.trainers.shared_prefix import chunk_groups, group_rows, pack
 
 _TRL_LOGPS_PARAMETERS = frozenset(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
@@ -204,6 +204,20 @@ class VLMGRPOTrainer(GRPOTrainer):
             self._adapter_fields[key] = multimodal_fields[key]
         return prompt_ids, images, multimodal_fields
 
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        # `generate` on the policy (no vLLM): prefill each distinct prompt once instead of once per generation.
+        args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        if self.use_vllm or self.use_transformers_continuous_batching or not self._shares_prompts(self.model, False):
+            return super()._generate_single_turn(*args)
+        from vlm_rl.rollout.prefill import prompts_prefilled_once  # the rollout package imports the trainers
+
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        base = model.get_base_model() if is_peft_model(model) else model
+        images = images if images is not None else [[] for _ in prompt_ids]
+        tiles = self.adapter.tiles_per_row(self.processing_class, images)
+        with prompts_prefilled_once(model, base, self.adapter, [len(row) for row in images], tiles):
+            return super()._generate_single_turn(*args)
+
     def _generate_and_score_completions(self, inputs):
         # TRL's output keeps a fixed list of vision inputs; add the family's others, from the same processor call
         # that generation used.
@@ -328,10 +342,13 @@ class VLMGRPOTrainer(GRPOTrainer):
             return self._vision_forward_without_images(model)
         return contextlib.nullcontext()
 
-    def _shares_prompts(self, model) -> bool:
-        """Whether the shared-prompt forward is on and exact for this model (else the plain forward runs)."""
+    def _shares_prompts(self, model, packed: bool = True) -> bool:
+        """Whether prompts are run once per group for this model: in generation (`packed=False`) or in the packed
+        log-prob forward, which also needs an attention kernel that takes a custom mask (else the plain one runs)."""
         if not (getattr(self.args, "share_prompt_prefix", False) and self.adapter.shares_prompts):
             return False
+        if not packed:
+            return True
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if is_peft_model(base) else base
         text_config = base.config.get_text_config()
@@ -378,7 +395,8 @@ class VLMGRPOTrainer(GRPOTrainer):
             row_inputs = select_rows(self.adapter, split_inputs, num_images, rows)
             positions = self.adapter.position_ids(base, input_ids[rows], attention_mask[rows], row_inputs)
             inputs = select_rows(self.adapter, split_inputs, num_images, [group[0] for group in chunk])
-            inputs.pop("num_images", None)
+            for key in BOOKKEEPING_KEYS:
+                inputs.pop(key, None)
             for key in self.adapter.row_keys:
                 if key in row_inputs:
                     inputs[key] = packing.gather(row_inputs[key])

@@ -17,6 +17,9 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, FamilyAdapter
 
+# Inputs that tell which vision inputs belong to which row, for TRL and the adapters; the model takes none of them.
+BOOKKEEPING_KEYS = ("num_images", "num_tiles")
+
 
 def select_rows(
     adapter: FamilyAdapter, split_inputs: dict[str, Any], num_images: list[int], rows: Sequence[int]

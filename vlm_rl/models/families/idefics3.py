@@ -59,10 +59,9 @@ def chat_template(prefix: str) -> str:
 class Idefics3Adapter(FamilyAdapter):
     """Idefics3: `pixel_values` / `pixel_attention_mask` padded per sample with all-zero tiles."""
 
-    shares_prompts = True
-
     name = "idefics3"
     label = "Idefics3"
+    shares_prompts = True
     model_types = ("idefics3",)
     vision_modules = ("model.vision_model",)
     projector_modules = ("model.connector",)

@@ -66,8 +66,6 @@ MAX_TILES = 4
 class InternVLAdapter(FamilyAdapter):
     """Tile-indexed `pixel_values`: each sample owns as many consecutive tiles as its images were cut into."""
 
-    shares_prompts = True
-
     name = "internvl"
     label = "InternVL 3"
     model_types = ("internvl",)
@@ -80,6 +78,16 @@ class InternVLAdapter(FamilyAdapter):
         "`min_pixels` / `max_pixels` ÷ tile area set the grid's `min_patches` / `max_patches`. Transformers-native "
         "`-hf` checkpoints only (not the remote-code ones)."
     )
+    shares_prompts = True
+
+    def tiles_per_row(self, processor, images: list[list]) -> list[int] | None:
+        """Each row's tile count, as TRL computes it for the training batch (the processor's `num_patches`)."""
+        flat = [image for row in images for image in row]
+        if not flat:
+            return None
+        num_patches = processor.image_processor(images=flat, crop_to_patches=True, return_tensors="pt")["num_patches"]
+        counts = [len(row) for row in images]
+        return [int(group.sum()) for group in torch.split(torch.as_tensor(num_patches), counts)]
 
     def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
         """Split `pixel_values` by tiles per sample: TRL's `num_tiles` when present, else one tile per image.

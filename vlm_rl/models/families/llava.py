@@ -66,10 +66,9 @@ CHATML_TEMPLATE = (
 class LlavaAdapter(FamilyAdapter):
     """LLaVA-1.5: one fixed-size `pixel_values` entry per image; the base of the NeXT and OneVision adapters."""
 
-    shares_prompts = True
-
     name = "llava"
     label = "LLaVA-1.5"
+    shares_prompts = True
     model_types = ("llava",)
     # `image_sizes`: one (height, width) per image, from NeXT's processors and Pixtral-based `llava` checkpoints.
     image_keys = ("pixel_values", "image_sizes")
