@@ -62,6 +62,9 @@ class FamilyAdapter:
     """Whether the rows of one prompt can be scored in one packed sequence (`vlm_rl/trainers/shared_prefix.py`):
     the language model takes a custom 4D attention mask and explicit position ids and has no attention rule of its
     own (Gemma 3 attends bidirectionally among image tokens; BLIP-2 prepends query tokens)."""
+    image_feature_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields of the model's `get_image_features` output that its forward reads from `mm_encoder_outputs`, each
+    holding one entry per image; empty where precomputed features are not used (`vlm_rl/trainers/vision_once.py`)."""
 
     # ----- vision inputs -----------------------------------------------------------------------------------
 
@@ -211,6 +214,7 @@ class GridAdapter(FamilyAdapter):
     image_keys = ("pixel_values", "image_grid_thw")
     image_size_bounds = ("min_pixels", "max_pixels")
     shares_prompts = True
+    image_feature_fields = ("pooler_output",)
 
     def position_ids(
         self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]

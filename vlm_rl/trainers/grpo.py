@@ -28,6 +28,7 @@ from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
 from vlm_rl.trainers.logprobs import BOOKKEEPING_KEYS, align_per_token_inputs, score_from_logits, select_rows
 from vlm_rl.trainers.shared_prefix import chunk_groups, group_rows, pack
+from vlm_rl.trainers.vision_once import encode_images_once
 
 _TRL_LOGPS_PARAMETERS = frozenset(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
 
@@ -316,6 +317,10 @@ class VLMGRPOTrainer(GRPOTrainer):
             chunk_inputs = select_rows(self.adapter, split_inputs, num_images, range(start, end))
             # Inputs TRL's method has no parameter for (a family's extra inputs) go straight to the model call.
             extra = {key: chunk_inputs.pop(key) for key in list(chunk_inputs) if key not in _TRL_LOGPS_PARAMETERS}
+            encoded = self._images_encoded_once(model, chunk_inputs)
+            if encoded is not None:  # TRL's method passes vision inputs only along with `pixel_values`
+                extra.update(encoded)
+                chunk_inputs = {k: v for k, v in chunk_inputs.items() if k not in self.adapter.image_keys}
             with self._vision_forward_if_text_only(model, num_images[start:end]):
                 chunk_logps, chunk_entropies, chunk_aux = super()._get_per_token_logps_and_entropies(
                     functools.partial(model, **extra) if extra else model,
@@ -341,6 +346,13 @@ class VLMGRPOTrainer(GRPOTrainer):
         if self._is_vlm and self.accelerator.num_processes > 1 and not any(num_images):
             return self._vision_forward_without_images(model)
         return contextlib.nullcontext()
+
+    def _images_encoded_once(self, model, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """`encode_images_once` for a forward's inputs, when the recipe has it on (see `vision_once.py`)."""
+        if not getattr(self.args, "encode_images_once", False):
+            return None
+        base = self.accelerator.unwrap_model(model)
+        return encode_images_once(base.get_base_model() if is_peft_model(base) else base, self.adapter, inputs)
 
     def _shares_prompts(self, model, packed: bool = True) -> bool:
         """Whether prompts are run once per group for this model: in generation (`packed=False`) or in the packed
@@ -395,6 +407,9 @@ class VLMGRPOTrainer(GRPOTrainer):
             row_inputs = select_rows(self.adapter, split_inputs, num_images, rows)
             positions = self.adapter.position_ids(base, input_ids[rows], attention_mask[rows], row_inputs)
             inputs = select_rows(self.adapter, split_inputs, num_images, [group[0] for group in chunk])
+            encoded = self._images_encoded_once(model, inputs)
+            if encoded is not None:
+                inputs = {k: v for k, v in inputs.items() if k not in self.adapter.image_keys} | encoded
             for key in BOOKKEEPING_KEYS:
                 inputs.pop(key, None)
             for key in self.adapter.row_keys:

@@ -88,6 +88,7 @@ class Gemma3Adapter(FamilyAdapter):
 
     name = "gemma3"
     label = "Gemma 3"
+    image_feature_fields = ("pooler_output",)
     model_types = ("gemma3",)
     vision_modules = ("model.vision_tower",)
     projector_modules = ("model.multi_modal_projector",)

@@ -68,6 +68,7 @@ class LlavaAdapter(FamilyAdapter):
 
     name = "llava"
     label = "LLaVA-1.5"
+    image_feature_fields = ("pooler_output",)
     shares_prompts = True
     model_types = ("llava",)
     # `image_sizes`: one (height, width) per image, from NeXT's processors and Pixtral-based `llava` checkpoints.
@@ -189,6 +190,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     name = "llava_next"
     label = "LLaVA-NeXT"
+    image_feature_fields = ()  # its image features are tiles packed per image size, not one entry per image
     model_types = ("llava_next",)
     projector_modules = ("model.multi_modal_projector", "model.image_newline")
     notes = (

@@ -173,6 +173,7 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
 class Qwen3VLAdapter(QwenVLAdapter):
     name = "qwen3_vl"
     label = "Qwen3-VL"
+    image_feature_fields = ("pooler_output", "deepstack_features")
     model_types = ("qwen3_vl", "qwen3_vl_moe")
     config_class = "Qwen3VLConfig"
     model_class = "Qwen3VLForConditionalGeneration"

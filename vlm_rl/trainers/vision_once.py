@@ -1,0 +1,65 @@
+"""Each distinct image of a forward through the vision tower once.
+
+A GRPO batch holds every image G times (once per completion). transformers 5 models take precomputed vision-encoder
+outputs (`mm_encoder_outputs`) in place of `pixel_values`; here the distinct images of a forward are encoded once and
+their features indexed out to every image slot that shows them. Indexing is differentiable, so a trainable vision
+tower gets the summed gradient of all the slots, as it does when each copy is encoded separately.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from vlm_rl.models.adapters import FamilyAdapter
+
+
+def _select(value: Any, index: list[int]) -> Any:
+    """Per-image features at `index`: a tensor with one entry per image, a sequence of one tensor per image, or a
+    list of such sequences (Qwen3-VL's deepstack features, one per layer)."""
+    if isinstance(value, torch.Tensor):
+        return value[index]
+    if all(isinstance(item, torch.Tensor) for item in value):
+        return type(value)(value[i] for i in index)
+    return [_select(item, index) for item in value]
+
+
+def encode_images_once(base_model, adapter: FamilyAdapter, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """Model inputs that replace `inputs`' image inputs with `mm_encoder_outputs` of each distinct image encoded once.
+
+    `inputs` are a forward's merged model inputs (`num_images` among them); None where every image is distinct or the
+    family does not support it (the caller then passes `inputs` unchanged).
+    """
+    num_images = inputs.get("num_images")
+    if not adapter.image_feature_fields or inputs.get("pixel_values") is None or not num_images:
+        return None
+    if "mm_encoder_outputs" not in inspect.signature(base_model.forward).parameters:
+        return None
+    image_inputs = {key: inputs[key] for key in adapter.image_keys if inputs.get(key) is not None}
+    per_image = adapter.split_vision_inputs(image_inputs, [1] * sum(num_images))
+    images = [tuple(per_image[key][i] for key in image_inputs) for i in range(sum(num_images))]
+    distinct: list[int] = []  # the first slot of each distinct image
+    index: list[int] = []  # for each slot, its image's position in `distinct`
+    for slot, image in enumerate(images):
+        for position, first in enumerate(distinct):
+            other = images[first]
+            if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(image, other, strict=True)):
+                index.append(position)
+                break
+        else:
+            index.append(len(distinct))
+            distinct.append(slot)
+    if len(distinct) == len(images):
+        return None
+    encoder_inputs = adapter.merge_vision_inputs({key: [per_image[key][i] for i in distinct] for key in image_inputs})
+    parameters = inspect.signature(base_model.get_image_features).parameters
+    features = base_model.get_image_features(
+        **{key: value for key, value in encoder_inputs.items() if key in parameters}, return_dict=True
+    )
+    reused = type(features)(
+        **{field: _select(getattr(features, field), index) for field in adapter.image_feature_fields}
+    )
+    replaced = {key: value for key, value in image_inputs.items() if key != "pixel_values"}
+    return {**replaced, "mm_encoder_outputs": {"image": reused}}
