@@ -27,7 +27,7 @@ from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
 from vlm_rl.trainers.logprobs import BOOKKEEPING_KEYS, align_per_token_inputs, score_from_logits, select_rows
-from vlm_rl.trainers.shared_prefix import chunk_groups, group_rows, pack
+from vlm_rl.trainers.shared_prefix import group_rows, pack
 from vlm_rl.trainers.vision_once import encode_images_once
 
 _TRL_LOGPS_PARAMETERS = frozenset(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
@@ -247,12 +247,12 @@ class VLMGRPOTrainer(GRPOTrainer):
         in backward), and DDP without `find_unused_parameters` waits for a gradient of every weight. A process
         whose chunk has no image would skip the vision tower another process runs on its images; they then wait
         for each other forever, or DeepSpeed fails comparing their module orders. So a forward without images
-        runs the vision tower where an image forward does, right after the token embeddings, and adds
-        `0.0 * features.sum()` to those embeddings: the same modules and collectives as an image forward, and the
-        same logits and loss as a plain text forward (the vision weights get zero gradients from it).
+        runs the vision tower where an image forward does and adds `0.0 * features.sum()` to the token embeddings:
+        the same modules and collectives as an image forward, and the same logits and loss as a plain text forward
+        (the vision weights get zero gradients from it). An image forward runs the tower right after the token
+        embeddings, or, when its images are encoded once up front (`encode_images_once`), before the forward.
         """
-        base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if is_peft_model(base) else base
+        base = self._unwrapped(model)
         if self._dummy_vision_inputs is None:
             from PIL import Image
 
@@ -268,18 +268,27 @@ class VLMGRPOTrainer(GRPOTrainer):
             for key, value in self._dummy_vision_inputs.items()
         }
 
-        def add_zero_vision_output(module, args, embeddings):
+        def zero_vision_output() -> torch.Tensor:
             # Only the features an image forward feeds the language model (`pooler_output`, in transformers 5):
             # a backward through other outputs too would run the vision tower's backward hooks once more.
             features = base.get_image_features(**vision_inputs, return_dict=True).pooler_output
-            zero = sum(0.0 * tensor.sum() for tensor in _float_tensors(features))
-            return embeddings + zero.to(embeddings.dtype)
+            return sum(0.0 * tensor.sum() for tensor in _float_tensors(features))
+
+        zero = zero_vision_output() if self._encodes_images_once(base) else None
+
+        def add_zero_vision_output(module, args, embeddings):
+            return embeddings + (zero if zero is not None else zero_vision_output()).to(embeddings.dtype)
 
         handle = base.get_input_embeddings().register_forward_hook(add_zero_vision_output)
         try:
             yield
         finally:
             handle.remove()
+
+    def _unwrapped(self, model):
+        """`model` without its DDP/DeepSpeed and PEFT wrappers: where the family's own methods live."""
+        base = self.accelerator.unwrap_model(model)
+        return base.get_base_model() if is_peft_model(base) else base
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -299,38 +308,31 @@ class VLMGRPOTrainer(GRPOTrainer):
             if any(key in model_inputs for key in self.adapter.image_keys):
                 raise ValueError("Vision inputs were given without `num_images`; cannot tell which rows have images.")
             num_images = [0] * input_ids.size(0)
-        split_inputs = self.adapter.split_vision_inputs(model_inputs, num_images)
-        batch_size = batch_size or input_ids.size(0)
-        if self._shares_prompts(model):
-            shared = self._shared_prompt_logps(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
-                split_inputs, num_images,
-            )  # fmt: skip
-            if shared is not None:
-                return shared
         # Chunk as TRL does, but give each chunk exactly its own rows' vision inputs (the family adapter knows
         # which are whose), and none when no row of the chunk has an image: TRL would run the vision tower on
-        # an empty tensor. A text-only chunk is a plain language-model forward.
+        # an empty tensor. A text-only chunk is a plain language-model forward. Every process runs one forward per
+        # chunk, whichever path it takes, so that processes stay in step (see `_vision_forward_without_images`).
+        split_inputs = self.adapter.split_vision_inputs(model_inputs, num_images)
+        batch_size = batch_size or input_ids.size(0)
+        shares_prompts = self._shares_prompts(model)
         logps, entropies, aux_losses = [], [], []
         for start in range(0, input_ids.size(0), batch_size):
-            end = min(start + batch_size, input_ids.size(0))
-            chunk_inputs = select_rows(self.adapter, split_inputs, num_images, range(start, end))
-            # Inputs TRL's method has no parameter for (a family's extra inputs) go straight to the model call.
-            extra = {key: chunk_inputs.pop(key) for key in list(chunk_inputs) if key not in _TRL_LOGPS_PARAMETERS}
-            encoded = self._images_encoded_once(model, chunk_inputs)
-            if encoded is not None:  # TRL's method passes vision inputs only along with `pixel_values`
-                extra.update(encoded)
-                chunk_inputs = {k: v for k, v in chunk_inputs.items() if k not in self.adapter.image_keys}
-            with self._vision_forward_if_text_only(model, num_images[start:end]):
-                chunk_logps, chunk_entropies, chunk_aux = super()._get_per_token_logps_and_entropies(
-                    functools.partial(model, **extra) if extra else model,
-                    input_ids[start:end],
-                    attention_mask[start:end],
-                    logits_to_keep,
-                    end - start,
+            rows = range(start, min(start + batch_size, input_ids.size(0)))
+            chunk = (input_ids[start : rows.stop], attention_mask[start : rows.stop], logits_to_keep)
+            with self._vision_forward_if_text_only(model, num_images[start : rows.stop]):
+                shared = (
+                    self._shared_prompt_logps(
+                        model, *chunk, compute_entropy, compute_aux_loss, split_inputs, num_images, rows
+                    )
+                    if shares_prompts
+                    else None
+                )
+                chunk_logps, chunk_entropies, chunk_aux = shared or self._plain_logps(
+                    model,
+                    *chunk,
                     compute_entropy,
                     compute_aux_loss,
-                    **chunk_inputs,
+                    select_rows(self.adapter, split_inputs, num_images, rows),
                 )
             logps.append(chunk_logps)
             entropies.append(chunk_entropies)
@@ -341,18 +343,44 @@ class VLMGRPOTrainer(GRPOTrainer):
             torch.stack(aux_losses).mean() if compute_aux_loss else None,
         )
 
+    def _plain_logps(
+        self, model, input_ids, attention_mask, logits_to_keep, compute_entropy, compute_aux_loss, inputs
+    ):
+        """TRL's log-prob forward of one chunk, with the chunk's own model inputs."""
+        # Inputs TRL's method has no parameter for (a family's extra inputs) go straight to the model call.
+        extra = {key: inputs.pop(key) for key in list(inputs) if key not in _TRL_LOGPS_PARAMETERS}
+        encoded = self._images_encoded_once(model, inputs)
+        if encoded is not None:  # TRL's method passes vision inputs only along with `pixel_values`
+            extra.update(encoded)
+            inputs = {key: value for key, value in inputs.items() if key not in self.adapter.image_keys}
+        return super()._get_per_token_logps_and_entropies(
+            functools.partial(model, **extra) if extra else model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            input_ids.size(0),
+            compute_entropy,
+            compute_aux_loss,
+            **inputs,
+        )
+
     def _vision_forward_if_text_only(self, model, num_images: list[int]):
         """`_vision_forward_without_images` for a chunk without images when several processes train together."""
         if self._is_vlm and self.accelerator.num_processes > 1 and not any(num_images):
             return self._vision_forward_without_images(model)
         return contextlib.nullcontext()
 
+    def _encodes_images_once(self, base) -> bool:
+        """Whether image forwards of `base` (unwrapped) take their vision features precomputed, once per image."""
+        return (
+            bool(getattr(self.args, "encode_images_once", False) and self.adapter.image_feature_fields)
+            and "mm_encoder_outputs" in inspect.signature(base.forward).parameters
+        )
+
     def _images_encoded_once(self, model, inputs: dict[str, Any]) -> dict[str, Any] | None:
-        """`encode_images_once` for a forward's inputs, when the recipe has it on (see `vision_once.py`)."""
-        if not getattr(self.args, "encode_images_once", False):
-            return None
-        base = self.accelerator.unwrap_model(model)
-        return encode_images_once(base.get_base_model() if is_peft_model(base) else base, self.adapter, inputs)
+        """The vision inputs of a forward as features of each distinct image, encoded once (`vision_once.py`)."""
+        base = self._unwrapped(model)
+        return encode_images_once(base, self.adapter, inputs) if self._encodes_images_once(base) else None
 
     def _shares_prompts(self, model, packed: bool = True) -> bool:
         """Whether prompts are run once per group for this model: in generation (`packed=False`) or in the packed
@@ -361,8 +389,7 @@ class VLMGRPOTrainer(GRPOTrainer):
             return False
         if not packed:
             return True
-        base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if is_peft_model(base) else base
+        base = self._unwrapped(model)
         text_config = base.config.get_text_config()
         # A custom 4D mask works with the eager and SDPA kernels only; every layer must attend to the full past.
         kernels = {getattr(config, "_attn_implementation", None) for config in (base.config, text_config)}
@@ -375,71 +402,60 @@ class VLMGRPOTrainer(GRPOTrainer):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         logits_to_keep: int,
-        batch_size: int,
         compute_entropy: bool,
         compute_aux_loss: bool,
         split_inputs: dict[str, Any],
         num_images: list[int],
+        rows: range,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-        """The log-prob pass with each prompt once per group (`shared_prefix.py`); None where nothing is shared."""
+        """One chunk's log-prob forward with each prompt once (`shared_prefix.py`); None where no prompt repeats.
+
+        `input_ids` / `attention_mask` are the chunk's, `rows` its rows in `split_inputs`.
+        """
         image_inputs = [split_inputs[k] for k in self.adapter.image_keys if isinstance(split_inputs.get(k), list)]
 
         def same_images(a: int, b: int) -> bool:
-            return all(rows[a].shape == rows[b].shape and torch.equal(rows[a], rows[b]) for rows in image_inputs)
+            a, b = rows[a], rows[b]
+            return all(
+                images[a].shape == images[b].shape and torch.equal(images[a], images[b]) for images in image_inputs
+            )
 
         groups = group_rows(input_ids[:, : input_ids.size(1) - logits_to_keep], same_images)
-        if len(groups) == input_ids.size(0):
+        if len(groups) == len(rows):
             return None
-        base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if is_peft_model(base) else base
-        dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
+        packing = pack(groups, input_ids, attention_mask, logits_to_keep)
+        if packing is None:
+            return None
+        base = self._unwrapped(model)
+        # The plain forward's positions of every row, gathered into the packed layout below.
+        row_inputs = select_rows(self.adapter, split_inputs, num_images, rows)
+        positions = self.adapter.position_ids(base, input_ids, attention_mask, row_inputs)
+        inputs = select_rows(self.adapter, split_inputs, num_images, [rows[group[0]] for group in groups])
+        encoded = self._images_encoded_once(model, inputs)
+        if encoded is not None:
+            inputs = {key: value for key, value in inputs.items() if key not in self.adapter.image_keys} | encoded
+        for key in BOOKKEEPING_KEYS:
+            inputs.pop(key, None)
+        for key in self.adapter.row_keys:
+            if key in split_inputs:
+                inputs[key] = packing.gather(split_inputs[key][rows.start : rows.stop])
+        if compute_aux_loss:
+            inputs["output_router_logits"] = True
         kernel = getattr(base.config.get_text_config(), "_attn_implementation", None)
-        order, logps, entropies, aux_losses = [], [], [], []
-        for chunk in chunk_groups(groups, batch_size):
-            rows = [row for group in chunk for row in group]
-            local, start = [], 0
-            for group in chunk:
-                local.append(list(range(start, start + len(group))))
-                start += len(group)
-            packing = pack(local, input_ids[rows], attention_mask[rows], logits_to_keep)
-            if packing is None:
-                return None
-            row_inputs = select_rows(self.adapter, split_inputs, num_images, rows)
-            positions = self.adapter.position_ids(base, input_ids[rows], attention_mask[rows], row_inputs)
-            inputs = select_rows(self.adapter, split_inputs, num_images, [group[0] for group in chunk])
-            encoded = self._images_encoded_once(model, inputs)
-            if encoded is not None:
-                inputs = {k: v for k, v in inputs.items() if k not in self.adapter.image_keys} | encoded
-            for key in BOOKKEEPING_KEYS:
-                inputs.pop(key, None)
-            for key in self.adapter.row_keys:
-                if key in row_inputs:
-                    inputs[key] = packing.gather(row_inputs[key])
-            if compute_aux_loss:
-                inputs["output_router_logits"] = True
-            chunk_images = [num_images[row] for row in rows]
-            with self._vision_forward_if_text_only(model, chunk_images), self.accelerator.autocast():
-                outputs = model(
-                    input_ids=packing.gather(input_ids[rows]),
-                    attention_mask=packing.attention_mask(None if kernel == "sdpa" else dtype),
-                    position_ids=packing.gather(positions),
-                    shift_labels=packing.labels,
-                    fused_lm_head=True,
-                    **inputs,
-                )
-            order.extend(rows)
-            logps.append(packing.scatter(outputs.log_probs))
-            if compute_entropy:
-                entropies.append(packing.scatter(outputs.entropy))
-            if compute_aux_loss:
-                aux_losses.append(outputs.aux_loss)
-        restore = torch.empty(len(order), dtype=torch.long)
-        restore[torch.tensor(order)] = torch.arange(len(order))
-        restore = restore.to(input_ids.device)
+        dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
+        with self.accelerator.autocast():
+            outputs = model(
+                input_ids=packing.gather(input_ids),
+                attention_mask=packing.attention_mask(None if kernel == "sdpa" else dtype),
+                position_ids=packing.gather(positions),
+                shift_labels=packing.labels,
+                fused_lm_head=True,
+                **inputs,
+            )
         return (
-            torch.cat(logps)[restore],
-            torch.cat(entropies)[restore] if compute_entropy else None,
-            torch.stack(aux_losses).mean() if compute_aux_loss else None,
+            packing.scatter(outputs.log_probs),
+            packing.scatter(outputs.entropy) if compute_entropy else None,
+            outputs.aux_loss if compute_aux_loss else None,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -43,19 +43,6 @@ def group_rows(prompt_ids: torch.Tensor, same_images: Callable[[int, int], bool]
     return groups
 
 
-def chunk_groups(groups: list[list[int]], max_rows: int) -> list[list[list[int]]]:
-    """Whole groups per chunk, at most `max_rows` rows in a chunk unless a single group is larger."""
-    chunks: list[list[list[int]]] = []
-    rows = 0
-    for group in groups:
-        if not chunks or rows + len(group) > max_rows:
-            chunks.append([])
-            rows = 0
-        chunks[-1].append(group)
-        rows += len(group)
-    return chunks
-
-
 @dataclass
 class Packing:
     """Where each token of the packed sequences comes from in the plain `(rows, length)` batch, and back."""

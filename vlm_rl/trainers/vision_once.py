@@ -29,8 +29,10 @@ def _select(value: Any, index: list[int]) -> Any:
 def encode_images_once(base_model, adapter: FamilyAdapter, inputs: dict[str, Any]) -> dict[str, Any] | None:
     """Model inputs that replace `inputs`' image inputs with `mm_encoder_outputs` of each distinct image encoded once.
 
-    `inputs` are a forward's merged model inputs (`num_images` among them); None where every image is distinct or the
-    family does not support it (the caller then passes `inputs` unchanged).
+    `inputs` are a forward's merged model inputs (`num_images` among them); None where they hold no image or the
+    family does not support it (the caller then passes `inputs` unchanged). Images that are all distinct take the same
+    route, so that every image forward runs the vision tower at the same point (before the language model's token
+    embeddings), which processes training together rely on.
     """
     num_images = inputs.get("num_images")
     if not adapter.image_feature_fields or inputs.get("pixel_values") is None or not num_images:
@@ -51,8 +53,6 @@ def encode_images_once(base_model, adapter: FamilyAdapter, inputs: dict[str, Any
         else:
             index.append(len(distinct))
             distinct.append(slot)
-    if len(distinct) == len(images):
-        return None
     encoder_inputs = adapter.merge_vision_inputs({key: [per_image[key][i] for i in distinct] for key in image_inputs})
     parameters = inspect.signature(base_model.get_image_features).parameters
     features = base_model.get_image_features(
