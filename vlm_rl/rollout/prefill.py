@@ -38,12 +38,7 @@ def prompts_prefilled_once(
         per_token = {key: kwargs.pop(key) for key in list(kwargs) if key in adapter.row_keys}
         tiles = {} if num_tiles is None else {"num_tiles": num_tiles}
         split = adapter.split_vision_inputs({**vision, **per_token, **tiles}, num_images)
-        image_rows = [split[key] for key in adapter.image_keys if isinstance(split.get(key), list)]
-
-        def same_images(a: int, b: int) -> bool:
-            return all(rows[a].shape == rows[b].shape and torch.equal(rows[a], rows[b]) for rows in image_rows)
-
-        groups = group_rows(input_ids, same_images)
+        groups = group_rows(input_ids, [split[key] for key in adapter.image_keys if isinstance(split.get(key), list)])
         firsts = [group[0] for group in groups]
         prefill = select_rows(adapter, split, num_images, firsts)
         for key in BOOKKEEPING_KEYS:

@@ -412,15 +412,9 @@ class VLMGRPOTrainer(GRPOTrainer):
 
         `input_ids` / `attention_mask` are the chunk's, `rows` its rows in `split_inputs`.
         """
-        image_inputs = [split_inputs[k] for k in self.adapter.image_keys if isinstance(split_inputs.get(k), list)]
-
-        def same_images(a: int, b: int) -> bool:
-            a, b = rows[a], rows[b]
-            return all(
-                images[a].shape == images[b].shape and torch.equal(images[a], images[b]) for images in image_inputs
-            )
-
-        groups = group_rows(input_ids[:, : input_ids.size(1) - logits_to_keep], same_images)
+        keys = [key for key in self.adapter.image_keys if isinstance(split_inputs.get(key), list)]
+        images = [split_inputs[key][rows.start : rows.stop] for key in keys]
+        groups = group_rows(input_ids[:, : input_ids.size(1) - logits_to_keep], images)
         if len(groups) == len(rows):
             return None
         packing = pack(groups, input_ids, attention_mask, logits_to_keep)
@@ -481,10 +475,29 @@ class VLMGRPOTrainer(GRPOTrainer):
             batch = self._generate_and_score_completions(generation_batch)
             if batch.get("num_images") is not None:
                 batch = self.adapter.split_vision_inputs(batch, batch["num_images"])
-            batch = shuffle_sequence_dict(batch)
+            batch = self._shuffle_rows(batch)
             batches = split_tensor_dict(batch, self.args.steps_per_generation)
             self._buffered_inputs = [self._merge_micro_batch(micro_batch) for micro_batch in batches]
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _shuffle_rows(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """TRL's shuffle of the generation batch before it is cut into micro-batches; with prompts shared, the
+        prompts are shuffled and each prompt's rows stay together, so that a micro-batch scores each of its prompts
+        once for all of its completions instead of once per micro-batch it landed in."""
+        if not self._shares_prompts(self.model) or self.args.steps_per_generation == 1:
+            return shuffle_sequence_dict(batch)
+        images = [batch[key] for key in self.adapter.image_keys if isinstance(batch.get(key), list)]
+        groups = group_rows(batch["prompt_ids"], images)
+        order = torch.cat(
+            [torch.tensor(groups[i])[torch.randperm(len(groups[i]))] for i in torch.randperm(len(groups))]
+        )
+
+        def permute(value):
+            if isinstance(value, torch.Tensor) and value.ndim >= 1:
+                return value[order]
+            return [value[i] for i in order] if isinstance(value, list) else value
+
+        return {key: permute(value) for key, value in batch.items()}
 
     def _merge_micro_batch(self, micro_batch: dict[str, Any]) -> dict[str, Any]:
         if micro_batch.get("num_images") is None:

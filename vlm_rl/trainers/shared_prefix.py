@@ -16,7 +16,7 @@ P + G·(C + 1) tokens per group instead of G·(P + C), and the vision tower sees
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +24,16 @@ import torch
 IGNORE_INDEX = -100
 
 
-def group_rows(prompt_ids: torch.Tensor, same_images: Callable[[int, int], bool]) -> list[list[int]]:
-    """Rows with the same prompt: equal (left-padded) prompt ids and, by `same_images`, equal vision inputs.
+def group_rows(prompt_ids: torch.Tensor, images: Sequence[Sequence[torch.Tensor]] = ()) -> list[list[int]]:
+    """Rows with the same prompt: equal (left-padded) prompt ids and equal vision inputs.
 
-    Each group lists its rows in batch order; groups are ordered by their first row.
+    `images` holds, per image input (e.g. `pixel_values`, `image_grid_thw`), one tensor per row. Each group lists its
+    rows in batch order; groups are ordered by their first row.
     """
+
+    def same_images(a: int, b: int) -> bool:
+        return all(rows[a].shape == rows[b].shape and torch.equal(rows[a], rows[b]) for rows in images)
+
     groups: list[list[int]] = []
     by_prompt: dict[bytes, list[list[int]]] = {}
     for row, ids in enumerate(prompt_ids.cpu().numpy()):
