@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ALL_FAMILIES, small_config
+from test_logprobs import mixed_rows
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
@@ -15,7 +16,6 @@ from vlm_rl.models.tiny import tiny_families
 from vlm_rl.rewards.accuracy import accuracy
 from vlm_rl.rollout.prefill import prompts_prefilled_once
 from vlm_rl.trainers import VLMGRPOTrainer
-from test_logprobs import mixed_rows
 
 SHARED_FAMILIES = [family for family in ALL_FAMILIES if tiny_families()[family].shares_prompts]
 COPIES = 3
@@ -44,7 +44,11 @@ def test_generation_prefills_each_prompt_once_with_the_same_completions(family, 
     model, processor = load_tiny(family)
     args = small_config(tmp_path, max_completion_length=5, generation_kwargs={"do_sample": False})
     trainer = VLMGRPOTrainer(
-        model=model, reward_funcs=[accuracy], args=args, train_dataset=make_shapes_dataset(4), processing_class=processor
+        model=model,
+        reward_funcs=[accuracy],
+        args=args,
+        train_dataset=make_shapes_dataset(4),
+        processing_class=processor,
     )
     rows, prompts = repeated_prompts(trainer)
     completions, calls = {}, {}
