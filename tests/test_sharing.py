@@ -1,0 +1,187 @@
+"""The shared-prompt forward and once-per-image encoding give the plain forward's log-probs and gradients.
+
+Each batch repeats every prompt with different completions of different lengths, in shuffled order, as a GRPO batch
+does. The plain path (both switches off) is the reference; each switch alone and both together must match it, and
+must actually run fewer tokens through the language model / vision tower where the family supports them.
+"""
+
+import random
+
+import pytest
+import torch
+from conftest import ALL_FAMILIES, small_config
+
+from vlm_rl.data import make_shapes_dataset
+from vlm_rl.data.synthetic import draw_shape
+from vlm_rl.models.tiny import tiny_families
+from vlm_rl.rewards.accuracy import accuracy
+from vlm_rl.trainers import VLMGRPOTrainer
+
+COPIES = 3
+SHARED_FAMILIES = [name for name in ALL_FAMILIES if tiny_families()[name].shares_prompts]
+ENCODED_FAMILIES = [name for name in ALL_FAMILIES if tiny_families()[name].image_feature_fields]
+MODES = {"shared prompt": (True, False), "images once": (False, True), "both": (True, True)}
+
+
+def prompts(adapter, kind: str) -> list[dict]:
+    """Distinct prompts of one kind of batch: `image`, `text`, `mixed` or `multi` (two images in some rows)."""
+    images = make_shapes_dataset(2, text_fraction=0.0, seed=3)
+    texts = make_shapes_dataset(2, text_fraction=1.0, seed=4)
+    rng = random.Random(0)
+    two = {
+        "prompt": [{"role": "user", "content": "Are the two shapes the same color?"}],
+        "images": [draw_shape("circle", "red", 56, rng), draw_shape("square", "blue", 84, rng)],
+        "answer": "no",
+    }
+    # The same image under another question: its prompt differs, its image is shared.
+    same_image = {**images[0], "prompt": [{"role": "user", "content": "Which color? One word."}]}
+    return {
+        "image": [images[0], images[1], same_image],
+        "text": [texts[0], texts[1]],
+        "mixed": [images[0], texts[0], images[1]],
+        "multi": [two, images[0]],
+    }[kind]
+
+
+def kinds(family: str) -> list[str]:
+    adapter = tiny_families()[family]
+    return ["image"] + ["text", "mixed"] * adapter.text_only + ["multi"] * adapter.multi_image
+
+
+def scoring_batch(trainer, kind: str):
+    """Trainer inputs for a batch with every prompt `COPIES` times, completions of 1 to 6 tokens, rows shuffled."""
+    rows = [row for row in prompts(trainer.adapter, kind) for _ in range(COPIES)]
+    random.Random(1).shuffle(rows)
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(rows)
+    width = batch["completion_ids"].size(1)
+    lengths = torch.randint(1, width + 1, (len(rows),), generator=torch.Generator().manual_seed(2))
+    completion_mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], completion_mask], dim=1)
+    keys = (*trainer.adapter.image_keys, *trainer.adapter.row_keys, "num_images", "num_tiles")
+    inputs = {key: batch[key] for key in keys if batch.get(key) is not None}
+    return input_ids, attention_mask, completion_mask, inputs
+
+
+def assert_grads_close(grads: dict, reference: dict, where: str) -> None:
+    """Each parameter's gradient within 1e-4 of the reference's norm; the floor covers weights whose exact gradient
+    is zero (attention key biases: a softmax does not change when every score moves by the same amount)."""
+    assert grads.keys() == reference.keys(), where
+    for name, grad in grads.items():
+        error, size = (grad - reference[name]).norm().item(), reference[name].norm().item()
+        assert error <= 1e-4 * size + 1e-7, f"{name}: |difference| {error:.3g} for |gradient| {size:.3g} ({where})"
+
+
+def vision_module(model, adapter):
+    return model.get_submodule(adapter.vision_modules[0])
+
+
+def score(trainer, model, batch, modes: tuple[bool, bool], chunk: int | None):
+    """Log-probs, entropies and gradients of the masked log-prob sum; tokens into the LM and the vision tower."""
+    trainer.args.share_prompt_prefix, trainer.args.encode_images_once = modes
+    input_ids, attention_mask, completion_mask, inputs = batch
+    counts = {"language": 0, "vision": 0}
+
+    def count(name):
+        def hook(module, args, kwargs):
+            first = kwargs.get("inputs_embeds")
+            first = first if first is not None else kwargs.get("input_ids", kwargs.get("pixel_values"))
+            first = first if first is not None else args[0]
+            counts[name] += first.shape[:2].numel() if name == "language" else first.size(0)
+
+        return hook
+
+    hooks = [
+        model.get_decoder().register_forward_pre_hook(count("language"), with_kwargs=True),
+        vision_module(model, trainer.adapter).register_forward_pre_hook(count("vision"), with_kwargs=True),
+    ]
+    model.zero_grad()
+    try:
+        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_mask.size(1), chunk, compute_entropy=True, **inputs
+        )
+        (logps * completion_mask).sum().backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logps.detach() * completion_mask, entropies.detach() * completion_mask, grads, counts
+
+
+@pytest.mark.parametrize(
+    ("family", "kind"),
+    [
+        (family, kind) for family in sorted(set(SHARED_FAMILIES + ENCODED_FAMILIES)) for kind in kinds(family)
+    ],  # fmt: skip
+)
+def test_switches_match_the_plain_forward(family, kind, load_tiny, tmp_path):
+    model, processor = load_tiny(family)
+    args = small_config(tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6)
+    trainer = VLMGRPOTrainer(
+        model=model,
+        reward_funcs=[accuracy],
+        args=args,
+        train_dataset=make_shapes_dataset(4),
+        processing_class=processor,
+    )
+    batch = scoring_batch(trainer, kind)
+    plain = score(trainer, model, batch, (False, False), None)
+    for mode, switches in MODES.items():
+        for chunk in (None, 4):  # one chunk, or chunks that cut through prompt groups
+            logps, entropies, grads, counts = score(trainer, model, batch, switches, chunk)
+            where = f"{family}, {kind} batch, {mode}, chunk {chunk}"
+            torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0, msg=f"log-probs: {where}")
+            torch.testing.assert_close(entropies, plain[1], atol=1e-5, rtol=0, msg=f"entropies: {where}")
+            assert_grads_close(grads, plain[2], where)
+            if chunk is not None:
+                continue
+            shares = switches[0] and family in SHARED_FAMILIES
+            encodes = switches[1] and family in ENCODED_FAMILIES
+            if shares:  # each prompt once: fewer language-model tokens than COPIES full rows per prompt
+                assert counts["language"] < plain[3]["language"], where
+            else:
+                assert counts["language"] == plain[3]["language"], where
+            if kind == "text":
+                assert counts["vision"] == plain[3]["vision"] == 0, where
+            elif shares or encodes:  # every image shown COPIES times goes through the vision tower once
+                assert counts["vision"] * COPIES <= plain[3]["vision"], where
+            else:
+                assert counts["vision"] == plain[3]["vision"], where
+
+
+@pytest.mark.parametrize("family", [name for name in ALL_FAMILIES if name not in SHARED_FAMILIES + ENCODED_FAMILIES])
+def test_families_without_either_fall_back_to_the_plain_forward(family, load_tiny, tmp_path):
+    model, processor = load_tiny(family)
+    args = small_config(tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6)
+    trainer = VLMGRPOTrainer(
+        model=model,
+        reward_funcs=[accuracy],
+        args=args,
+        train_dataset=make_shapes_dataset(4),
+        processing_class=processor,
+    )
+    batch = scoring_batch(trainer, "image")
+    plain = score(trainer, model, batch, (False, False), None)
+    on = score(trainer, model, batch, (True, True), None)
+    assert torch.equal(on[0], plain[0]) and on[3] == plain[3]
+
+
+def test_gradient_checkpointing_with_both_switches(load_tiny, tmp_path):
+    model, processor = load_tiny("qwen2_vl")
+    args = small_config(tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6)
+    trainer = VLMGRPOTrainer(
+        model=model,
+        reward_funcs=[accuracy],
+        args=args,
+        train_dataset=make_shapes_dataset(4),
+        processing_class=processor,
+    )
+    batch = scoring_batch(trainer, "mixed")
+    plain = score(trainer, model, batch, (False, False), None)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert model.is_gradient_checkpointing
+    logps, _, grads, _ = score(trainer, model, batch, (True, True), None)
+    torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0)
+    assert_grads_close(grads, plain[2], "gradient checkpointing")
