@@ -22,7 +22,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deeps
 
 from vlm_rl.checkpoints import resolve_resume
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe
-from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts, load_task
+from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts, load_task, most_images_per_row
 from vlm_rl.evaluation import evaluate_policy, mean_reward
 from vlm_rl.models import adapter_for, apply_freezing, load_model_and_processor, resolve_model_path
 from vlm_rl.models.lora import wrap_with_lora
@@ -210,14 +210,11 @@ def run(
         model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
     # Rows the family cannot take (e.g. text-only rows for BLIP-2) fail here, named, before the model loads.
     adapter = adapter_for(AutoConfig.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code))
-    most_images = 1
     for dataset in (task.train, task.eval):
         if dataset is not None:
-            counts, where = image_counts(dataset)
-            adapter.check_images_per_row(counts, where)
-            most_images = max(most_images, int(counts.max()) if len(counts) else 0)
+            adapter.check_images_per_row(*image_counts(dataset))
     if training_args.vllm_limit_mm_per_prompt is None:
-        training_args.vllm_limit_mm_per_prompt = most_images
+        training_args.vllm_limit_mm_per_prompt = most_images_per_row(task.train, task.eval)
     model, processor = load_model_and_processor(
         model_path,
         dtype=model_args.dtype,

@@ -486,3 +486,9 @@ def image_counts(dataset: Dataset) -> tuple[np.ndarray, Callable[[int], str]]:
     else:
         counts = pc.cast(pc.is_valid(values), pa.int64())
     return counts.to_numpy(zero_copy_only=False), where
+
+
+def most_images_per_row(*datasets: Dataset | None) -> int:
+    """The largest number of images in one row of `datasets` (None ones skipped), at least 1; nothing is decoded."""
+    counts = [image_counts(dataset)[0] for dataset in datasets if isinstance(dataset, Dataset)]
+    return max([1, *(int(c.max()) for c in counts if len(c))])

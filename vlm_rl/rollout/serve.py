@@ -22,7 +22,7 @@ def server_args(argv: list[str]) -> list[str]:
     from transformers import AutoConfig
 
     from vlm_rl.config import parse_recipe
-    from vlm_rl.data import image_counts, load_task
+    from vlm_rl.data import load_task, most_images_per_row
     from vlm_rl.models import adapter_for, load_processor, resolve_model_path
 
     passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -36,8 +36,7 @@ def server_args(argv: list[str]) -> list[str]:
     limit = training_args.vllm_limit_mm_per_prompt
     if limit is None:
         task = load_task(data_args, seed=training_args.seed, base_dir=recipe_path.parent if recipe_path else None)
-        counts = [image_counts(split)[0] for split in (task.train, task.eval) if split is not None]
-        limit = max([1, *(int(c.max()) for c in counts if len(c))])
+        limit = most_images_per_row(task.train, task.eval)
     host = training_args.vllm_server_host
     port = training_args.vllm_server_port
     if training_args.vllm_server_base_url:

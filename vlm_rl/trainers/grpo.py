@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
-from datasets import Dataset
 from torch import nn
 from transformers import AutoConfig, ProcessorMixin
 from trl import GRPOTrainer
@@ -22,7 +21,7 @@ from trl.extras.profiling import profiling_decorator
 from trl.trainer import grpo_trainer as grpo_trainer_module
 from trl.trainer.utils import get_callable_name, pad, shuffle_sequence_dict, split_tensor_dict
 
-from vlm_rl.data import image_counts
+from vlm_rl.data import most_images_per_row
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
@@ -45,14 +44,6 @@ def _float_tensors(output: Any) -> list[torch.Tensor]:
         return [output] if output.is_floating_point() else []
     values = output.values() if isinstance(output, dict) else output if isinstance(output, list | tuple) else []
     return [tensor for value in values for tensor in _float_tensors(value)]
-
-
-def most_images_per_row(dataset) -> int:
-    """The largest number of images in a row of `dataset` (read without decoding any), at least 1."""
-    if not isinstance(dataset, Dataset):
-        return 1
-    counts, _ = image_counts(dataset)
-    return max(1, int(counts.max()) if len(counts) else 0)
 
 
 class VLMGRPOTrainer(GRPOTrainer):
