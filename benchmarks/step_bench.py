@@ -1,0 +1,294 @@
+"""GRPO step time and peak memory: `VLMGRPOTrainer` against stock `trl.GRPOTrainer`, same model, data and seed.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_bench.py            # G = 8
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_bench.py --sweep    # G = 2, 4, 8, 16
+
+The model is a Qwen2-VL with random weights built locally (`--hidden_size`, `--layers`, `--vision_*`), each prompt
+one synthetic image resized to `--image_size`² pixels (448 → 256 visual tokens) and a short question, each completion
+exactly `--completion_length` tokens (EOS held off with `min_new_tokens`), so both trainers process the same tokens.
+Each trainer runs in its own child process (so neither inherits the other's allocator state), `--warmup` steps then
+`--steps` timed steps of `--prompts` prompts × G completions (one micro-batch, plain `generate` rollouts).
+
+Peak memory: on CUDA, `torch.cuda.max_memory_allocated` over the timed steps. On CPU there is no allocator counter;
+the child frees large tensors straight back to the OS (`MALLOC_MMAP_THRESHOLD_`), resets the kernel's peak-RSS mark
+before the timed steps and reports that peak minus the RSS before the model was loaded: weights, gradients, optimizer
+state and the step's activations, as `max_memory_allocated` counts them, without the interpreter and libraries.
+
+Token counts are what entered the vision tower (patches) and the language model (rows × positions) per step, in
+generation and in the log-prob/training forwards. The last line of output is one JSON object: `step_time_ratio` and
+`peak_mem_ratio` (ours / stock) at the default G, with `--sweep` the same per G, and every run's measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PRESETS = {
+    # Layer sizes of Qwen2.5-VL-3B (random weights; the tiny tokenizer's vocabulary, not the real 151k one).
+    "qwen2_5_vl_3b": {
+        "family": "qwen2_5_vl",
+        "hidden_size": 2048,
+        "layers": 36,
+        "heads": 16,
+        "kv_heads": 2,
+        "intermediate_size": 11008,
+        "vision_depth": 32,
+        "vision_width": 1280,
+        "vision_heads": 16,
+        "vision_intermediate_size": 3420,
+        "dtype": "bfloat16",
+    },
+}
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def build_model(args, directory: Path) -> None:
+    """A Qwen-VL tiny model (real classes, offline tokenizer and processor) resized to the benchmark's layer sizes."""
+    import torch
+    import transformers
+
+    from vlm_rl.models import build_tiny_model
+
+    build_tiny_model(args.family, directory, hidden_size=args.hidden_size, num_hidden_layers=args.layers)
+    config = transformers.AutoConfig.from_pretrained(directory)
+    text, vision = config.text_config, config.vision_config
+    if args.heads:
+        text.num_attention_heads = args.heads
+        text.num_key_value_heads = args.kv_heads or args.heads
+        text.head_dim = args.hidden_size // args.heads
+        half = text.head_dim // 2
+        text.rope_parameters["mrope_section"] = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    text.intermediate_size = args.intermediate_size or 4 * args.hidden_size
+    vision.depth = args.vision_depth
+    vision.num_heads = args.vision_heads
+    if args.family == "qwen2_vl":
+        vision.embed_dim, vision.mlp_ratio = args.vision_width, 4
+    else:
+        vision.hidden_size = args.vision_width
+        vision.intermediate_size = args.vision_intermediate_size or 4 * args.vision_width
+        vision.fullatt_block_indexes = list(range(args.vision_depth))  # every block full: no window padding
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(directory)
+
+
+def child(args) -> dict:
+    """One trainer's timed steps, in this process; returns its measurements."""
+    import torch
+
+    torch.set_num_threads(1)
+    import trl
+    from transformers import TrainerCallback
+
+    import vlm_rl  # noqa: F401  (before transformers: makes torchvision's Python side importable, see docs/vllm.md)
+    from vlm_rl.config import VLMGRPOConfig
+    from vlm_rl.data import make_shapes_dataset
+    from vlm_rl.models.loading import load_model_and_processor
+    from vlm_rl.trainers import VLMGRPOTrainer
+
+    cuda = args.device == "cuda"
+    baseline = 0 if cuda else rss_kib()
+    dtype = args.dtype if cuda else "float32"
+    model, processor = load_model_and_processor(args.model_dir, dtype=dtype)
+    model.to(args.device)
+    side = args.image_size
+    processor.image_processor.size = {"shortest_edge": side * side, "longest_edge": side * side}
+    dataset = make_shapes_dataset(args.prompts * (args.warmup + args.steps), image_size=side, seed=0)
+
+    def reward(completions, **kwargs):  # cheap and varied, so that advantages are not all zero
+        return [float(len(str(completion)) % 3) for completion in completions]
+
+    settings = {
+        "output_dir": tempfile.mkdtemp(),
+        "num_generations": args.generations,
+        "per_device_train_batch_size": args.prompts * args.generations,
+        "max_completion_length": args.completion_length,
+        "generation_kwargs": {"min_new_tokens": args.completion_length},
+        "max_steps": args.warmup + args.steps,
+        "learning_rate": 1e-5,
+        "bf16": cuda and dtype == "bfloat16",
+        "gradient_checkpointing": False,
+        "use_cpu": not cuda,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    if args.trainer == "stock":
+        config, trainer_class = trl.GRPOConfig(**settings), trl.GRPOTrainer
+    else:
+        switches = args.trainer == "ours"
+        config = VLMGRPOConfig(
+            **settings, final_eval=False, plot=False, share_prompt_prefix=switches, encode_images_once=switches
+        )
+        trainer_class = VLMGRPOTrainer
+
+    counts = {"generation": {"vision": 0, "language": 0}, "scoring": {"vision": 0, "language": 0}}
+    phase = ["scoring"]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, train_args, state, control, **kwargs):
+            if state.global_step == args.warmup:  # the timed steps start: reset the peak marks and counts
+                for value in counts.values():
+                    value.update(vision=0, language=0)
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                else:
+                    Path("/proc/self/clear_refs").write_text("5")
+            self.start = time.perf_counter()
+
+        def on_step_end(self, train_args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = Timer()
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=[reward],
+        args=config,
+        train_dataset=dataset,
+        processing_class=processor,
+        callbacks=[timer],
+    )
+
+    def count(kind):
+        def hook(module, hook_args, kwargs):
+            first = kwargs.get("inputs_embeds")
+            if first is None:
+                first = hook_args[0] if hook_args else kwargs.get("hidden_states")
+            counts[phase[0]][kind] += first.size(0) if kind == "vision" else first.shape[:2].numel()
+
+        return hook
+
+    model.model.visual.register_forward_pre_hook(count("vision"), with_kwargs=True)
+    model.model.language_model.register_forward_pre_hook(count("language"), with_kwargs=True)
+    generate = trainer._generate_single_turn
+
+    def generate_counted(*generate_args, **kwargs):
+        phase[0] = "generation"
+        try:
+            return generate(*generate_args, **kwargs)
+        finally:
+            phase[0] = "scoring"
+
+    trainer._generate_single_turn = generate_counted
+    trainer.train()
+    timed = timer.times[args.warmup :]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (rss_kib("VmHWM") - baseline) / 1024
+    tokens_per_step = args.prompts * args.generations * args.completion_length
+    return {
+        "trainer": args.trainer,
+        "generations": args.generations,
+        "step_time_s": sum(timed) / len(timed),
+        "peak_mem_mib": peak,
+        "completion_tokens_per_s": tokens_per_step * len(timed) / sum(timed),
+        "tokens_per_step": {phase: {k: v // args.steps for k, v in c.items()} for phase, c in counts.items()},
+    }
+
+
+def run_child(args, trainer: str, generations: int) -> dict:
+    command = [sys.executable, __file__, "--child", "--trainer", trainer, "--generations", str(generations)]
+    for key in ("model_dir", "device", "dtype", "image_size", "prompts", "completion_length", "warmup", "steps"):
+        command += [f"--{key}", str(getattr(args, key))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large tensors come from mmap and go back to the OS when freed
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"The {trainer} run (G={generations}) failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generations", type=int, default=8, help="G, completions per prompt.")
+    parser.add_argument("--sweep", action="store_true", help="Also G = 2, 4, 8, 16.")
+    parser.add_argument("--ablation", action="store_true", help="Also our trainer with both switches off.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="Layer sizes of a released model (GPU).")
+    parser.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("--hidden_size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=0, help="Attention heads (0: hidden_size / 32).")
+    parser.add_argument("--kv_heads", type=int, default=0)
+    parser.add_argument("--intermediate_size", type=int, default=0, help="0: 4 × hidden_size.")
+    parser.add_argument("--vision_depth", type=int, default=4)
+    parser.add_argument("--vision_width", type=int, default=256)
+    parser.add_argument("--vision_heads", type=int, default=4)
+    parser.add_argument("--vision_intermediate_size", type=int, default=0)
+    parser.add_argument("--image_size", type=int, default=448, help="Image side in pixels (448: 256 visual tokens).")
+    parser.add_argument("--prompts", type=int, default=1, help="Distinct prompts per step.")
+    parser.add_argument("--completion_length", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="bfloat16", help="Model dtype on CUDA (CPU runs in float32).")
+    parser.add_argument("--model_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--trainer", default="ours", help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory:
+        args.model_dir = directory
+        build_model(args, Path(directory))
+        print(
+            f"{args.family}: LM hidden {args.hidden_size} × {args.layers} layers, vision {args.vision_width} × "
+            f"{args.vision_depth}, {args.image_size}² images, {args.prompts} prompt(s) × G completions of "
+            f"{args.completion_length} tokens, {args.device}, {args.steps} timed steps after {args.warmup}",
+            flush=True,
+        )
+        trainers = ["stock", "ours"] + ["ours_off"] * args.ablation
+        results = {}
+        for generations in [2, 4, 8, 16] if args.sweep else [args.generations]:
+            for trainer in trainers:
+                results[trainer, generations] = run = run_child(args, trainer, generations)
+                tokens = run["tokens_per_step"]
+                print(
+                    f"G={generations:2d} {trainer:8s} step {run['step_time_s']:7.3f} s   "
+                    f"peak {run['peak_mem_mib']:8.1f} MiB   {run['completion_tokens_per_s']:8.1f} completion tok/s   "
+                    "vision patches gen/score "
+                    f"{tokens['generation']['vision']}/{tokens['scoring']['vision']}   LM tokens gen/score "
+                    f"{tokens['generation']['language']}/{tokens['scoring']['language']}",
+                    flush=True,
+                )
+
+    def ratios(generations: int) -> dict[str, float]:
+        ours, stock = results["ours", generations], results["stock", generations]
+        return {
+            "step_time_ratio": round(ours["step_time_s"] / stock["step_time_s"], 3),
+            "peak_mem_ratio": round(ours["peak_mem_mib"] / stock["peak_mem_mib"], 3),
+        }
+
+    sweep = sorted({generations for _, generations in results})
+    for generations in sweep:
+        print(f"G={generations:2d} ours/stock: {ratios(generations)}")
+    default = args.generations if args.generations in sweep else sweep[-1]
+    summary = {"generations": default, **ratios(default)}
+    if args.sweep:
+        summary["by_generations"] = {str(g): ratios(g) for g in sweep}
+    summary["runs"] = [results[key] for key in sorted(results, key=lambda key: (key[1], key[0]))]
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
