@@ -44,6 +44,8 @@ PRESETS = {
         "vision_width": 1280,
         "vision_heads": 16,
         "vision_intermediate_size": 3420,
+        "vision_window": 112,
+        "vision_full_attention_blocks": "7,15,23,31",
         "dtype": "bfloat16",
     },
 }
@@ -77,7 +79,11 @@ def build_model(args, directory: Path) -> None:
     else:
         vision.hidden_size = args.vision_width
         vision.intermediate_size = args.vision_intermediate_size or 4 * args.vision_width
-        vision.fullatt_block_indexes = list(range(args.vision_depth))  # every block full: no window padding
+        vision.window_size = args.vision_window
+        blocks = args.vision_full_attention_blocks
+        vision.fullatt_block_indexes = (
+            [int(b) for b in blocks.split(",")] if blocks else list(range(args.vision_depth))
+        )
     torch.manual_seed(0)
     model = transformers.AutoModelForImageTextToText.from_config(config)
     model.save_pretrained(directory)
@@ -231,6 +237,8 @@ def main() -> None:
     parser.add_argument("--vision_width", type=int, default=256)
     parser.add_argument("--vision_heads", type=int, default=4)
     parser.add_argument("--vision_intermediate_size", type=int, default=0)
+    parser.add_argument("--vision_window", type=int, default=112, help="Qwen2.5-VL window attention size.")
+    parser.add_argument("--vision_full_attention_blocks", default="", help="Qwen2.5-VL: e.g. 7,15,23,31 (all).")
     parser.add_argument("--image_size", type=int, default=448, help="Image side in pixels (448: 256 visual tokens).")
     parser.add_argument("--prompts", type=int, default=1, help="Distinct prompts per step.")
     parser.add_argument("--completion_length", type=int, default=32)
