@@ -32,7 +32,9 @@ def prompts_prefilled_once(
     had_own = "generate" in vars(model)
 
     def generate(input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any):
-        if input_ids.size(1) < 2:  # nothing to prefill before the last token
+        # Nothing to prefill before the last token; or a cache class of the user's choice (`cache_implementation`),
+        # which `generate` builds itself and will not take alongside a filled one.
+        if input_ids.size(1) < 2 or getattr(kwargs.get("generation_config"), "cache_implementation", None):
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         vision = {key: kwargs.pop(key) for key in list(kwargs) if key in adapter.image_keys}
         per_token = {key: kwargs.pop(key) for key in list(kwargs) if key in adapter.row_keys}
