@@ -185,3 +185,39 @@ def test_gradient_checkpointing_with_both_switches(load_tiny, tmp_path):
     logps, _, grads, _ = score(trainer, model, batch, (True, True), None)
     torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0)
     assert_grads_close(grads, plain[2], "gradient checkpointing")
+
+
+def completion_length_reward(completions, **kwargs) -> list[float]:
+    """Varies between completions, so that advantages, the loss and the gradients are not zero."""
+    return [float(len(str(completion)) % 5) for completion in completions]
+
+
+def test_training_with_both_switches_logs_the_plain_runs_numbers(load_tiny, tmp_path):
+    """End to end: generation, scoring and updates with both switches give the plain run's losses and gradients."""
+    histories = {}
+    for switches in (False, True):
+        model, processor = load_tiny("qwen2_vl")
+        args = small_config(
+            tmp_path / str(switches),
+            num_generations=4,
+            per_device_train_batch_size=8,  # 2 prompts x 4 completions, one micro-batch per generation batch
+            max_completion_length=6,
+            max_steps=3,
+            share_prompt_prefix=switches,
+            encode_images_once=switches,
+        )
+        dataset = make_shapes_dataset(8, text_fraction=0.25, seed=5)
+        trainer = VLMGRPOTrainer(
+            model=model,
+            reward_funcs=[completion_length_reward],
+            args=args,
+            train_dataset=dataset,
+            processing_class=processor,
+        )
+        trainer.train()
+        histories[switches] = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(histories[True]) == len(histories[False]) == 3
+    assert all(row["grad_norm"] > 0 for row in histories[False]), "the comparison needs non-zero updates"
+    for plain, shared in zip(histories[False], histories[True], strict=True):
+        for key in ("reward", "loss", "grad_norm", "entropy", "completions/mean_length"):
+            assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), (plain["step"], key)
