@@ -221,3 +221,23 @@ def test_training_with_both_switches_logs_the_plain_runs_numbers(load_tiny, tmp_
     for plain, shared in zip(histories[False], histories[True], strict=True):
         for key in ("reward", "loss", "grad_norm", "entropy", "completions/mean_length"):
             assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), (plain["step"], key)
+
+
+def test_eager_attention_takes_the_additive_mask(load_tiny, tmp_path):
+    """SDPA gets a boolean block mask, eager attention an additive one: both give the plain forward's numbers."""
+    model, processor = load_tiny("qwen2_vl")
+    model.set_attn_implementation("eager")
+    args = small_config(tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6)
+    trainer = VLMGRPOTrainer(
+        model=model,
+        reward_funcs=[accuracy],
+        args=args,
+        train_dataset=make_shapes_dataset(4),
+        processing_class=processor,
+    )
+    batch = scoring_batch(trainer, "mixed")
+    plain = score(trainer, model, batch, (False, False), None)
+    logps, _, grads, counts = score(trainer, model, batch, (True, True), None)
+    assert counts["language"] < plain[3]["language"]
+    torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0)
+    assert_grads_close(grads, plain[2], "eager attention")

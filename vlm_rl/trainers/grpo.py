@@ -305,16 +305,15 @@ class VLMGRPOTrainer(GRPOTrainer):
         # chunk, whichever path it takes, so that processes stay in step (see `_vision_forward_without_images`).
         split_inputs = self.adapter.split_vision_inputs(model_inputs, num_images)
         batch_size = batch_size or input_ids.size(0)
-        shares_prompts = self._shares_prompts(model)
+        # An MoE router's load-balancing loss counts every token it routes: with each prompt once it would change.
+        shares_prompts = self._shares_prompts(model) and not compute_aux_loss
         logps, entropies, aux_losses = [], [], []
         for start in range(0, input_ids.size(0), batch_size):
             rows = range(start, min(start + batch_size, input_ids.size(0)))
             chunk = (input_ids[start : rows.stop], attention_mask[start : rows.stop], logits_to_keep)
             with self._vision_forward_if_text_only(model, num_images[start : rows.stop]):
                 shared = (
-                    self._shared_prompt_logps(
-                        model, *chunk, compute_entropy, compute_aux_loss, split_inputs, num_images, rows
-                    )
+                    self._shared_prompt_logps(model, *chunk, compute_entropy, split_inputs, num_images, rows)
                     if shares_prompts
                     else None
                 )
@@ -394,7 +393,6 @@ class VLMGRPOTrainer(GRPOTrainer):
         attention_mask: torch.Tensor,
         logits_to_keep: int,
         compute_entropy: bool,
-        compute_aux_loss: bool,
         split_inputs: dict[str, Any],
         num_images: list[int],
         rows: range,
@@ -424,8 +422,6 @@ class VLMGRPOTrainer(GRPOTrainer):
         for key in self.adapter.row_keys:
             if key in split_inputs:
                 inputs[key] = packing.gather(split_inputs[key][rows.start : rows.stop])
-        if compute_aux_loss:
-            inputs["output_router_logits"] = True
         kernel = getattr(base.config.get_text_config(), "_attn_implementation", None)
         dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
         with self.accelerator.autocast():
@@ -437,11 +433,7 @@ class VLMGRPOTrainer(GRPOTrainer):
                 fused_lm_head=True,
                 **inputs,
             )
-        return (
-            packing.scatter(outputs.log_probs),
-            packing.scatter(outputs.entropy) if compute_entropy else None,
-            outputs.aux_loss if compute_aux_loss else None,
-        )
+        return packing.scatter(outputs.log_probs), packing.scatter(outputs.entropy) if compute_entropy else None, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # TRL's loss passes a fixed list of vision inputs to the log-prob method; a family's other inputs (the
