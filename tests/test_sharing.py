@@ -16,6 +16,7 @@ from vlm_rl.data.synthetic import draw_shape
 from vlm_rl.models.tiny import tiny_families
 from vlm_rl.rewards.accuracy import accuracy
 from vlm_rl.trainers import VLMGRPOTrainer
+from vlm_rl.trainers.shared_prefix import pack
 
 COPIES = 3
 SHARED_FAMILIES = [name for name in ALL_FAMILIES if tiny_families()[name].shares_prompts]
@@ -241,3 +242,15 @@ def test_eager_attention_takes_the_additive_mask(load_tiny, tmp_path):
     assert counts["language"] < plain[3]["language"]
     torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0)
     assert_grads_close(grads, plain[2], "eager attention")
+
+
+@pytest.mark.parametrize(
+    ("copies", "completion", "packed_is_cheaper"),
+    [(8, 32, True), (8, 1024, True), (16, 4096, False)],  # short answers; reasoning; many very long completions
+)
+def test_packing_is_used_only_where_it_costs_less(copies, completion, packed_is_cheaper):
+    prompt = 1000
+    input_ids = torch.ones(copies, prompt + completion, dtype=torch.long)
+    packing = pack([list(range(copies))], input_ids, torch.ones_like(input_ids), completion)
+    # Qwen2.5-VL-3B's language model: hidden 2048, MLP 11008.
+    assert packing.cheaper_than_plain(copies, prompt + completion, 2048, 11008) is packed_is_cheaper

@@ -407,9 +407,11 @@ class VLMGRPOTrainer(GRPOTrainer):
         if len(groups) == len(rows):
             return None
         packing = pack(groups, input_ids, attention_mask, logits_to_keep)
-        if packing is None:
-            return None
         base = self._unwrapped(model)
+        text_config = base.config.get_text_config()
+        sizes = (text_config.hidden_size, getattr(text_config, "intermediate_size", 4 * text_config.hidden_size))
+        if packing is None or not packing.cheaper_than_plain(*input_ids.shape, *sizes):
+            return None
         # The plain forward's positions of every row, gathered into the packed layout below.
         row_inputs = select_rows(self.adapter, split_inputs, num_images, rows)
         positions = self.adapter.position_ids(base, input_ids, attention_mask, row_inputs)
@@ -422,7 +424,7 @@ class VLMGRPOTrainer(GRPOTrainer):
         for key in self.adapter.row_keys:
             if key in split_inputs:
                 inputs[key] = packing.gather(split_inputs[key][rows.start : rows.stop])
-        kernel = getattr(base.config.get_text_config(), "_attn_implementation", None)
+        kernel = getattr(text_config, "_attn_implementation", None)
         dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
         with self.accelerator.autocast():
             outputs = model(

@@ -71,6 +71,18 @@ class Packing:
         """Packed per-position outputs `(groups, packed_length)` as `(rows, completion_length)`; 0 where unscored."""
         return packed.flatten()[self.scored_at].masked_fill(~self.scored, 0)
 
+    def cheaper_than_plain(self, rows: int, length: int, hidden_size: int, intermediate_size: int) -> bool:
+        """Whether this packing costs fewer FLOPs per layer than the plain forward of `rows` × `length` tokens.
+
+        Per token, the projections and the MLP cost about `hidden · (4·hidden + 3·intermediate)`; per (query, key)
+        pair, attention costs about `2·hidden`, and with a custom mask every pair of the square is computed. Packing
+        saves the first (the prompt once) and pays in the second (all completions of a prompt in one square): with
+        long completions and many of them (say 16 of 4k tokens after a 1k prompt) the square outgrows the saving.
+        """
+        token, pair = hidden_size * (4 * hidden_size + 3 * intermediate_size), 2 * hidden_size
+        groups, packed = self.segment.shape
+        return groups * (packed * token + packed**2 * pair) < rows * (length * token + length**2 * pair)
+
     def attention_mask(self, dtype: torch.dtype | None) -> torch.Tensor:
         """`(groups, 1, L, L)` mask: boolean (True = attend) for `dtype=None`, else additive in `dtype`."""
         segment = self.segment
