@@ -15,8 +15,10 @@ before the timed steps and reports that peak minus the RSS before the model was 
 state and the step's activations, as `max_memory_allocated` counts them, without the interpreter and libraries.
 
 Token counts are what entered the vision tower (patches) and the language model (rows × positions) per step, in
-generation and in the log-prob/training forwards. The last line of output is one JSON object: `step_time_ratio` and
-`peak_mem_ratio` (ours / stock) at the default G, with `--sweep` the same per G, and every run's measurements.
+generation and in the log-prob/training forwards; "generation" time is the step's time inside the rollout
+(`_generate_single_turn`: `generate`, and our prompt prefill), the rest of the step is scoring and training. The
+last line of output is one JSON object: `step_time_ratio` and `peak_mem_ratio` (ours / stock) at the default G, with
+`--sweep` the same per G, and every run's measurements.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ def child(args) -> dict:
 
     counts = {"generation": {"vision": 0, "language": 0}, "scoring": {"vision": 0, "language": 0}}
     phase = ["scoring"]
+    generation_seconds = [0.0]  # the timed steps' time inside `_generate_single_turn` (rollouts, prefill included)
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -152,6 +155,7 @@ def child(args) -> dict:
             if state.global_step == args.warmup:  # the timed steps start: reset the peak marks and counts
                 for value in counts.values():
                     value.update(vision=0, language=0)
+                generation_seconds[0] = 0.0
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -189,9 +193,13 @@ def child(args) -> dict:
 
     def generate_counted(*generate_args, **kwargs):
         phase[0] = "generation"
+        start = time.perf_counter()
         try:
             return generate(*generate_args, **kwargs)
         finally:
+            if cuda:
+                torch.cuda.synchronize()
+            generation_seconds[0] += time.perf_counter() - start
             phase[0] = "scoring"
 
     trainer._generate_single_turn = generate_counted
@@ -203,6 +211,7 @@ def child(args) -> dict:
         "trainer": args.trainer,
         "generations": args.generations,
         "step_time_s": sum(timed) / len(timed),
+        "generation_time_s": generation_seconds[0] / len(timed),
         "peak_mem_mib": peak,
         "completion_tokens_per_s": tokens_per_step * len(timed) / sum(timed),
         "tokens_per_step": {phase: {k: v // args.steps for k, v in c.items()} for phase, c in counts.items()},
@@ -272,7 +281,8 @@ def main() -> None:
                 results[trainer, generations] = run = run_child(args, trainer, generations)
                 tokens = run["tokens_per_step"]
                 print(
-                    f"G={generations:2d} {trainer:8s} step {run['step_time_s']:7.3f} s   "
+                    f"G={generations:2d} {trainer:8s} step {run['step_time_s']:7.3f} s "
+                    f"(generation {run['generation_time_s']:7.3f} s)   "
                     f"peak {run['peak_mem_mib']:8.1f} MiB   {run['completion_tokens_per_s']:8.1f} completion tok/s   "
                     "vision patches gen/score "
                     f"{tokens['generation']['vision']}/{tokens['scoring']['vision']}   LM tokens gen/score "

@@ -21,6 +21,8 @@ def test_step_bench_runs_and_ends_with_the_ratios():
     assert summary["generations"] == 2 and summary["step_time_ratio"] > 0 and summary["peak_mem_ratio"] > 0
     runs = {run["trainer"]: run for run in summary["runs"]}
     assert runs.keys() == {"stock", "ours"}
+    for run in runs.values():  # the rollout is part of the step
+        assert 0 < run["generation_time_s"] < run["step_time_s"], run
     # Ours sends each prompt's image through the vision tower once instead of G = 2 times, in every phase, and runs
     # fewer language-model tokens.
     for phase in ("generation", "scoring"):
