@@ -58,6 +58,21 @@ def small_config(output_dir, **overrides) -> VLMGRPOConfig:
     return VLMGRPOConfig(**settings)
 
 
+def shapes_trainer(model, processor, output_dir, reward_funcs=None, **overrides):
+    """A `VLMGRPOTrainer` on 4 synthetic shape rows, rewarded by `accuracy` unless told, with `small_config`."""
+    from vlm_rl.data import make_shapes_dataset
+    from vlm_rl.rewards.accuracy import accuracy
+    from vlm_rl.trainers import VLMGRPOTrainer
+
+    return VLMGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs or [accuracy],
+        args=small_config(output_dir, **overrides),
+        train_dataset=make_shapes_dataset(4),
+        processing_class=processor,
+    )
+
+
 def no_hang(seconds: float = 30.0):
     """Interrupt the block after `seconds`: a guard against pathological (e.g. quadratic) inputs, not a timing.
 

@@ -5,17 +5,14 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import ALL_FAMILIES, small_config
+from conftest import ALL_FAMILIES, shapes_trainer
 from test_logprobs import mixed_rows
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
-from vlm_rl.data import make_shapes_dataset
 from vlm_rl.models.adapters import PER_TOKEN_KEYS
 from vlm_rl.models.tiny import tiny_families
-from vlm_rl.rewards.accuracy import accuracy
 from vlm_rl.rollout.prefill import prompts_prefilled_once
-from vlm_rl.trainers import VLMGRPOTrainer
 
 SHARED_FAMILIES = [family for family in ALL_FAMILIES if tiny_families()[family].shares_prompts]
 COPIES = 3
@@ -42,13 +39,8 @@ def language_model_calls(model):
 @pytest.mark.parametrize("family", SHARED_FAMILIES)
 def test_generation_prefills_each_prompt_once_with_the_same_completions(family, load_tiny, tmp_path):
     model, processor = load_tiny(family)
-    args = small_config(tmp_path, max_completion_length=5, generation_kwargs={"do_sample": False})
-    trainer = VLMGRPOTrainer(
-        model=model,
-        reward_funcs=[accuracy],
-        args=args,
-        train_dataset=make_shapes_dataset(4),
-        processing_class=processor,
+    trainer = shapes_trainer(
+        model, processor, tmp_path, max_completion_length=5, generation_kwargs={"do_sample": False}
     )
     rows, prompts = repeated_prompts(trainer)
     completions, calls = {}, {}
@@ -72,13 +64,7 @@ def test_generation_prefills_each_prompt_once_with_the_same_completions(family, 
 def test_prefilled_generation_has_the_logits_of_stock_generate(family, load_tiny, tmp_path):
     """M-RoPE offsets (Qwen-VL) and left-padding positions (LLaVA) carry over from the prefill exactly."""
     model, processor = load_tiny(family)
-    trainer = VLMGRPOTrainer(
-        model=model,
-        reward_funcs=[accuracy],
-        args=small_config(tmp_path),
-        train_dataset=make_shapes_dataset(4),
-        processing_class=processor,
-    )
+    trainer = shapes_trainer(model, processor, tmp_path)
     _, prompts = repeated_prompts(trainer)
     prompt_ids, images, fields = trainer._tokenize_prompts(prompts)
     inputs = {

@@ -9,12 +9,11 @@ import random
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, small_config
+from conftest import ALL_FAMILIES, shapes_trainer, small_config
 
 from vlm_rl.data import make_shapes_dataset
 from vlm_rl.data.synthetic import draw_shape
 from vlm_rl.models.tiny import tiny_families
-from vlm_rl.rewards.accuracy import accuracy
 from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.shared_prefix import pack
 
@@ -118,13 +117,8 @@ def score(trainer, model, batch, modes: tuple[bool, bool], chunk: int | None):
 )
 def test_switches_match_the_plain_forward(family, kind, load_tiny, tmp_path):
     model, processor = load_tiny(family)
-    args = small_config(tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6)
-    trainer = VLMGRPOTrainer(
-        model=model,
-        reward_funcs=[accuracy],
-        args=args,
-        train_dataset=make_shapes_dataset(4),
-        processing_class=processor,
+    trainer = shapes_trainer(
+        model, processor, tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6
     )
     batch = scoring_batch(trainer, kind)
     plain = score(trainer, model, batch, (False, False), None)
@@ -154,13 +148,8 @@ def test_switches_match_the_plain_forward(family, kind, load_tiny, tmp_path):
 @pytest.mark.parametrize("family", [name for name in ALL_FAMILIES if name not in SHARED_FAMILIES + ENCODED_FAMILIES])
 def test_families_without_either_fall_back_to_the_plain_forward(family, load_tiny, tmp_path):
     model, processor = load_tiny(family)
-    args = small_config(tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6)
-    trainer = VLMGRPOTrainer(
-        model=model,
-        reward_funcs=[accuracy],
-        args=args,
-        train_dataset=make_shapes_dataset(4),
-        processing_class=processor,
+    trainer = shapes_trainer(
+        model, processor, tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6
     )
     batch = scoring_batch(trainer, "image")
     plain = score(trainer, model, batch, (False, False), None)
@@ -170,13 +159,8 @@ def test_families_without_either_fall_back_to_the_plain_forward(family, load_tin
 
 def test_gradient_checkpointing_with_both_switches(load_tiny, tmp_path):
     model, processor = load_tiny("qwen2_vl")
-    args = small_config(tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6)
-    trainer = VLMGRPOTrainer(
-        model=model,
-        reward_funcs=[accuracy],
-        args=args,
-        train_dataset=make_shapes_dataset(4),
-        processing_class=processor,
+    trainer = shapes_trainer(
+        model, processor, tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6
     )
     batch = scoring_batch(trainer, "mixed")
     plain = score(trainer, model, batch, (False, False), None)
@@ -228,13 +212,8 @@ def test_eager_attention_takes_the_additive_mask(load_tiny, tmp_path):
     """SDPA gets a boolean block mask, eager attention an additive one: both give the plain forward's numbers."""
     model, processor = load_tiny("qwen2_vl")
     model.set_attn_implementation("eager")
-    args = small_config(tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6)
-    trainer = VLMGRPOTrainer(
-        model=model,
-        reward_funcs=[accuracy],
-        args=args,
-        train_dataset=make_shapes_dataset(4),
-        processing_class=processor,
+    trainer = shapes_trainer(
+        model, processor, tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6
     )
     batch = scoring_batch(trainer, "mixed")
     plain = score(trainer, model, batch, (False, False), None)
