@@ -48,14 +48,29 @@ def kinds(family: str) -> list[str]:
     return ["image"] + ["text", "mixed"] * adapter.text_only + ["multi"] * adapter.multi_image
 
 
+def distinct_images(adapter, kind: str) -> tuple[int, int]:
+    """Distinct images and image slots over one copy of each prompt. With each distinct image encoded once, the
+    vision tower does `distinct / slots` of the work of one copy of each prompt (when repeated images share a size)."""
+    images = [image for row in prompts(adapter, kind) for image in row["images"]]
+    distinct = {(image.size, image.mode, image.tobytes()) for image in images}
+    assert len(distinct) == len(images) or len({image.size for image in images}) == 1, "repeated images of other sizes"
+    return len(distinct), len(images)
+
+
 def scoring_batch(trainer, kind: str):
-    """Trainer inputs for a batch with every prompt `COPIES` times, completions of 1 to 6 tokens, rows shuffled."""
-    rows = [row for row in prompts(trainer.adapter, kind) for _ in range(COPIES)]
-    random.Random(1).shuffle(rows)
+    """Trainer inputs for a batch with every prompt `COPIES` times, rows shuffled. The copies of a prompt get
+    completions of different lengths (1 to 6 tokens), so that they differ and some are padded."""
+    distinct = prompts(trainer.adapter, kind)
+    order = [i for i in range(len(distinct)) for _ in range(COPIES)]
+    random.Random(1).shuffle(order)
+    rows = [distinct[i] for i in order]
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions(rows)
     width = batch["completion_ids"].size(1)
-    lengths = torch.randint(1, width + 1, (len(rows),), generator=torch.Generator().manual_seed(2))
+    assert width >= COPIES, f"generation stopped after {width} tokens: too short for {COPIES} different lengths"
+    rng = random.Random(2)
+    per_prompt = [rng.sample(range(1, width + 1), COPIES) for _ in distinct]
+    lengths = torch.tensor([per_prompt[i].pop() for i in order])
     completion_mask = (torch.arange(width)[None] < lengths[:, None]).long()
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention_mask = torch.cat([batch["prompt_mask"], completion_mask], dim=1)
@@ -133,14 +148,19 @@ def test_switches_match_the_plain_forward(family, kind, load_tiny, tmp_path):
                 continue
             shares = switches[0] and family in SHARED_FAMILIES
             encodes = switches[1] and family in ENCODED_FAMILIES
-            if shares:  # each prompt once: fewer language-model tokens than COPIES full rows per prompt
-                assert counts["language"] < plain[3]["language"], where
+            rows, width = batch[0].shape
+            if shares:  # each prompt once: at most one padded row per prompt, then each completion and one token more
+                bound = rows // COPIES * width + rows * (batch[2].size(1) + 1)
+                assert counts["language"] <= bound < plain[3]["language"], where
             else:
                 assert counts["language"] == plain[3]["language"], where
             if kind == "text":
                 assert counts["vision"] == plain[3]["vision"] == 0, where
-            elif shares or encodes:  # every image shown COPIES times goes through the vision tower once
-                assert counts["vision"] * COPIES <= plain[3]["vision"], where
+            elif encodes:  # each distinct image once, also one that two different prompts show
+                distinct, slots = distinct_images(trainer.adapter, kind)
+                assert counts["vision"] * COPIES * slots == plain[3]["vision"] * distinct, where
+            elif shares:  # each prompt's images once for its COPIES rows
+                assert counts["vision"] * COPIES == plain[3]["vision"], where
             else:
                 assert counts["vision"] == plain[3]["vision"], where
 
