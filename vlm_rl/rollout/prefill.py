@@ -10,6 +10,7 @@ the last prompt token: the same next-token distributions, at about 1/G of the pr
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +35,13 @@ def prompts_prefilled_once(
     def generate(input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any):
         # Nothing to prefill before the last token; or a cache class of the user's choice (`cache_implementation`),
         # which `generate` builds itself and will not take alongside a filled one.
-        if input_ids.size(1) < 2 or getattr(kwargs.get("generation_config"), "cache_implementation", None):
+        # Beam search and several sequences per row: `generate` expands the rows but not a cache passed in.
+        config = copy.copy(kwargs.get("generation_config") or base_model.generation_config)
+        for key in ("cache_implementation", "num_beams", "num_return_sequences"):
+            if key in kwargs:
+                setattr(config, key, kwargs[key])
+        expands = (config.num_beams or 1) > 1 or (config.num_return_sequences or 1) > 1
+        if input_ids.size(1) < 2 or config.cache_implementation or expands:
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         vision = {key: kwargs.pop(key) for key in list(kwargs) if key in adapter.image_keys}
         per_token = {key: kwargs.pop(key) for key in list(kwargs) if key in adapter.row_keys}

@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,7 +67,9 @@ def server_args(argv: list[str]) -> list[str]:
         args += ["--max-model-len", str(training_args.vllm_max_model_length)]
     if training_args.trust_remote_code:
         args.append("--trust-remote-code")
-    if training_args.vllm_weight_transport == "nccl":
+    # `auto` is NCCL wherever CUDA is, as the trainer decides it on its side (`VLMRollout`).
+    transport = training_args.vllm_weight_transport
+    if transport == "nccl" or (transport == "auto" and torch.cuda.is_available()):
         args += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
     return args + passthrough
 

@@ -260,10 +260,13 @@ class VLMGRPOTrainer(GRPOTrainer):
         }
 
         def zero_vision_output() -> torch.Tensor:
-            # Only the features an image forward feeds the language model (`pooler_output`, in transformers 5):
-            # a backward through other outputs too would run the vision tower's backward hooks once more.
-            features = base.get_image_features(**vision_inputs, return_dict=True).pooler_output
-            return sum(0.0 * tensor.sum() for tensor in _float_tensors(features))
+            # Only the features an image forward feeds the language model (`pooler_output`, and Qwen3-VL's deepstack
+            # features, in transformers 5), so that the same weights get a gradient; a backward through other outputs
+            # too would run the vision tower's backward hooks once more. Under autocast, as the image forward runs.
+            with self.accelerator.autocast():
+                features = base.get_image_features(**vision_inputs, return_dict=True)
+            fields = self.adapter.image_feature_fields or ("pooler_output",)
+            return sum(0.0 * tensor.sum() for field in fields for tensor in _float_tensors(getattr(features, field)))
 
         zero = zero_vision_output() if self._encodes_images_once(base) else None
 
@@ -370,7 +373,10 @@ class VLMGRPOTrainer(GRPOTrainer):
     def _images_encoded_once(self, model, inputs: dict[str, Any]) -> dict[str, Any] | None:
         """The vision inputs of a forward as features of each distinct image, encoded once (`vision_once.py`)."""
         base = self._unwrapped(model)
-        return encode_images_once(base, self.adapter, inputs) if self._encodes_images_once(base) else None
+        if not self._encodes_images_once(base):
+            return None
+        with self.accelerator.autocast():  # the vision tower runs as it would inside the model's forward
+            return encode_images_once(base, self.adapter, inputs)
 
     def _shares_prompts(self, model, packed: bool = True) -> bool:
         """Whether prompts are run once per group for this model: in generation (`packed=False`) or in the packed
@@ -381,10 +387,24 @@ class VLMGRPOTrainer(GRPOTrainer):
             return True
         base = self._unwrapped(model)
         text_config = base.config.get_text_config()
-        # A custom 4D mask works with the eager and SDPA kernels only; every layer must attend to the full past.
+        # A custom 4D mask works with the eager and SDPA kernels only (a sliding window is checked per chunk).
         kernels = {getattr(config, "_attn_implementation", None) for config in (base.config, text_config)}
         layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
-        return kernels <= {"eager", "sdpa"} and layer_types == {"full_attention"} and base.base_model is not base
+        return (
+            kernels <= {"eager", "sdpa"}
+            and layer_types <= {"full_attention", "sliding_attention"}
+            and base.base_model is not base
+        )
+
+    @staticmethod
+    def _attention_window(text_config) -> int | None:
+        """The sliding-window size some layers attend within, or None. A custom 4D mask is used as given, without
+        the window, which is exact only while no row is longer than the window."""
+        layer_types = getattr(text_config, "layer_types", None)
+        windowed = (
+            "sliding_attention" in layer_types if layer_types else getattr(text_config, "use_sliding_window", True)
+        )
+        return getattr(text_config, "sliding_window", None) if windowed else None
 
     def _shared_prompt_logps(
         self,
@@ -410,7 +430,10 @@ class VLMGRPOTrainer(GRPOTrainer):
         base = self._unwrapped(model)
         text_config = base.config.get_text_config()
         sizes = (text_config.hidden_size, getattr(text_config, "intermediate_size", 4 * text_config.hidden_size))
+        window = self._attention_window(text_config)
         if packing is None or not packing.cheaper_than_plain(*input_ids.shape, *sizes):
+            return None
+        if window is not None and input_ids.size(1) > window:
             return None
         # The plain forward's positions of every row, gathered into the packed layout below.
         row_inputs = select_rows(self.adapter, split_inputs, num_images, rows)
@@ -426,6 +449,9 @@ class VLMGRPOTrainer(GRPOTrainer):
                 inputs[key] = packing.gather(split_inputs[key][rows.start : rows.stop])
         kernel = getattr(text_config, "_attn_implementation", None)
         dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
+        if hasattr(text_config, "output_router_logits"):
+            # TRL's fused head asks an MoE model for its router logits, whose load-balancing loss reads a 2D mask.
+            inputs["output_router_logits"] = False
         with self.accelerator.autocast():
             outputs = model(
                 input_ids=packing.gather(input_ids),

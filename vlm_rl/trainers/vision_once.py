@@ -54,10 +54,13 @@ def encode_images_once(base_model, adapter: FamilyAdapter, inputs: dict[str, Any
             index.append(len(distinct))
             distinct.append(slot)
     encoder_inputs = adapter.merge_vision_inputs({key: [per_image[key][i] for i in distinct] for key in image_inputs})
+    # Image inputs the encoder takes, by name or through `**kwargs` (LLaVA passes Pixtral's `image_sizes` that way).
     parameters = inspect.signature(base_model.get_image_features).parameters
-    features = base_model.get_image_features(
-        **{key: value for key, value in encoder_inputs.items() if key in parameters}, return_dict=True
-    )
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kept = {
+        key: value for key, value in encoder_inputs.items() if key in parameters or (takes_any and key in image_inputs)
+    }
+    features = base_model.get_image_features(**kept, return_dict=True)
     reused = type(features)(
         **{field: _select(getattr(features, field), index) for field in adapter.image_feature_fields}
     )
