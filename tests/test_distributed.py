@@ -303,7 +303,7 @@ def test_zero3_without_gathered_save_is_refused_at_start_up(tmp_path):
     assert not (tmp_path / "run" / "trainer_state.json").exists()
 
 
-def mixed_data_recipe(directory: Path) -> Path:
+def mixed_data_recipe(directory: Path, **overrides) -> Path:
     """Each step gives process 0 a text-only prompt and process 1 a prompt with an image (shuffling off).
 
     Two prompts per step, two samples each, two per process: process 0 gets prompt 2k, process 1 prompt 2k+1.
@@ -329,6 +329,7 @@ def mixed_data_recipe(directory: Path) -> Path:
         reward_funcs=["accuracy", "marker.py:row_marker"],
         per_device_train_batch_size=2,
         final_eval=False,
+        **overrides,
     )
 
 
@@ -344,10 +345,12 @@ def test_zero3_mixed_text_and_image_processes_do_not_hang(tmp_path):
     assert rows_with_images(tmp_path, 1)[0] == [True, True]  # ... while process 1 has images
 
 
-def test_ddp_mixed_text_and_image_processes_without_find_unused_parameters(tmp_path):
-    # DDP waits for a gradient of every weight when `find_unused_parameters` is off (transformers' choice under
-    # gradient checkpointing); without the dummy vision forward this run hangs (measured: killed after 200 s).
-    recipe = mixed_data_recipe(tmp_path)
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])  # Qwen3-VL also feeds deepstack features
+def test_ddp_mixed_text_and_image_processes_without_find_unused_parameters(family, tmp_path):
+    # DDP waits for a gradient of every weight when `find_unused_parameters` is off; without the dummy vision
+    # forward this run hangs (measured: killed after 200 s), and so did Qwen3-VL's before the dummy fed its deepstack
+    # features.
+    recipe = mixed_data_recipe(tmp_path, model_name_or_path=f"tiny:{family}")
     code, output = launch("cpu_ddp.yaml", recipe, "--ddp_find_unused_parameters", "false", timeout=240)
     check_ran(code, output)
     check_trained(tmp_path / "run", 2)
