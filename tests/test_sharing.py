@@ -253,3 +253,25 @@ def test_packing_is_used_only_where_it_costs_less(copies, completion, packed_is_
     packing = pack([list(range(copies))], input_ids, torch.ones_like(input_ids), completion)
     # Qwen2.5-VL-3B's language model: hidden 2048, MLP 11008.
     assert packing.cheaper_than_plain(copies, prompt + completion, 2048, 11008) is packed_is_cheaper
+
+
+def test_images_encoded_once_run_under_the_trainers_autocast(load_tiny, tmp_path):
+    """fp32 weights, bf16 mixed precision: the vision tower runs in bf16 on both paths, as in the model forward."""
+    model, processor = load_tiny("qwen2_vl")
+    trainer = shapes_trainer(
+        model, processor, tmp_path, bf16=True, num_generations=COPIES, per_device_train_batch_size=COPIES
+    )
+    batch = scoring_batch(trainer, "image")
+    dtypes = []
+    hook = (
+        vision_module(model, trainer.adapter)
+        .blocks[0]
+        .mlp.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    )
+    try:
+        plain = score(trainer, model, batch, (False, False), None)
+        encoded = score(trainer, model, batch, (False, True), None)
+    finally:
+        hook.remove()
+    assert set(dtypes) == {torch.bfloat16}
+    torch.testing.assert_close(encoded[0], plain[0], atol=1e-5, rtol=0)
