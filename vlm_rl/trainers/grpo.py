@@ -9,23 +9,36 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import time
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from torch import nn
-from transformers import AutoConfig, ProcessorMixin
+from transformers import AutoConfig, ProcessorMixin, is_trackio_available, is_wandb_available
+from transformers.trainer_callback import ProgressCallback
+from transformers.utils import is_rich_available
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 from trl.trainer import grpo_trainer as grpo_trainer_module
-from trl.trainer.utils import get_callable_name, pad, shuffle_sequence_dict, split_tensor_dict
+from trl.trainer.utils import (
+    get_callable_name,
+    pad,
+    print_prompt_completions_sample,
+    shuffle_sequence_dict,
+    split_tensor_dict,
+)
 
 from vlm_rl.data import most_images_per_row
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
+from vlm_rl.trainers.completion_logs import conversation_text, write_completion_logs
 from vlm_rl.trainers.logprobs import BOOKKEEPING_KEYS, align_per_token_inputs, score_from_logits, select_rows
+from vlm_rl.trainers.progress import RewardProgressCallback
 from vlm_rl.trainers.shared_prefix import group_rows, pack
 from vlm_rl.trainers.vision_once import encode_images_once
 
@@ -92,6 +105,11 @@ class VLMGRPOTrainer(GRPOTrainer):
         # Failed samples so far per reward and kind (error, timeout, nonfinite), summed over processes.
         self.reward_failures: dict[str, dict[str, int]] = {}
         self._seen_routes: set[str] = set()
+        # Seconds spent this optimizer step in generation and in the rewards (`timing/*` in the logs).
+        self._phase_seconds: dict[str, float] = defaultdict(float)
+        self._completions_logged_at: int | None = None
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(RewardProgressCallback)
 
     @staticmethod
     @contextlib.contextmanager
@@ -138,8 +156,34 @@ class VLMGRPOTrainer(GRPOTrainer):
             route_column=getattr(args, "reward_route_column", "task"),
         )
 
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.model.training:  # an in-loop evaluation's rollouts are not part of a training step
+                self._phase_seconds[phase] += time.perf_counter() - start
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        start = time.perf_counter()
+        output = super().training_step(model, inputs, num_items_in_batch)
+        self._phase_seconds["step"] += time.perf_counter() - start
+        if self._step % self.current_gradient_accumulation_steps == 0:  # TRL's step counter, just advanced
+            seconds, self._phase_seconds = self._phase_seconds, defaultdict(float)
+            metrics = self._metrics["train"]
+            metrics["timing/rollout_s"].append(seconds["rollout"])
+            metrics["timing/scoring_s"].append(seconds["scoring"])
+            metrics["timing/update_s"].append(seconds["step"] - seconds["rollout"] - seconds["scoring"])
+        return output
+
+    def _generate(self, prompts: list):
+        with self._timed("rollout"):
+            return super()._generate(prompts)
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        with self._timed("scoring"):
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._log_reward_breakdown(inputs, rewards_per_func)
         return rewards_per_func
 
@@ -174,7 +218,43 @@ class VLMGRPOTrainer(GRPOTrainer):
             for name, counts in self.reward_failures.items():
                 logs[f"rewards/{name}/failures"] = sum(counts.values())
                 logs.update({f"rewards/{name}/failures_{kind}": n for kind, n in counts.items() if n})
-        super().log(logs, start_time)
+        # TRL's completion table crashes wandb on image prompts (see `completion_logs`): write ours instead.
+        log_completions, self.log_completions = self.log_completions, False
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.log_completions = log_completions
+        # Once per step: the end-of-training summary line is a log call too.
+        fresh = self._completions_logged_at != self.state.global_step
+        if self.accelerator.is_main_process and self.log_completions and self.model.training and fresh:
+            self._completions_logged_at = self.state.global_step
+            self._log_completion_table()
+
+    def _log_completion_table(self) -> None:
+        if is_rich_available():
+            print_prompt_completions_sample(
+                [conversation_text(p) for p in self._logs["prompt"]],
+                [conversation_text(c) for c in self._logs["completion"]],
+                self._logs["rewards"],
+                self._logs["advantages"],
+                self.state.global_step,
+                self.num_completions_to_print,
+                extra=dict(self._logs["extra"]),
+            )
+        report_to = self.args.report_to or []
+        backends = []
+        if "wandb" in report_to and is_wandb_available():
+            import wandb
+
+            if wandb.run is not None:
+                backends.append(wandb)
+        if "trackio" in report_to and is_trackio_available():
+            import trackio
+
+            backends.append(trackio)
+        write_completion_logs(
+            self._logs, self.state.global_step, self.args.output_dir, backends, unique_prompts=self.log_unique_prompts
+        )
 
     def _tokenize_prompts(self, prompts: list):
         # TRL marks an image-less row with `None`, and the processor call that builds the training inputs

@@ -1,0 +1,85 @@
+"""Completion logs: each logging step's prompts, images, completions, rewards and advantages, as a table.
+
+TRL 1.16 puts the prompt into its table as a conversation (a list of dicts) whose image parts have no text;
+wandb infers a column type from the first row and refuses the table when a later row's parts differ (an image
+part next to a text part), so `report_to: wandb` with `log_completions: true` crashes on the first image prompt.
+Here prompts and completions are plain text with an `<image>` marker where each image goes, and each image of a
+row has a column of its own (`image_1`, `image_2`, ...; empty for rows with fewer images), so every cell has one
+type and the tracker shows the images next to the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+IMAGE_MARKER = "<image>"
+
+
+def conversation_text(messages: str | Sequence[dict]) -> str:
+    """A prompt or completion as readable text: one `role: content` line per message, images as `<image>`."""
+    if isinstance(messages, str):
+        return messages
+    lines = []
+    for message in messages:
+        content = message.get("content", "")
+        if not isinstance(content, str):
+            content = "".join(
+                part.get("text") or "" if part.get("type") == "text" else IMAGE_MARKER
+                for part in content
+                if isinstance(part, dict)
+            )
+        lines.append(f"{message.get('role', 'user')}: {content}")
+    return "\n".join(lines)
+
+
+def completion_frame(logs: dict[str, Any], step: int) -> pd.DataFrame:
+    """The text columns of one logging step's table: step, prompt, completion, number of images, each reward,
+    each extra column a reward logged, and the advantage."""
+    prompts = list(logs["prompt"])
+    images = list(logs["images"]) or [[] for _ in prompts]
+    return pd.DataFrame(
+        {
+            "step": [step] * len(prompts),
+            "prompt": [conversation_text(p) for p in prompts],
+            "completion": [conversation_text(c) for c in logs["completion"]],
+            "num_images": [len(row or []) for row in images],
+            **{name: list(values) for name, values in logs["rewards"].items()},
+            **{name: list(values) for name, values in logs["extra"].items()},
+            "advantage": list(logs["advantages"]),
+        }
+    )
+
+
+def with_image_columns(frame: pd.DataFrame, images: Sequence[Sequence[Any] | None], to_media) -> pd.DataFrame:
+    """`frame` plus `image_1` .. `image_K` (K: the most images in a row), each image converted by `to_media`."""
+    most = max((len(row or []) for row in images), default=0)
+    columns = {
+        f"image_{k + 1}": [to_media(row[k]) if row is not None and k < len(row) else None for row in images]
+        for k in range(most)
+    }
+    return pd.concat([frame, pd.DataFrame(columns, index=frame.index)], axis=1)
+
+
+def write_completion_logs(
+    logs: dict[str, Any], step: int, output_dir: str | Path, backends: Iterable[Any], unique_prompts: bool = False
+) -> pd.DataFrame:
+    """Write `completions/completions_<step>.parquet` (text) and log one table per backend (wandb, trackio).
+
+    Each backend gets the table under the key `completions` at this step: wandb keeps every step's table as a
+    file of its own (`media/table/completions_<step>_*.table.json` in the run directory) and in the UI's step
+    slider, so a step never overwrites an earlier one.
+    """
+    frame = completion_frame(logs, step)
+    directory = Path(output_dir) / "completions"
+    directory.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(directory / f"completions_{step:05d}.parquet")
+    images = list(logs["images"]) or [[] for _ in range(len(frame))]
+    keep = ~frame["prompt"].duplicated() if unique_prompts else pd.Series(True, index=frame.index)
+    for backend in backends:
+        table = with_image_columns(frame, images, backend.Image)[keep]
+        backend.log({"completions": backend.Table(dataframe=table.reset_index(drop=True))})
+    return frame
