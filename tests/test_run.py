@@ -90,12 +90,12 @@ def test_cli_run_writes_checkpoints_state_plot_and_eval(tmp_path):
     run = tmp_path / "run"
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert trainer_state(run)["global_step"] == 2
-    with Image.open(run / "reward_curve.png") as plot:
+    with Image.open(run / "training_curves.png") as plot:
         assert plot.size[0] >= 600 and plot.size[1] >= 300
     # `vlm-rl plot` redraws it from trainer_state.json.
-    (run / "reward_curve.png").unlink()
+    (run / "training_curves.png").unlink()
     subprocess.run([str(vlm_rl), "plot", str(run)], check=True, env=env, timeout=120)
-    assert (run / "reward_curve.png").stat().st_size > 10_000
+    assert (run / "training_curves.png").stat().st_size > 10_000
     results = json.loads((run / "eval_results.json").read_text())
     assert results["chance"] == 0.25 and results["num_rows"] == 8
     assert 0.0 <= results["accuracy"] <= 1.0 and 0.0 <= results["blind_accuracy"] <= 1.0

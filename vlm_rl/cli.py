@@ -61,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--num_hidden_layers", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_tiny_model)
-    plot = commands.add_parser("plot", help="Write RUN_DIR/reward_curve.png from RUN_DIR/trainer_state.json.")
-    plot.add_argument("run_dir")
+    plot = commands.add_parser(
+        "plot",
+        help="Write RUN_DIR/training_curves.png (reward, accuracy, length, KL, entropy, step time against step) from "
+        "RUN_DIR/trainer_state.json, or from the newest checkpoint's while the run is still going.",
+    )
+    plot.add_argument("run_dir", help="A run's output_dir.")
     plot.set_defaults(func=_plot)
     export = commands.add_parser(
         "export", help="Merge a LoRA run's adapter into its base model and save a full model directory."

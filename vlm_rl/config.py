@@ -242,7 +242,13 @@ class VLMGRPOConfig(GRPOConfig):
         default="accuracy",
         metadata={"help": "The reward reported as `accuracy` / `blind_accuracy` in `eval_results.json`."},
     )
-    plot: bool = field(default=True, metadata={"help": "Write `reward_curve.png` (reward against step) at the end."})
+    plot: bool = field(
+        default=True,
+        metadata={
+            "help": "Write `training_curves.png` at the end: reward (total and per function), accuracy, completion "
+            "length, KL, entropy and step time against step."
+        },
+    )
     reward_timeout: float | None = field(
         default=60.0,
         metadata={

@@ -1,8 +1,9 @@
-"""Training curves from a run's `trainer_state.json`."""
+"""Training curves from a run's `trainer_state.json`: one PNG that says at a glance how the run went."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -10,27 +11,81 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vlm_rl.checkpoints import latest_checkpoint  # noqa: E402
 
-def plot_reward_curve(log_history: list[dict], path: str | Path, title: str = "") -> Path:
-    """Total reward and each reward function's mean against the optimizer step."""
-    logs = [entry for entry in log_history if "reward" in entry and "step" in entry]
-    if not logs:
+PLOT_FILE = "training_curves.png"
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    keys: tuple[str, ...]  # log keys, drawn in this order; a key ending in `/` stands for every key under it
+    empty: str  # shown in the panel when the run logged none of its keys
+
+
+PANELS = (
+    Panel("Reward", ("reward", "rewards/", "eval_reward"), "no reward logged"),
+    # `accuracy`: the mean of the recipe's `eval_accuracy_reward` (logged by `VLMGRPOTrainer`).
+    Panel("Accuracy", ("accuracy", "eval_accuracy"), "no `eval_accuracy_reward` among the rewards"),
+    Panel("Completion length (tokens)", ("completions/mean_length", "eval_completions/mean_length"), "not logged"),
+    Panel("KL to the reference", ("kl", "eval_kl"), "not logged (beta = 0: no reference model)"),
+    Panel("Entropy", ("entropy", "eval_entropy"), "not logged"),
+    Panel("Seconds per step", ("timing/rollout_s", "timing/scoring_s", "timing/update_s"), "not logged"),
+)
+
+
+def _series(log_history: list[dict], keys: tuple[str, ...]) -> dict[str, list]:
+    """{label: [(step, value), ...]} for each key of a panel that the run logged."""
+    names: list[str] = []
+    for key in keys:
+        if key.endswith("/"):  # each reward function's mean, over all rows (not per task)
+            found = {k for entry in log_history for k in entry if k.startswith(key) and k.endswith("/mean")}
+            names += sorted(k for k in found if k.count("/") == 2)
+        else:
+            names.append(key)
+    series = {}
+    for name in names:
+        points = [
+            (entry["step"], entry[name])
+            for entry in log_history
+            if isinstance(entry.get(name), int | float) and "step" in entry
+        ]
+        if points:
+            series[name] = points
+    return series
+
+
+def plot_training_curves(log_history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Reward (total and per function), accuracy, completion length, KL, entropy and step time against step.
+
+    Evaluation values (`eval_*`) are drawn dashed on the panel of their training twin.
+    """
+    if not any("reward" in entry for entry in log_history):
         raise ValueError("The log history has no reward entries to plot (was `logging_steps` larger than the run?).")
-    steps = [entry["step"] for entry in logs]
-    figure, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
-    axis.plot(
-        steps, [entry["reward"] for entry in logs], label="reward (weighted total)", linewidth=2.2, color="black"
-    )
-    per_function = sorted(
-        {key for entry in logs for key in entry if key.startswith("rewards/") and key.endswith("/mean")}
-    )
-    for key in per_function:
-        axis.plot(steps, [entry.get(key) for entry in logs], label=key.removeprefix("rewards/"), alpha=0.8)
-    axis.set_xlabel("step")
-    axis.set_ylabel("reward")
-    axis.set_title(title or "GRPO reward")
-    axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=100)
+    for panel, axis in zip(PANELS, axes.flat, strict=True):
+        series = _series(log_history, panel.keys)
+        for label, points in series.items():
+            steps, values = zip(*points, strict=True)
+            evaluation = label.startswith("eval_")
+            axis.plot(
+                steps,
+                values,
+                label=label.replace("rewards/", "").removesuffix("/mean"),
+                linewidth=2.6 if label in ("reward", "eval_reward") else 1.4,
+                zorder=3 if label in ("reward", "eval_reward") else 2,  # the total on top of its parts
+                linestyle="--" if evaluation else "-",
+                marker="o" if evaluation or len(steps) < 20 else None,
+                markersize=3,
+            )
+        axis.set_title(panel.title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if series:
+            axis.legend(fontsize=8, loc="best")
+        else:
+            axis.text(0.5, 0.5, panel.empty, ha="center", va="center", transform=axis.transAxes, color="gray")
+    figure.suptitle(title or "GRPO training")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path)
@@ -39,10 +94,20 @@ def plot_reward_curve(log_history: list[dict], path: str | Path, title: str = ""
 
 
 def plot_run(run_dir: str | Path) -> Path:
-    """Plot `<run_dir>/trainer_state.json` (or that of its newest checkpoint) to `<run_dir>/reward_curve.png`."""
+    """Plot `<run_dir>/trainer_state.json` to `<run_dir>/training_curves.png`.
+
+    A run still in progress (or stopped) has no `trainer_state.json` at its top yet; its newest complete
+    checkpoint's is used instead.
+    """
     run_dir = Path(run_dir)
     state_file = run_dir / "trainer_state.json"
     if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file} not found: is {run_dir} a finished vlm-rl run directory?")
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"{run_dir} has no trainer_state.json and no complete checkpoint-N: is it a vlm-rl run directory?"
+            )
+        state_file = checkpoint / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    return plot_reward_curve(state["log_history"], run_dir / "reward_curve.png", title=f"GRPO reward — {run_dir.name}")
+    title = f"GRPO training — {run_dir.name}, step {state['global_step']}"
+    return plot_training_curves(state["log_history"], run_dir / PLOT_FILE, title=title)

@@ -26,7 +26,7 @@ from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts, load_task, 
 from vlm_rl.evaluation import evaluate_policy, mean_reward
 from vlm_rl.models import adapter_for, apply_freezing, load_model_and_processor, resolve_model_path
 from vlm_rl.models.lora import wrap_with_lora
-from vlm_rl.plotting import plot_reward_curve
+from vlm_rl.plotting import plot_run
 from vlm_rl.rewards import ConfiguredReward, RewardSpecError, load_rewards
 from vlm_rl.trainers import VLMGRPOTrainer
 
@@ -251,8 +251,7 @@ def run(
     trainer.save_state()
 
     if trainer.accelerator.is_main_process and training_args.plot:
-        path = plot_reward_curve(trainer.state.log_history, Path(training_args.output_dir) / "reward_curve.png")
-        logger.info("Reward curve: %s", path)
+        logger.info("Training curves: %s", plot_run(training_args.output_dir))
     if trainer.accelerator.is_main_process and training_args.final_eval and task.eval is not None:
         with trained_policy(trainer, model_path, model_args.dtype) as policy:
             results = final_evaluation(policy, trainer, task, reward_funcs, training_args)

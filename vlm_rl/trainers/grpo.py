@@ -196,6 +196,11 @@ class VLMGRPOTrainer(GRPOTrainer):
         routes = gather_object([row.get(route_column) for row in inputs])
         # A task absent from this batch counts 0, so each count averages over the same steps.
         self._seen_routes.update(str(r) for r in routes if r is not None)
+        # `accuracy` / `eval_accuracy`: the mean of the reward the recipe reports as accuracy, under a plain name.
+        accuracy_reward = getattr(self.args, "eval_accuracy_reward", None)
+        if accuracy_reward in self.reward_func_names:
+            values = all_rewards[:, self.reward_func_names.index(accuracy_reward)]
+            metrics["accuracy"].append(torch.nanmean(values).item())
         for i, name in enumerate(self.reward_func_names):
             scored = ~torch.isnan(all_rewards[:, i])
             metrics[f"rewards/{name}/count"].append(scored.sum().item())
