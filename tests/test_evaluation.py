@@ -28,7 +28,7 @@ def test_eval_generates_for_every_family(family, load_tiny):
     model, processor = load_tiny(family)
     dataset = make_shapes_dataset(4, text_fraction=0.5 if family in TEXT_MIX_FAMILIES else 0.0, seed=1)
     records = evaluate_policy(model, processor, dataset, load_rewards(["accuracy"]), max_new_tokens=2, batch_size=4)
-    assert [record["has_images"] for record in records] == [bool(row["images"]) for row in dataset]
+    assert [record["num_images"] for record in records] == [len(row["images"]) for row in dataset]
     blind = evaluate_policy(
         model, processor, dataset, load_rewards(["accuracy"]), max_new_tokens=2, batch_size=4, blind=True
     )

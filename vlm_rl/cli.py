@@ -1,12 +1,20 @@
-"""The `vlm-rl` command."""
+"""The `vlm-rl` command.
+
+Parsing imports nothing heavy, so `vlm-rl --help` and `vlm-rl recipes` answer at once; each command imports
+what it needs when it runs. `train` and `vllm-serve` take a recipe's fields as flags, parsed by the recipe
+parser itself (`vlm_rl.config.parse_recipe`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # in a source checkout
 
 
-def _tiny_model(args: argparse.Namespace) -> None:
+def _tiny_model(args: argparse.Namespace, overrides: list[str]) -> None:
     from vlm_rl.models import build_tiny_model
 
     path = build_tiny_model(
@@ -19,13 +27,13 @@ def _tiny_model(args: argparse.Namespace) -> None:
     print(f"Tiny {args.family} model written to {path}")
 
 
-def _plot(args: argparse.Namespace) -> None:
+def _plot(args: argparse.Namespace, overrides: list[str]) -> None:
     from vlm_rl.plotting import plot_run
 
     print(f"Wrote {plot_run(args.run_dir)}")
 
 
-def _export(args: argparse.Namespace) -> None:
+def _export(args: argparse.Namespace, overrides: list[str]) -> None:
     from vlm_rl.export import export_merged
 
     path = export_merged(
@@ -38,9 +46,39 @@ def _export(args: argparse.Namespace) -> None:
     print(f"Merged model written to {path}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from vlm_rl.models import tiny_families
+def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
+    from vlm_rl.evaluation import evaluate_saved_model
 
+    evaluate_saved_model(args, overrides)
+
+
+def recipe_summaries(directory: Path) -> list[tuple[str, str]]:
+    """(file name, first-line summary) of each recipe in `directory`: a recipe's first line is a `# ` comment."""
+    summaries = []
+    for path in sorted(directory.glob("*.yaml")):
+        first = path.read_text().splitlines()[:1]
+        summary = first[0].removeprefix("#").strip() if first and first[0].startswith("#") else "(no summary line)"
+        summaries.append((path.name, summary))
+    return summaries
+
+
+def _recipes(args: argparse.Namespace, overrides: list[str]) -> None:
+    directory = Path(args.dir) if args.dir else next((d for d in (Path("recipes"), RECIPES_DIR) if d.is_dir()), None)
+    if directory is None or not directory.is_dir():
+        raise SystemExit(
+            f"No recipes directory ({args.dir or 'recipes/ here, or in the vlm-rl source checkout'}): "
+            "pass --dir, or run from a vlm-rl checkout."
+        )
+    summaries = recipe_summaries(directory)
+    if not summaries:
+        raise SystemExit(f"{directory} holds no *.yaml recipe.")
+    width = max(len(name) for name, _ in summaries)
+    print(f"Recipes in {directory} (run one with: vlm-rl train --config {directory}/NAME):")
+    for name, summary in summaries:
+        print(f"  {name:<{width}}  {summary}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-rl", description="GRPO post-training for vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
@@ -48,26 +86,52 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="Train from a recipe: vlm-rl train --config recipes/X.yaml [--field value ...]; --help lists the fields.",
     )
-    commands.add_parser(
-        "vllm-serve",
-        add_help=False,
-        help="Serve rollouts for `vllm_mode: server` with vLLM, set up from the same recipe: "
-        "vlm-rl vllm-serve --config recipes/X.yaml [--field value ...] [-- --vllm-flag ...].",
+    evaluate = commands.add_parser(
+        "eval",
+        help="Evaluate a saved model on a recipe's held-out data with the recipe's rewards.",
+        description="Generate greedily with a saved model on a recipe's held-out data, score every completion with "
+        "the recipe's rewards, and write OUTPUT_DIR/eval_samples.jsonl (one line per row) and "
+        "OUTPUT_DIR/eval_results.json (each reward's mean, accuracy; with --ablate-images the blind accuracy). Any "
+        "other --field value overrides the recipe, e.g. --eval_dataset data/test.jsonl.",
     )
+    evaluate.add_argument("--model", required=True, help="A run's output_dir, a checkpoint-N, or a LoRA adapter dir.")
+    evaluate.add_argument("--config", required=True, help="The recipe: its data, rewards and eval_accuracy_reward.")
+    evaluate.add_argument("--output_dir", help="Where to write the results. Default: MODEL/eval.")
+    evaluate.add_argument(
+        "--ablate-images",
+        "--ablate_images",
+        dest="ablate_images",
+        action="store_true",
+        help="Evaluate again with each row's images swapped for another row's (none keeps its own); report "
+        "blind_accuracy and image_reliance = image_accuracy - blind_accuracy: how much the policy uses the image.",
+    )
+    evaluate.add_argument(
+        "--split", choices=["eval", "train"], default="eval", help="Which split of the recipe's data."
+    )
+    evaluate.add_argument("--limit", type=int, help="Evaluate only the first N rows.")
+    evaluate.add_argument(
+        "--batch_size", type=int, help="Rows per generate call. Default: per_device_eval_batch_size."
+    )
+    evaluate.add_argument("--max_new_tokens", type=int, help="Default: the recipe's max_completion_length.")
+    evaluate.set_defaults(func=_eval, takes_overrides=True)
+
+    plot = commands.add_parser(
+        "plot",
+        help="Write RUN_DIR/training_curves.png: reward, accuracy, length, KL, entropy and step time against step.",
+        description="Draw RUN_DIR/training_curves.png from RUN_DIR/trainer_state.json, or from the newest complete "
+        "checkpoint's while the run is still going.",
+    )
+    plot.add_argument("run_dir", help="A run's output_dir.")
+    plot.set_defaults(func=_plot)
+
     tiny = commands.add_parser("tiny-model", help="Build a tiny random-weight VLM of a real architecture, offline.")
-    tiny.add_argument("--family", required=True, choices=sorted(tiny_families()))
+    tiny.add_argument("--family", required=True, help="A model family, e.g. qwen2_vl (all: docs/models.md).")
     tiny.add_argument("--output_dir", required=True, help="Directory to save the model and processor to.")
     tiny.add_argument("--hidden_size", type=int, default=64)
     tiny.add_argument("--num_hidden_layers", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_tiny_model)
-    plot = commands.add_parser(
-        "plot",
-        help="Write RUN_DIR/training_curves.png (reward, accuracy, length, KL, entropy, step time against step) from "
-        "RUN_DIR/trainer_state.json, or from the newest checkpoint's while the run is still going.",
-    )
-    plot.add_argument("run_dir", help="A run's output_dir.")
-    plot.set_defaults(func=_plot)
+
     export = commands.add_parser(
         "export", help="Merge a LoRA run's adapter into its base model and save a full model directory."
     )
@@ -83,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     export.add_argument("--trust_remote_code", action="store_true")
     export.set_defaults(func=_export)
+
+    recipes = commands.add_parser("recipes", help="List the shipped recipes, one line each.")
+    recipes.add_argument("--dir", help="A directory of recipes. Default: recipes/ here, else the source checkout's.")
+    recipes.set_defaults(func=_recipes)
+
+    commands.add_parser(
+        "vllm-serve",
+        add_help=False,
+        help="Serve rollouts for `vllm_mode: server` with vLLM, set up from the same recipe: "
+        "vlm-rl vllm-serve --config recipes/X.yaml [--field value ...] [-- --vllm-flag ...].",
+    )
     return parser
 
 
@@ -98,8 +173,11 @@ def main(argv: list[str] | None = None) -> None:
 
         serve_main(argv[1:])
         return
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    args.func(args, overrides)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,22 @@ policy that reads the image scores near chance there; one that guesses from the 
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import BatchFeature
 from trl.data_utils import prepare_multimodal_messages
 
-from vlm_rl.data import load_rows
+from vlm_rl.data import image_counts, load_rows
 from vlm_rl.models.adapters import FamilyAdapter, adapter_for
+from vlm_rl.trainers.completion_logs import conversation_text
 from vlm_rl.trainers.grpo import media_token_ids
 
 
@@ -87,20 +92,25 @@ def evaluate_policy(
     batch_size: int = 32,
     blind: bool = False,
     seed: int = 0,
+    progress: str | None = None,
 ) -> list[dict[str, Any]]:
     """Generate greedily for every row and score each completion with every reward.
 
-    Returns one record per row: the completion, whether the row has images, and `rewards` by function name.
+    Returns one record per row: its index, prompt (as text), number of images, `answer` if it has one, the
+    completion and `rewards` by function name; with `blind`, `image_from`, the row whose images it was shown.
     Rows load a batch at a time; a lazily loaded dataset's bad rows are left out under `bad_rows: skip`.
+    `progress`: the label of a progress bar over the batches (None: no bar).
     """
     was_training = model.training
     model.eval()
     partners = None
     if blind:  # which rows have images: a first pass, so that no more than a batch of images is held
-        image_rows = [index for batch in _batches(dataset, batch_size) for index, row in batch if row.get("images")]
-        partners = deranged_rows(image_rows, seed)
+        partners = deranged_rows(image_rows(dataset, batch_size), seed)
     records = []
-    for indexed in _batches(dataset, batch_size):
+    batches = tqdm(
+        _batches(dataset, batch_size), desc=progress, total=-(-len(dataset) // batch_size), disable=progress is None
+    )
+    for indexed in batches:
         batch = [row for _, row in indexed]
         if partners is None:
             images = [row.get("images") or [] for row in batch]
@@ -115,16 +125,22 @@ def evaluate_policy(
         columns["images"] = images
         columns["completion_ids"] = completion_ids
         scores = {func.__name__: func(prompts=prompts, completions=completions, **columns) for func in reward_funcs}
-        for i, text in enumerate(texts):
-            records.append(
-                {
-                    "completion": text,
-                    "has_images": bool(images[i]),
-                    "rewards": {name: values[i] for name, values in scores.items()},
-                }
-            )
+        for i, (index, row) in enumerate(indexed):
+            record = {"index": index, "prompt": conversation_text(row["prompt"]), "num_images": len(images[i])}
+            if partners is not None and index in partners:
+                record["image_from"] = partners[index]
+            if isinstance(row.get("answer"), str | int | float | list):
+                record["answer"] = row["answer"]
+            record["completion"] = texts[i]
+            record["rewards"] = {name: values[i] for name, values in scores.items()}
+            records.append(record)
     model.train(was_training)
     return records
+
+
+def image_rows(dataset: Dataset, batch_size: int = 32) -> list[int]:
+    """Indices of the rows with at least one image (a pass over the rows, a batch of images at a time)."""
+    return [index for batch in _batches(dataset, batch_size) for index, row in batch if row.get("images")]
 
 
 def mean_reward(records: list[dict[str, Any]], name: str, *, has_images: bool | None = None) -> float | None:
@@ -132,6 +148,151 @@ def mean_reward(records: list[dict[str, Any]], name: str, *, has_images: bool | 
     values = [
         r["rewards"][name]
         for r in records
-        if (has_images is None or r["has_images"] == has_images) and r["rewards"][name] is not None
+        if (has_images is None or (r["num_images"] > 0) == has_images) and r["rewards"][name] is not None
     ]
     return sum(values) / len(values) if values else None
+
+
+def summarize(
+    records: list[dict[str, Any]],
+    blind_records: list[dict[str, Any]] | None,
+    reward_names: list[str],
+    accuracy_reward: str,
+    chance: float | None = None,
+) -> dict[str, Any]:
+    """Each reward's mean and the accuracy, over all rows, rows with images, rows without; and, from the run with
+    images swapped between rows (`blind_records`), the same over the rows with images, and how much the policy
+    relies on the image: `image_reliance` = `image_accuracy` - `blind_accuracy`."""
+    summary = {
+        "num_rows": len(records),
+        "num_image_rows": sum(r["num_images"] > 0 for r in records),
+        "accuracy_reward": accuracy_reward,
+        "accuracy": mean_reward(records, accuracy_reward),
+        "image_accuracy": mean_reward(records, accuracy_reward, has_images=True),
+        "text_only_accuracy": mean_reward(records, accuracy_reward, has_images=False),
+        "chance": chance,
+        "rewards": {name: mean_reward(records, name) for name in reward_names},
+    }
+    if blind_records is not None:
+        blind = mean_reward(blind_records, accuracy_reward, has_images=True)
+        summary["blind_accuracy"] = blind
+        image = summary["image_accuracy"]
+        summary["image_reliance"] = image - blind if image is not None and blind is not None else None
+        summary["blind_rewards"] = {name: mean_reward(blind_records, name, has_images=True) for name in reward_names}
+    return summary
+
+
+def evaluate_and_write(
+    model,
+    processor,
+    dataset: Dataset,
+    reward_funcs: list[Callable],
+    output_dir: str | Path,
+    *,
+    accuracy_reward: str,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    ablate_images: bool = True,
+    chance: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate (and, with `ablate_images`, again with images swapped between rows); write
+    `eval_samples.jsonl` (one line per row) and `eval_results.json` (the summary, plus `extra`) to `output_dir`."""
+    names = [func.__name__ for func in reward_funcs]
+    if accuracy_reward not in names:
+        raise ValueError(f"The accuracy reward {accuracy_reward!r} (eval_accuracy_reward) is not among {names}.")
+    kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    records = evaluate_policy(model, processor, dataset, reward_funcs, progress="eval", **kwargs)
+    blind_records = None
+    if ablate_images:
+        blind_records = evaluate_policy(
+            model, processor, dataset, reward_funcs, blind=True, progress="eval, images swapped", **kwargs
+        )
+    results = {**summarize(records, blind_records, names, accuracy_reward, chance), **(extra or {})}
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "eval_samples.jsonl", "w") as f:
+        for i, record in enumerate(records):
+            if blind_records is not None:  # rows without images keep them (none) in the blind run
+                blind = blind_records[i]
+                record |= {f"blind_{key}": blind.get(key) for key in ("image_from", "completion", "rewards")}
+            f.write(json.dumps(record, default=str) + "\n")
+    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def load_evaluated_model(path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False):
+    """A saved model directory (a run's output_dir or checkpoint-N), or a LoRA run's adapter merged into its base."""
+    from vlm_rl.export import ADAPTER_CONFIG, load_merged
+    from vlm_rl.models import load_model_and_processor
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {path} is not a directory: pass a run's output_dir or a checkpoint-N.")
+    if (path / ADAPTER_CONFIG).is_file():
+        return load_merged(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {path} holds no model (no config.json and no {ADAPTER_CONFIG}).")
+    return load_model_and_processor(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def evaluate_saved_model(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """`vlm-rl eval` (arguments: see `vlm_rl.cli`): a saved model on a recipe's data, scored with its rewards."""
+    import vlm_rl.config as config
+    from vlm_rl.data import load_task
+    from vlm_rl.models import adapter_for
+    from vlm_rl.rewards import load_rewards
+    from vlm_rl.rewards.configured import bind_context
+
+    model_args, data_args, reward_args, training_args, recipe_path = config.parse_recipe(
+        ["--config", args.config, *overrides]
+    )
+    base_dir = recipe_path.parent
+    reward_funcs = load_rewards(
+        reward_args.reward_funcs,
+        base_dir=base_dir,
+        timeout=training_args.reward_timeout,
+        error_policy=training_args.reward_error_policy,
+        route_column=training_args.reward_route_column,
+    )
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    task = load_task(data_args, seed=seed, base_dir=base_dir)
+    dataset = task.eval if args.split == "eval" else task.train
+    if dataset is None:
+        raise ValueError(
+            f"Recipe {args.config} has no held-out data: set eval_dataset, eval_split or eval_size (in the recipe or "
+            "as a flag, e.g. --eval_dataset data/test.jsonl), or pass --split train."
+        )
+    if args.limit is not None:
+        dataset = dataset.select(range(min(args.limit, len(dataset))))
+    model, processor = load_evaluated_model(
+        args.model, dtype=model_args.dtype, trust_remote_code=training_args.trust_remote_code
+    )
+    adapter_for(model.config).check_images_per_row(*image_counts(dataset))
+    task.attach_processor(processor)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    max_new_tokens = args.max_new_tokens or training_args.max_completion_length
+    bind_context(
+        reward_funcs,
+        processing_class=processor,
+        model_type=model.config.model_type,
+        max_completion_length=max_new_tokens,
+    )
+    output_dir = Path(args.output_dir) if args.output_dir else Path(args.model) / "eval"
+    results = evaluate_and_write(
+        model,
+        processor,
+        dataset,
+        reward_funcs,
+        output_dir,
+        accuracy_reward=training_args.eval_accuracy_reward,
+        max_new_tokens=max_new_tokens,
+        batch_size=args.batch_size or training_args.per_device_eval_batch_size,
+        ablate_images=args.ablate_images,
+        chance=task.chance,
+        extra={"model": str(args.model), "recipe": str(args.config), "split": args.split},
+    )
+    shown = ("accuracy", "image_accuracy", "blind_accuracy", "image_reliance", "chance")
+    print(json.dumps({key: results[key] for key in shown if key in results}))
+    print(f"Wrote {output_dir / 'eval_results.json'} and {output_dir / 'eval_samples.jsonl'}")
+    return results

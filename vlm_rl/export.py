@@ -41,27 +41,20 @@ def adapter_base_model(checkpoint: Path) -> str:
     return base
 
 
-def export_merged(
-    checkpoint: str | Path,
-    output_dir: str | Path,
-    *,
-    base_model: str | None = None,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-) -> Path:
-    """Merge the adapter in `checkpoint` into its base model; save model and processor to `output_dir`.
+def load_merged(
+    checkpoint: str | Path, *, base_model: str | None = None, dtype: str = "auto", trust_remote_code: bool = False
+):
+    """The adapter in `checkpoint` merged into its base model, and the processor to use with it.
 
     The base model is `base_model` if given, else the one the adapter config names. The processor is the
     checkpoint's own when it saved one (it carries the run's image-size bounds), else the base model's.
     """
     from peft import PeftModel
 
-    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    checkpoint = Path(checkpoint)
     named_base = adapter_base_model(checkpoint)
     base = base_model or named_base
     source = "--base_model" if base_model else f"base_model_name_or_path in {checkpoint / ADAPTER_CONFIG}"
-    if output_dir.resolve() == checkpoint.resolve():
-        raise ValueError(f"--output_dir must differ from --checkpoint ({checkpoint}): the adapter files would mix in.")
     if Path(base).is_absolute() and not Path(base).is_dir():
         raise FileNotFoundError(
             f"Base model directory {base} (from {source}) does not exist; pass the base model's directory or Hub id "
@@ -78,8 +71,27 @@ def export_merged(
         # The processor's own class (image-only where torchvision is missing), from the checkpoint's files.
         processor = type(processor).from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
         processor = _with_chat_template(processor)
-    merged = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
+    logger.info("Merged the adapter in %s into %s.", checkpoint, base)
+    return PeftModel.from_pretrained(model, checkpoint).merge_and_unload(), processor
+
+
+def export_merged(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge the adapter in `checkpoint` into its base model (`load_merged`); save model and processor."""
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    adapter_base_model(checkpoint)  # a clear error for a directory without an adapter, before anything loads
+    if output_dir.resolve() == checkpoint.resolve():
+        raise ValueError(f"--output_dir must differ from --checkpoint ({checkpoint}): the adapter files would mix in.")
+    merged, processor = load_merged(
+        checkpoint, base_model=base_model, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     merged.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    logger.info("Merged the adapter in %s into %s; saved to %s.", checkpoint, base, output_dir)
+    logger.info("Saved the merged model to %s.", output_dir)
     return output_dir

@@ -23,7 +23,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deeps
 from vlm_rl.checkpoints import resolve_resume
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe
 from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts, load_task, most_images_per_row
-from vlm_rl.evaluation import evaluate_policy, mean_reward
+from vlm_rl.evaluation import evaluate_and_write, image_rows
 from vlm_rl.models import adapter_for, apply_freezing, load_model_and_processor, resolve_model_path
 from vlm_rl.models.lora import wrap_with_lora
 from vlm_rl.plotting import plot_run
@@ -34,29 +34,23 @@ logger = logging.getLogger("vlm_rl")
 
 
 def final_evaluation(model, trainer: VLMGRPOTrainer, task: TaskData, reward_funcs: list, args: VLMGRPOConfig) -> dict:
-    """Greedy held-out evaluation of `model` with the right images and with images swapped between rows."""
-    kwargs = {"max_new_tokens": args.max_completion_length, "batch_size": args.per_device_eval_batch_size}
-    records = evaluate_policy(model, trainer.processing_class, task.eval, reward_funcs, **kwargs)
-    blind_records = evaluate_policy(model, trainer.processing_class, task.eval, reward_funcs, blind=True, **kwargs)
-    names = [func.__name__ for func in reward_funcs]
-    results = {
-        # `accuracy` and its blind twin are over rows with images: only there can the image be swapped.
-        "accuracy": mean_reward(records, args.eval_accuracy_reward, has_images=True),
-        "blind_accuracy": mean_reward(blind_records, args.eval_accuracy_reward, has_images=True),
-        "chance": task.chance,
-        "text_only_accuracy": mean_reward(records, args.eval_accuracy_reward, has_images=False),
-        "num_rows": len(records),
-        "num_image_rows": sum(r["has_images"] for r in records),
-        "rewards": {name: mean_reward(records, name) for name in names},
-        "blind_rewards": {name: mean_reward(blind_records, name, has_images=True) for name in names},
-        "global_step": trainer.state.global_step,
-    }
-    output_dir = Path(args.output_dir)
-    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    with open(output_dir / "eval_samples.jsonl", "w") as f:
-        for record, blind in zip(records, blind_records, strict=True):
-            f.write(json.dumps({**record, "blind_completion": blind["completion"]}) + "\n")
-    return results
+    """Greedy held-out evaluation of `model`; also with images swapped between rows when two or more have one."""
+    ablate = len(image_rows(task.eval, args.per_device_eval_batch_size)) >= 2
+    if not ablate:
+        logger.info("Fewer than two held-out rows have images: no blind (image-swapped) evaluation.")
+    return evaluate_and_write(
+        model,
+        trainer.processing_class,
+        task.eval,
+        reward_funcs,
+        args.output_dir,
+        accuracy_reward=args.eval_accuracy_reward,
+        max_new_tokens=args.max_completion_length,
+        batch_size=args.per_device_eval_batch_size,
+        ablate_images=ablate,
+        chance=task.chance,
+        extra={"global_step": trainer.state.global_step},
+    )
 
 
 def is_zero3(accelerator) -> bool:
@@ -256,7 +250,8 @@ def run(
         with trained_policy(trainer, model_path, model_args.dtype) as policy:
             results = final_evaluation(policy, trainer, task, reward_funcs, training_args)
         logger.info(
-            "Held-out evaluation: %s", json.dumps({k: results[k] for k in ("accuracy", "blind_accuracy", "chance")})
+            "Held-out evaluation: %s",
+            json.dumps({k: results.get(k) for k in ("accuracy", "image_accuracy", "blind_accuracy", "chance")}),
         )
     elif trainer.accelerator.is_main_process and training_args.final_eval:
         logger.info("No held-out data (eval_dataset, eval_split or eval_size): the final evaluation is skipped.")

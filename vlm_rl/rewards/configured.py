@@ -169,6 +169,19 @@ class ConfiguredReward:
         return 0.0 if self.error_policy == "zero" else None
 
 
+def bind_context(reward_funcs: list, *, processing_class, model_type: str | None, max_completion_length: int) -> None:
+    """Give the configured rewards what every call gets besides the batch: the processor (its resize rule, for box
+    coordinates), the model family and the completion length limit (for length penalties)."""
+    context = {
+        "processing_class": processing_class,
+        "model_type": model_type,
+        "max_completion_length": max_completion_length,
+    }
+    for func in reward_funcs:
+        if isinstance(func, ConfiguredReward):
+            func.context.update(context)
+
+
 def _select(rows: list[int], prompts: list, completions: list, columns: dict[str, Any], num_samples: int):
     """The batch restricted to `rows`: per-sample lists are subset, everything else passes through."""
 

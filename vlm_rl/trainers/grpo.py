@@ -35,7 +35,7 @@ from trl.trainer.utils import (
 from vlm_rl.data import most_images_per_row
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
-from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
+from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward, bind_context
 from vlm_rl.trainers.completion_logs import conversation_text, write_completion_logs
 from vlm_rl.trainers.logprobs import BOOKKEEPING_KEYS, align_per_token_inputs, score_from_logits, select_rows
 from vlm_rl.trainers.progress import RewardProgressCallback
@@ -92,16 +92,12 @@ class VLMGRPOTrainer(GRPOTrainer):
             )
             self.generation_kwargs["suppress_tokens"] = sorted(suppress)
             self.generation_config.suppress_tokens = sorted(suppress)
-        # Rewards get the processor (e.g. its resize rule, for box coordinates), the model family and the
-        # completion length limit (for length penalties).
-        context = {
-            "processing_class": self.processing_class,
-            "model_type": getattr(self.accelerator.unwrap_model(self.model).config, "model_type", None),
-            "max_completion_length": self.max_completion_length,
-        }
-        for func in self.reward_funcs:
-            if isinstance(func, ConfiguredReward):
-                func.context.update(context)
+        bind_context(
+            self.reward_funcs,
+            processing_class=self.processing_class,
+            model_type=getattr(self.accelerator.unwrap_model(self.model).config, "model_type", None),
+            max_completion_length=self.max_completion_length,
+        )
         # Failed samples so far per reward and kind (error, timeout, nonfinite), summed over processes.
         self.reward_failures: dict[str, dict[str, int]] = {}
         self._seen_routes: set[str] = set()
