@@ -74,6 +74,52 @@ def test_unknown_recipe_key_names_file_key_and_closest_field(tmp_path):
         parse_recipe(["--config", str(path)])
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("learning_rate: fast", r"learning_rate must be a number, got 'fast' \(str\)"),
+        ("max_steps: 2.5", r"max_steps must be an integer, got 2\.5 \(float\)"),
+        ("use_peft: maybe", r"use_peft must be true or false, got 'maybe' \(str\)"),
+        ("lora_target_modules: {q: 1}", "lora_target_modules must be a list of strings or null"),
+        ("save_strategy: no", "save_strategy must be .* got False \\(bool\\)\\. YAML reads a bare no/yes"),
+        ("dataset: [a.jsonl, b.jsonl]", "dataset must be a string, got \\['a.jsonl', 'b.jsonl'\\] \\(list\\)"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_file_key_and_type(tmp_path, line, message):
+    path = tmp_path / "typed.yaml"
+    path.write_text(f"max_steps: 1\n{line}\n")
+    with pytest.raises(RecipeError, match=rf"typed\.yaml: {message}"):
+        parse_recipe(["--config", str(path)])
+
+
+def test_valid_values_of_every_kind_pass_the_type_check(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(
+        "use_cpu: true\nbf16: false\nlearning_rate: 3e-4\nmax_steps: 1\nuse_peft: true\nlora_target_modules: q_proj\nsave_strategy: 'no'\n"
+        "report_to: [wandb, tensorboard]\nreward_weights: [1, 0.5]\ncolumn_mapping: {img: image}\n"
+        "reward_funcs: [accuracy, {reward: iou, tasks: [g]}]\n"
+    )
+    _, data, rewards, training, _ = parse_recipe(["--config", str(path)])
+    assert training.learning_rate == 3e-4 and training.report_to == ["wandb", "tensorboard"]
+    assert data.column_mapping == {"img": "image"} and rewards.reward_funcs[1] == {"reward": "iou", "tasks": ["g"]}
+
+
+def test_cli_reports_a_recipe_mistake_in_one_line(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("learning_rat: 0.1\n")
+    vlm_rl = Path(sys.executable).with_name("vlm-rl")
+    result = subprocess.run([str(vlm_rl), "train", "--config", str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("unknown key 'learning_rat'. Did you mean 'learning_rate'?")
+    result = subprocess.run(
+        [str(vlm_rl), "train", "--config", str(path.with_name("missing.yaml")), "--max_steps", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "missing.yaml not found" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_bad_reward_fails_at_start_up_before_any_model_is_built(tmp_path):
     recipe = write_recipe(tmp_path, reward_funcs=["accuracy", "rewards/missing.py:score"])
     with pytest.raises(RewardSpecError, match=r"rewards/missing\.py"):

@@ -163,6 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval"):
+        # A mistake in the recipe or its data is reported as one line, not as a traceback into the loader.
+        from vlm_rl.config import RecipeError
+        from vlm_rl.data import DataError
+        from vlm_rl.rewards import RewardSpecError
+
+        try:
+            _run(argv)
+        except (RecipeError, DataError, RewardSpecError) as error:
+            sys.exit(f"vlm-rl {argv[0]}: error: {error}")
+        return
+    _run(argv)
+
+
+def _run(argv: list[str]) -> None:
     if argv and argv[0] == "train":
         from vlm_rl.train import main as train_main
 
