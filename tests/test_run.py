@@ -95,7 +95,8 @@ def test_a_value_of_the_wrong_type_names_file_key_and_type(tmp_path, line, messa
 def test_valid_values_of_every_kind_pass_the_type_check(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text(
-        "use_cpu: true\nbf16: false\nlearning_rate: 3e-4\nmax_steps: 1\nuse_peft: true\nlora_target_modules: q_proj\nsave_strategy: 'no'\n"
+        "use_cpu: true\nbf16: false\nlearning_rate: 3e-4\nmax_steps: 1\nuse_peft: true\n"
+        "lora_target_modules: q_proj\nsave_strategy: 'no'\n"
         "report_to: [wandb, tensorboard]\nreward_weights: [1, 0.5]\ncolumn_mapping: {img: image}\n"
         "reward_funcs: [accuracy, {reward: iou, tasks: [g]}]\n"
     )
@@ -131,7 +132,8 @@ def test_cli_run_writes_checkpoints_state_plot_and_eval(tmp_path):
     recipe = write_recipe(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     vlm_rl = Path(sys.executable).with_name("vlm-rl")
-    subprocess.run([str(vlm_rl), "train", "--config", str(recipe)], check=True, env=env, cwd=tmp_path, timeout=300)
+    command = [str(vlm_rl), "train", "--config", str(recipe), "--hub_token", "hf_never_in_the_card"]
+    subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=300)
 
     run = tmp_path / "run"
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
@@ -147,6 +149,15 @@ def test_cli_run_writes_checkpoints_state_plot_and_eval(tmp_path):
     assert 0.0 <= results["accuracy"] <= 1.0 and 0.0 <= results["blind_accuracy"] <= 1.0
     assert set(results["rewards"]) == {"accuracy", "think_answer_format"}
     assert len((run / "eval_samples.jsonl").read_text().splitlines()) == 8
+    # The model card: the recipe as run, its rewards with their weights, the data, the final metrics.
+    card = (run / "README.md").read_text()
+    assert "`tiny:qwen2_vl` post-trained with GRPO" in card and "pipeline_tag: image-text-to-text" in card
+    assert "| `accuracy` | 1 | all rows |" in card and "| `think_answer_format` | 0.5 | all rows |" in card
+    assert f"| accuracy | {results['accuracy']:.4g} |" in card and "| chance | 0.25 |" in card
+    assert "| dataset | synthetic:shapes |" in card and "| held-out rows | 8 |" in card
+    assert "max_steps: 2\n" in card and "learning_rate:" not in card  # only what the run was given
+    assert "hub_token: <redacted>" in card and "hf_never_in_the_card" not in card
+    assert "![Training curves](training_curves.png)" in card
     # The saved model reloads as a normal model directory.
     from vlm_rl.models import load_model_and_processor
 

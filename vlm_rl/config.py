@@ -440,3 +440,16 @@ def parse_recipe(
     parser = RecipeParser(RECIPE_DATACLASSES)
     model_args, data_args, reward_args, training_args = parser.parse_args_and_config(args=argv)
     return model_args, data_args, reward_args, training_args, recipe_path
+
+
+def recipe_as_run(argv: list[str], parsed: tuple) -> dict[str, Any]:
+    """The fields a run was given, in the recipe file and as `--field` flags, with the values it ran with."""
+    recipe_path = Path(argv[argv.index("--config") + 1]) if "--config" in argv[:-1] else None
+    names = list(yaml.safe_load(recipe_path.read_text()) or {}) if recipe_path is not None else []
+    names += [arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--") and arg != "--config"]
+    values = {}
+    for name in dict.fromkeys(names):
+        owner = next((args for args in parsed if hasattr(args, name)), None)
+        if owner is not None:
+            values[name] = getattr(owner, name)
+    return values

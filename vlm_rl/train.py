@@ -13,20 +13,24 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 import transformers
+import trl
 from accelerate import PartialState
 from peft import PeftModel
 from torch import nn
 from transformers import AutoConfig
 from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
+import vlm_rl
 from vlm_rl.checkpoints import resolve_resume
-from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe
+from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe, recipe_as_run
 from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts, load_task, most_images_per_row
 from vlm_rl.evaluation import evaluate_and_write, image_rows
+from vlm_rl.model_card import write_model_card
 from vlm_rl.models import adapter_for, apply_freezing, load_model_and_processor, resolve_model_path
 from vlm_rl.models.lora import wrap_with_lora
-from vlm_rl.plotting import plot_run
+from vlm_rl.plotting import PLOT_FILE, plot_run
 from vlm_rl.rewards import ConfiguredReward, RewardSpecError, load_rewards
 from vlm_rl.trainers import VLMGRPOTrainer
 
@@ -175,8 +179,10 @@ def run(
     reward_args: RewardArguments,
     training_args: VLMGRPOConfig,
     recipe_dir: Path | None = None,
+    recipe: dict | None = None,
 ) -> VLMGRPOTrainer:
-    """Train (resuming if asked), save the model, then plot and evaluate as the recipe says."""
+    """Train (resuming if asked), save the model, then plot and evaluate as the recipe says, and write the model
+    card; `recipe` is the fields the run was given (for the card)."""
     # Everything that can fail from a typo fails here, before any model is loaded.
     reward_funcs = load_rewards(
         reward_args.reward_funcs,
@@ -246,6 +252,7 @@ def run(
 
     if trainer.accelerator.is_main_process and training_args.plot:
         logger.info("Training curves: %s", plot_run(training_args.output_dir))
+    results = None
     if trainer.accelerator.is_main_process and training_args.final_eval and task.eval is not None:
         with trained_policy(trainer, model_path, model_args.dtype) as policy:
             results = final_evaluation(policy, trainer, task, reward_funcs, training_args)
@@ -255,15 +262,63 @@ def run(
         )
     elif trainer.accelerator.is_main_process and training_args.final_eval:
         logger.info("No held-out data (eval_dataset, eval_split or eval_size): the final evaluation is skipped.")
+    if trainer.accelerator.is_main_process:
+        card = model_card(model_args, data_args, task, reward_funcs, training_args, trainer, results, recipe or {})
+        logger.info("Model card: %s", card)
     task.log_summary()
     return trainer
 
 
+def model_card(model_args, data_args, task, reward_funcs, training_args, trainer, eval_results, recipe) -> Path:
+    """Write the README.md of the saved model (`vlm_rl.model_card`)."""
+    weights = training_args.reward_weights or [1.0] * len(reward_funcs)
+    rewards = [
+        {
+            "name": func.__name__,
+            "weight": weight,
+            "tasks": getattr(func, "tasks", None),
+            "kwargs": getattr(func, "kwargs", None),
+        }
+        for func, weight in zip(reward_funcs, weights, strict=True)
+    ]
+    train_images = image_counts(task.train)[0]
+    held_out = None
+    if task.eval is not None:
+        synthetic = data_args.dataset.startswith("synthetic:")
+        held_out = "generated apart from the training rows" if synthetic else "rows held out of the training data"
+    data = {
+        "dataset": data_args.dataset,
+        "held-out data": data_args.eval_dataset or data_args.eval_split or held_out,
+        "training rows": len(task.train),
+        "training rows with images": int((train_images > 0).sum()),
+        "most images in a row": int(train_images.max(initial=0)),
+        "held-out rows": len(task.eval) if task.eval is not None else None,
+        "prompt template": data_args.prompt_template,
+        "system prompt": data_args.system_prompt,
+    }
+    versions = {"vlm-rl": vlm_rl.__version__, "trl": trl.__version__, "transformers": transformers.__version__}
+    versions["torch"] = torch.__version__
+    output_dir = Path(training_args.output_dir)
+    return write_model_card(
+        output_dir,
+        base_model=model_args.model_name_or_path,
+        reward_rows=rewards,
+        data=data,
+        log_history=trainer.state.log_history,
+        eval_results=eval_results,
+        recipe=recipe,
+        versions=versions,
+        has_plot=(output_dir / PLOT_FILE).is_file(),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, reward_args, training_args, recipe_path = parse_recipe(argv)
+    recipe = recipe_as_run(argv, (model_args, data_args, reward_args, training_args))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
-    run(model_args, data_args, reward_args, training_args, recipe_path.parent if recipe_path else None)
+    run(model_args, data_args, reward_args, training_args, recipe_path.parent if recipe_path else None, recipe)
 
 
 if __name__ == "__main__":
