@@ -147,3 +147,22 @@ def test_trackio_gets_the_tables_and_tensorboard_the_scalars(tmp_path):
     scalars = event_accumulator.EventAccumulator(str(events)).Reload()
     assert [event.step for event in scalars.Scalars("train/reward")] == [1, 2]
     assert len(scalars.Scalars("train/timing/rollout_s")) == 2
+
+
+def test_console_bar_shows_step_reward_and_eta_and_the_logs_time_each_phase(tmp_path):
+    recipe = write_recipe(tmp_path, [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "vlm_rl.cli", "train", "--config", str(recipe), "--disable_tqdm", "false"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=300)
+    # tqdm redraws with carriage returns; the last frame of the training bar: 2/2 steps, elapsed<remaining, reward.
+    frames = [frame for frame in re.split(r"[\r\n]", result.stderr) if re.search(r"\b2/2 \[", frame)]
+    assert frames and re.search(r"\[\d\d:\d\d<\d\d:\d\d, .*reward=[-\d.e]+", frames[-1]), frames[-1:]
+
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    steps = [entry for entry in history if "loss" in entry]
+    assert len(steps) == 2
+    for entry in steps:
+        phases = [entry[f"timing/{phase}_s"] for phase in ("rollout", "scoring", "update")]
+        assert all(seconds > 0 for seconds in phases), entry
+        # The three phases are the step: TRL's own step_time measures the same span.
+        assert sum(phases) == pytest.approx(entry["step_time"], rel=0.05)
