@@ -239,12 +239,16 @@ class VLMGRPOConfig(GRPOConfig):
         default=True,
         metadata={
             "help": "After training, generate greedily on the held-out split and write `eval_results.json` with "
-            "each reward's mean, with the images as given and with images swapped between rows (`blind_*`)."
+            "each reward's mean, with the images as given and, when two or more rows have images, with images "
+            "swapped between rows (`blind_*`); see docs/observability.md."
         },
     )
     eval_accuracy_reward: str = field(
         default="accuracy",
-        metadata={"help": "The reward reported as `accuracy` / `blind_accuracy` in `eval_results.json`."},
+        metadata={
+            "help": "The reward reported as accuracy: `accuracy` / `eval_accuracy` in the logs, `accuracy`, "
+            "`image_accuracy` and `blind_accuracy` in `eval_results.json`."
+        },
     )
     plot: bool = field(
         default=True,
