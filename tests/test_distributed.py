@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -356,6 +357,19 @@ def test_ddp_mixed_text_and_image_processes_without_find_unused_parameters(famil
     check_trained(tmp_path / "run", 2)
     assert rows_with_images(tmp_path, 0)[0] == [False, False]
     assert rows_with_images(tmp_path, 1)[0] == [True, True]
+
+
+def test_completion_logs_gather_images_from_every_process(tmp_path):
+    # TRL gathers the logged images only on processes whose batch has one: the text-only process skipped the
+    # collective and the run hung. Every process gathers now, and the main process's table has each row's images.
+    recipe = mixed_data_recipe(tmp_path, model_name_or_path="tiny:qwen2_vl")
+    code, output = launch("cpu_ddp.yaml", recipe, "--log_completions", "true", timeout=240)
+    check_ran(code, output)
+    check_trained(tmp_path / "run", 2)
+    assert rows_with_images(tmp_path, 0)[0] == [False, False] and rows_with_images(tmp_path, 1)[0] == [True, True]
+    first_step = pd.read_parquet(tmp_path / "run" / "completions" / "completions_00001.parquet")
+    assert sorted(first_step["num_images"]) == [0, 0, 1, 1]  # both processes' rows, each with its own images
+    assert (first_step["num_images"] == first_step["prompt"].str.count("<image>")).all()
 
 
 def test_zero3_mixed_data_fails_without_the_dummy_vision_forward(tmp_path):

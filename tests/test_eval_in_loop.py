@@ -5,6 +5,7 @@ import json
 
 import yaml
 from test_data import png, write_jsonl
+from test_data_training import TINY_RUN
 
 from vlm_rl.train import main as train_main
 
@@ -29,27 +30,15 @@ def test_eval_steps_log_per_reward_means_and_accuracy_from_the_held_out_rows(tmp
         write_jsonl(tmp_path / f"{split}.jsonl", rows)
     (tmp_path / "marker.py").write_text(MARKER_REWARD)
     recipe = {
+        **TINY_RUN,
         "model_name_or_path": "tiny:qwen2_vl",
-        "dtype": "float32",
         "dataset": "train.jsonl",
         "eval_dataset": "eval.jsonl",
         "prompt_template": "{question}",
         "reward_funcs": ["accuracy", "marker.py:held_out"],
         "eval_strategy": "steps",
         "eval_steps": 1,
-        "num_generations": 2,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 4,
-        "max_completion_length": 2,
         "max_steps": 2,
-        "logging_steps": 1,
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "save_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "plot": False,
         "final_eval": False,
         "output_dir": str(tmp_path / "run"),
     }

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 from test_data import png, write_jsonl
+from test_data_training import TINY_RUN
 from wandb_records import history, tables
 
 from vlm_rl.train import main as train_main
@@ -59,24 +60,14 @@ def write_recipe(tmp_path, report_to: list[str]):
     """Two logged steps on rows with 0, 1 and 2 images, completions logged, reported to `report_to`."""
     data = mixed_image_rows(tmp_path)
     recipe = {
+        **TINY_RUN,
         "model_name_or_path": "tiny:qwen2_vl",
-        "dtype": "float32",
         "dataset": str(data),
         "prompt_template": "{question}",
-        "reward_funcs": ["accuracy"],
-        "num_generations": 2,
         "per_device_train_batch_size": 12,  # every row, twice, in each step
-        "max_completion_length": 2,
         "max_steps": 2,
-        "logging_steps": 1,
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "save_strategy": "no",
         "report_to": report_to,
         "log_completions": True,
-        "disable_tqdm": True,
-        "plot": False,
         "final_eval": False,
         "output_dir": str(tmp_path / "run"),
     }

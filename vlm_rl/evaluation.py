@@ -241,20 +241,14 @@ def evaluate_saved_model(args: argparse.Namespace, overrides: list[str]) -> dict
     import vlm_rl.config as config
     from vlm_rl.data import load_task
     from vlm_rl.models import adapter_for
-    from vlm_rl.rewards import load_rewards
+    from vlm_rl.rewards import recipe_rewards
     from vlm_rl.rewards.configured import bind_context
 
     model_args, data_args, reward_args, training_args, recipe_path = config.parse_recipe(
         ["--config", args.config, *overrides]
     )
     base_dir = recipe_path.parent
-    reward_funcs = load_rewards(
-        reward_args.reward_funcs,
-        base_dir=base_dir,
-        timeout=training_args.reward_timeout,
-        error_policy=training_args.reward_error_policy,
-        route_column=training_args.reward_route_column,
-    )
+    reward_funcs = recipe_rewards(reward_args, training_args, base_dir)
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     task = load_task(data_args, seed=seed, base_dir=base_dir)
     dataset = task.eval if args.split == "eval" else task.train

@@ -31,7 +31,7 @@ from vlm_rl.model_card import write_model_card
 from vlm_rl.models import adapter_for, apply_freezing, load_model_and_processor, resolve_model_path
 from vlm_rl.models.lora import wrap_with_lora
 from vlm_rl.plotting import PLOT_FILE, plot_run
-from vlm_rl.rewards import ConfiguredReward, RewardSpecError, load_rewards
+from vlm_rl.rewards import ConfiguredReward, RewardSpecError, recipe_rewards
 from vlm_rl.trainers import VLMGRPOTrainer
 
 logger = logging.getLogger("vlm_rl")
@@ -184,13 +184,7 @@ def run(
     """Train (resuming if asked), save the model, then plot and evaluate as the recipe says, and write the model
     card; `recipe` is the fields the run was given (for the card)."""
     # Everything that can fail from a typo fails here, before any model is loaded.
-    reward_funcs = load_rewards(
-        reward_args.reward_funcs,
-        base_dir=recipe_dir,
-        timeout=training_args.reward_timeout,
-        error_policy=training_args.reward_error_policy,
-        route_column=training_args.reward_route_column,
-    )
+    reward_funcs = recipe_rewards(reward_args, training_args, recipe_dir)
     training_args.reward_weights = reward_weights(reward_funcs, training_args.reward_weights)
     names = [func.__name__ for func in reward_funcs]
     if training_args.final_eval and training_args.eval_accuracy_reward not in names:

@@ -6,6 +6,7 @@ from vlm_rl.rewards.registry import (
     ENTRY_POINT_GROUP,
     REWARD_REGISTRY,
     load_rewards,
+    recipe_rewards,
     register_reward,
     resolve_reward,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "RewardSpecError",
     "RewardTimeout",
     "load_rewards",
+    "recipe_rewards",
     "register_reward",
     "resolve_reward",
     "time_limit",

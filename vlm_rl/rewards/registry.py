@@ -194,3 +194,14 @@ def load_rewards(
         )
         rewards.append(reward)
     return rewards
+
+
+def recipe_rewards(reward_args, training_args, base_dir: str | Path | None = None) -> list[ConfiguredReward]:
+    """The rewards a parsed recipe names (`RewardArguments`), under its guard settings (`VLMGRPOConfig`)."""
+    return load_rewards(
+        reward_args.reward_funcs,
+        base_dir=base_dir,
+        timeout=training_args.reward_timeout,
+        error_policy=training_args.reward_error_policy,
+        route_column=training_args.reward_route_column,
+    )
