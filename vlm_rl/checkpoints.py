@@ -1,48 +1,192 @@
-"""Choosing the checkpoint to resume from."""
+"""Checkpoints on disk: written whole or not at all, checked before resuming, and rotated without losing the last
+good one.
+
+A checkpoint is written into `output_dir/.incomplete/checkpoint-N` and renamed to `output_dir/checkpoint-N` only
+once every process has finished writing, with a manifest of every file's size written last. So a run killed while
+saving leaves at most a directory under `.incomplete/`, which nothing resumes from; a checkpoint damaged later
+(a truncated copy, a full disk) fails the manifest or the file checks and is skipped by `auto`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import shutil
+import struct
+import zipfile
 from pathlib import Path
 
+from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
 
+MANIFEST = "checkpoint_manifest.json"
+STAGING_DIR = ".incomplete"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save's zip archives (optimizer, RNG, DeepSpeed shards, args)
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether the file is as long as its header says: a truncated copy is not."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            return f"{path.name} is truncated ({size} bytes)"
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > size - 8:
+            return f"{path.name} is truncated (header of {header_size} bytes in a file of {size})"
+        try:
+            header = json.loads(file.read(header_size))
+        except ValueError:
+            return f"{path.name} has an unreadable header"
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if size != 8 + header_size + end:
+        return f"{path.name} is {size} bytes, its header describes {8 + header_size + end}"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """A structural check of one file that reads only its header or index, not its contents."""
+    if path.suffix == ".safetensors":
+        return _safetensors_problem(path)
+    if path.suffix in _TORCH_SUFFIXES:
+        try:
+            with zipfile.ZipFile(path):  # reads the central directory at the end of the file
+                return None
+        except (zipfile.BadZipFile, OSError) as error:
+            return f"{path.name} is not a complete archive ({error})"
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            return f"unreadable {path.name} ({error})"
+    return None
 
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why `path` cannot be resumed from, or None if it looks complete."""
+    path = Path(path)
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         return "no trainer_state.json"
-    try:
-        json.loads(state_file.read_text())
-    except (OSError, ValueError) as error:
-        return f"unreadable trainer_state.json ({error})"
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         return "no model weights"
+    manifest_file = path / MANIFEST
+    if manifest_file.is_file():  # written last by vlm-rl: every file it lists must be there, whole
+        try:
+            manifest = json.loads(manifest_file.read_text())["files"]
+        except (OSError, ValueError, KeyError) as error:
+            return f"unreadable {MANIFEST} ({error})"
+        for name, size in manifest.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != size:
+                return f"{name} is {file.stat().st_size} bytes, {size} were written"
+    for file in sorted(path.rglob("*")):
+        if file.is_file():
+            problem = _file_problem(file)
+            if problem is not None:
+                return problem
     return None
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The highest-step complete `checkpoint-N` in `output_dir`; incomplete ones are reported and skipped."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
+def saved_weight_names(checkpoint: str | Path) -> set[str] | None:
+    """The names of the full-model weights in a checkpoint (read from headers only), or None if it has none."""
+    checkpoint = Path(checkpoint)
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = checkpoint / "model.safetensors"
+    if not single.is_file():
         return None
-    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-    steps = sorted(
-        ((int(match.group(1)), path) for path in output_dir.iterdir() if (match := pattern.match(path.name))),
-        reverse=True,
-    )
-    for _, path in steps:
+    with safe_open(single, framework="pt") as file:
+        return set(file.keys())
+
+
+def write_manifest(path: Path) -> None:
+    """Record the size of every file in the checkpoint; the last file written into it."""
+    files = {str(file.relative_to(path)): file.stat().st_size for file in sorted(path.rglob("*")) if file.is_file()}
+    (path / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def staging_path(output_dir: str | Path, global_step: int) -> Path:
+    return Path(output_dir) / STAGING_DIR / f"{PREFIX_CHECKPOINT_DIR}-{global_step}"
+
+
+def publish(staging: Path, output_dir: str | Path) -> Path:
+    """Move a fully written checkpoint from its staging directory to `output_dir`, replacing one of the same step
+    (left by an earlier run that went past the checkpoint this one resumed from)."""
+    write_manifest(staging)
+    final = Path(output_dir) / staging.name
+    replaced = None
+    if final.exists():
+        replaced = final.with_name(f"{final.name}.replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        final.rename(replaced)
+    staging.rename(final)
+    if replaced is not None:
+        shutil.rmtree(replaced)
+        logger.info("Replaced %s, left by an earlier run, with this run's checkpoint.", final)
+    with contextlib.suppress(OSError):  # another step's checkpoint is being written there
+        staging.parent.rmdir()
+    return final
+
+
+def remove_incomplete(output_dir: str | Path) -> None:
+    """Delete checkpoints whose writing was interrupted (a killed run), saying so."""
+    staging_root = Path(output_dir) / STAGING_DIR
+    if not staging_root.is_dir():
+        return
+    for path in sorted(staging_root.iterdir()):
+        logger.warning("Removing %s: a checkpoint whose writing was interrupted; it was never complete.", path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    staging_root.rmdir()
+
+
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """`checkpoint-N` directories, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), path) for path in output_dir.iterdir() if (m := _CHECKPOINT_NAME.match(path.name))]
+    return sorted(found)
+
+
+def rotate_checkpoints(output_dir: str | Path, save_total_limit: int | None, keep: str | None = None) -> None:
+    """`save_total_limit` as transformers applies it (the newest, plus `keep`: the best checkpoint), except that a
+    good checkpoint is never deleted while every checkpoint kept is damaged."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    checkpoints = [path for _, path in _checkpoints(Path(output_dir))]
+    kept = checkpoints[-save_total_limit:]
+    if keep is not None:
+        kept += [path for path in checkpoints if str(path) == str(keep) and path not in kept]
+    if not any(checkpoint_problem(path) is None for path in kept):
+        good = [path for path in checkpoints if path not in kept and checkpoint_problem(path) is None]
+        if good:
+            logger.warning("Keeping %s beyond save_total_limit: every newer checkpoint is damaged.", good[-1])
+            kept.append(good[-1])
+    for path in checkpoints:
+        if path not in kept:
+            logger.info("Deleting %s (save_total_limit=%d).", path, save_total_limit)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The highest-step complete `checkpoint-N` in `output_dir`; damaged ones are reported and skipped."""
+    for _, path in reversed(_checkpoints(Path(output_dir))):
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        logger.warning("Skipping incomplete checkpoint %s: %s.", path, problem)
+        logger.warning("Skipping damaged checkpoint %s: %s.", path, problem)
     return None
 
 
@@ -53,9 +197,17 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | Path) -
     if resume_from_checkpoint == "auto":
         path = latest_checkpoint(output_dir)
         if path is None:
-            logger.info("resume_from_checkpoint=auto: no checkpoint in %s, starting from scratch.", output_dir)
+            logger.info("resume_from_checkpoint=auto: no complete checkpoint in %s; starting afresh.", output_dir)
             return None
-        logger.info("resume_from_checkpoint=auto: resuming from %s.", path)
+        newest = _checkpoints(Path(output_dir))[-1][1]
+        if path != newest:
+            logger.warning(
+                "resume_from_checkpoint=auto: resuming from %s, the newest complete checkpoint (the newer ones are "
+                "damaged, see above).",
+                path,
+            )
+        else:
+            logger.info("resume_from_checkpoint=auto: resuming from %s.", path)
         return str(path)
     path = Path(resume_from_checkpoint)
     if not path.is_dir():

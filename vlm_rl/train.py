@@ -33,6 +33,7 @@ from vlm_rl.models.lora import wrap_with_lora
 from vlm_rl.plotting import PLOT_FILE, plot_run
 from vlm_rl.rewards import ConfiguredReward, RewardSpecError, recipe_rewards
 from vlm_rl.trainers import VLMGRPOTrainer
+from vlm_rl.trainers.preemption import Preempted
 
 logger = logging.getLogger("vlm_rl")
 
@@ -182,7 +183,8 @@ def run(
     recipe: dict | None = None,
 ) -> VLMGRPOTrainer:
     """Train (resuming if asked), save the model, then plot and evaluate as the recipe says, and write the model
-    card; `recipe` is the fields the run was given (for the card)."""
+    card; `recipe` is the fields the run was given (for the card). Raises `Preempted` when a signal stopped training
+    (after its checkpoint was saved)."""
     # Everything that can fail from a typo fails here, before any model is loaded.
     reward_funcs = recipe_rewards(reward_args, training_args, recipe_dir)
     training_args.reward_weights = reward_weights(reward_funcs, training_args.reward_weights)
@@ -238,6 +240,9 @@ def run(
     # First in line, so that the reporters see `data/skipped_rows` in the logs it adds to.
     trainer.callback_handler.callbacks.insert(0, SkippedRowsCallback(task.skipped_train))
     trainer.train(resume_from_checkpoint=resume)
+    if trainer.preemption.stopped_by is not None:
+        step = trainer.state.global_step
+        raise Preempted(trainer.preemption.stopped_by, step, Path(training_args.output_dir) / f"checkpoint-{step}")
     for name, counts in trainer.reward_failures.items():
         if any(counts.values()):
             logger.warning("Reward %r failed on %s samples during training.", name, counts)
@@ -312,7 +317,11 @@ def main(argv: list[str] | None = None) -> None:
     recipe = recipe_as_run(argv, (model_args, data_args, reward_args, training_args))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
-    run(model_args, data_args, reward_args, training_args, recipe_path.parent if recipe_path else None, recipe)
+    try:
+        run(model_args, data_args, reward_args, training_args, recipe_path.parent if recipe_path else None, recipe)
+    except Preempted as stop:
+        logger.warning("%s", stop)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

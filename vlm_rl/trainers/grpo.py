@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 from trl.trainer import grpo_trainer as grpo_trainer_module
 from trl.trainer.utils import (
+    RepeatSampler,
     get_callable_name,
     pad,
     print_prompt_completions_sample,
@@ -32,13 +34,24 @@ from trl.trainer.utils import (
     split_tensor_dict,
 )
 
+from vlm_rl.checkpoints import (
+    STAGING_DIR,
+    publish,
+    remove_incomplete,
+    rotate_checkpoints,
+    saved_weight_names,
+    staging_path,
+)
 from vlm_rl.data import most_images_per_row
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward, bind_context
 from vlm_rl.trainers.completion_logs import conversation_text, write_completion_logs
+from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
 from vlm_rl.trainers.logprobs import BOOKKEEPING_KEYS, align_per_token_inputs, score_from_logits, select_rows
+from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import RewardProgressCallback
+from vlm_rl.trainers.rollout_state import load_rollout_state, save_rollout_state
 from vlm_rl.trainers.shared_prefix import group_rows, pack
 from vlm_rl.trainers.vision_once import encode_images_once
 
@@ -106,6 +119,9 @@ class VLMGRPOTrainer(GRPOTrainer):
         self._completions_logged_at: int | None = None
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(RewardProgressCallback)
+        self.preemption = PreemptionCallback()
+        self.add_callback(self.preemption)
+        self._writing_checkpoint = False
 
     @staticmethod
     @contextlib.contextmanager
@@ -256,6 +272,60 @@ class VLMGRPOTrainer(GRPOTrainer):
         write_completion_logs(
             self._logs, self.state.global_step, self.args.output_dir, backends, unique_prompts=self.log_unique_prompts
         )
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        return EpochSeededSampler(sampler) if isinstance(sampler, RepeatSampler) else sampler
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is written, HF's `_save_checkpoint` (and TRL's) put it under the staging directory.
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._writing_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """HF's checkpoint, written whole into a staging directory and then renamed (`vlm_rl.checkpoints`), with each
+        process's buffered generations (`rollout_state`), and rotated so that a good checkpoint always remains."""
+        run_dir = self._get_output_dir(trial)
+        staging = staging_path(run_dir, self.state.global_step)
+        if self.args.should_save:
+            remove_incomplete(run_dir)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._writing_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._writing_checkpoint = False
+        save_rollout_state(self, staging)
+        self.accelerator.wait_for_everyone()  # every process's files are written
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best is not None and Path(best).parent == staging.parent:
+                self.state.best_model_checkpoint = str(Path(run_dir) / Path(best).name)
+                self.state.save_to_json(str(staging / "trainer_state.json"))
+            publish(staging, run_dir)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        """transformers 5 saves many VLMs' weights under their original checkpoint names (`save_pretrained`'s
+        `save_original_format`), and HF's resume loads them with a plain `load_state_dict` that matches none of
+        them: it warns and trains on from the base weights. Those checkpoints load through `from_pretrained`, which
+        converts the names (holding a second copy of the weights on the CPU meanwhile)."""
+        model = model if model is not None else self.model
+        saved = saved_weight_names(resume_from_checkpoint)
+        if is_peft_model(model) or saved is None or saved <= set(model.state_dict()):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        parameter = next(model.parameters())
+        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=parameter.dtype, device_map="cpu")
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+        return None
+
+    def _load_rng_state(self, checkpoint) -> None:
+        # HF restores the RNG right before the first step it resumes: the buffered generations go with it.
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None:
+            load_rollout_state(self, checkpoint)
 
     def _tokenize_prompts(self, prompts: list):
         # TRL marks an image-less row with `None`, and the processor call that builds the training inputs
