@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from vlm_rl.models.adapters import adapter_for
 from vlm_rl.models.processing import load_processor
@@ -46,6 +48,32 @@ def resolve_model_path(model_name_or_path: str, output_dir: str | Path) -> str:
     return str(path)
 
 
+class RemoteCodeError(ValueError):
+    """A model ships Python code of its own, and the recipe does not allow running it."""
+
+
+@contextlib.contextmanager
+def _explain_remote_code(model_name_or_path: str) -> Iterator[None]:
+    """Transformers refuses a model's own code (config `auto_map`) without `trust_remote_code=True`, in words
+    meant for a Python caller; this says which recipe key allows it."""
+    try:
+        yield
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise RemoteCodeError(
+            f"{model_name_or_path} ships its own Python code (`auto_map` in its config.json), which vlm-rl never runs "
+            "unless the recipe allows it. Read that code; if you trust it, set `trust_remote_code: true` in the "
+            "recipe (or pass `--trust_remote_code true`)."
+        ) from error
+
+
+def load_config(model_name_or_path: str, *, trust_remote_code: bool = False):
+    """`AutoConfig.from_pretrained`, failing with `RemoteCodeError` when the model needs code it may not run."""
+    with _explain_remote_code(model_name_or_path):
+        return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+
+
 def load_model_and_processor(
     model_name_or_path: str,
     *,
@@ -57,13 +85,15 @@ def load_model_and_processor(
     """The image-text-to-text model and its processor from a Hub id or a local directory.
 
     `min_pixels` / `max_pixels` bound image sizes on the processor itself, so every place that runs it
-    (generation, scoring, training, evaluation) and the processor saved with checkpoints agree.
+    (generation, scoring, training, evaluation) and the processor saved with checkpoints agree. Code shipped with
+    the model runs only with `trust_remote_code`; without it a model that needs its code raises `RemoteCodeError`.
     """
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of: auto, {', '.join(_DTYPES)}.")
-    processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_name_or_path, dtype=_DTYPES.get(dtype, "auto"), trust_remote_code=trust_remote_code
-    )
+    with _explain_remote_code(model_name_or_path):
+        processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_name_or_path, dtype=_DTYPES.get(dtype, "auto"), trust_remote_code=trust_remote_code
+        )
     adapter_for(model.config).set_image_size_bounds(processor, min_pixels, max_pixels)
     return model, processor
