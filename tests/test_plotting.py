@@ -5,7 +5,9 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from vlm_rl.cli import main as cli_main
 from vlm_rl.plotting import PANELS, PLOT_FILE, plot_run, plot_training_curves
@@ -80,7 +82,7 @@ def test_plot_command_uses_the_newest_checkpoint_while_the_run_is_going(tmp_path
         checkpoint.mkdir(parents=True)
         state = {"global_step": step, "log_history": log_history(steps=step)}
         (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-        (checkpoint / "model.safetensors").write_bytes(b"")
+        save_file({"weight": torch.zeros(2)}, checkpoint / "model.safetensors")
     cli_main(["plot", str(run)])
     assert f"Wrote {run / PLOT_FILE}" in capsys.readouterr().out
     assert drawn(panel_pixels(run / PLOT_FILE, 0)) > 200

@@ -191,7 +191,7 @@ def test_resume_from_path_and_auto_continue_the_step_count(tmp_path, caplog):
     (broken / "trainer_state.json").write_text("{truncated")
     with caplog.at_level("INFO", logger="vlm_rl"):
         train_main(["--config", recipe, "--resume_from_checkpoint", "auto", "--max_steps", "4"])
-    assert "Skipping incomplete checkpoint" in caplog.text and "checkpoint-9" in caplog.text
+    assert "Skipping damaged checkpoint" in caplog.text and "checkpoint-9" in caplog.text
     assert "resuming from" in caplog.text and "checkpoint-3" in caplog.text
     state = trainer_state(run)
     assert state["global_step"] == 4 and logged_steps(state) == [1, 2, 3, 4]

@@ -197,7 +197,9 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | Path) -
     if resume_from_checkpoint == "auto":
         path = latest_checkpoint(output_dir)
         if path is None:
-            logger.info("resume_from_checkpoint=auto: no complete checkpoint in %s; starting afresh.", output_dir)
+            logger.info(
+                "resume_from_checkpoint=auto: no complete checkpoint in %s, starting from scratch.", output_dir
+            )
             return None
         newest = _checkpoints(Path(output_dir))[-1][1]
         if path != newest:

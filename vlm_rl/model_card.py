@@ -8,26 +8,20 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-SECRET_FIELD = re.compile(r"token|secret|password|api_?key|(^|_)key$", re.IGNORECASE)
-REDACTED = "<redacted>"
+from vlm_rl.redaction import redacted_mapping
 
 # The training log keys shown in the card's results, when the run logged them.
 TRAINING_KEYS = ("reward", "accuracy", "completions/mean_length", "kl", "entropy")
 
 
 def redacted(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The recipe with secret-looking fields' values replaced, and without `env` (environment variables)."""
-    return {
-        key: REDACTED if SECRET_FIELD.search(key) and value not in (None, "") else value
-        for key, value in recipe.items()
-        if key != "env"
-    }
+    """The recipe with secrets' values replaced at any depth (`vlm_rl.redaction`), and without `env`."""
+    return {key: value for key, value in redacted_mapping(recipe).items() if key != "env"}
 
 
 def _plain(value: Any) -> Any:
@@ -105,7 +99,7 @@ def render_model_card(
     lines += ["## Rewards", "", "| reward | weight | tasks | keyword arguments |", "| --- | --- | --- | --- |"]
     for row in reward_rows:
         tasks = ", ".join(row["tasks"]) if row["tasks"] else "all rows"
-        kwargs = json.dumps(row["kwargs"]) if row["kwargs"] else "–"
+        kwargs = json.dumps(redacted_mapping(row["kwargs"])) if row["kwargs"] else "–"
         lines.append(f"| `{row['name']}` | {_number(row['weight'])} | {tasks} | {kwargs} |")
     lines += ["", "## Data", "", "| | |", "| --- | --- |"]
     lines += [f"| {key} | {_number(value)} |" for key, value in data.items() if value is not None]

@@ -19,7 +19,6 @@ import trl
 from accelerate import PartialState
 from peft import PeftModel
 from torch import nn
-from transformers import AutoConfig
 from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 import vlm_rl
@@ -29,8 +28,10 @@ from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts, load_task, 
 from vlm_rl.evaluation import evaluate_and_write, image_rows
 from vlm_rl.model_card import write_model_card
 from vlm_rl.models import adapter_for, apply_freezing, load_model_and_processor, resolve_model_path
+from vlm_rl.models.loading import load_config
 from vlm_rl.models.lora import wrap_with_lora
 from vlm_rl.plotting import PLOT_FILE, plot_run
+from vlm_rl.redaction import redacted_argv
 from vlm_rl.rewards import ConfiguredReward, RewardSpecError, recipe_rewards
 from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.preemption import Preempted
@@ -205,7 +206,7 @@ def run(
     with PartialState().main_process_first(), without_zero3_init(training_args):
         model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
     # Rows the family cannot take (e.g. text-only rows for BLIP-2) fail here, named, before the model loads.
-    adapter = adapter_for(AutoConfig.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code))
+    adapter = adapter_for(load_config(model_path, trust_remote_code=training_args.trust_remote_code))
     for dataset in (task.train, task.eval):
         if dataset is not None:
             adapter.check_images_per_row(*image_counts(dataset))
@@ -314,6 +315,7 @@ def model_card(model_args, data_args, task, reward_funcs, training_args, trainer
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, reward_args, training_args, recipe_path = parse_recipe(argv)
+    sys.argv[:] = redacted_argv(sys.argv)  # trackers record the command line (wandb's run metadata)
     recipe = recipe_as_run(argv, (model_args, data_args, reward_args, training_args))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()

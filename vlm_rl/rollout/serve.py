@@ -21,17 +21,16 @@ logger = logging.getLogger(__name__)
 
 def server_args(argv: list[str]) -> list[str]:
     """The argument list of vLLM's OpenAI-compatible API server for the recipe in `argv`."""
-    from transformers import AutoConfig
-
     from vlm_rl.config import parse_recipe
     from vlm_rl.data import load_task, most_images_per_row
     from vlm_rl.models import adapter_for, load_processor, resolve_model_path
+    from vlm_rl.models.loading import load_config
 
     passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     model_args, data_args, _, training_args, recipe_path = parse_recipe(argv)
     model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code)
+    config = load_config(model_path, trust_remote_code=training_args.trust_remote_code)
     adapter = adapter_for(config)
     processor = load_processor(str(model_path), trust_remote_code=training_args.trust_remote_code)
     adapter.set_image_size_bounds(processor, model_args.min_pixels, model_args.max_pixels)

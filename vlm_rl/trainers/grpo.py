@@ -45,6 +45,7 @@ from vlm_rl.checkpoints import (
 from vlm_rl.data import most_images_per_row
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
+from vlm_rl.redaction import redacted_secrets
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward, bind_context
 from vlm_rl.trainers.completion_logs import conversation_text, write_completion_logs
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
@@ -305,6 +306,11 @@ class VLMGRPOTrainer(GRPOTrainer):
             publish(staging, run_dir)
             rotate_checkpoints(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # HF pickles the arguments into `training_args.bin` here (every checkpoint, the output dir): no tokens.
+        with redacted_secrets(self.args):
+            super()._save(output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         """transformers 5 saves many VLMs' weights under their original checkpoint names (`save_pretrained`'s
