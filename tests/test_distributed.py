@@ -9,6 +9,7 @@ says). Every launch runs in its own process group and is killed whole when it ru
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -379,3 +380,73 @@ def test_zero3_mixed_data_fails_without_the_dummy_vision_forward(tmp_path):
     assert not (tmp_path / "run" / "trainer_state.json").exists()
     assert rows_with_images(tmp_path, 0)[0] == [False, False]
     assert rows_with_images(tmp_path, 1)[0] == [True, True]
+
+
+def logged_steps(run_dir: Path) -> dict[int, dict]:
+    """Each step's logged values without timings (which differ from run to run)."""
+    return {
+        entry["step"]: {k: v for k, v in entry.items() if not k.startswith(("timing/", "step_time"))}
+        for entry in trainer_state(run_dir)["log_history"]
+        if "loss" in entry
+    }
+
+
+def test_ddp_resume_inside_a_generation_cycle_matches_the_uninterrupted_run(tmp_path):
+    """Each process restores its own buffered generations: the resumed run logs and ends as the uninterrupted one."""
+    fields = {"max_steps": 4, "steps_per_generation": 2, "num_iterations": 2, "save_strategy": "steps"}
+    fields |= {"save_steps": 1, "final_eval": False}
+    code, output = launch("cpu_ddp.yaml", write_recipe(tmp_path, **fields))
+    check_ran(code, output)
+    full = tmp_path / "run"
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    recipe = write_recipe(resumed_dir, **fields)
+    resumed = resumed_dir / "run"
+    resumed.mkdir()
+    for name in ("tiny-qwen2_vl", "checkpoint-3"):  # stopped after step 3, inside the one generation cycle
+        shutil.copytree(full / name, resumed / name)
+    assert sorted(path.name for path in (resumed / "checkpoint-3").glob("rollout_state_*.pt")) == [
+        "rollout_state_0.pt",
+        "rollout_state_1.pt",
+    ]
+    code, output = launch("cpu_ddp.yaml", recipe, "--resume_from_checkpoint", "auto")
+    check_ran(code, output)
+    assert "without its buffered generations" not in output
+    assert logged_steps(resumed)[4] == logged_steps(full)[4]
+    final, expected = load_file(resumed / "model.safetensors"), load_file(full / "model.safetensors")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_sigterm_to_the_launcher_stops_every_process_at_one_checkpoint(tmp_path):
+    """accelerate's launcher forwards SIGTERM to both processes; they agree on the step, save it and stop."""
+    recipe = write_recipe(tmp_path, max_steps=200, final_eval=False)
+    run_dir = tmp_path / "run"
+    command = [
+        str(ACCELERATE), "launch", "--config_file", str(REPO / "launch" / "cpu_ddp.yaml"), "--num_processes", "2",
+        "--main_process_port", str(free_port()), "-m", "vlm_rl.train", "--config", str(recipe),
+    ]  # fmt: skip
+    log_path = tmp_path / "launch.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while "'loss'" not in log_path.read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    (checkpoint,) = run_dir.glob("checkpoint-*")
+    step = int(checkpoint.name.removeprefix("checkpoint-"))
+    assert output.count(f"Stopped by SIGTERM after step {step}") == 2, output[-4000:]  # both processes, one step
+    assert sorted(path.name for path in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    code, output = launch("cpu_ddp.yaml", recipe, "--max_steps", str(step + 2), "--resume_from_checkpoint", "auto")
+    check_ran(code, output)
+    assert f"resuming from {checkpoint}" in output
+    check_trained(run_dir, step + 2)

@@ -52,7 +52,9 @@ def save_rollout_state(trainer, checkpoint: Path) -> None:
 def load_rollout_state(trainer, checkpoint: str | Path) -> bool:
     """Restore what `save_rollout_state` wrote, on every process or on none; whether it was restored."""
     path = Path(checkpoint) / STATE_FILE.format(rank=trainer.accelerator.process_index)
-    state = torch.load(path, map_location=trainer.accelerator.device, weights_only=True) if path.is_file() else None
+    device = trainer.accelerator.device
+    location = "cpu" if device.type == "cpu" else device  # torch.load cannot map to "cpu:0", a CPU process's device
+    state = torch.load(path, map_location=location, weights_only=True) if path.is_file() else None
     usable = state is not None and state["cycle"] == _cycle(trainer)
     # Processes that disagreed would generate at different steps and wait for each other forever.
     usable_everywhere = trainer.accelerator.reduce(
