@@ -92,3 +92,22 @@ def test_generation_never_samples_media_tokens(load_tiny, tmp_path):
     config = model.config
     media = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
     assert media <= set(trainer.generation_config.suppress_tokens)
+
+
+def test_checkpoint_internals_the_resume_overrides_rely_on():
+    """`vlm_rl.checkpoints` / `rollout_state`: where checkpoints are written, when the RNG is restored, what the
+    buffer is, and how HF loads full-model weights on resume."""
+    from transformers import Trainer
+
+    # Checkpoints go under `_get_output_dir`, which our override points at the staging directory while saving.
+    assert "run_dir = self._get_output_dir(trial=trial)" in inspect.getsource(Trainer._save_checkpoint)
+    assert "self._get_output_dir(trial=trial)" in inspect.getsource(GRPOTrainer._save_checkpoint)
+    # The RNG is restored right before the first resumed step, on every resume path: the buffer goes with it.
+    assert inspect.getsource(Trainer._run_epoch).count("self._load_rng_state(resume_from_checkpoint)") == 2
+    # TRL's cycle state is these two attributes, counted in micro-steps (one `training_step` each).
+    assert "self._step += 1" in inspect.getsource(GRPOTrainer.training_step)
+    assert "self._buffered_inputs = None" in inspect.getsource(GRPOTrainer.__init__)
+    # HF's resume loads a full model's weights with a plain `load_state_dict` (names unconverted).
+    assert "load_result = model.load_state_dict(state_dict, False)" in inspect.getsource(Trainer._load_from_checkpoint)
+    # HF pickles the arguments in `_save` (what `redacted_secrets` wraps).
+    assert "TRAINING_ARGS_NAME" in inspect.getsource(Trainer._save)
