@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_data_training import TINY_RUN
 
 from vlm_rl.checkpoints import (
     MANIFEST,
@@ -36,27 +37,18 @@ def length(completions, **kwargs):
     return [float(len(completion[0]["content"])) for completion in completions]
 '''
 RUN = {
+    **TINY_RUN,
     "model_name_or_path": "tiny:qwen2_vl",
-    "dtype": "float32",
     "dataset": "synthetic:shapes",
     "train_size": 3,  # prompts: an epoch is 3 steps at (1, 1), 2 at (2, 1), 4 at (2, 2)
     "eval_size": 2,
     "reward_funcs": ["accuracy", {"reward": "length_reward.py:length", "weight": 0.1}],
-    "num_generations": 2,
     "per_device_train_batch_size": 2,
     "max_completion_length": 3,
     "learning_rate": 1.0e-3,
-    "use_cpu": True,
-    "bf16": False,
-    "gradient_checkpointing": False,
-    "logging_steps": 1,
     "save_strategy": "steps",
     "save_steps": 1,
-    "report_to": "none",
-    "disable_tqdm": True,
     "final_eval": False,
-    "plot": False,
-    "seed": 0,
 }
 # Logged per step but not part of what a run computes.
 NOT_COMPARED = ("timing/", "step_time")
