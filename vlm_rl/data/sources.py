@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
 from huggingface_hub import constants as hub_constants
@@ -178,9 +179,13 @@ def _data_files(path: Path) -> list[Path]:
 
 
 def _read_text_rows(path: Path, kind: str, skipped: SkippedRows, bad_rows: str) -> tuple[list[dict], list[int] | None]:
-    """The rows of a jsonl, json or csv file and their line numbers (None inside a JSON array)."""
+    """The rows of a jsonl, json or csv file and their line numbers (None inside a JSON array).
+
+    Bytes that are not UTF-8 are read as lone surrogates (`surrogateescape`), so that they spoil only their own
+    line: such a line is unreadable, like one that is not JSON.
+    """
     rows, lines = [], []
-    with open(path, encoding="utf-8", newline="" if kind == "csv" else None) as f:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="" if kind == "csv" else None) as f:
         if kind == "csv":
             reader = csv.DictReader(f)
             for row in reader:
@@ -188,13 +193,20 @@ def _read_text_rows(path: Path, kind: str, skipped: SkippedRows, bad_rows: str) 
                     problem = f"more fields than the {len(reader.fieldnames or [])} columns of the header"
                     _bad_line(path, reader.line_num, problem, skipped, bad_rows)
                     continue
+                if not all(_is_utf8(value) for value in (*row.keys(), *row.values())):
+                    _bad_line(path, reader.line_num, NOT_UTF8, skipped, bad_rows)
+                    continue
                 rows.append(row)
                 lines.append(reader.line_num)
             return rows, lines
         if kind == "json" and f.read(1024).lstrip().startswith("["):
-            f.seek(0)
+            data = path.read_bytes()
             try:
-                rows = json.load(f)
+                rows = json.loads(data.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                line = data.count(b"\n", 0, error.start) + 1
+                problem = f"{NOT_UTF8}. A JSON array cannot skip a row: fix the file"
+                raise DataError(f"{path} line {line}: {problem}.") from error
             except json.JSONDecodeError as error:
                 raise DataError(
                     f"{path} line {error.lineno}: not valid JSON ({error.msg}, column {error.colno}). A JSON array "
@@ -208,6 +220,9 @@ def _read_text_rows(path: Path, kind: str, skipped: SkippedRows, bad_rows: str) 
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            if not _is_utf8(line):
+                _bad_line(path, number, NOT_UTF8, skipped, bad_rows)
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
@@ -219,6 +234,20 @@ def _read_text_rows(path: Path, kind: str, skipped: SkippedRows, bad_rows: str) 
             rows.append(row)
             lines.append(number)
     return rows, lines
+
+
+NOT_UTF8 = "not valid UTF-8 text"
+
+
+def _is_utf8(text: str) -> bool:
+    """False when `text` holds bytes that did not decode (read with `surrogateescape`)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _bad_line(path: Path, line: int, problem: str, skipped: SkippedRows, bad_rows: str) -> None:
@@ -237,12 +266,52 @@ def _from_columns(columns: dict[str, list], files: list[SourceFile]) -> Dataset:
             if len(kinds) > 1:
                 first = _kind(next(v for v in values if v is not None))
                 row = next(i for i, v in enumerate(values) if v is not None and _kind(v) != first)
-                where = next(f for f in files if f.start <= row < f.start + f.num_rows).where(row)
                 raise DataError(
-                    f"{where}: column {name!r} holds a {_kind(values[row])} here but a {first} in earlier rows; "
-                    "give each column one type."
+                    f"{_where(files, row)}: column {name!r} holds a {_kind(values[row])} here but a {first} in "
+                    "earlier rows; give each column one type."
                 ) from error
+        for name, values in columns.items():  # same kinds at the top, but nested types or values Arrow cannot hold
+            found = _first_unstorable(values)
+            if found is not None:
+                row, problem = found
+                raise DataError(f"{_where(files, row)}: column {name!r} {problem}.") from error
         raise DataError(f"{', '.join(str(f.path) for f in files)}: the rows do not form a table ({error}).") from error
+
+
+def _where(files: list[SourceFile], row: int) -> str:
+    return next(f for f in files if f.start <= row < f.start + f.num_rows).where(row)
+
+
+def _first_unstorable(values: list) -> tuple[int, str] | None:
+    """The first row whose value Arrow cannot store along with the rows before it, and why; None if all fit.
+
+    A prefix that does not convert stays unconvertible when extended, so the row is found by bisection.
+    """
+
+    def problem(prefix: list) -> str | None:
+        try:
+            pa.array(prefix)
+        except (pa.ArrowException, OverflowError, TypeError, ValueError, UnicodeError) as error:
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    if problem(values) is None:
+        return None
+    low, high = 1, len(values)  # the shortest failing prefix is values[:high]
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if problem(values[:middle]) is not None else (middle + 1, high)
+    row = high - 1
+    alone = problem(values[row : row + 1])
+    if alone is not None:
+        return row, (
+            f"holds a value that cannot be stored ({alone}); a list must hold values of one type, an integer must fit "
+            "in 64 bits and text must be valid Unicode"
+        )
+    return row, (
+        f"holds a value whose type differs from the earlier rows' inside its lists or objects "
+        f"({problem(values[: row + 1])}); give each column one type, nested values included"
+    )
 
 
 def _kind(value: Any) -> str:
