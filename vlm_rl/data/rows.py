@@ -3,8 +3,9 @@
 Before training, checks that are cheap for every row run on the whole split: columns and template
 placeholders exist, the values a prompt needs are present, every image path exists. Everything else
 happens lazily, in a `Dataset.with_transform` function, for the rows of the batch being loaded: images
-are decoded (RGB), the prompt is built and, with `max_prompt_length`, measured with the processor. A
-dataset of 100k image paths therefore starts training without decoding any image up front.
+are decoded (RGB), the prompt is built and, once the processor is attached, run through it the way TRL will
+(and measured, for `max_prompt_length`). A dataset of 100k image paths therefore starts training without
+decoding any image up front.
 """
 
 from __future__ import annotations
@@ -188,10 +189,11 @@ def undecoded(dataset: Dataset, column: str | None) -> Dataset:
 class LazyRows:
     """The `Dataset.with_transform` function that makes trainer rows out of the raw rows of a batch.
 
-    A bad row (corrupt or vanished image, malformed conversation, prompt over `max_prompt_length`) is an
-    error naming its file and row; under `bad_rows: skip` it is replaced by the next good row of the split,
-    the same one for every repeat of it (TRL's sampler asks for each index `num_generations` times, so the
-    batch keeps its size and GRPO its groups), and counted once. Copies of the dataset share this object.
+    A bad row (corrupt or vanished image, malformed conversation, a row the processor rejects, prompt over
+    `max_prompt_length`) is an error naming its file and row; under `bad_rows: skip` it is replaced by the next
+    good row of the split, the same one for every repeat of it (TRL's sampler asks for each index
+    `num_generations` times, so the batch keeps its size and GRPO its groups), and counted once. Copies of the
+    dataset share this object.
     """
 
     def __init__(
@@ -210,10 +212,10 @@ class LazyRows:
         self.bad_rows = bad_rows
         self.skipped = skipped
         self.max_prompt_length = max_prompt_length
-        self.processor = None  # set with `TaskData.attach_processor`; measures prompts for `max_prompt_length`
+        self.processor = None  # set with `TaskData.attach_processor`; checks rows and measures prompts
         self._bad: set[int] = set()  # row ids found bad (and counted)
         self._replacements: dict[int, int] = {}  # bad row id -> position of its replacement in `raw`
-        self._fits: set[int] = set()  # row ids measured within max_prompt_length
+        self._fits: set[int] = set()  # row ids the processor took (within max_prompt_length, if set)
         self._row_ids: np.ndarray | None = None
 
     def __deepcopy__(self, memo):
@@ -291,7 +293,7 @@ class LazyRows:
         refs = [] if refs is None else refs if isinstance(refs, list) else [refs]
         images = [self._image(ref, index, row_id, cache) for index, ref in enumerate(refs)]
         prompt = self._prompt(row, has_images=bool(images))
-        if self.max_prompt_length is not None and row_id not in self._fits:
+        if (self.processor is not None or self.max_prompt_length is not None) and row_id not in self._fits:
             self._check_length(prompt, images)
             self._fits.add(row_id)
         dropped = {ROW_ID, PROMPT, self.fmt.image_column}
@@ -329,7 +331,7 @@ class LazyRows:
         if isinstance(ref, dict):  # an `Image` feature's storage
             ref = ref.get("bytes") or ref.get("path")
         if isinstance(ref, PILImage.Image):
-            return ref if ref.mode == "RGB" else ref.convert("RGB")
+            return ref if ref.mode == "RGB" else _rgb(ref)
         if isinstance(ref, str) and ref:
             key, name, data = self.source.image_path(ref, row_id), repr(ref), None
         elif isinstance(ref, bytes | bytearray):
@@ -340,7 +342,7 @@ class LazyRows:
             try:
                 with PILImage.open(data or key) as image:
                     image.load()
-                    cache[key] = image.convert("RGB")
+                    cache[key] = _rgb(image)
             except FileNotFoundError:
                 cache[key] = BadRow("missing_image", f"image {name} not found (looked for {key})")
             except Exception as error:  # decoding arbitrary bytes raises many types
@@ -351,13 +353,21 @@ class LazyRows:
         return cache[key]
 
     def _check_length(self, prompt: list[dict], images: list) -> None:
+        """Run the row through the processor as TRL will: a row it rejects (Qwen-VL refuses images more than 200
+        times wider than tall) would otherwise fail a training step without a name. Once per row per run."""
         if self.processor is None:
             raise DataError(
                 "max_prompt_length is set but no processor measures prompts: call "
                 "`TaskData.attach_processor(processor)` before training."
             )
-        length = prompt_length(self.processor, prompt, images)
-        if length > self.max_prompt_length:
+        try:
+            length = prompt_length(self.processor, prompt, images)
+        except Exception as error:  # processors raise many types; the row is what the user can fix
+            size = f" with images of sizes {[image.size for image in images]}" if images else ""
+            raise BadRow(
+                "processor_error", f"the processor cannot take this row{size} ({type(error).__name__}: {error})"
+            ) from error
+        if self.max_prompt_length is not None and length > self.max_prompt_length:
             raise BadRow(
                 "prompt_too_long",
                 f"the prompt is {length} tokens with its images, over max_prompt_length={self.max_prompt_length}; "
@@ -372,6 +382,16 @@ def prompt_length(processor, prompt: list[dict], images: list) -> int:
         conversation=[conversation], add_generation_prompt=True, tokenize=True, return_dict=True
     )
     return len(tokenized["input_ids"][0])
+
+
+def _rgb(image: PILImage.Image) -> PILImage.Image:
+    """The image in RGB. 16-bit samples are scaled to 8 bits first: Pillow's conversion clips them at 255, which
+    turns a 16-bit image almost white. (Pillow reads 16-bit PNG and TIFF greyscale as `I;16*`, some files as `I`.)"""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        samples = np.asarray(image)
+        if image.mode != "I" or samples.max(initial=0) > 255:
+            image = PILImage.fromarray((np.clip(samples, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8))
+    return image.convert("RGB")  # a copy even in RGB: the file's image is closed after this
 
 
 def lazy_rows(dataset: Dataset) -> LazyRows | None:
