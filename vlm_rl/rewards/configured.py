@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import numbers
+import reprlib
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 ERROR_POLICIES = ("none", "zero", "raise")
 FAILURE_KINDS = ("error", "timeout", "nonfinite")
+# TRL stores rewards as float32: a larger finite score would become inf there, and NaN in the advantages.
+FLOAT32_MAX = 3.4028234663852886e38
+_short = reprlib.Repr()  # a score's repr in a message: a returned 10 MB string must not flood the log
+_short.maxstring = _short.maxother = 60
 
 
 class RewardError(RuntimeError):
@@ -144,12 +149,18 @@ class ConfiguredReward:
     def _checked(self, value: Any, row: int, routes: list | None) -> float | None:
         if value is None:
             return None
-        if isinstance(value, numbers.Real) or hasattr(value, "item"):  # Python, NumPy and 0-d torch numbers
-            number = float(value)
-            if math.isfinite(number):
-                return number
-            return self._failed("nonfinite", row, routes, ValueError(f"returned {number}"))
-        return self._failed("error", row, routes, TypeError(f"returned {value!r} ({type(value).__name__})"))
+        number = _real(value)
+        if number is None:
+            problem = f"returned {_short.repr(value)} ({type(value).__name__}), not a number"
+            return self._failed("error", row, routes, TypeError(problem))
+        try:
+            score = float(number)
+        except OverflowError:  # an int beyond float range
+            score = math.inf if number > 0 else -math.inf
+        if math.isfinite(score) and abs(score) <= FLOAT32_MAX:
+            return score
+        problem = f"returned {_short.repr(number)}" + ("" if not math.isfinite(score) else ", beyond float32's range")
+        return self._failed("nonfinite", row, routes, ValueError(problem))
 
     def _failed(self, kind: str, row: int, routes: list | None, error: BaseException) -> float | None:
         route = f" (task {routes[row]!r})" if routes is not None else ""
@@ -167,6 +178,22 @@ class ConfiguredReward:
                 exc_info=error if kind == "error" else None,
             )  # fmt: skip
         return 0.0 if self.error_policy == "zero" else None
+
+
+def _real(value: Any) -> numbers.Real | None:
+    """`value` as a real number: Python numbers, and one-element NumPy or torch values; None for anything else
+    (text, complex numbers, arrays of several values), which a reward must not return as a score."""
+    if isinstance(value, numbers.Real):
+        return value
+    size = getattr(value, "size", None)
+    size = value.numel() if callable(getattr(value, "numel", None)) else size() if callable(size) else size
+    if size != 1 or not callable(getattr(value, "item", None)):
+        return None
+    try:
+        item = value.item()  # NumPy and torch scalars, 0-d and one-element arrays and tensors
+    except Exception:  # a meta tensor, an object with an unrelated `item`
+        return None
+    return item if isinstance(item, numbers.Real) else None
 
 
 def bind_context(reward_funcs: list, *, processing_class, model_type: str | None, max_completion_length: int) -> None:
