@@ -21,9 +21,12 @@ import time
 from pathlib import Path
 
 from PIL import Image
+
+import vlm_rl.train  # before transformers: vlm_rl sets up processors without torchvision
+
+# isort: split
 from transformers import TrainerCallback
 
-import vlm_rl.train
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig
 from vlm_rl.data import LazyRows, load_task
 from vlm_rl.data.synthetic import COLORS, SHAPES, draw_shape

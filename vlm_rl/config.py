@@ -171,9 +171,9 @@ class DataArguments:
     bad_rows: str = field(
         default="raise",
         metadata={
-            "help": "A row that cannot be used (unreadable line, missing value, missing or corrupt image, prompt over "
-            "`max_prompt_length`): `raise` stops with the file and row, `skip` leaves it out and counts it in "
-            "`data/skipped_rows`.",
+            "help": "A row that cannot be used (unreadable line, missing value, missing or corrupt image, a row the "
+            "processor rejects, prompt over `max_prompt_length`): `raise` stops with the file and row, `skip` "
+            "leaves it out and counts it in `data/skipped_rows`.",
             "choices": ["raise", "skip"],
         },
     )
