@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -339,3 +340,13 @@ def test_resume_loads_the_checkpoint_weights_in_every_family(tmp_path, family):
     shutil.copytree(run / "checkpoint-1", resumed / "checkpoint-1")
     train(recipe, "--output_dir", str(resumed), "--resume_from_checkpoint", "auto")
     assert same_weights(resumed, run)
+
+
+def test_the_progress_bar_of_a_resumed_run_starts_at_its_step(uninterrupted, tmp_path, capfd):
+    recipe, full = uninterrupted(1, 1)
+    resumed = resume_copy(full, 4, tmp_path)
+    capfd.readouterr()
+    train(recipe, "--output_dir", str(resumed), "--resume_from_checkpoint", "auto", "--disable_tqdm", "false")
+    frames = [frame for frame in re.split(r"[\r\n]", capfd.readouterr().err) if re.search(r"\b\d/6 \[", frame)]
+    assert frames, "no training bar drawn"
+    assert re.search(r"\b4/6 \[", frames[0]) and re.search(r"\b6/6 \[", frames[-1]), frames

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback
 
 # Shown in this order when a log line has them; `eval_accuracy` after an in-loop evaluation.
@@ -14,6 +15,13 @@ class RewardProgressCallback(ProgressCallback):
     def __init__(self, max_str_len: int = 100):
         super().__init__(max_str_len)
         self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # transformers' bar starts at 0 on resume, jumps to the resumed step at the first update and counts that
+        # jump in its rate and ETA: start it where the run is.
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, dynamic_ncols=True)
+        self.current_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         super().on_log(args, state, control, logs=logs, **kwargs)
