@@ -31,6 +31,11 @@ TINY_RUN = {
 }
 
 
+def skipped_reasons(log_entry: dict) -> dict[str, int]:
+    """The `data/skipped_rows_<reason>` counts of a logged step."""
+    return {key.removeprefix("data/skipped_rows_"): n for key, n in log_entry.items() if "skipped_rows_" in key}
+
+
 def run_recipe(directory: Path, **fields) -> dict:
     """Train from a recipe written to `directory`; returns trainer_state.json."""
     recipe = directory / "recipe.yaml"
@@ -119,7 +124,7 @@ def test_bad_rows_skip_keeps_training_and_counts_each_bad_row_once(tmp_path, tin
         )
     (step,) = [entry for entry in state["log_history"] if "loss" in entry]
     assert step["data/skipped_rows"] == 5
-    reasons = {key.removeprefix("data/skipped_rows_"): n for key, n in step.items() if "skipped_rows_" in key}
+    reasons = skipped_reasons(step)
     assert reasons == {
         "unreadable_row": 1,
         "missing_image": 1,

@@ -24,7 +24,7 @@ from conftest import no_hang, small_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_data_training import run_recipe
+from test_data_training import run_recipe, skipped_reasons
 
 from vlm_rl.config import DataArguments
 from vlm_rl.data import DataError, load_task
@@ -242,24 +242,19 @@ def test_bad_rows_are_named_or_skipped_and_counted_and_good_rows_load_intact(wor
 
         # Errors before training: the first unreadable line, then the data as a whole, then the first row with a
         # value or an image file missing.
+        error = None
         if bad_rows == "raise" and len(rows) < len(written):
-            with pytest.raises(DataError, match=named(next(w for w in written if w.reason == "unreadable_row"))):
-                load_task(args, seed=0)
-            return
-        if not rows:
-            with pytest.raises(DataError, match=rf"{re.escape(str(path))}: no rows\."):
-                load_task(args, seed=0)
-            return
-        if all(line.question is ABSENT for line in rows):
-            with pytest.raises(DataError, match=r"prompt_template uses \{question\}, but there is no column"):
-                load_task(args, seed=0)
-            return
-        if bad_rows == "raise" and len(survivors) < len(rows):
-            with pytest.raises(DataError, match=named(next(r for r in rows if r.reason in UP_FRONT))):
-                load_task(args, seed=0)
-            return
-        if not survivors:
-            with pytest.raises(DataError, match=r"no train rows to use\. Skipped"):
+            error = named(next(w for w in written if w.reason == "unreadable_row"))
+        elif not rows:
+            error = rf"{re.escape(str(path))}: no rows\."
+        elif all(line.question is ABSENT for line in rows):
+            error = r"prompt_template uses \{question\}, but there is no column"
+        elif bad_rows == "raise" and len(survivors) < len(rows):
+            error = named(next(r for r in rows if r.reason in UP_FRONT))
+        elif not survivors:
+            error = r"no train rows to use\. Skipped"
+        if error is not None:
+            with pytest.raises(DataError, match=error):
                 load_task(args, seed=0)
             return
 
@@ -598,7 +593,7 @@ def test_a_file_of_every_bad_row_kind_trains_one_step_under_skip_and_counts_each
     )
     (step,) = [entry for entry in state["log_history"] if "loss" in entry]
     assert math.isfinite(step["loss"])
-    reasons = {key.removeprefix("data/skipped_rows_"): n for key, n in step.items() if "skipped_rows_" in key}
+    reasons = skipped_reasons(step)
     assert reasons == {
         "unreadable_row": 2,
         "missing_value": 1,
