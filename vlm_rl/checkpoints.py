@@ -166,10 +166,13 @@ def rotate_checkpoints(output_dir: str | Path, save_total_limit: int | None, kee
     if not save_total_limit or save_total_limit <= 0:
         return
     checkpoints = [path for _, path in _checkpoints(Path(output_dir))]
+    if len(checkpoints) <= save_total_limit:
+        return
     kept = checkpoints[-save_total_limit:]
     if keep is not None:
         kept += [path for path in checkpoints if str(path) == str(keep) and path not in kept]
-    if not any(checkpoint_problem(path) is None for path in kept):
+    # Newest first: the checkpoint just written is normally good, so one check (of headers only) settles it.
+    if not any(checkpoint_problem(path) is None for path in reversed(kept)):
         good = [path for path in checkpoints if path not in kept and checkpoint_problem(path) is None]
         if good:
             logger.warning("Keeping %s beyond save_total_limit: every newer checkpoint is damaged.", good[-1])
