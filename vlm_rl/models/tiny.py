@@ -136,6 +136,7 @@ class TinyTokenizer:
     """How it wraps a pair of texts, with `single`."""
 
     def build(self) -> PreTrainedTokenizerFast:
+        """Train the tokenizer (`build_tokenizer`), then name its tokens and set how it wraps texts."""
         tokenizer = build_tokenizer(
             list(self.special_tokens),
             self.chat_template,
