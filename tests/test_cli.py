@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from vlm_rl.cli import build_parser, main
+from vlm_rl.cli import TINY_FAMILIES, build_parser, main
+from vlm_rl.models import tiny_families
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = {"train", "eval", "plot", "tiny-model", "export", "recipes", "vllm-serve"}
@@ -41,3 +42,20 @@ def test_recipes_lists_every_shipped_recipe_with_its_first_line(capsys, monkeypa
 def test_recipes_reports_a_directory_without_recipes(tmp_path):
     with pytest.raises(SystemExit, match="holds no \\*.yaml recipe"):
         main(["recipes", "--dir", str(tmp_path)])
+
+
+def test_tiny_model_help_lists_every_tiny_family(capsys):
+    assert tuple(sorted(tiny_families())) == TINY_FAMILIES, "cli.TINY_FAMILIES must list the registered families"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tiny-model", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    for family in TINY_FAMILIES:
+        assert f"{family}," in text or f"{family} (docs/models.md)" in text, family
+
+
+def test_tiny_model_refuses_an_unknown_family_before_building_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tiny-model", "--family", "qwen9_vl", "--output_dir", str(tmp_path / "tiny")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'qwen9_vl'" in capsys.readouterr().err and not (tmp_path / "tiny").exists()

@@ -1,13 +1,18 @@
 """Family adapters: the registry, parameter groups, image-size bounds, and what each family declares."""
 
+import sys
+
 import pytest
 import torch
 from conftest import ALL_FAMILIES
 from PIL import Image
 from trl.data_utils import prepare_multimodal_messages
 
-from vlm_rl.models import adapter_for, load_model_and_processor, tiny_families
+from vlm_rl.data import make_shapes_dataset
+from vlm_rl.evaluation import prompt_inputs
+from vlm_rl.models import adapter_for, build_tiny_model, load_model_and_processor, tiny_families
 from vlm_rl.models.adapters import GenericAdapter
+from vlm_rl.models.tiny import TinySpec, save_tiny_model
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -95,3 +100,25 @@ def test_split_then_merge_gives_back_the_processor_output(family, load_tiny):
 
 def test_tiny_families_are_the_registered_ones_with_a_builder():
     assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"} <= set(tiny_families())
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_family_builds_its_tiny_model_through_the_one_template(family, tmp_path, monkeypatch):
+    """Each family's `build_tiny` hands a `TinySpec` to `save_tiny_model`, and what that saves loads and generates."""
+    specs = []
+
+    def recording(spec, output_dir, *, seed):
+        specs.append(spec)
+        save_tiny_model(spec, output_dir, seed=seed)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("vlm_rl.models.families.") and getattr(module, "save_tiny_model", None) is save_tiny_model:
+            monkeypatch.setattr(module, "save_tiny_model", recording)
+    path = build_tiny_model(family, tmp_path / family)
+    assert len(specs) == 1 and isinstance(specs[0], TinySpec)
+    model, processor = load_model_and_processor(str(path), dtype="float32")
+    assert type(model).__name__ == specs[0].model_class
+    row = make_shapes_dataset(1, seed=0)[0]
+    inputs = prompt_inputs(adapter_for(model.config), processor, [row["prompt"]], [row["images"]])
+    generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3

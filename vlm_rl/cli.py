@@ -14,6 +14,23 @@ from pathlib import Path
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # in a source checkout
 
 
+# `vlm_rl.models.tiny_families()`, spelled out so that parsing imports no model code (a test keeps them equal).
+TINY_FAMILIES = (
+    "blip2",
+    "gemma3",
+    "idefics3",
+    "instructblip",
+    "internvl",
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_5_vl",
+    "qwen2_vl",
+    "qwen3_vl",
+    "smolvlm",
+)
+
+
 def _tiny_model(args: argparse.Namespace, overrides: list[str]) -> None:
     from vlm_rl.models import build_tiny_model
 
@@ -125,7 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=_plot)
 
     tiny = commands.add_parser("tiny-model", help="Build a tiny random-weight VLM of a real architecture, offline.")
-    tiny.add_argument("--family", required=True, help="A model family, e.g. qwen2_vl (all: docs/models.md).")
+    tiny.add_argument(
+        "--family",
+        required=True,
+        choices=TINY_FAMILIES,
+        metavar="FAMILY",
+        help=f"The model family: {', '.join(TINY_FAMILIES)} (docs/models.md).",
+    )
     tiny.add_argument("--output_dir", required=True, help="Directory to save the model and processor to.")
     tiny.add_argument("--hidden_size", type=int, default=64)
     tiny.add_argument("--num_hidden_layers", type=int, default=2)

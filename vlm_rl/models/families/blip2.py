@@ -15,13 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-import transformers
-from tokenizers import processors
-from transformers.utils import is_torchvision_available
-
 from vlm_rl.models.adapters import FamilyAdapter, register_adapter
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes, name_special_tokens
+from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model, vision_sizes
 
 # "Question: <text> Answer:" (the BLIP-2 paper's VQA prompt); images render nothing, since the processor
 # prepends the query tokens itself. No BOS: the tokenizers add it, as OPT's and Llama's do, so that the
@@ -91,17 +86,6 @@ class Blip2Adapter(FamilyAdapter):
         return {}, {}
 
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
-        tokenizer = build_tokenizer(
-            list(self.special_tokens),
-            CHAT_TEMPLATE,
-            eos_token="</s>",
-            pad_token=self.pad_token,
-            bos_token=self.bos_token,
-        )
-        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in self.special_tokens}
-        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{self.bos_token} $A", special_tokens=[(self.bos_token, ids[self.bos_token])]
-        )
         processor_parts, qformer_extra = self.extra_processor_parts()
         qformer_config = {
             "hidden_size": 32,
@@ -114,38 +98,32 @@ class Blip2Adapter(FamilyAdapter):
             "max_position_embeddings": 128,
             **qformer_extra,
         }
-        vision_config = {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": num_hidden_layers,
-            "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 14,
-        }
-        config = getattr(transformers, self.config_class)(
-            text_config=self.text_config(hidden_size, num_hidden_layers, len(tokenizer), ids),
-            vision_config=vision_config,
-            qformer_config=qformer_config,
-            num_query_tokens=NUM_QUERY_TOKENS,
-            image_token_index=ids["<image>"],
+        vision_config = vision_sizes(IMAGE_SIZE, 14, num_hidden_layers)
+        spec = TinySpec(
+            # The tokenizers prepend BOS, as OPT's and Llama's do (see `CHAT_TEMPLATE`).
+            tokenizer=TinyTokenizer(
+                self.special_tokens,
+                CHAT_TEMPLATE,
+                eos_token="</s>",
+                pad_token=self.pad_token,
+                bos_token=self.bos_token,
+                single=f"{self.bos_token} $A",
+            ),
+            config_class=self.config_class,
+            model_class=self.model_class,
+            config=lambda ids, vocab_size: {
+                "text_config": self.text_config(hidden_size, num_hidden_layers, vocab_size, ids),
+                "vision_config": vision_config,
+                "qformer_config": qformer_config,
+                "num_query_tokens": NUM_QUERY_TOKENS,
+                "image_token_index": ids["<image>"],
+            },
+            image_processor_class="BlipImageProcessor",
+            image_processor={"size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}},
+            processor_class=self.processor_class,
+            processor={"num_query_tokens": NUM_QUERY_TOKENS, **processor_parts},
         )
-        torch.manual_seed(seed)
-        model = getattr(transformers, self.model_class)(config)
-        model.generation_config.eos_token_id = ids["</s>"]
-        model.generation_config.pad_token_id = ids[self.pad_token]
-        model.generation_config.bos_token_id = ids[self.bos_token]
-
-        image_processor_class = "BlipImageProcessor" if is_torchvision_available() else "BlipImageProcessorPil"
-        image_processor = getattr(transformers, image_processor_class)(
-            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-        )
-        processor = getattr(transformers, self.processor_class)(
-            image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=NUM_QUERY_TOKENS, **processor_parts
-        )
-        # These processors drop `chat_template` in `__init__` (transformers 5.19); the tokenizer saves it.
-        processor.chat_template = CHAT_TEMPLATE
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+        save_tiny_model(spec, output_dir, seed=seed)
 
 
 class InstructBlipAdapter(Blip2Adapter):
@@ -193,15 +171,14 @@ class InstructBlipAdapter(Blip2Adapter):
 
     def extra_processor_parts(self) -> tuple[dict, dict]:
         # The Q-Former tokenizer is BERT's: [CLS] text [SEP], padded on the right (its positions are absolute).
-        qformer_tokenizer = build_tokenizer(
-            ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], None, eos_token="[SEP]", pad_token="[PAD]"
-        )
-        qformer_tokenizer = name_special_tokens(
-            qformer_tokenizer, {}, cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", unk_token="[UNK]"
-        )
-        qformer_tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-        )
+        qformer_tokenizer = TinyTokenizer(
+            ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+            None,
+            eos_token="[SEP]",
+            pad_token="[PAD]",
+            settings={"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]", "unk_token": "[UNK]"},
+            single="[CLS] $A [SEP]",
+        ).build()
         return {"qformer_tokenizer": qformer_tokenizer}, {"vocab_size": len(qformer_tokenizer), "pad_token_id": 0}
 
 

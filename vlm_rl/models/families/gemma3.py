@@ -10,12 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import transformers
-from transformers.utils import is_torchvision_available
-
 from vlm_rl.models.adapters import FamilyAdapter, register_adapter
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes, name_special_tokens
+from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model, vision_sizes
 
 # Gemma's own order for the first ids (pad 0, eos 1, bos 2, unk 3, mask 4), then the chat and image tokens.
 SPECIAL_TOKENS = [
@@ -99,72 +95,59 @@ class Gemma3Adapter(FamilyAdapter):
     )
 
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
-        tokenizer = build_tokenizer(
-            SPECIAL_TOKENS, CHAT_TEMPLATE, eos_token="<end_of_turn>", pad_token="<pad>", bos_token="<bos>"
-        )
-        # The processor reads the image tokens by name; Gemma's tokenizer prepends <bos> and pads on the left.
-        tokenizer = name_special_tokens(
-            tokenizer,
-            {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
-            add_bos_token=True,
-            padding_side="left",
-        )
-        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
         num_heads, head_dim = attention_sizes(hidden_size)
-        text_config = {
-            **decoder_sizes(len(tokenizer), hidden_size, num_hidden_layers),
-            "head_dim": head_dim,
-            "query_pre_attn_scalar": head_dim,
-            "sliding_window": SLIDING_WINDOW,
-            # Gemma 3 interleaves local (sliding) and global layers; the tiny model has both kinds.
-            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_hidden_layers)],
-            "max_position_embeddings": 4096,
-            "bos_token_id": ids["<bos>"],
-            "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]],
-            "pad_token_id": ids["<pad>"],
-        }
-        vision_config = {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": PATCH_SIZE,
-            "vision_use_head": False,
-        }
-        config = transformers.Gemma3Config(
-            text_config=text_config,
-            vision_config=vision_config,
-            mm_tokens_per_image=MM_TOKENS_PER_IMAGE,
-            boi_token_index=ids["<start_of_image>"],
-            eoi_token_index=ids["<end_of_image>"],
-            image_token_index=ids["<image_soft_token>"],
+        spec = TinySpec(
+            # The processor reads the image tokens by name; Gemma's tokenizer prepends <bos> and pads on the left.
+            tokenizer=TinyTokenizer(
+                tuple(SPECIAL_TOKENS),
+                CHAT_TEMPLATE,
+                eos_token="<end_of_turn>",
+                pad_token="<pad>",
+                bos_token="<bos>",
+                named_tokens={
+                    "boi_token": "<start_of_image>",
+                    "eoi_token": "<end_of_image>",
+                    "image_token": "<image_soft_token>",
+                },
+                settings={"add_bos_token": True, "padding_side": "left"},
+            ),
+            config_class="Gemma3Config",
+            model_class="Gemma3ForConditionalGeneration",
+            config=lambda ids, vocab_size: {
+                "text_config": {
+                    **decoder_sizes(vocab_size, hidden_size, num_hidden_layers),
+                    "head_dim": head_dim,
+                    "query_pre_attn_scalar": head_dim,
+                    "sliding_window": SLIDING_WINDOW,
+                    # Gemma 3 interleaves local (sliding) and global layers; the tiny model has both kinds.
+                    "layer_types": [
+                        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_hidden_layers)
+                    ],
+                    "max_position_embeddings": 4096,
+                    "bos_token_id": ids["<bos>"],
+                    "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]],
+                    "pad_token_id": ids["<pad>"],
+                },
+                "vision_config": {**vision_sizes(IMAGE_SIZE, PATCH_SIZE), "vision_use_head": False},
+                "mm_tokens_per_image": MM_TOKENS_PER_IMAGE,
+                "boi_token_index": ids["<start_of_image>"],
+                "eoi_token_index": ids["<end_of_image>"],
+                "image_token_index": ids["<image_soft_token>"],
+            },
+            image_processor_class="Gemma3ImageProcessor",
+            image_processor={
+                "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "do_pan_and_scan": False,
+            },
+            processor_class="Gemma3Processor",
+            processor={"image_seq_length": MM_TOKENS_PER_IMAGE},
+            # transformers initialises the projection to zeros, which would cut the vision tower off from every
+            # gradient; released checkpoints have a trained one.
+            init_weights=lambda model: model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02),
         )
-        torch.manual_seed(seed)
-        model = transformers.Gemma3ForConditionalGeneration(config)
-        # transformers initialises the projection to zeros, which would cut the vision tower off from every
-        # gradient; released checkpoints have a trained one.
-        with torch.no_grad():
-            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
-        model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
-        model.generation_config.pad_token_id = ids["<pad>"]
-        model.generation_config.bos_token_id = ids["<bos>"]
-
-        image_processor_class = "Gemma3ImageProcessor" if is_torchvision_available() else "Gemma3ImageProcessorPil"
-        image_processor = getattr(transformers, image_processor_class)(
-            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-            do_pan_and_scan=False,
-        )
-        processor = transformers.Gemma3Processor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            chat_template=tokenizer.chat_template,
-            image_seq_length=MM_TOKENS_PER_IMAGE,
-        )
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+        save_tiny_model(spec, output_dir, seed=seed)
 
 
 register_adapter(Gemma3Adapter())

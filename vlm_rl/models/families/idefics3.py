@@ -19,13 +19,8 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-import transformers
-from transformers.utils import is_torchvision_available
-
 from vlm_rl.models.adapters import FamilyAdapter, register_adapter
-from vlm_rl.models.processing import image_only_processor_class
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes
+from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model, vision_sizes
 
 # `<row_i_col_j>` for the tile grid (the processors know up to 6×6), `<global-img>` for the global image.
 TILE_TOKENS = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
@@ -167,65 +162,44 @@ class Idefics3Adapter(FamilyAdapter):
     """Resized longest edge: a square image becomes 2×2 tiles plus the global tile (real: 4 × the tile side)."""
 
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
-        special = [*self.text_tokens, *IMAGE_TOKENS]
-        tokenizer = build_tokenizer(
-            special,
-            chat_template(self.template_prefix),
-            eos_token="<end_of_utterance>",
-            pad_token=self.pad_token,
-            bos_token=self.bos_token,
-        )
-        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in special}
         num_heads, head_dim = attention_sizes(hidden_size)
-        text_config = {
-            "model_type": "llama",
-            **decoder_sizes(len(tokenizer), hidden_size, num_hidden_layers),
-            "head_dim": head_dim,
-            "max_position_embeddings": 4096,
-            "bos_token_id": ids[self.bos_token],
-            "eos_token_id": ids["<end_of_utterance>"],
-            "pad_token_id": ids[self.pad_token],
-        }
-        vision_config = {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": self.tile_size,
-            "patch_size": self.patch_size,
-        }
-        config = getattr(transformers, self.config_class)(
-            text_config=text_config,
-            vision_config=vision_config,
-            scale_factor=self.scale_factor,
-            image_token_id=ids["<image>"],
-            pad_token_id=ids[self.pad_token],
+        spec = TinySpec(
+            tokenizer=TinyTokenizer(
+                (*self.text_tokens, *IMAGE_TOKENS),
+                chat_template(self.template_prefix),
+                eos_token="<end_of_utterance>",
+                pad_token=self.pad_token,
+                bos_token=self.bos_token,
+            ),
+            config_class=self.config_class,
+            model_class=self.model_class,
+            config=lambda ids, vocab_size: {
+                "text_config": {
+                    "model_type": "llama",
+                    **decoder_sizes(vocab_size, hidden_size, num_hidden_layers),
+                    "head_dim": head_dim,
+                    "max_position_embeddings": 4096,
+                    "bos_token_id": ids[self.bos_token],
+                    "eos_token_id": ids["<end_of_utterance>"],
+                    "pad_token_id": ids[self.pad_token],
+                },
+                "vision_config": vision_sizes(self.tile_size, self.patch_size),
+                "scale_factor": self.scale_factor,
+                "image_token_id": ids["<image>"],
+                "pad_token_id": ids[self.pad_token],
+            },
+            image_processor_class=self.image_processor_class,
+            image_processor={
+                "size": {"longest_edge": self.longest_edge},
+                "max_image_size": {"longest_edge": self.tile_size},
+                "do_image_splitting": True,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+            },
+            processor_class=self.processor_class,
+            processor={"image_seq_len": (self.tile_size // self.patch_size) ** 2 // self.scale_factor**2},
         )
-        torch.manual_seed(seed)
-        model = getattr(transformers, self.model_class)(config)
-        model.generation_config.eos_token_id = ids["<end_of_utterance>"]
-        model.generation_config.pad_token_id = ids[self.pad_token]
-        model.generation_config.bos_token_id = ids[self.bos_token]
-
-        # Without torchvision transformers would fall back to the PIL backend anyway (with a warning).
-        suffix = "" if is_torchvision_available() else "Pil"
-        image_processor = getattr(transformers, self.image_processor_class + suffix)(
-            size={"longest_edge": self.longest_edge},
-            max_image_size={"longest_edge": self.tile_size},
-            do_image_splitting=True,
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-        )
-        image_seq_len = (self.tile_size // self.patch_size) ** 2 // self.scale_factor**2
-        processor_class = image_only_processor_class(getattr(transformers, self.processor_class))
-        processor = processor_class(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            chat_template=tokenizer.chat_template,
-            image_seq_len=image_seq_len,
-        )
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+        save_tiny_model(spec, output_dir, seed=seed)
 
 
 class SmolVLMAdapter(Idefics3Adapter):

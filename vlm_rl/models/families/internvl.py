@@ -14,12 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from transformers.utils import is_torchvision_available
 
 from vlm_rl.models.adapters import FamilyAdapter, register_adapter
-from vlm_rl.models.processing import image_only_processor_class
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes, name_special_tokens
+from vlm_rl.models.tiny import TinySpec, TinyTokenizer, decoder_sizes, save_tiny_model, vision_sizes
 
 # Qwen2.5's chat tokens, then InternVL's image and grounding tokens (OpenGVLab/InternVL3-*-hf).
 SPECIAL_TOKENS = [
@@ -139,65 +136,49 @@ class InternVLAdapter(FamilyAdapter):
         image_processor.max_patches = max_tiles
 
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
-        tokenizer = build_tokenizer(SPECIAL_TOKENS, CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-        # The processor finds its image tokens by name, as in the converted tokenizers.
-        tokenizer = name_special_tokens(
-            tokenizer,
-            {
-                "start_image_token": "<img>",
-                "end_image_token": "</img>",
-                "context_image_token": "<IMG_CONTEXT>",
-                "video_token": "<video>",
+        spec = TinySpec(
+            # The processor finds its image tokens by name, as in the converted tokenizers.
+            tokenizer=TinyTokenizer(
+                tuple(SPECIAL_TOKENS),
+                CHAT_TEMPLATE,
+                eos_token="<|im_end|>",
+                pad_token="<|endoftext|>",
+                named_tokens={
+                    "start_image_token": "<img>",
+                    "end_image_token": "</img>",
+                    "context_image_token": "<IMG_CONTEXT>",
+                    "video_token": "<video>",
+                },
+            ),
+            config_class="InternVLConfig",
+            model_class="InternVLForConditionalGeneration",
+            config=lambda ids, vocab_size: {
+                "text_config": {
+                    "model_type": "qwen2",
+                    **decoder_sizes(vocab_size, hidden_size, num_hidden_layers),
+                    "max_position_embeddings": 4096,
+                    "bos_token_id": ids["<|endoftext|>"],
+                    "eos_token_id": ids["<|im_end|>"],
+                    "pad_token_id": ids["<|endoftext|>"],
+                },
+                "vision_config": vision_sizes(TILE_SIZE, PATCH_SIZE),
+                "image_token_id": ids["<IMG_CONTEXT>"],
+                "image_seq_length": TOKENS_PER_TILE,
+                "downsample_ratio": DOWNSAMPLE_RATIO,
             },
+            image_processor_class="GotOcr2ImageProcessor",
+            image_processor={
+                "size": {"height": TILE_SIZE, "width": TILE_SIZE},
+                "crop_to_patches": True,
+                "min_patches": 1,
+                "max_patches": MAX_TILES,
+                "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225],
+            },
+            processor_class="InternVLProcessor",
+            processor={"image_seq_length": TOKENS_PER_TILE},
         )
-        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-        num_heads, head_dim = attention_sizes(hidden_size)
-        text_config = {
-            "model_type": "qwen2",
-            **decoder_sizes(len(tokenizer), hidden_size, num_hidden_layers),
-            "max_position_embeddings": 4096,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        }
-        vision_config = {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": TILE_SIZE,
-            "patch_size": PATCH_SIZE,
-        }
-        config = transformers.InternVLConfig(
-            text_config=text_config,
-            vision_config=vision_config,
-            image_token_id=ids["<IMG_CONTEXT>"],
-            image_seq_length=TOKENS_PER_TILE,
-            downsample_ratio=DOWNSAMPLE_RATIO,
-        )
-        torch.manual_seed(seed)
-        model = transformers.InternVLForConditionalGeneration(config)
-        model.generation_config.eos_token_id = ids["<|im_end|>"]
-        model.generation_config.pad_token_id = ids["<|endoftext|>"]
-        model.generation_config.bos_token_id = ids["<|endoftext|>"]
-
-        image_processor_class = "GotOcr2ImageProcessor" if is_torchvision_available() else "GotOcr2ImageProcessorPil"
-        image_processor = getattr(transformers, image_processor_class)(
-            size={"height": TILE_SIZE, "width": TILE_SIZE},
-            crop_to_patches=True,
-            min_patches=1,
-            max_patches=MAX_TILES,
-            image_mean=[0.485, 0.456, 0.406],
-            image_std=[0.229, 0.224, 0.225],
-        )
-        processor = image_only_processor_class(transformers.InternVLProcessor)(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            chat_template=tokenizer.chat_template,
-            image_seq_length=TOKENS_PER_TILE,
-        )
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+        save_tiny_model(spec, output_dir, seed=seed)
 
 
 register_adapter(InternVLAdapter())

@@ -14,13 +14,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import transformers
-from tokenizers import processors
-from transformers.utils import is_torchvision_available
 
 from vlm_rl.models.adapters import FamilyAdapter, register_adapter
-from vlm_rl.models.processing import image_only_processor_class
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes
+from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model, vision_sizes
 
 PATCH_SIZE = 14
 
@@ -102,64 +98,50 @@ class LlavaAdapter(FamilyAdapter):
     image_std: ClassVar[tuple[float, ...]] = (0.26862954, 0.26130258, 0.27577711)
 
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
-        tokenizer = build_tokenizer(
-            list(self.special_tokens),
-            self.template,
-            eos_token=self.eos_token,
-            pad_token=self.pad_token,
-            bos_token=self.bos_token,
-        )
-        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in self.special_tokens}
-        if self.bos_token is not None:
-            bos = (self.bos_token, ids[self.bos_token])
-            tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-                single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B", special_tokens=[bos]
-            )
         num_heads, head_dim = attention_sizes(hidden_size)
-        text_config = {
-            "model_type": self.text_model_type,
-            **decoder_sizes(len(tokenizer), hidden_size, num_hidden_layers),
-            "head_dim": head_dim,
-            "max_position_embeddings": 4096,
-            "bos_token_id": ids[self.bos_token or self.pad_token],  # Qwen2 configs name <|endoftext|>
-            "eos_token_id": ids[self.eos_token],
-            "pad_token_id": ids[self.pad_token],
-        }
-        vision_config = {
-            "model_type": self.vision_model_type,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": self.image_size,
-            "patch_size": PATCH_SIZE,
-            **self._vision_config(),
-        }
-        config = getattr(transformers, self.config_class)(
-            text_config=text_config,
-            vision_config=vision_config,
-            image_token_index=ids["<image>"],
-            vision_feature_layer=self.vision_feature_layer,
-            vision_feature_select_strategy=self.vision_feature_select_strategy,
-            **self._config(ids),
+        bos = self.bos_token
+        spec = TinySpec(
+            tokenizer=TinyTokenizer(
+                self.special_tokens,
+                self.template,
+                eos_token=self.eos_token,
+                pad_token=self.pad_token,
+                bos_token=bos,
+                single=None if bos is None else f"{bos} $A",
+                pair=None if bos is None else f"{bos} $A {bos} $B",
+            ),
+            config_class=self.config_class,
+            model_class=self.model_class,
+            config=lambda ids, vocab_size: {
+                "text_config": {
+                    "model_type": self.text_model_type,
+                    **decoder_sizes(vocab_size, hidden_size, num_hidden_layers),
+                    "head_dim": head_dim,
+                    "max_position_embeddings": 4096,
+                    "bos_token_id": ids[bos or self.pad_token],  # Qwen2 configs name <|endoftext|>
+                    "eos_token_id": ids[self.eos_token],
+                    "pad_token_id": ids[self.pad_token],
+                },
+                "vision_config": {
+                    "model_type": self.vision_model_type,
+                    **vision_sizes(self.image_size, PATCH_SIZE),
+                    **self._vision_config(),
+                },
+                "image_token_index": ids["<image>"],
+                "vision_feature_layer": self.vision_feature_layer,
+                "vision_feature_select_strategy": self.vision_feature_select_strategy,
+                **self._config(ids),
+            },
+            image_processor_class=self.image_processor_class,
+            image_processor={
+                "image_mean": list(self.image_mean),
+                "image_std": list(self.image_std),
+                **self._image_processor(),
+            },
+            processor_class=self.processor_class,
+            processor=self._processor(),
         )
-        torch.manual_seed(seed)
-        model = getattr(transformers, self.model_class)(config)
-        model.generation_config.eos_token_id = text_config["eos_token_id"]
-        model.generation_config.pad_token_id = text_config["pad_token_id"]
-        model.generation_config.bos_token_id = text_config["bos_token_id"]
-
-        # Without torchvision transformers would fall back to the PIL backend anyway (with a warning).
-        image_processor_class = self.image_processor_class + ("" if is_torchvision_available() else "Pil")
-        image_processor = getattr(transformers, image_processor_class)(
-            image_mean=list(self.image_mean), image_std=list(self.image_std), **self._image_processor()
-        )
-        processor_class = image_only_processor_class(getattr(transformers, self.processor_class))
-        processor = processor_class(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=self.template, **self._processor()
-        )
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+        save_tiny_model(spec, output_dir, seed=seed)
 
     def _vision_config(self) -> dict[str, Any]:
         """Vision-config entries beyond the shared tiny sizes."""

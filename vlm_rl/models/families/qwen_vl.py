@@ -5,13 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-import transformers
-from transformers.utils import is_torchvision_available
-
 from vlm_rl.models.adapters import GridAdapter, register_adapter
-from vlm_rl.models.processing import image_only_processor_class
-from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes
+from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model
 
 # The Qwen-VL special tokens, in the order the real tokenizers list them.
 SPECIAL_TOKENS = [
@@ -75,23 +70,9 @@ class QwenVLAdapter(GridAdapter):
     text_config: dict = {}
 
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
-        template = CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", json.dumps(self.default_system))
-        tokenizer = build_tokenizer(
-            [*SPECIAL_TOKENS, *self.extra_tokens], template, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-        )
-        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
         num_heads, head_dim = attention_sizes(hidden_size)
         half = head_dim // 2  # M-RoPE splits the rotary half-dimension over (temporal, height, width)
         mrope_section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-        text_config = {
-            **decoder_sizes(len(tokenizer), hidden_size, num_hidden_layers),
-            "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-            **self.text_config,
-        }
         vision_config = {
             **self.vision_config,
             "patch_size": self.patch_size,
@@ -100,43 +81,46 @@ class QwenVLAdapter(GridAdapter):
         }
         # The vision output width is named differently per generation; all must equal the LM width.
         vision_config["hidden_size" if self.name == "qwen2_vl" else "out_hidden_size"] = hidden_size
-        config = getattr(transformers, self.config_class)(
-            text_config=text_config,
-            vision_config=vision_config,
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
+        spec = TinySpec(
+            tokenizer=TinyTokenizer(
+                (*SPECIAL_TOKENS, *self.extra_tokens),
+                CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", json.dumps(self.default_system)),
+                eos_token="<|im_end|>",
+                pad_token="<|endoftext|>",
+            ),
+            config_class=self.config_class,
+            model_class=self.model_class,
+            config=lambda ids, vocab_size: {
+                "text_config": {
+                    **decoder_sizes(vocab_size, hidden_size, num_hidden_layers),
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+                    "max_position_embeddings": 4096,
+                    "bos_token_id": ids["<|endoftext|>"],
+                    "eos_token_id": ids["<|im_end|>"],
+                    "pad_token_id": ids["<|endoftext|>"],
+                    **self.text_config,
+                },
+                "vision_config": vision_config,
+                "image_token_id": ids["<|image_pad|>"],
+                "video_token_id": ids["<|video_pad|>"],
+                "vision_start_token_id": ids["<|vision_start|>"],
+                "vision_end_token_id": ids["<|vision_end|>"],
+            },
+            image_processor_class="Qwen2VLImageProcessor",
+            image_processor={
+                "patch_size": self.patch_size,
+                "merge_size": 2,
+                "temporal_patch_size": 2,
+                "min_pixels": 28 * 28,
+                "max_pixels": 28 * 28 * 64,
+                "image_mean": list(self.image_mean),
+                "image_std": list(self.image_std),
+            },
+            processor_class=self.processor_class,
+            video_processor_class=self.video_processor_class,
+            video_processor={"patch_size": self.patch_size, "merge_size": 2, "temporal_patch_size": 2},
         )
-        torch.manual_seed(seed)
-        model = getattr(transformers, self.model_class)(config)
-        model.generation_config.eos_token_id = ids["<|im_end|>"]
-        model.generation_config.pad_token_id = ids["<|endoftext|>"]
-        model.generation_config.bos_token_id = ids["<|endoftext|>"]
-
-        # Without torchvision transformers would fall back to the PIL backend anyway (with a warning).
-        image_processor_class = "Qwen2VLImageProcessor" if is_torchvision_available() else "Qwen2VLImageProcessorPil"
-        image_processor = getattr(transformers, image_processor_class)(
-            patch_size=self.patch_size,
-            merge_size=2,
-            temporal_patch_size=2,
-            min_pixels=28 * 28,
-            max_pixels=28 * 28 * 64,
-            image_mean=list(self.image_mean),
-            image_std=list(self.image_std),
-        )
-        parts = {"image_processor": image_processor, "tokenizer": tokenizer, "chat_template": tokenizer.chat_template}
-        if is_torchvision_available():
-            # vLLM builds the full processor from the saved files, video processor included.
-            processor_class = getattr(transformers, self.processor_class)
-            parts["video_processor"] = getattr(transformers, self.video_processor_class)(
-                patch_size=self.patch_size, merge_size=2, temporal_patch_size=2
-            )
-        else:
-            processor_class = image_only_processor_class(getattr(transformers, self.processor_class))
-        processor = processor_class(**parts)
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+        save_tiny_model(spec, output_dir, seed=seed)
 
 
 class Qwen2VLAdapter(QwenVLAdapter):
