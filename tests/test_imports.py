@@ -1,6 +1,6 @@
 """The import graph of `vlm_rl`: no cycles, and no import hidden in a function to dodge one.
 
-Read from the source with `ast`, nothing imported. The rule (docs/models.md, "Imports"):
+Read from the source with `ast`, nothing imported. The rule (also in docs/models.md, "Adding a family"):
 
 - Every `vlm_rl` import counts, at module level or inside a function, except those under
   `if TYPE_CHECKING:` (they never run). Importing `a.b.c` from outside package `a.b` also runs
@@ -182,6 +182,13 @@ def test_no_import_cycles():
     found = cycles(graph)
     report = "\n".join(f"  cycle {i + 1}:\n    {describe(cycle, graph)}" for i, cycle in enumerate(found))
     assert not found, f"{len(found)} import cycle(s) in vlm_rl:\n{report}"
+
+
+def test_the_family_registry_is_one_way():
+    """Families import the adapter base; the base imports no family (the registry in `families/` maps to them)."""
+    graph = import_graph()
+    assert not [target for target in graph["vlm_rl.models.adapters"] if target.startswith("vlm_rl.models.families")]
+    assert "vlm_rl.models.adapters" in graph["vlm_rl.models.families.qwen_vl"]
 
 
 def test_function_level_imports_are_marked_lazy():

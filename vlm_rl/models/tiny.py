@@ -3,13 +3,11 @@
 They are the embedded default for the demo and the tests: the real model class, the real processor
 class and a family-shaped tokenizer (special tokens, chat template), small enough to train on a CPU.
 Nothing is downloaded; the tokenizer is trained on a small local corpus with the `tokenizers` library.
-Each family's builder lives with its adapter in `vlm_rl/models/families/`.
+Each family's builder lives with its adapter in `vlm_rl/models/families/`, which also holds `build_tiny_model`;
+this module holds the helpers the builders share.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -95,31 +93,3 @@ def decoder_sizes(vocab_size: int, hidden_size: int, num_hidden_layers: int) -> 
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_heads,
     }
-
-
-def tiny_families() -> dict:
-    """The registered families, by name: each has a tiny model, so each is in every per-family test."""
-    from vlm_rl.models.adapters import registered_adapters
-
-    return registered_adapters()
-
-
-def build_tiny_model(
-    family_name: str,
-    output_dir: str | Path,
-    *,
-    hidden_size: int = 64,
-    num_hidden_layers: int = 2,
-    seed: int = 0,
-) -> Path:
-    """Build, save and return the directory of a tiny random model of `family_name`."""
-    families = tiny_families()
-    if family_name not in families:
-        raise ValueError(f"Unknown tiny-model family {family_name!r}; choose one of {sorted(families)}.")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    families[family_name].build_tiny(
-        output_dir, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, seed=seed
-    )
-    (output_dir / "vlm_rl_tiny.json").write_text(json.dumps({"family": family_name, "seed": seed}, indent=2) + "\n")
-    return output_dir

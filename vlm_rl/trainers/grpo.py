@@ -44,7 +44,8 @@ from vlm_rl.checkpoints import (
     staging_path,
 )
 from vlm_rl.data import most_images_per_row
-from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
+from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter
+from vlm_rl.models.families import adapter_for
 from vlm_rl.models.inputs import (
     BOOKKEEPING_KEYS,
     conversation_text,

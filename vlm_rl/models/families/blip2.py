@@ -20,7 +20,7 @@ import transformers
 from tokenizers import processors
 from transformers.utils import is_torchvision_available
 
-from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes, name_special_tokens
 
 # "Question: <text> Answer:" (the BLIP-2 paper's VQA prompt); images render nothing, since the processor
@@ -203,7 +203,3 @@ class InstructBlipAdapter(Blip2Adapter):
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
         )
         return {"qformer_tokenizer": qformer_tokenizer}, {"vocab_size": len(qformer_tokenizer), "pad_token_id": 0}
-
-
-for _adapter in (Blip2Adapter, InstructBlipAdapter):
-    register_adapter(_adapter())

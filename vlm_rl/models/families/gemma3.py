@@ -14,7 +14,7 @@ import torch
 import transformers
 from transformers.utils import is_torchvision_available
 
-from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes, name_special_tokens
 
 # Gemma's own order for the first ids (pad 0, eos 1, bos 2, unk 3, mask 4), then the chat and image tokens.
@@ -165,6 +165,3 @@ class Gemma3Adapter(FamilyAdapter):
         )
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
-
-
-register_adapter(Gemma3Adapter())

@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers.utils import is_torchvision_available
 
-from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.processing import image_only_processor_class
 from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes
 
@@ -243,7 +243,3 @@ class SmolVLMAdapter(Idefics3Adapter):
     template_prefix = "<|im_start|>"
     bos_token = "<|im_start|>"
     pad_token = "<|im_end|>"
-
-
-for _adapter in (Idefics3Adapter, SmolVLMAdapter):
-    register_adapter(_adapter())

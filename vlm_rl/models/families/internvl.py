@@ -17,7 +17,7 @@ import torch
 import transformers
 from transformers.utils import is_torchvision_available
 
-from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.processing import image_only_processor_class
 from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes, name_special_tokens
 
@@ -198,6 +198,3 @@ class InternVLAdapter(FamilyAdapter):
         )
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
-
-
-register_adapter(InternVLAdapter())

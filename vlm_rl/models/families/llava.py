@@ -18,7 +18,7 @@ import transformers
 from tokenizers import processors
 from transformers.utils import is_torchvision_available
 
-from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.processing import image_only_processor_class
 from vlm_rl.models.tiny import attention_sizes, build_tokenizer, decoder_sizes
 
@@ -318,7 +318,3 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             "vision_feature_select_strategy": self.vision_feature_select_strategy,
             "vision_aspect_ratio": self.vision_aspect_ratio,
         }
-
-
-for _adapter in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter):
-    register_adapter(_adapter())
