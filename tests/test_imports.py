@@ -111,8 +111,9 @@ def import_graph(found: dict[str, Path] | None = None) -> dict[str, dict[str, Im
     return graph
 
 
-def cycles(graph: dict[str, dict[str, Import]]) -> list[list[str]]:
-    """One cycle through each strongly connected component of more than one module (Tarjan), as a path."""
+def cycles(graph: dict[str, dict[str, Import]]) -> list[tuple[list[str], list[str]]]:
+    """Each strongly connected component of more than one module (Tarjan): one cycle through it, as a path, and
+    all its modules (every one of them is on some cycle)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -143,7 +144,7 @@ def cycles(graph: dict[str, dict[str, Import]]) -> list[list[str]]:
     for node in sorted(graph):
         if node not in index:
             connect(node)
-    return [_cycle_in(graph, component) for component in components]
+    return [(_cycle_in(graph, component), sorted(component)) for component in components]
 
 
 def _cycle_in(graph: dict[str, dict[str, Import]], component: set[str]) -> list[str]:
@@ -180,7 +181,10 @@ def describe(cycle: list[str], graph: dict[str, dict[str, Import]]) -> str:
 def test_no_import_cycles():
     graph = import_graph()
     found = cycles(graph)
-    report = "\n".join(f"  cycle {i + 1}:\n    {describe(cycle, graph)}" for i, cycle in enumerate(found))
+    report = "\n".join(
+        f"  cycle {i + 1} (its modules: {', '.join(members)}):\n    {describe(cycle, graph)}"
+        for i, (cycle, members) in enumerate(found)
+    )
     assert not found, f"{len(found)} import cycle(s) in vlm_rl:\n{report}"
 
 
@@ -225,7 +229,7 @@ def test_the_checker_finds_a_cycle_through_a_package_init_and_a_function(tmp_pat
         (tmp_path / name).write_text(text)
     found = modules(tmp_path / "pkg", "pkg")
     graph = import_graph(found)
-    assert cycles(graph) == [["pkg.a", "pkg.sub", "pkg.sub.c", "pkg.a"]]
+    assert cycles(graph) == [(["pkg.a", "pkg.sub", "pkg.sub.c", "pkg.a"], ["pkg.a", "pkg.sub", "pkg.sub.c"])]
     assert "pkg.a" not in graph["pkg.sub.b"]
     marks = {(imp.target, imp.lazy) for imp in imports_of("pkg.sub.c", found["pkg.sub.c"], set(found))}
     # The mark covers the run of imports under it, not an import after other statements.
