@@ -41,8 +41,8 @@ def test_eval_prompts_are_tokenized_as_in_training(family, load_tiny):
     solo call of the trainer's (TRL's) tokenization: no second BOS, no padding on the wrong side."""
     from trl.data_utils import prepare_multimodal_messages
 
-    from vlm_rl.evaluation import prompt_inputs
     from vlm_rl.models import adapter_for
+    from vlm_rl.models.inputs import prompt_inputs
 
     model, processor = load_tiny(family)
     dataset = make_shapes_dataset(4, text_fraction=0.5 if family in TEXT_MIX_FAMILIES else 0.0, seed=2)

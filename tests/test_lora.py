@@ -18,9 +18,9 @@ from torch import nn
 from vlm_rl.cli import main as cli_main
 from vlm_rl.config import ModelArguments, parse_recipe
 from vlm_rl.data import make_shapes_dataset
-from vlm_rl.evaluation import prompt_inputs
 from vlm_rl.export import export_merged
 from vlm_rl.models import adapter_for, build_tiny_model, load_model_and_processor, lora_target_modules, wrap_with_lora
+from vlm_rl.models.inputs import prompt_inputs
 from vlm_rl.train import run
 
 # Families whose projector has no linear layer for LoRA to wrap (Gemma 3's is a bare weight matrix).

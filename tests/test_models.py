@@ -9,10 +9,19 @@ from PIL import Image
 from trl.data_utils import prepare_multimodal_messages
 
 from vlm_rl.data import make_shapes_dataset
-from vlm_rl.evaluation import prompt_inputs
-from vlm_rl.models import adapter_for, build_tiny_model, load_model_and_processor, tiny_families
+from vlm_rl.models import (
+    adapter_for,
+    build_tiny_model,
+    families,
+    load_model_and_processor,
+    register_adapter,
+    tiny_families,
+)
 from vlm_rl.models.adapters import GenericAdapter
+from vlm_rl.models.families.qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter
+from vlm_rl.models.inputs import prompt_inputs
 from vlm_rl.models.tiny import TinySpec, save_tiny_model
+from vlm_rl.rewards.boxes import BOX_FORMATS
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -32,6 +41,56 @@ def test_unknown_model_type_falls_back_to_trl_handling_with_a_warning(caplog):
     config.model_type = "no_such_vlm"
     assert isinstance(adapter_for(config), GenericAdapter)
     assert "No vlm-rl adapter for model type 'no_such_vlm'" in caplog.text
+
+
+def test_unknown_model_type_warns_once_per_model_type(caplog):
+    """The trainer, the freezing options, LoRA and the rollouts each ask for the adapter: one warning is enough."""
+    from transformers import PretrainedConfig
+
+    configs = [PretrainedConfig() for _ in range(4)]
+    for config, model_type in zip(
+        configs, ["unknown_vlm_a", "unknown_vlm_a", "unknown_vlm_a", "unknown_vlm_b"], strict=True
+    ):
+        config.model_type = model_type
+    with caplog.at_level("WARNING", logger="vlm_rl"):
+        adapters = [adapter_for(config) for config in configs]
+    assert all(isinstance(adapter, GenericAdapter) for adapter in adapters)
+    warnings = [record.getMessage() for record in caplog.records if "No vlm-rl adapter" in record.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "'unknown_vlm_a'" in warnings[0] and "'unknown_vlm_b'" in warnings[1]
+
+
+def test_the_registry_maps_each_model_type_to_its_family_class():
+    assert families.ADAPTERS["qwen3_vl_moe"] is Qwen3VLAdapter
+    assert {name: type(adapter) for name, adapter in tiny_families().items()}["qwen2_vl"] is Qwen2VLAdapter
+    for model_type, adapter in families.ADAPTERS.items():
+        assert model_type in adapter.model_types and adapter.box_format in BOX_FORMATS, adapter
+
+
+def test_a_family_of_your_own_registers_once_for_its_model_types(monkeypatch):
+    monkeypatch.setattr(families, "ADAPTERS", dict(families.ADAPTERS))
+
+    class FineTuneAdapter(Qwen2VLAdapter):
+        name = "my_qwen"
+        label = "My Qwen"
+        model_types = ("my_qwen",)
+
+    assert isinstance(register_adapter(FineTuneAdapter()), FineTuneAdapter)
+    assert "my_qwen" in tiny_families()
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig()
+    config.model_type = "my_qwen"
+    assert type(adapter_for(config)) is FineTuneAdapter
+    with pytest.raises(ValueError, match="named 'my_qwen' is already registered"):
+        register_adapter(FineTuneAdapter)
+
+    class Clash(FineTuneAdapter):
+        name = "clash"
+        model_types = ("qwen2_vl",)
+
+    with pytest.raises(ValueError, match="Model type 'qwen2_vl' of Clash already has an adapter \\(Qwen2VLAdapter\\)"):
+        register_adapter(Clash)
 
 
 def image_patches(processor, width: int, height: int) -> int:

@@ -10,8 +10,8 @@ from test_logprobs import mixed_rows
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
+from vlm_rl.models import tiny_families
 from vlm_rl.models.adapters import PER_TOKEN_KEYS
-from vlm_rl.models.tiny import tiny_families
 from vlm_rl.rollout.prefill import prompts_prefilled_once
 
 SHARED_FAMILIES = [family for family in ALL_FAMILIES if tiny_families()[family].shares_prompts]

@@ -9,6 +9,8 @@ from conftest import no_hang
 from PIL import Image
 from transformers import AutoConfig
 
+from vlm_rl.models import families, register_adapter
+from vlm_rl.models.families.llava import LlavaAdapter
 from vlm_rl.models.processing import load_processor, resized_image_size
 from vlm_rl.rewards.boxes import MAX_ANSWER_CHARS, Box, box_iou, parse_boxes, resolve_box_format
 from vlm_rl.rewards.grounding import detection_f1, detection_map, iou, truth_boxes
@@ -274,6 +276,20 @@ def test_auto_picks_the_family_convention(processors, tiny_dirs, family, convent
     answer = json.dumps(in_format(predicted, convention, image.size, resized))
     kwargs = {"box_format": "auto", "processing_class": processors[family], "model_type": model_type}
     assert score_iou(answer, truth, image, **kwargs) == pytest.approx(box_iou(Box(*predicted), Box(*truth)), abs=1e-6)
+
+
+def test_auto_reads_the_convention_the_family_adapter_declares(monkeypatch):
+    monkeypatch.setattr(families, "ADAPTERS", dict(families.ADAPTERS))
+
+    @register_adapter
+    class RelativeBoxes(LlavaAdapter):
+        name = "llava_relative"
+        model_types = ("llava_relative",)
+        box_format = "norm1"
+
+    assert resolve_box_format("auto", "llava_relative") == "norm1"
+    assert resolve_box_format("auto", "qwen3_vl_moe") == "norm1000"
+    assert resolve_box_format("auto", "no_such_family") == "pixel"
 
 
 def test_auto_defaults_to_pixels_and_formats_are_checked():

@@ -13,7 +13,7 @@ from conftest import ALL_FAMILIES, shapes_trainer, small_config
 
 from vlm_rl.data import make_shapes_dataset
 from vlm_rl.data.synthetic import draw_shape
-from vlm_rl.models.tiny import tiny_families
+from vlm_rl.models import tiny_families
 from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.shared_prefix import pack
 

@@ -24,9 +24,9 @@ from datasets import Dataset
 
 from vlm_rl.data.synthetic import FEATURES, draw_shape
 from vlm_rl.models import adapter_for, build_tiny_model, load_model_and_processor
+from vlm_rl.models.inputs import media_token_ids
 from vlm_rl.rollout.vllm import VLMRollout, group_copies, trainer_visual_tokens
 from vlm_rl.trainers import VLMGRPOTrainer
-from vlm_rl.trainers.grpo import media_token_ids
 
 pytestmark = pytest.mark.scale
 

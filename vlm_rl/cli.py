@@ -32,7 +32,7 @@ TINY_FAMILIES = (
 
 
 def _tiny_model(args: argparse.Namespace, overrides: list[str]) -> None:
-    from vlm_rl.models import build_tiny_model
+    from vlm_rl.models import build_tiny_model  # lazy: start-up speed
 
     path = build_tiny_model(
         args.family,
@@ -45,13 +45,13 @@ def _tiny_model(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _plot(args: argparse.Namespace, overrides: list[str]) -> None:
-    from vlm_rl.plotting import plot_run
+    from vlm_rl.plotting import plot_run  # lazy: start-up speed
 
     print(f"Wrote {plot_run(args.run_dir)}")
 
 
 def _export(args: argparse.Namespace, overrides: list[str]) -> None:
-    from vlm_rl.export import export_merged
+    from vlm_rl.export import export_merged  # lazy: start-up speed
 
     path = export_merged(
         args.checkpoint,
@@ -64,7 +64,7 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
-    from vlm_rl.evaluation import evaluate_saved_model
+    from vlm_rl.evaluation import evaluate_saved_model  # lazy: start-up speed
 
     evaluate_saved_model(args, overrides)
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train", "eval"):
         # A mistake in the recipe or its data is reported as one line, not as a traceback into the loader.
-        from vlm_rl.config import RecipeError
+        from vlm_rl.config import RecipeError  # lazy: start-up speed
         from vlm_rl.data import DataError
         from vlm_rl.rewards import RewardSpecError
 
@@ -202,12 +202,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(argv: list[str]) -> None:
     if argv and argv[0] == "train":
-        from vlm_rl.train import main as train_main
+        from vlm_rl.train import main as train_main  # lazy: start-up speed
 
         train_main(argv[1:])
         return
     if argv and argv[0] == "vllm-serve":
-        from vlm_rl.rollout.serve import main as serve_main
+        from vlm_rl.rollout.serve import main as serve_main  # lazy: start-up speed
 
         serve_main(argv[1:])
         return

@@ -16,34 +16,14 @@ from typing import Any
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import BatchFeature
-from trl.data_utils import prepare_multimodal_messages
 
-from vlm_rl.data import image_counts, load_rows
-from vlm_rl.models.adapters import FamilyAdapter, adapter_for
-from vlm_rl.trainers.completion_logs import conversation_text
-from vlm_rl.trainers.grpo import media_token_ids
-
-
-def prompt_inputs(adapter: FamilyAdapter, processor, prompts: list, images: list[list]):
-    """The padded model inputs of a batch of prompts, built the way the trainer builds them.
-
-    Like TRL, one `apply_chat_template` call renders and tokenizes the conversations with their images: a
-    second tokenization of rendered text would add BOS again (Gemma 3), and a flat image list would tile a
-    multi-image row differently (LLaVA-OneVision). Text inputs are left-padded, then the family adapter moves
-    any that must pad on the right (InstructBLIP's Q-Former text has absolute positions).
-    """
-    conversations = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, images, strict=True)]
-    tokenizer = processor.tokenizer
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        inputs = processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-            processor_kwargs={"padding": True, "return_tensors": "pt"},
-        )  # fmt: skip
-    finally:
-        tokenizer.padding_side = padding_side
-    return BatchFeature(adapter.repad_prompt_inputs(dict(inputs)))
+from vlm_rl.config import parse_recipe
+from vlm_rl.data import image_counts, load_rows, load_task
+from vlm_rl.export import ADAPTER_CONFIG, load_merged
+from vlm_rl.models import adapter_for, load_model_and_processor
+from vlm_rl.models.inputs import conversation_text, media_token_ids, prompt_inputs
+from vlm_rl.rewards import recipe_rewards
+from vlm_rl.rewards.configured import bind_context
 
 
 def _generate(model, processor, prompts: list, images: list[list], max_new_tokens: int):
@@ -223,9 +203,6 @@ def evaluate_and_write(
 
 def load_evaluated_model(path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False):
     """A saved model directory (a run's output_dir or checkpoint-N), or a LoRA run's adapter merged into its base."""
-    from vlm_rl.export import ADAPTER_CONFIG, load_merged
-    from vlm_rl.models import load_model_and_processor
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--model {path} is not a directory: pass a run's output_dir or a checkpoint-N.")
@@ -238,13 +215,7 @@ def load_evaluated_model(path: str | Path, *, dtype: str = "auto", trust_remote_
 
 def evaluate_saved_model(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     """`vlm-rl eval` (arguments: see `vlm_rl.cli`): a saved model on a recipe's data, scored with its rewards."""
-    import vlm_rl.config as config
-    from vlm_rl.data import load_task
-    from vlm_rl.models import adapter_for
-    from vlm_rl.rewards import recipe_rewards
-    from vlm_rl.rewards.configured import bind_context
-
-    model_args, data_args, reward_args, training_args, recipe_path = config.parse_recipe(
+    model_args, data_args, reward_args, training_args, recipe_path = parse_recipe(
         ["--config", args.config, *overrides]
     )
     base_dir = recipe_path.parent

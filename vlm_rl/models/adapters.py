@@ -6,21 +6,17 @@ per-image `pixel_values` from a per-sample padded one by comparing its length wi
 which is wrong whenever the two happen to be equal, and then hands one sample's images to another.
 
 A family module (`vlm_rl/models/families/<family>.py`) subclasses `FamilyAdapter`, sets its class
-attributes, overrides what its layout needs, and registers one instance per tiny-model family with
-`register_adapter`.
+attributes and overrides what its layout needs; `vlm_rl/models/families/__init__.py` maps model types to the
+adapters (`ADAPTERS`, `adapter_for`). This module imports no family: they import it.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
-from itertools import accumulate
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 # Per-token inputs: one row per sample, one column per token. They describe text, so they are kept for rows
 # without images and are split and merged like `input_ids`.
@@ -65,6 +61,9 @@ class FamilyAdapter:
     image_feature_fields: ClassVar[tuple[str, ...]] = ()
     """Fields of the model's `get_image_features` output that its forward reads from `mm_encoder_outputs`, each
     holding one entry per image; empty where precomputed features are not used (`vlm_rl/trainers/vision_once.py`)."""
+    box_format: ClassVar[str] = "pixel"
+    """The coordinates the family's models write boxes in (one of `vlm_rl.rewards.boxes.BOX_FORMATS`): what the
+    grounding rewards' `box_format: auto` reads them as."""
 
     # ----- vision inputs -----------------------------------------------------------------------------------
 
@@ -206,98 +205,3 @@ class GenericAdapter(FamilyAdapter):
         from trl.trainer.utils import unsplit_pixel_values_by_grid
 
         return unsplit_pixel_values_by_grid(split)
-
-
-class GridAdapter(FamilyAdapter):
-    """Qwen-VL layout: `pixel_values` holds one row per patch, `image_grid_thw` one (t, h, w) per image."""
-
-    image_keys = ("pixel_values", "image_grid_thw")
-    image_size_bounds = ("min_pixels", "max_pixels")
-    shares_prompts = True
-    image_feature_fields = ("pooler_output",)
-
-    def position_ids(
-        self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]
-    ) -> torch.Tensor:
-        # M-RoPE: image tokens get 2D grid positions, and the text after an image continues from its largest one.
-        if inputs.get("image_grid_thw") is None:  # the plain forward of rows without images numbers the columns
-            return super().position_ids(model, input_ids, attention_mask, inputs)
-        positions, _ = model.model.get_rope_index(
-            input_ids,
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"],
-            attention_mask=attention_mask,
-        )
-        return positions
-
-    def select_generation_rows(self, model, index: torch.Tensor) -> None:
-        # The prefill leaves each prompt's M-RoPE offset (image positions run ahead of the token count) on the model.
-        if model.model.rope_deltas is not None:
-            model.model.rope_deltas = model.model.rope_deltas[index]
-
-    def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
-        split = dict(inputs)
-        if inputs.get("pixel_values") is None:
-            return split
-        grid = inputs["image_grid_thw"]
-        patches = grid.prod(dim=-1).tolist()
-        bounds = [0, *accumulate(num_images)]
-        per_sample = [sum(patches[bounds[i] : bounds[i + 1]]) for i in range(len(num_images))]
-        split["pixel_values"] = self._split_by_counts("pixel_values", inputs["pixel_values"], per_sample)
-        split["image_grid_thw"] = self._split_by_counts("image_grid_thw", grid, num_images)
-        return split
-
-    def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
-        image_processor = processor.image_processor
-        size = dict(image_processor.size)
-        if min_pixels is not None:
-            size["shortest_edge"] = int(min_pixels)
-        if max_pixels is not None:
-            size["longest_edge"] = int(max_pixels)
-        if size["shortest_edge"] > size["longest_edge"]:
-            raise ValueError(f"min_pixels ({size['shortest_edge']}) exceeds max_pixels ({size['longest_edge']}).")
-        unit = (image_processor.patch_size * image_processor.merge_size) ** 2
-        if size["longest_edge"] < unit:
-            raise ValueError(f"max_pixels must be at least {unit} for {self.label} (one merged patch).")
-        # Qwen processors read the pixel bounds from `size` (`shortest_edge` = min, `longest_edge` = max).
-        image_processor.size = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
-
-    def engine_processor_kwargs(self, processor) -> dict[str, Any]:
-        return {"size": dict(processor.image_processor.size)}
-
-
-_ADAPTERS: dict[str, FamilyAdapter] = {}
-_BY_MODEL_TYPE: dict[str, FamilyAdapter] = {}
-
-
-def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
-    """Make `adapter` known by its family name and its model types."""
-    if adapter.name in _ADAPTERS:
-        raise ValueError(f"A family adapter named {adapter.name!r} is already registered.")
-    _ADAPTERS[adapter.name] = adapter
-    for model_type in adapter.model_types:
-        _BY_MODEL_TYPE.setdefault(model_type, adapter)
-    return adapter
-
-
-def registered_adapters() -> dict[str, FamilyAdapter]:
-    """Every registered family, by name, in registration order."""
-    import vlm_rl.models.families  # noqa: F401  (registers the built-in families)
-
-    return dict(_ADAPTERS)
-
-
-def adapter_for(config) -> FamilyAdapter:
-    """The adapter of a model config (or a model); `GenericAdapter` with a warning for an unknown family."""
-    registered_adapters()
-    config = getattr(config, "config", config)
-    model_type = getattr(config, "model_type", None)
-    if model_type in _BY_MODEL_TYPE:
-        return _BY_MODEL_TYPE[model_type]
-    logger.warning(
-        "No vlm-rl adapter for model type %r; falling back to TRL's shape-based handling of vision inputs, which "
-        "can mis-assign images in mixed multi-image batches. Known families: %s.",
-        model_type,
-        ", ".join(sorted(_BY_MODEL_TYPE)),
-    )
-    return GenericAdapter()

@@ -6,7 +6,8 @@ import logging
 
 from torch import nn
 
-from vlm_rl.models.adapters import FamilyAdapter, adapter_for
+from vlm_rl.models.adapters import FamilyAdapter
+from vlm_rl.models.families import adapter_for
 
 logger = logging.getLogger(__name__)
 

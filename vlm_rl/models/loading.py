@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from vlm_rl.models.adapters import adapter_for
+from vlm_rl.models.families import adapter_for, build_tiny_model, tiny_families
 from vlm_rl.models.processing import load_processor
-from vlm_rl.models.tiny import build_tiny_model, tiny_families
 
 logger = logging.getLogger(__name__)
 

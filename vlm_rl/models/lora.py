@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from vlm_rl.models.adapters import FamilyAdapter, adapter_for
+from vlm_rl.models.adapters import FamilyAdapter
+from vlm_rl.models.families import adapter_for
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel

@@ -12,7 +12,7 @@ import argparse
 import re
 from pathlib import Path
 
-from vlm_rl.models.adapters import registered_adapters
+from vlm_rl.models.families import registered_adapters
 
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "models.md"

@@ -4,12 +4,12 @@ They are the embedded default for the demo and the tests: the real model class, 
 class and a family-shaped tokenizer (special tokens, chat template), small enough to train on a CPU.
 Nothing is downloaded; the tokenizer is trained on a small local corpus with the `tokenizers` library.
 Every family builds through one template, `save_tiny_model`; what differs (tokens, config sizes, processor
-settings) is a `TinySpec` that the family's `build_tiny` writes next to its adapter in `vlm_rl/models/families/`.
+settings) is a `TinySpec` that the family's `build_tiny` writes next to its adapter in `vlm_rl/models/families/`,
+which also holds `build_tiny_model`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,31 +210,3 @@ def save_tiny_model(spec: TinySpec, output_dir: Path, *, seed: int) -> None:
     processor.chat_template = tokenizer.chat_template
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-
-
-def tiny_families() -> dict:
-    """The registered families, by name: each has a tiny model, so each is in every per-family test."""
-    from vlm_rl.models.adapters import registered_adapters
-
-    return registered_adapters()
-
-
-def build_tiny_model(
-    family_name: str,
-    output_dir: str | Path,
-    *,
-    hidden_size: int = 64,
-    num_hidden_layers: int = 2,
-    seed: int = 0,
-) -> Path:
-    """Build, save and return the directory of a tiny random model of `family_name`."""
-    families = tiny_families()
-    if family_name not in families:
-        raise ValueError(f"Unknown tiny-model family {family_name!r}; choose one of {sorted(families)}.")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    families[family_name].build_tiny(
-        output_dir, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, seed=seed
-    )
-    (output_dir / "vlm_rl_tiny.json").write_text(json.dumps({"family": family_name, "seed": seed}, indent=2) + "\n")
-    return output_dir

@@ -16,8 +16,9 @@ Coordinates convert to original-image pixels from one of `BOX_FORMATS`:
 | `norm1000` | relative, 0–1000                                         | × size / 1000                 |
 | `norm1`    | relative, 0–1                                            | × size                        |
 
-`auto` picks per model family (`AUTO_BOX_FORMATS`): Qwen2-VL and Qwen3-VL answer in 0–1000 relative
-coordinates, Qwen2.5-VL in pixels of its resized input; any other family in original pixels.
+`auto` picks the model family's convention, which its adapter declares (`FamilyAdapter.box_format`): Qwen2-VL and
+Qwen3-VL answer in 0–1000 relative coordinates, Qwen2.5-VL in pixels of its resized input; any other family, and a
+model type no adapter knows, in original pixels.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vlm_rl.models.families import family_adapter
 from vlm_rl.models.processing import resized_image_size
 
 # No box answer is this long; longer text yields no boxes, so parsing a runaway generation stays cheap.
@@ -38,12 +40,6 @@ _MAX_DEPTH = 8
 
 BOX_FORMATS = ("pixel", "resized", "norm1000", "norm1")
 ANSWER_BOX_FORMATS = ("pixel", "norm1000", "norm1")
-AUTO_BOX_FORMATS = {
-    "qwen2_vl": "norm1000",
-    "qwen2_5_vl": "resized",
-    "qwen3_vl": "norm1000",
-    "qwen3_vl_moe": "norm1000",
-}
 
 _BOX_KEYS = ("bbox_2d", "bbox", "box")
 _SCORE_KEYS = ("score", "confidence")
@@ -213,9 +209,10 @@ def _scan_boxes(text: str) -> list[Box]:
 
 
 def resolve_box_format(box_format: str, model_type: str | None) -> str:
-    """The convention `box_format` names; `auto` looks the model family up in `AUTO_BOX_FORMATS` (else `pixel`)."""
+    """The convention `box_format` names; `auto`: the one the adapter of `model_type` declares (else `pixel`)."""
     if box_format == "auto":
-        return AUTO_BOX_FORMATS.get(model_type or "", "pixel")
+        adapter = family_adapter(model_type)
+        return adapter.box_format if adapter else "pixel"
     if box_format not in BOX_FORMATS:
         raise ValueError(f"box_format must be 'auto' or one of {BOX_FORMATS}, got {box_format!r}.")
     return box_format

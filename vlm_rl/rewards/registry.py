@@ -109,8 +109,6 @@ def _load_entry_point(spec: str) -> RewardFunc | None:
 
 def resolve_reward(spec: str, base_dir: str | Path | None = None) -> RewardFunc:
     """The reward function a recipe entry names (see the module docstring for the accepted forms)."""
-    import vlm_rl.rewards  # noqa: F401  (registers the built-ins)
-
     spec = spec.strip()
     if spec in REWARD_REGISTRY:
         return REWARD_REGISTRY[spec]

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from vlm_rl.models.adapters import FamilyAdapter
-from vlm_rl.trainers.logprobs import BOOKKEEPING_KEYS, select_rows
-from vlm_rl.trainers.shared_prefix import group_rows
+from vlm_rl.models.inputs import BOOKKEEPING_KEYS, group_rows, select_rows
 
 
 @contextlib.contextmanager

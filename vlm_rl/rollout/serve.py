@@ -16,16 +16,16 @@ import sys
 
 import torch
 
+from vlm_rl.config import parse_recipe
+from vlm_rl.data import load_task, most_images_per_row
+from vlm_rl.models import adapter_for, load_processor, resolve_model_path
+from vlm_rl.models.loading import load_config
+
 logger = logging.getLogger(__name__)
 
 
 def server_args(argv: list[str]) -> list[str]:
     """The argument list of vLLM's OpenAI-compatible API server for the recipe in `argv`."""
-    from vlm_rl.config import parse_recipe
-    from vlm_rl.data import load_task, most_images_per_row
-    from vlm_rl.models import adapter_for, load_processor, resolve_model_path
-    from vlm_rl.models.loading import load_config
-
     passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     model_args, data_args, _, training_args, recipe_path = parse_recipe(argv)

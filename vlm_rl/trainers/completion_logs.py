@@ -16,24 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-IMAGE_MARKER = "<image>"
-
-
-def conversation_text(messages: str | Sequence[dict]) -> str:
-    """A prompt or completion as readable text: one `role: content` line per message, images as `<image>`."""
-    if isinstance(messages, str):
-        return messages
-    lines = []
-    for message in messages:
-        content = message.get("content", "")
-        if not isinstance(content, str):
-            content = "".join(
-                part.get("text") or "" if part.get("type") == "text" else IMAGE_MARKER
-                for part in content
-                if isinstance(part, dict)
-            )
-        lines.append(f"{message.get('role', 'user')}: {content}")
-    return "\n".join(lines)
+from vlm_rl.models.inputs import conversation_text
 
 
 def completion_frame(logs: dict[str, Any], step: int) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
+from PIL import Image
 from torch import nn
 from transformers import AutoConfig, ProcessorMixin, is_trackio_available, is_wandb_available
 from transformers.trainer_callback import ProgressCallback
@@ -43,26 +44,31 @@ from vlm_rl.checkpoints import (
     staging_path,
 )
 from vlm_rl.data import most_images_per_row
-from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
+from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter
+from vlm_rl.models.families import adapter_for
+from vlm_rl.models.inputs import (
+    BOOKKEEPING_KEYS,
+    conversation_text,
+    group_rows,
+    media_token_ids,
+    prompt_inputs,
+    select_rows,
+)
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.redaction import redacted_secrets
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward, bind_context
-from vlm_rl.trainers.completion_logs import conversation_text, write_completion_logs
+from vlm_rl.rollout.prefill import prompts_prefilled_once
+from vlm_rl.rollout.vllm import VLMRollout
+from vlm_rl.trainers.completion_logs import write_completion_logs
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
-from vlm_rl.trainers.logprobs import BOOKKEEPING_KEYS, align_per_token_inputs, score_from_logits, select_rows
+from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits
 from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import RewardProgressCallback
 from vlm_rl.trainers.rollout_state import load_rollout_state, save_rollout_state
-from vlm_rl.trainers.shared_prefix import group_rows, pack
+from vlm_rl.trainers.shared_prefix import pack
 from vlm_rl.trainers.vision_once import encode_images_once
 
 _TRL_LOGPS_PARAMETERS = frozenset(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
-
-
-def media_token_ids(config) -> list[int]:
-    """Token ids that mark images or videos in the prompt; a completion must never contain them."""
-    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index")
-    return sorted({getattr(config, name) for name in names if isinstance(getattr(config, name, None), int)})
 
 
 def _float_tensors(output: Any) -> list[torch.Tensor]:
@@ -135,8 +141,6 @@ class VLMGRPOTrainer(GRPOTrainer):
         if not getattr(args, "use_vllm", False) or not isinstance(processing_class, ProcessorMixin):
             yield
             return
-        from vlm_rl.rollout.vllm import VLMRollout
-
         config = model.config if isinstance(model, nn.Module) else AutoConfig.from_pretrained(model)
         media = media_token_ids(config)
         backend = functools.partial(
@@ -358,8 +362,6 @@ class VLMGRPOTrainer(GRPOTrainer):
         args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         if self.use_vllm or self.use_transformers_continuous_batching or not self._shares_prompts(self.model, False):
             return super()._generate_single_turn(*args)
-        from vlm_rl.rollout.prefill import prompts_prefilled_once  # the rollout package imports the trainers
-
         model = self.accelerator.unwrap_model(self.model_wrapped)
         base = model.get_base_model() if is_peft_model(model) else model
         images = images if images is not None else [[] for _ in prompt_ids]
@@ -402,10 +404,6 @@ class VLMGRPOTrainer(GRPOTrainer):
         """
         base = self._unwrapped(model)
         if self._dummy_vision_inputs is None:
-            from PIL import Image
-
-            from vlm_rl.evaluation import prompt_inputs  # evaluation imports this module
-
             prompt = [{"role": "user", "content": "?"}]
             inputs = prompt_inputs(self.adapter, self.processing_class, [prompt], [[Image.new("RGB", (32, 32))]])
             parameters = inspect.signature(base.get_image_features).parameters

@@ -1,45 +1,17 @@
-"""Per-row selection of vision inputs for the per-token log-prob forward.
+"""The per-token log-prob forward's inputs and outputs where TRL 1.16's own assumptions do not hold for a VLM.
 
-The log-prob pass runs in chunks of rows. Each chunk must get exactly the vision inputs of its own rows:
-all of them when some rows have images, none at all when no row has one. A text-only chunk is then an
-ordinary language-model forward instead of a vision forward on an empty `pixel_values`, which is what
-breaks TRL 1.16 on mixed batches. Which inputs belong to which row is the family adapter's knowledge.
+Which vision inputs each chunk of rows gets is `vlm_rl.models.inputs.select_rows`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from trl.trainer.utils import FusedCausalLMOutput
 
-from vlm_rl.models.adapters import PER_TOKEN_KEYS, FamilyAdapter
-
-# Inputs that tell which vision inputs belong to which row, for TRL and the adapters; the model takes none of them.
-BOOKKEEPING_KEYS = ("num_images", "num_tiles")
-
-
-def select_rows(
-    adapter: FamilyAdapter, split_inputs: dict[str, Any], num_images: list[int], rows: Sequence[int]
-) -> dict[str, Any]:
-    """The model inputs of `rows` (in that order) from the output of `adapter.split_vision_inputs`.
-
-    Image inputs are left out entirely when none of these rows has an image; inputs with one row per sample
-    (per-token inputs, the adapter's `row_keys`) are kept either way.
-    """
-    rows = list(rows)
-    has_images = any(num_images[row] for row in rows)
-    row_keys = adapter.row_keys
-    selected: dict[str, Any] = {}
-    for key, value in split_inputs.items():
-        if key in row_keys or (has_images and isinstance(value, list | torch.Tensor)):
-            selected[key] = [value[row] for row in rows] if isinstance(value, list) else value[rows]
-    if not has_images:
-        return selected
-    selected["num_images"] = [num_images[row] for row in rows]
-    return adapter.merge_vision_inputs(selected)
+from vlm_rl.models.adapters import PER_TOKEN_KEYS
 
 
 def align_per_token_inputs(inputs: dict[str, Any], width: int) -> dict[str, Any]:

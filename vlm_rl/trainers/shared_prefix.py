@@ -24,30 +24,6 @@ import torch
 IGNORE_INDEX = -100
 
 
-def group_rows(prompt_ids: torch.Tensor, images: Sequence[Sequence[torch.Tensor]] = ()) -> list[list[int]]:
-    """Rows with the same prompt: equal (left-padded) prompt ids and equal vision inputs.
-
-    `images` holds, per image input (e.g. `pixel_values`, `image_grid_thw`), one tensor per row. Each group lists its
-    rows in batch order; groups are ordered by their first row.
-    """
-
-    def same_images(a: int, b: int) -> bool:
-        return all(rows[a].shape == rows[b].shape and torch.equal(rows[a], rows[b]) for rows in images)
-
-    groups: list[list[int]] = []
-    by_prompt: dict[bytes, list[list[int]]] = {}
-    for row, ids in enumerate(prompt_ids.cpu().numpy()):
-        candidates = by_prompt.setdefault(ids.tobytes(), [])
-        for group in candidates:
-            if same_images(group[0], row):
-                group.append(row)
-                break
-        else:
-            candidates.append([row])
-            groups.append(candidates[-1])
-    return groups
-
-
 @dataclass
 class Packing:
     """Where each token of the packed sequences comes from in the plain `(rows, length)` batch, and back."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model, vision_sizes
 
 # "Question: <text> Answer:" (the BLIP-2 paper's VQA prompt); images render nothing, since the processor
@@ -180,7 +180,3 @@ class InstructBlipAdapter(Blip2Adapter):
             single="[CLS] $A [SEP]",
         ).build()
         return {"qformer_tokenizer": qformer_tokenizer}, {"vocab_size": len(qformer_tokenizer), "pad_token_id": 0}
-
-
-for _adapter in (Blip2Adapter, InstructBlipAdapter):
-    register_adapter(_adapter())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model, vision_sizes
 
 # Gemma's own order for the first ids (pad 0, eos 1, bos 2, unk 3, mask 4), then the chat and image tokens.
@@ -148,6 +148,3 @@ class Gemma3Adapter(FamilyAdapter):
             init_weights=lambda model: model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02),
         )
         save_tiny_model(spec, output_dir, seed=seed)
-
-
-register_adapter(Gemma3Adapter())

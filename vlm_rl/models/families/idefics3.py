@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model, vision_sizes
 
 # `<row_i_col_j>` for the tile grid (the processors know up to 6×6), `<global-img>` for the global image.
@@ -217,7 +217,3 @@ class SmolVLMAdapter(Idefics3Adapter):
     template_prefix = "<|im_start|>"
     bos_token = "<|im_start|>"
     pad_token = "<|im_end|>"
-
-
-for _adapter in (Idefics3Adapter, SmolVLMAdapter):
-    register_adapter(_adapter())

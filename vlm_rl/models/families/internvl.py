@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.tiny import TinySpec, TinyTokenizer, decoder_sizes, save_tiny_model, vision_sizes
 
 # Qwen2.5's chat tokens, then InternVL's image and grounding tokens (OpenGVLab/InternVL3-*-hf).
@@ -179,6 +179,3 @@ class InternVLAdapter(FamilyAdapter):
             processor={"image_seq_length": TOKENS_PER_TILE},
         )
         save_tiny_model(spec, output_dir, seed=seed)
-
-
-register_adapter(InternVLAdapter())

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vlm_rl.models.adapters import FamilyAdapter, register_adapter
+from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model, vision_sizes
 
 PATCH_SIZE = 14
@@ -300,7 +300,3 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             "vision_feature_select_strategy": self.vision_feature_select_strategy,
             "vision_aspect_ratio": self.vision_aspect_ratio,
         }
-
-
-for _adapter in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter):
-    register_adapter(_adapter())

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from itertools import accumulate
 from pathlib import Path
+from typing import Any
 
-from vlm_rl.models.adapters import GridAdapter, register_adapter
+import torch
+
+from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model
 
 # The Qwen-VL special tokens, in the order the real tokenizers list them.
@@ -49,6 +53,67 @@ CHAT_TEMPLATE = "\n".join(
 )
 
 
+class GridAdapter(FamilyAdapter):
+    """Qwen-VL layout: `pixel_values` holds one row per patch, `image_grid_thw` one (t, h, w) per image.
+
+    The base of a family with Qwen-VL's layout (e.g. a fine-tune with its own model type).
+    """
+
+    image_keys = ("pixel_values", "image_grid_thw")
+    image_size_bounds = ("min_pixels", "max_pixels")
+    shares_prompts = True
+    image_feature_fields = ("pooler_output",)
+
+    def position_ids(
+        self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        # M-RoPE: image tokens get 2D grid positions, and the text after an image continues from its largest one.
+        if inputs.get("image_grid_thw") is None:  # the plain forward of rows without images numbers the columns
+            return super().position_ids(model, input_ids, attention_mask, inputs)
+        positions, _ = model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=attention_mask,
+        )
+        return positions
+
+    def select_generation_rows(self, model, index: torch.Tensor) -> None:
+        # The prefill leaves each prompt's M-RoPE offset (image positions run ahead of the token count) on the model.
+        if model.model.rope_deltas is not None:
+            model.model.rope_deltas = model.model.rope_deltas[index]
+
+    def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
+        split = dict(inputs)
+        if inputs.get("pixel_values") is None:
+            return split
+        grid = inputs["image_grid_thw"]
+        patches = grid.prod(dim=-1).tolist()
+        bounds = [0, *accumulate(num_images)]
+        per_sample = [sum(patches[bounds[i] : bounds[i + 1]]) for i in range(len(num_images))]
+        split["pixel_values"] = self._split_by_counts("pixel_values", inputs["pixel_values"], per_sample)
+        split["image_grid_thw"] = self._split_by_counts("image_grid_thw", grid, num_images)
+        return split
+
+    def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
+        image_processor = processor.image_processor
+        size = dict(image_processor.size)
+        if min_pixels is not None:
+            size["shortest_edge"] = int(min_pixels)
+        if max_pixels is not None:
+            size["longest_edge"] = int(max_pixels)
+        if size["shortest_edge"] > size["longest_edge"]:
+            raise ValueError(f"min_pixels ({size['shortest_edge']}) exceeds max_pixels ({size['longest_edge']}).")
+        unit = (image_processor.patch_size * image_processor.merge_size) ** 2
+        if size["longest_edge"] < unit:
+            raise ValueError(f"max_pixels must be at least {unit} for {self.label} (one merged patch).")
+        # Qwen processors read the pixel bounds from `size` (`shortest_edge` = min, `longest_edge` = max).
+        image_processor.size = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
+
+    def engine_processor_kwargs(self, processor) -> dict[str, Any]:
+        return {"size": dict(processor.image_processor.size)}
+
+
 class QwenVLAdapter(GridAdapter):
     """The Qwen-VL generations share a layout; they differ in class names and a few vision sizes."""
 
@@ -56,6 +121,7 @@ class QwenVLAdapter(GridAdapter):
     projector_modules = ("model.visual.merger", "model.visual.deepstack_merger_list")
     language_modules = ("model.language_model", "lm_head")
     notes = "`min_pixels` / `max_pixels` bound the dynamic resolution."
+    box_format = "norm1000"  # Qwen2-VL and Qwen3-VL answer in 0–1000 relative coordinates
 
     config_class: str
     model_class: str
@@ -139,6 +205,7 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
     name = "qwen2_5_vl"
     label = "Qwen2.5-VL"
     model_types = ("qwen2_5_vl",)
+    box_format = "resized"  # pixels of the image as its processor resized it
     config_class = "Qwen2_5_VLConfig"
     model_class = "Qwen2_5_VLForConditionalGeneration"
     processor_class = "Qwen2_5_VLProcessor"
@@ -177,7 +244,3 @@ class Qwen3VLAdapter(QwenVLAdapter):
     image_mean = (0.5, 0.5, 0.5)
     image_std = (0.5, 0.5, 0.5)
     text_config = {"head_dim": 32}
-
-
-for _adapter in (Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter):
-    register_adapter(_adapter())
