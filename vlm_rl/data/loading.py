@@ -12,8 +12,6 @@ from datasets import Dataset
 
 from vlm_rl.data.rows import (
     IMAGE_COLUMNS,
-    IMAGES,
-    PROMPT,
     LazyRows,
     RowFormat,
     check_rows,
@@ -21,7 +19,7 @@ from vlm_rl.data.rows import (
     rename_columns,
     undecoded,
 )
-from vlm_rl.data.sources import ROW_ID, Source, read_source, resolve_path
+from vlm_rl.data.sources import Source, read_source, resolve_path
 from vlm_rl.data.stats import DataError, SkippedRows
 from vlm_rl.data.synthetic import COLORS, make_grounding_math_dataset, make_shapes_dataset
 
@@ -130,14 +128,12 @@ class _Split:
             skipped=self.skipped,
             max_prompt_length=args.max_prompt_length,
         )
-        dropped = {ROW_ID, PROMPT, self.fmt.image_column}
-        columns = [PROMPT, IMAGES, *(c for c in self.rows.column_names if c not in dropped)]
         logger.info(
             "%s data: %d rows from %s, loaded lazily; the rows have columns %s.",
             self.skipped.split.capitalize(),
             len(self.rows),
             self.source.name,
-            columns,
+            loader.output_columns(self.rows.column_names),
         )
         return self.rows.with_transform(loader)
 

@@ -229,7 +229,7 @@ class LazyRows:
             )
         cache: dict[Any, Any] = {}
         rows = [self._load_or_replace(row, cache) for row in _rows(batch)]
-        return {key: [row[key] for row in rows] for key in self._output_columns(batch)}
+        return {key: [row[key] for row in rows] for key in self.output_columns(batch)}
 
     def load_or_drop(self, positions: list[int], batch: dict[str, list]) -> list[tuple[int, dict]]:
         """The loadable rows of a raw batch, with their positions: bad rows are left out (and counted)."""
@@ -244,9 +244,10 @@ class LazyRows:
                 self._reject(row[ROW_ID], bad)
         return loaded
 
-    def _output_columns(self, batch: dict[str, list]) -> list[str]:
+    def output_columns(self, raw_columns: Iterable[str]) -> list[str]:
+        """The columns of the rows built from raw rows with `raw_columns`."""
         dropped = {ROW_ID, PROMPT, self.fmt.image_column}
-        return [PROMPT, IMAGES, *(key for key in batch if key not in dropped)]
+        return [PROMPT, IMAGES, *(key for key in raw_columns if key not in dropped)]
 
     def _load_or_replace(self, row: dict, cache: dict) -> dict:
         row_id = row[ROW_ID]
@@ -398,6 +399,12 @@ def lazy_rows(dataset: Dataset) -> LazyRows | None:
     """The loader behind a lazily loaded dataset; None for a plain one."""
     transform = (dataset.format.get("format_kwargs") or {}).get("transform")
     return transform if isinstance(transform, LazyRows) else None
+
+
+def trainer_columns(dataset: Dataset) -> list[str]:
+    """The columns of the rows the trainer reads from `dataset`: a lazily loaded one builds `prompt` and `images`."""
+    loader = lazy_rows(dataset)
+    return dataset.column_names if loader is None else loader.output_columns(dataset.column_names)
 
 
 def load_rows(dataset: Dataset, positions: list[int]) -> list[tuple[int, dict]]:

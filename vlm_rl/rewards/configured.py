@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 ERROR_POLICIES = ("none", "zero", "raise")
 FAILURE_KINDS = ("error", "timeout", "nonfinite")
+# What the trainer gives every configured reward besides the batch (`bind_context`).
+CONTEXT_KEYS = ("processing_class", "model_type", "max_completion_length")
 # TRL stores rewards as float32: a larger finite score would become inf there, and NaN in the advantages.
 FLOAT32_MAX = 3.4028234663852886e38
 _short = reprlib.Repr()  # a score's repr in a message: a returned 10 MB string must not flood the log
@@ -199,11 +201,7 @@ def _real(value: Any) -> numbers.Real | None:
 def bind_context(reward_funcs: list, *, processing_class, model_type: str | None, max_completion_length: int) -> None:
     """Give the configured rewards what every call gets besides the batch: the processor (its resize rule, for box
     coordinates), the model family and the completion length limit (for length penalties)."""
-    context = {
-        "processing_class": processing_class,
-        "model_type": model_type,
-        "max_completion_length": max_completion_length,
-    }
+    context = dict(zip(CONTEXT_KEYS, (processing_class, model_type, max_completion_length), strict=True))
     for func in reward_funcs:
         if isinstance(func, ConfiguredReward):
             func.context.update(context)

@@ -46,6 +46,7 @@ from vlm_rl.data import most_images_per_row
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.redaction import redacted_secrets
+from vlm_rl.rewards.columns import check_reward_columns
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward, bind_context
 from vlm_rl.trainers.completion_logs import conversation_text, write_completion_logs
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
@@ -80,6 +81,8 @@ class VLMGRPOTrainer(GRPOTrainer):
         if reward_funcs is not None:  # None: TRL's own check (or an environment's rewards) applies
             reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
             reward_funcs = [self._guarded(func, args) for func in reward_funcs]
+            for split, key in (("training", "train_dataset"), ("held-out", "eval_dataset")):
+                check_reward_columns(reward_funcs, kwargs.get(key), split=split)  # before any model loads
         if isinstance(processing_class, ProcessorMixin):
             # TRL left-pads prompt ids itself, but builds per-token vision inputs (mm_token_type_ids,
             # token_type_ids) with a processor call that pads on the tokenizer's side. Qwen tokenizers pad
