@@ -201,6 +201,25 @@ def test_a_raising_sample_costs_only_its_own_score_and_is_reported_once(caplog):
         strict(**batch("m", "m", "g"))
 
 
+def test_a_raising_reward_prints_its_traceback_once_per_exception_type(caplog):
+    def broken(prompts, completions, answer, **kwargs):
+        if "a3" in answer:
+            raise KeyError("no such thing")
+        return [1 / 0 for _ in completions]
+
+    reward = ConfiguredReward(broken, name="broken")
+    with caplog.at_level(logging.WARNING, logger="vlm_rl.rewards.configured"):
+        for _ in range(3):
+            assert reward(**batch("m", "m", "m")) == [None, None, None]
+        assert reward(**batch("m", "m", "m", "m")) == [None] * 4
+    assert reward.failures == {"error": 13}
+    # Each exception type once, with one traceback (the failed batch call's is not chained to the row's).
+    assert caplog.text.count("Traceback (most recent call last)") == 2
+    assert caplog.text.count("ZeroDivisionError: division by zero") == 1
+    assert caplog.text.count("KeyError: 'no such thing'") == 1
+    assert "During handling of the above exception" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("value", "kind"), [(math.nan, "nonfinite"), (math.inf, "nonfinite"), ("1.0", "error"), ([1.0], "error")]
 )

@@ -124,6 +124,10 @@ class ConfiguredReward:
                 scores[rows[0]] = self._failed("error", rows[0], routes, error)
                 hooks.keep(attempt, record=False)
                 return
+            values = None
+        if values is None:
+            # Retried outside the `except`: a row's error would otherwise chain the batch's, and its logged
+            # traceback would print the same failure twice.
             for row in rows:
                 self._score([row], prompts, completions, columns, routes, scores, hooks)
             return
@@ -170,13 +174,16 @@ class ConfiguredReward:
         if self.error_policy == "raise":
             raise RewardError(message) from error
         self.failures[kind] += 1
-        if kind not in self._reported:
-            self._reported.add(kind)
+        # The first failure of each kind is reported, and of errors the first of each exception type, with its
+        # traceback; the rest are only counted.
+        seen = f"{kind} ({type(error).__name__})" if kind == "error" else kind
+        if seen not in self._reported:
+            self._reported.add(seen)
             fallback = "0.0" if self.error_policy == "zero" else "None (not scored)"
             logger.warning(
                 "%s. Such samples score %s; further %s failures of this reward are counted in the logged "
                 "`rewards/%s/failures`, not reported. Set `reward_error_policy: raise` to stop on the first.",
-                message, fallback, kind, self.__name__,
+                message, fallback, seen, self.__name__,
                 exc_info=error if kind == "error" else None,
             )  # fmt: skip
         return 0.0 if self.error_policy == "zero" else None
