@@ -188,6 +188,37 @@ def test_multi_image_text_only_and_single_image_rows_mix_in_one_column(tmp_path)
     assert [row["answer"] for row in batch] == ["1", "2", "3", "4"]
 
 
+def test_images_under_another_column_name_are_refused_naming_the_column_and_the_mapping(tmp_path, caplog):
+    png(tmp_path / "a.png")
+    write_jsonl(tmp_path / "paths.jsonl", [{"prompt": "What is it?", "image_path": "a.png", "answer": "red"}])
+    with pytest.raises(DataError, match=r"column 'image_path' holds image paths \(e.g. 'a.png'\).*"
+                       r"column_mapping: \{image_path: image\}"):  # fmt: skip
+        load(tmp_path / "paths.jsonl")
+    (row,) = load(tmp_path / "paths.jsonl", column_mapping={"image_path": "image"}).train
+    assert len(row["images"]) == 1
+    # Encoded bytes and `datasets` Image features under other names too; bytes that are no image are fine.
+    Dataset.from_list([{"prompt": "p", "pixels": png_bytes(), "blob": b"\x00\x01"}]).to_parquet(
+        str(tmp_path / "bytes.parquet")
+    )
+    with pytest.raises(DataError, match=r"column 'pixels' holds encoded images \(bytes\).*\{pixels: image\}"):
+        load(tmp_path / "bytes.parquet")
+    Dataset.from_list([{"prompt": "p", "photo": Image.new("RGB", (8, 8))}]).save_to_disk(str(tmp_path / "pil"))
+    with pytest.raises(DataError, match=r"column 'photo' holds images \(a `datasets` Image feature\)"):
+        load(tmp_path / "pil")
+    Dataset.from_list([{"prompt": "p", "blob": b"\x00\x01", "file": "notes.txt"}]).to_parquet(
+        str(tmp_path / "plain.parquet")
+    )
+    with caplog.at_level("WARNING", logger="vlm_rl"):
+        (row,) = load(tmp_path / "plain.parquet").train
+    assert row["images"] == []
+    # A run with no image row at all trains, but says so loudly.
+    assert "Train data: NONE of the 1 rows has an image" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlm_rl"):
+        load(tmp_path / "paths.jsonl", column_mapping={"image_path": "image"})
+    assert "NONE of the" not in caplog.text
+
+
 def test_conversational_prompts_pass_through_and_get_the_system_prompt_once(tmp_path):
     rows = [
         {"prompt": [{"role": "user", "content": "Hi"}], "answer": "a"},

@@ -15,6 +15,7 @@ from vlm_rl.data.rows import (
     LazyRows,
     RowFormat,
     check_rows,
+    image_counts,
     lazy_rows,
     rename_columns,
     undecoded,
@@ -135,7 +136,16 @@ class _Split:
             self.source.name,
             loader.output_columns(self.rows.column_names),
         )
-        return self.rows.with_transform(loader)
+        dataset = self.rows.with_transform(loader)
+        if not image_counts(dataset)[0].any():
+            # Loud, not an error: text-only data is legitimate, but with a VLM it is more often a mistake.
+            logger.warning(
+                "%s data: NONE of the %d rows has an image, so the model sees text only. If the data has images, "
+                "name their column `image` or `images` (column_mapping: {your_column: image}).",
+                self.skipped.split.capitalize(),
+                len(self.rows),
+            )
+        return dataset
 
 
 def _synthetic(args: DataArguments, seed: int) -> TaskData:

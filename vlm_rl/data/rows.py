@@ -30,6 +30,9 @@ from vlm_rl.data.stats import DataError, SkippedRows
 
 PROMPT, IMAGES = "prompt", "images"
 IMAGE_COLUMNS = ("image", "images")
+# A text column whose first values all end in one of these holds image paths (unless it is the image column).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".avif", ".heic")
+IMAGE_SAMPLE = 100  # values looked at per column
 ROLES = ("system", "user", "assistant")
 # Names TRL passes to reward functions itself: a column of the same name would clash with them.
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
@@ -76,6 +79,8 @@ class RowFormat:
         image_column = image_columns[0] if image_columns else None
         if image_column is not None:
             _check_image_type(dataset.data.schema.field(image_column).type, name, image_column)
+        else:
+            _refuse_unnamed_images(dataset, columns, name)
 
         conversational = False
         if PROMPT in columns:
@@ -469,6 +474,45 @@ def _check_image_type(data_type: pa.DataType, name: str, column: str) -> None:
             f"{name}: column {column!r} holds {data_type}; images must be paths, bytes, `datasets` Image "
             "features, or lists of these (null for none)."
         )
+
+
+def _refuse_unnamed_images(dataset: Dataset, columns: list[str], name: str) -> None:
+    """With no `image`/`images` column, a column that holds images under another name would silently train text
+    alone: refuse it, naming the column and the `column_mapping` that makes it the image column."""
+    for column in columns:
+        data_type = dataset.data.schema.field(column).type
+        leaf = data_type.value_type if _is_list(data_type) else data_type
+        values = dataset.data.column(column)
+        sample = (pc.list_flatten(values) if _is_list(data_type) else values).drop_null().slice(0, IMAGE_SAMPLE)
+        if pa.types.is_struct(leaf) and {leaf.field(i).name for i in range(leaf.num_fields)} == {"bytes", "path"}:
+            looks = "images (a `datasets` Image feature)"
+        elif (pa.types.is_binary(leaf) or pa.types.is_large_binary(leaf)) and _is_image_bytes(sample):
+            looks = "encoded images (bytes)"
+        elif (pa.types.is_string(leaf) or pa.types.is_large_string(leaf)) and _are_image_paths(sample):
+            looks = f"image paths (e.g. {sample[0].as_py()!r})"
+        else:
+            continue
+        raise DataError(
+            f"{name}: no `image` or `images` column, but column {column!r} holds {looks}; training would ignore them. "
+            f"Make it the image column with column_mapping: {{{column}: image}}, or drop it for text-only rows."
+        )
+
+
+def _is_image_bytes(sample: pa.Array) -> bool:
+    """The first value is an encoded image Pillow recognises (its header is read, nothing decoded)."""
+    if not len(sample):
+        return False
+    try:
+        with PILImage.open(BytesIO(sample[0].as_py())):
+            return True
+    except Exception:  # Pillow raises several types on bytes that are not an image
+        return False
+
+
+def _are_image_paths(sample: pa.Array) -> bool:
+    """Every non-empty value is a path ending in an image suffix."""
+    paths = [path for path in sample.to_pylist() if path]
+    return bool(paths) and all(path.lower().endswith(IMAGE_SUFFIXES) for path in paths)
 
 
 def _image_paths(column: pa.ChunkedArray) -> list[tuple[int, str]]:
