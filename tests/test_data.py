@@ -15,9 +15,11 @@ from conftest import small_config
 from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets import Image as ImageFeature
 from PIL import Image
+from trl.data_utils import prepare_multimodal_messages
 
 from vlm_rl.config import DataArguments
 from vlm_rl.data import DataError, load_rows, load_task
+from vlm_rl.models.processing import load_processor
 from vlm_rl.rewards.accuracy import accuracy
 
 DATA_DOC = Path(__file__).resolve().parent.parent / "docs" / "data.md"
@@ -217,6 +219,40 @@ def test_images_under_another_column_name_are_refused_naming_the_column_and_the_
     with caplog.at_level("WARNING", logger="vlm_rl"):
         load(tmp_path / "paths.jsonl", column_mapping={"image_path": "image"})
     assert "NONE of the" not in caplog.text
+
+
+# LLaVA's chat template (llava-1.5-hf's too) renders a message's images before its text, whatever their order.
+@pytest.mark.parametrize(("family", "in_place"), [("qwen2_vl", True), ("llava", False)])
+def test_image_markers_in_the_prompt_place_the_image_there(tmp_path, tiny_dirs, family, in_place):
+    png(tmp_path / "a.png")
+    rows = [{"prompt": "Look: <image> Which colour is it?", "image": "a.png"}]
+    (row,) = load(write_jsonl(tmp_path / "marked.jsonl", rows)).train
+    assert row["prompt"] == [
+        {"role": "user", "content": [
+            {"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " Which colour is it?"}
+        ]}
+    ]  # fmt: skip
+    processor = load_processor(str(tiny_dirs[family]))
+
+    def input_ids(prompt):
+        conversation = prepare_multimodal_messages(prompt, images=row["images"])
+        inputs = processor.apply_chat_template(
+            conversation=[conversation], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(inputs["input_ids"][0])
+
+    ids = input_ids(row["prompt"])
+    image = [i for i, token in enumerate(ids) if token == processor.image_token_id]
+    # As many image tokens as TRL's own placement gives the image, in one run where the marker was.
+    unmarked = input_ids([{"role": "user", "content": "Look:  Which colour is it?"}])
+    assert len(image) == unmarked.count(processor.image_token_id) and image == list(range(image[0], image[-1] + 1))
+    before, after = processor.tokenizer.decode(ids[: image[0]]), processor.tokenizer.decode(ids[image[-1] + 1 :])
+    assert "<image>" not in before + after and "Which colour" not in before
+    assert ("Look:" in before) == in_place and "Which colour is it?" in after
+    # One marker per image, or the row is named.
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "<image> and <image>", "image": "a.png"}])
+    with pytest.raises(DataError, match=r"bad.jsonl line 1: the prompt has 2 <image> marker\(s\) but the row has 1"):
+        load(tmp_path / "bad.jsonl").train[0]
 
 
 def test_conversational_prompts_pass_through_and_get_the_system_prompt_once(tmp_path):

@@ -30,6 +30,7 @@ from vlm_rl.data.stats import DataError, SkippedRows
 
 PROMPT, IMAGES = "prompt", "images"
 IMAGE_COLUMNS = ("image", "images")
+IMAGE_MARKER = "<image>"  # where EasyR1 / LLaVA-style prompt text puts an image
 # A text column whose first values all end in one of these holds image paths (unless it is the image column).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".avif", ".heic")
 IMAGE_SAMPLE = 100  # values looked at per column
@@ -298,7 +299,7 @@ class LazyRows:
         refs = row.get(self.fmt.image_column) if self.fmt.image_column is not None else None
         refs = [] if refs is None else refs if isinstance(refs, list) else [refs]
         images = [self._image(ref, index, row_id, cache) for index, ref in enumerate(refs)]
-        prompt = self._prompt(row, has_images=bool(images))
+        prompt = place_images(self._prompt(row, has_images=bool(images)), len(images))
         if (self.processor is not None or self.max_prompt_length is not None) and row_id not in self._fits:
             self._check_length(prompt, images)
             self._fits.add(row_id)
@@ -379,6 +380,37 @@ class LazyRows:
                 f"the prompt is {length} tokens with its images, over max_prompt_length={self.max_prompt_length}; "
                 "shorten it or raise max_prompt_length",
             )
+
+
+def place_images(messages: list[dict], num_images: int) -> list[dict]:
+    """Put each image where the prompt text has an `<image>` marker (EasyR1 and LLaVA-style data), in order.
+
+    Marked text becomes content blocks, text and image placeholders in order, which TRL's
+    `prepare_multimodal_messages` fills with the row's images; the other messages become text blocks, so that TRL
+    adds no placeholders of its own. Left as text, the marker would stay literal (Qwen) or be a second image token
+    for one image (LLaVA). Without markers TRL puts the images before the first user message's text.
+    """
+    markers = sum(message["content"].count(IMAGE_MARKER) for message in messages)
+    if not markers:
+        return messages
+    for message in messages:
+        if message["role"] != "user" and IMAGE_MARKER in message["content"]:
+            role = message["role"]
+            raise BadRow("bad_prompt", f"the {role} message has an {IMAGE_MARKER} marker; images go in user messages")
+    if markers != num_images:
+        raise BadRow(
+            "bad_prompt",
+            f"the prompt has {markers} {IMAGE_MARKER} marker(s) but the row has {num_images} image(s); give one "
+            "marker per image, in order, or none (the images then go before the text)",
+        )
+    placed = []
+    for message in messages:
+        pieces = message["content"].split(IMAGE_MARKER)
+        blocks = [{"type": "text", "text": pieces[0]}] if len(pieces) == 1 or pieces[0] else []
+        for text in pieces[1:]:
+            blocks += [{"type": "image"}, *([{"type": "text", "text": text}] if text else [])]
+        placed.append({**message, "content": blocks})
+    return placed
 
 
 def prompt_length(processor, prompt: list[dict], images: list) -> int:
