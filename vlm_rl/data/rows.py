@@ -33,7 +33,7 @@ IMAGE_COLUMNS = ("image", "images")
 IMAGE_MARKER = "<image>"  # where EasyR1 / LLaVA-style prompt text puts an image
 # A text column whose first values all end in one of these holds image paths (unless it is the image column).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".avif", ".heic")
-IMAGE_SAMPLE = 100  # values looked at per column
+IMAGE_SAMPLE = 1000  # rows looked at per column
 ROLES = ("system", "user", "assistant")
 # Names TRL passes to reward functions itself: a column of the same name would clash with them.
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
@@ -514,8 +514,8 @@ def _refuse_unnamed_images(dataset: Dataset, columns: list[str], name: str) -> N
     for column in columns:
         data_type = dataset.data.schema.field(column).type
         leaf = data_type.value_type if _is_list(data_type) else data_type
-        values = dataset.data.column(column)
-        sample = (pc.list_flatten(values) if _is_list(data_type) else values).drop_null().slice(0, IMAGE_SAMPLE)
+        values = dataset.data.column(column).slice(0, IMAGE_SAMPLE)  # a look at the first rows, not a scan
+        sample = (pc.list_flatten(values) if _is_list(data_type) else values).drop_null()
         if pa.types.is_struct(leaf) and {leaf.field(i).name for i in range(leaf.num_fields)} == {"bytes", "path"}:
             looks = "images (a `datasets` Image feature)"
         elif (pa.types.is_binary(leaf) or pa.types.is_large_binary(leaf)) and _is_image_bytes(sample):
