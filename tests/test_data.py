@@ -15,9 +15,11 @@ from conftest import small_config
 from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets import Image as ImageFeature
 from PIL import Image
+from trl.data_utils import prepare_multimodal_messages
 
 from vlm_rl.config import DataArguments
 from vlm_rl.data import DataError, load_rows, load_task
+from vlm_rl.models.processing import load_processor
 from vlm_rl.rewards.accuracy import accuracy
 
 DATA_DOC = Path(__file__).resolve().parent.parent / "docs" / "data.md"
@@ -186,6 +188,71 @@ def test_multi_image_text_only_and_single_image_rows_mix_in_one_column(tmp_path)
     assert [len(row["images"]) for row in batch] == [2, 0, 1, 0]
     assert [row["prompt"][0]["content"] for row in batch] == ["two", "none", "one", "no key"]
     assert [row["answer"] for row in batch] == ["1", "2", "3", "4"]
+
+
+def test_images_under_another_column_name_are_refused_naming_the_column_and_the_mapping(tmp_path, caplog):
+    png(tmp_path / "a.png")
+    write_jsonl(tmp_path / "paths.jsonl", [{"prompt": "What is it?", "image_path": "a.png", "answer": "red"}])
+    with pytest.raises(DataError, match=r"column 'image_path' holds image paths \(e.g. 'a.png'\).*"
+                       r"column_mapping: \{image_path: image\}"):  # fmt: skip
+        load(tmp_path / "paths.jsonl")
+    (row,) = load(tmp_path / "paths.jsonl", column_mapping={"image_path": "image"}).train
+    assert len(row["images"]) == 1
+    # Encoded bytes and `datasets` Image features under other names too; bytes that are no image are fine.
+    Dataset.from_list([{"prompt": "p", "pixels": png_bytes(), "blob": b"\x00\x01"}]).to_parquet(
+        str(tmp_path / "bytes.parquet")
+    )
+    with pytest.raises(DataError, match=r"column 'pixels' holds encoded images \(bytes\).*\{pixels: image\}"):
+        load(tmp_path / "bytes.parquet")
+    Dataset.from_list([{"prompt": "p", "photo": Image.new("RGB", (8, 8))}]).save_to_disk(str(tmp_path / "pil"))
+    with pytest.raises(DataError, match=r"column 'photo' holds images \(a `datasets` Image feature\)"):
+        load(tmp_path / "pil")
+    Dataset.from_list([{"prompt": "p", "blob": b"\x00\x01", "file": "notes.txt"}]).to_parquet(
+        str(tmp_path / "plain.parquet")
+    )
+    with caplog.at_level("WARNING", logger="vlm_rl"):
+        (row,) = load(tmp_path / "plain.parquet").train
+    assert row["images"] == []
+    # A run with no image row at all trains, but says so loudly.
+    assert "Train data: NONE of the 1 rows has an image" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlm_rl"):
+        load(tmp_path / "paths.jsonl", column_mapping={"image_path": "image"})
+    assert "NONE of the" not in caplog.text
+
+
+# LLaVA's chat template (llava-1.5-hf's too) renders a message's images before its text, whatever their order.
+@pytest.mark.parametrize(("family", "in_place"), [("qwen2_vl", True), ("llava", False)])
+def test_image_markers_in_the_prompt_place_the_image_there(tmp_path, tiny_dirs, family, in_place):
+    png(tmp_path / "a.png")
+    rows = [{"prompt": "Look: <image> Which colour is it?", "image": "a.png"}]
+    (row,) = load(write_jsonl(tmp_path / "marked.jsonl", rows)).train
+    assert row["prompt"] == [
+        {"role": "user", "content": [
+            {"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " Which colour is it?"}
+        ]}
+    ]  # fmt: skip
+    processor = load_processor(str(tiny_dirs[family]))
+
+    def input_ids(prompt):
+        conversation = prepare_multimodal_messages(prompt, images=row["images"])
+        inputs = processor.apply_chat_template(
+            conversation=[conversation], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(inputs["input_ids"][0])
+
+    ids = input_ids(row["prompt"])
+    image = [i for i, token in enumerate(ids) if token == processor.image_token_id]
+    # As many image tokens as TRL's own placement gives the image, in one run where the marker was.
+    unmarked = input_ids([{"role": "user", "content": "Look:  Which colour is it?"}])
+    assert len(image) == unmarked.count(processor.image_token_id) and image == list(range(image[0], image[-1] + 1))
+    before, after = processor.tokenizer.decode(ids[: image[0]]), processor.tokenizer.decode(ids[image[-1] + 1 :])
+    assert "<image>" not in before + after and "Which colour" not in before
+    assert ("Look:" in before) == in_place and "Which colour is it?" in after
+    # One marker per image, or the row is named.
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "<image> and <image>", "image": "a.png"}])
+    with pytest.raises(DataError, match=r"bad.jsonl line 1: the prompt has 2 <image> marker\(s\) but the row has 1"):
+        load(tmp_path / "bad.jsonl").train[0]
 
 
 def test_conversational_prompts_pass_through_and_get_the_system_prompt_once(tmp_path):

@@ -153,3 +153,26 @@ def test_rows_the_model_family_cannot_take_fail_before_the_model_loads(tmp_path,
     write_jsonl(tmp_path / "two.jsonl", [*rows, {"question": "Same?", "image": ["a.png", "a.png"], "answer": "yes"}])
     with pytest.raises(ValueError, match=r"two\.jsonl line 3 has 2 image\(s\)"):
         run_recipe(tmp_path, dataset=str(tmp_path / "two.jsonl"), **fields)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_rows_with_image_markers_train_mixed_with_text_only_rows(tmp_path, tiny_dirs, family):
+    """EasyR1-style prompts (`<image>` in the text) through the trainer, with both image fast paths on."""
+    png(tmp_path / "a.png")
+    rows = [
+        {"prompt": "Look: <image> Which colour is it?", "image": "a.png", "answer": "red"},
+        {"prompt": "<image>\nName the colour.", "image": "a.png", "answer": "red"},
+        {"prompt": "What is 2 + 2?", "image": None, "answer": "4"},
+        {"prompt": "What is 3 + 3?", "answer": "6"},
+    ]
+    write_jsonl(tmp_path / "marked.jsonl", rows)
+    state = run_recipe(
+        tmp_path,
+        model_name_or_path=str(tiny_dirs[family]),
+        dataset=str(tmp_path / "marked.jsonl"),
+        max_steps=2,
+        final_eval=False,
+        share_prompt_prefix=True,
+        encode_images_once=True,
+    )
+    assert state["global_step"] == 2

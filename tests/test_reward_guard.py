@@ -7,7 +7,8 @@ import textwrap
 import time
 
 import pytest
-from conftest import no_hang
+from conftest import no_hang, small_config
+from datasets import Dataset
 
 from vlm_rl.data import make_grounding_math_dataset
 from vlm_rl.rewards import (
@@ -19,7 +20,9 @@ from vlm_rl.rewards import (
     resolve_reward,
     time_limit,
 )
+from vlm_rl.rewards.columns import check_reward_columns
 from vlm_rl.train import check_routes, reward_weights
+from vlm_rl.trainers import VLMGRPOTrainer
 
 
 def batch(*tasks):
@@ -198,6 +201,25 @@ def test_a_raising_sample_costs_only_its_own_score_and_is_reported_once(caplog):
         strict(**batch("m", "m", "g"))
 
 
+def test_a_raising_reward_prints_its_traceback_once_per_exception_type(caplog):
+    def broken(prompts, completions, answer, **kwargs):
+        if "a3" in answer:
+            raise KeyError("no such thing")
+        return [1 / 0 for _ in completions]
+
+    reward = ConfiguredReward(broken, name="broken")
+    with caplog.at_level(logging.WARNING, logger="vlm_rl.rewards.configured"):
+        for _ in range(3):
+            assert reward(**batch("m", "m", "m")) == [None, None, None]
+        assert reward(**batch("m", "m", "m", "m")) == [None] * 4
+    assert reward.failures == {"error": 13}
+    # Each exception type once, with one traceback (the failed batch call's is not chained to the row's).
+    assert caplog.text.count("Traceback (most recent call last)") == 2
+    assert caplog.text.count("ZeroDivisionError: division by zero") == 1
+    assert caplog.text.count("KeyError: 'no such thing'") == 1
+    assert "During handling of the above exception" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("value", "kind"), [(math.nan, "nonfinite"), (math.inf, "nonfinite"), ("1.0", "error"), ([1.0], "error")]
 )
@@ -318,3 +340,55 @@ def test_rewards_from_an_installed_packages_entry_points(tmp_path, monkeypatch):
         resolve_reward("broken")
     with pytest.raises(RewardSpecError, match="Did you mean 'brevity'.*entry points: \\['brevity', 'broken'\\]"):
         resolve_reward("brevty")
+
+
+# --- the columns a reward needs, checked before training -------------------------------------------------------
+
+
+def test_a_builtin_reward_without_its_answer_column_fails_naming_the_fix():
+    rewards = load_rewards(["accuracy", "think_answer_format"])
+    with pytest.raises(RewardSpecError) as error:
+        check_reward_columns(rewards, ["prompt", "images", "solution"])
+    message = str(error.value)
+    assert "\n" not in message
+    assert "Reward 'accuracy' needs a dataset column 'answer'" in message
+    assert "['prompt', 'images', 'solution']" in message and "column_mapping: {solution: answer}" in message
+
+
+def test_a_custom_reward_with_a_typo_in_a_column_parameter_is_named():
+    def exact(prompts, completions, anwser, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(
+        RewardSpecError, match=r"Reward 'exact' needs a dataset column 'anwser'.*Did you mean 'answer'"
+    ):
+        check_reward_columns([ConfiguredReward(exact, name="exact")], ["prompt", "answer"])
+
+    # Trainer-given names, recipe kwargs, defaults and **kwargs are never columns.
+    def given(prompts, completions, completion_ids, trainer_state, processing_class, model_type, scale, tag="x"):
+        return [0.0] * len(completions)
+
+    check_reward_columns([ConfiguredReward(given, name="given", kwargs={"scale": 2})], ["prompt"])
+    check_reward_columns([ConfiguredReward(lambda prompts, completions, **kwargs: [], name="kw")], ["prompt"])
+
+
+def test_a_routed_reward_needs_its_column_filled_on_its_own_tasks_rows_only():
+    data = Dataset.from_dict({"prompt": ["p"] * 3, "task": ["math", "math", "caption"], "answer": ["1", "2", None]})
+    check_reward_columns(load_rewards([{"reward": "accuracy", "tasks": ["math"]}]), data)
+    with pytest.raises(RewardSpecError, match=r"'accuracy' is routed to tasks \['caption'\].*'answer' is empty"):
+        check_reward_columns(load_rewards([{"reward": "accuracy", "tasks": ["caption"]}]), data)
+
+
+def test_the_trainer_checks_reward_columns_before_loading_the_model(tmp_path):
+    def exact(prompts, completions, anwser):
+        return [0.0] * len(completions)
+
+    data = make_grounding_math_dataset(4)
+    with pytest.raises(RewardSpecError, match=r"'anwser', which the held-out data lacks"):
+        VLMGRPOTrainer(
+            model=str(tmp_path / "never_loaded"),
+            reward_funcs=[resolve_reward("accuracy"), exact],
+            args=small_config(tmp_path),
+            train_dataset=data.add_column("anwser", data["answer"]),
+            eval_dataset={"held": data},
+        )

@@ -128,6 +128,25 @@ def test_bad_reward_fails_at_start_up_before_any_model_is_built(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_stops_in_one_line_when_a_reward_needs_a_column_the_data_lacks(tmp_path):
+    rows = [{"question": f"What is {i} + 1?", "solution": str(i + 1)} for i in range(4)]  # VLM-R1's column name
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    synthetic_only = ("dataset", "train_size", "eval_size", "text_fraction")
+    recipe_fields = {key: value for key, value in SMALL_RUN.items() if key not in synthetic_only}
+    recipe_fields["output_dir"] = str(tmp_path / "run")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**recipe_fields, "dataset": "train.jsonl", "prompt_template": "{question}"}))
+    vlm_rl = Path(sys.executable).with_name("vlm-rl")
+    result = subprocess.run(
+        [str(vlm_rl), "train", "--config", str(recipe)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("vlm-rl train: error: Reward 'accuracy' needs a dataset column 'answer'")
+    assert "['prompt', 'images', 'question', 'solution']" in error and "column_mapping: {solution: answer}" in error
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_run_writes_checkpoints_state_plot_and_eval(tmp_path):
     recipe = write_recipe(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -33,6 +33,7 @@ from vlm_rl.models.lora import wrap_with_lora
 from vlm_rl.plotting import PLOT_FILE, plot_run
 from vlm_rl.redaction import redacted_argv
 from vlm_rl.rewards import ConfiguredReward, RewardSpecError, recipe_rewards
+from vlm_rl.rewards.columns import check_reward_columns
 from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.preemption import Preempted
 
@@ -202,6 +203,8 @@ def run(
     )
     # The rows' plain columns: reading the route column decodes no image.
     check_routes(reward_funcs, task.train.with_format(None), training_args.reward_route_column)
+    check_reward_columns(reward_funcs, task.train)  # before the model loads (the trainer checks again)
+    check_reward_columns(reward_funcs, task.eval, split="held-out")  # the final evaluation scores these
     # One process builds a tiny model; the others then load it.
     with PartialState().main_process_first(), without_zero3_init(training_args):
         model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)

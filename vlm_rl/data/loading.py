@@ -12,16 +12,15 @@ from datasets import Dataset
 
 from vlm_rl.data.rows import (
     IMAGE_COLUMNS,
-    IMAGES,
-    PROMPT,
     LazyRows,
     RowFormat,
     check_rows,
+    image_counts,
     lazy_rows,
     rename_columns,
     undecoded,
 )
-from vlm_rl.data.sources import ROW_ID, Source, read_source, resolve_path
+from vlm_rl.data.sources import Source, read_source, resolve_path
 from vlm_rl.data.stats import DataError, SkippedRows
 from vlm_rl.data.synthetic import COLORS, make_grounding_math_dataset, make_shapes_dataset
 
@@ -130,16 +129,23 @@ class _Split:
             skipped=self.skipped,
             max_prompt_length=args.max_prompt_length,
         )
-        dropped = {ROW_ID, PROMPT, self.fmt.image_column}
-        columns = [PROMPT, IMAGES, *(c for c in self.rows.column_names if c not in dropped)]
         logger.info(
             "%s data: %d rows from %s, loaded lazily; the rows have columns %s.",
             self.skipped.split.capitalize(),
             len(self.rows),
             self.source.name,
-            columns,
+            loader.output_columns(self.rows.column_names),
         )
-        return self.rows.with_transform(loader)
+        dataset = self.rows.with_transform(loader)
+        if not image_counts(dataset)[0].any():
+            # Loud, not an error: text-only data is legitimate, but with a VLM it is more often a mistake.
+            logger.warning(
+                "%s data: NONE of the %d rows has an image, so the model sees text only. If the data has images, "
+                "name their column `image` or `images` (column_mapping: {your_column: image}).",
+                self.skipped.split.capitalize(),
+                len(self.rows),
+            )
+        return dataset
 
 
 def _synthetic(args: DataArguments, seed: int) -> TaskData:

@@ -30,6 +30,10 @@ from vlm_rl.data.stats import DataError, SkippedRows
 
 PROMPT, IMAGES = "prompt", "images"
 IMAGE_COLUMNS = ("image", "images")
+IMAGE_MARKER = "<image>"  # where EasyR1 / LLaVA-style prompt text puts an image
+# A text column whose first values all end in one of these holds image paths (unless it is the image column).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".avif", ".heic")
+IMAGE_SAMPLE = 1000  # rows looked at per column
 ROLES = ("system", "user", "assistant")
 # Names TRL passes to reward functions itself: a column of the same name would clash with them.
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
@@ -76,6 +80,8 @@ class RowFormat:
         image_column = image_columns[0] if image_columns else None
         if image_column is not None:
             _check_image_type(dataset.data.schema.field(image_column).type, name, image_column)
+        else:
+            _refuse_unnamed_images(dataset, columns, name)
 
         conversational = False
         if PROMPT in columns:
@@ -229,7 +235,7 @@ class LazyRows:
             )
         cache: dict[Any, Any] = {}
         rows = [self._load_or_replace(row, cache) for row in _rows(batch)]
-        return {key: [row[key] for row in rows] for key in self._output_columns(batch)}
+        return {key: [row[key] for row in rows] for key in self.output_columns(batch)}
 
     def load_or_drop(self, positions: list[int], batch: dict[str, list]) -> list[tuple[int, dict]]:
         """The loadable rows of a raw batch, with their positions: bad rows are left out (and counted)."""
@@ -244,9 +250,10 @@ class LazyRows:
                 self._reject(row[ROW_ID], bad)
         return loaded
 
-    def _output_columns(self, batch: dict[str, list]) -> list[str]:
+    def output_columns(self, raw_columns: Iterable[str]) -> list[str]:
+        """The columns of the rows built from raw rows with `raw_columns`."""
         dropped = {ROW_ID, PROMPT, self.fmt.image_column}
-        return [PROMPT, IMAGES, *(key for key in batch if key not in dropped)]
+        return [PROMPT, IMAGES, *(key for key in raw_columns if key not in dropped)]
 
     def _load_or_replace(self, row: dict, cache: dict) -> dict:
         row_id = row[ROW_ID]
@@ -292,7 +299,7 @@ class LazyRows:
         refs = row.get(self.fmt.image_column) if self.fmt.image_column is not None else None
         refs = [] if refs is None else refs if isinstance(refs, list) else [refs]
         images = [self._image(ref, index, row_id, cache) for index, ref in enumerate(refs)]
-        prompt = self._prompt(row, has_images=bool(images))
+        prompt = place_images(self._prompt(row, has_images=bool(images)), len(images))
         if (self.processor is not None or self.max_prompt_length is not None) and row_id not in self._fits:
             self._check_length(prompt, images)
             self._fits.add(row_id)
@@ -375,6 +382,37 @@ class LazyRows:
             )
 
 
+def place_images(messages: list[dict], num_images: int) -> list[dict]:
+    """Put each image where the prompt text has an `<image>` marker (EasyR1 and LLaVA-style data), in order.
+
+    Marked text becomes content blocks, text and image placeholders in order, which TRL's
+    `prepare_multimodal_messages` fills with the row's images; the other messages become text blocks, so that TRL
+    adds no placeholders of its own. Left as text, the marker would stay literal (Qwen) or be a second image token
+    for one image (LLaVA). Without markers TRL puts the images before the first user message's text.
+    """
+    markers = sum(message["content"].count(IMAGE_MARKER) for message in messages)
+    if not markers:
+        return messages
+    for message in messages:
+        if message["role"] != "user" and IMAGE_MARKER in message["content"]:
+            role = message["role"]
+            raise BadRow("bad_prompt", f"the {role} message has an {IMAGE_MARKER} marker; images go in user messages")
+    if markers != num_images:
+        raise BadRow(
+            "bad_prompt",
+            f"the prompt has {markers} {IMAGE_MARKER} marker(s) but the row has {num_images} image(s); give one "
+            "marker per image, in order, or none (the images then go before the text)",
+        )
+    placed = []
+    for message in messages:
+        pieces = message["content"].split(IMAGE_MARKER)
+        blocks = [{"type": "text", "text": pieces[0]}] if len(pieces) == 1 or pieces[0] else []
+        for text in pieces[1:]:
+            blocks += [{"type": "image"}, *([{"type": "text", "text": text}] if text else [])]
+        placed.append({**message, "content": blocks})
+    return placed
+
+
 def prompt_length(processor, prompt: list[dict], images: list) -> int:
     """Tokens of the prompt as TRL tokenizes it: chat template, generation prompt and image tokens."""
     conversation = prepare_multimodal_messages(prompt, images=images)
@@ -398,6 +436,12 @@ def lazy_rows(dataset: Dataset) -> LazyRows | None:
     """The loader behind a lazily loaded dataset; None for a plain one."""
     transform = (dataset.format.get("format_kwargs") or {}).get("transform")
     return transform if isinstance(transform, LazyRows) else None
+
+
+def trainer_columns(dataset: Dataset) -> list[str]:
+    """The columns of the rows the trainer reads from `dataset`: a lazily loaded one builds `prompt` and `images`."""
+    loader = lazy_rows(dataset)
+    return dataset.column_names if loader is None else loader.output_columns(dataset.column_names)
 
 
 def load_rows(dataset: Dataset, positions: list[int]) -> list[tuple[int, dict]]:
@@ -462,6 +506,45 @@ def _check_image_type(data_type: pa.DataType, name: str, column: str) -> None:
             f"{name}: column {column!r} holds {data_type}; images must be paths, bytes, `datasets` Image "
             "features, or lists of these (null for none)."
         )
+
+
+def _refuse_unnamed_images(dataset: Dataset, columns: list[str], name: str) -> None:
+    """With no `image`/`images` column, a column that holds images under another name would silently train text
+    alone: refuse it, naming the column and the `column_mapping` that makes it the image column."""
+    for column in columns:
+        data_type = dataset.data.schema.field(column).type
+        leaf = data_type.value_type if _is_list(data_type) else data_type
+        values = dataset.data.column(column).slice(0, IMAGE_SAMPLE)  # a look at the first rows, not a scan
+        sample = (pc.list_flatten(values) if _is_list(data_type) else values).drop_null()
+        if pa.types.is_struct(leaf) and {leaf.field(i).name for i in range(leaf.num_fields)} == {"bytes", "path"}:
+            looks = "images (a `datasets` Image feature)"
+        elif (pa.types.is_binary(leaf) or pa.types.is_large_binary(leaf)) and _is_image_bytes(sample):
+            looks = "encoded images (bytes)"
+        elif (pa.types.is_string(leaf) or pa.types.is_large_string(leaf)) and _are_image_paths(sample):
+            looks = f"image paths (e.g. {sample[0].as_py()!r})"
+        else:
+            continue
+        raise DataError(
+            f"{name}: no `image` or `images` column, but column {column!r} holds {looks}; training would ignore them. "
+            f"Make it the image column with column_mapping: {{{column}: image}}, or drop it for text-only rows."
+        )
+
+
+def _is_image_bytes(sample: pa.Array) -> bool:
+    """The first value is an encoded image Pillow recognises (its header is read, nothing decoded)."""
+    if not len(sample):
+        return False
+    try:
+        with PILImage.open(BytesIO(sample[0].as_py())):
+            return True
+    except Exception:  # Pillow raises several types on bytes that are not an image
+        return False
+
+
+def _are_image_paths(sample: pa.Array) -> bool:
+    """Every non-empty value is a path ending in an image suffix."""
+    paths = [path for path in sample.to_pylist() if path]
+    return bool(paths) and all(path.lower().endswith(IMAGE_SUFFIXES) for path in paths)
 
 
 def _image_paths(column: pa.ChunkedArray) -> list[tuple[int, str]]:

@@ -44,7 +44,7 @@ math_verify.grader.TIMEOUT_WARNING_SHOWN = True
 _T = TypeVar("_T")
 
 
-@register_reward("accuracy")
+@register_reward("accuracy", columns=("answer",))
 def accuracy(
     completions: list, answer: list | None = None, answer_tag: str = "answer", **kwargs
 ) -> list[float | None]:
@@ -198,7 +198,7 @@ def _math_score(text: str, gold: list, answer_tag: str, deadline: float | None) 
     return float(_equivalent(gold, final, deadline))
 
 
-@register_reward("math_accuracy")
+@register_reward("math_accuracy", columns=("answer",))
 def math_accuracy(
     completions: list,
     answer: list | None = None,
@@ -253,7 +253,7 @@ def _numbers(text: str) -> set[float]:
     return {*fractions, *find_numbers(rest)}
 
 
-@register_reward("numeric_accuracy")
+@register_reward("numeric_accuracy", columns=("answer",))
 def numeric_accuracy(
     completions: list,
     answer: list | None = None,
@@ -321,7 +321,7 @@ def _choice_letters(text: str, choices: str) -> set[str]:
     return letters or set(standalone.findall(text))
 
 
-@register_reward("choice_accuracy")
+@register_reward("choice_accuracy", columns=("answer",))
 def choice_accuracy(
     completions: list, answer: list | None = None, letters: str = "ABCDE", answer_tag: str = "answer", **kwargs
 ) -> list[float | None]:
@@ -362,7 +362,7 @@ def _polarities(text: str) -> set[bool]:
     return {_POLARITY[word.casefold()] for word in _YES_NO.findall(unicodedata.normalize("NFKC", text))}
 
 
-@register_reward("yes_no_accuracy")
+@register_reward("yes_no_accuracy", columns=("answer",))
 def yes_no_accuracy(
     completions: list, answer: list | None = None, answer_tag: str = "answer", **kwargs
 ) -> list[float | None]:

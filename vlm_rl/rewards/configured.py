@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 ERROR_POLICIES = ("none", "zero", "raise")
 FAILURE_KINDS = ("error", "timeout", "nonfinite")
+# What the trainer gives every configured reward besides the batch (`bind_context`).
+CONTEXT_KEYS = ("processing_class", "model_type", "max_completion_length")
 # TRL stores rewards as float32: a larger finite score would become inf there, and NaN in the advantages.
 FLOAT32_MAX = 3.4028234663852886e38
 _short = reprlib.Repr()  # a score's repr in a message: a returned 10 MB string must not flood the log
@@ -122,6 +124,10 @@ class ConfiguredReward:
                 scores[rows[0]] = self._failed("error", rows[0], routes, error)
                 hooks.keep(attempt, record=False)
                 return
+            values = None
+        if values is None:
+            # Retried outside the `except`: a row's error would otherwise chain the batch's, and its logged
+            # traceback would print the same failure twice.
             for row in rows:
                 self._score([row], prompts, completions, columns, routes, scores, hooks)
             return
@@ -168,13 +174,16 @@ class ConfiguredReward:
         if self.error_policy == "raise":
             raise RewardError(message) from error
         self.failures[kind] += 1
-        if kind not in self._reported:
-            self._reported.add(kind)
+        # The first failure of each kind is reported, and of errors the first of each exception type, with its
+        # traceback; the rest are only counted.
+        seen = f"{kind} ({type(error).__name__})" if kind == "error" else kind
+        if seen not in self._reported:
+            self._reported.add(seen)
             fallback = "0.0" if self.error_policy == "zero" else "None (not scored)"
             logger.warning(
                 "%s. Such samples score %s; further %s failures of this reward are counted in the logged "
                 "`rewards/%s/failures`, not reported. Set `reward_error_policy: raise` to stop on the first.",
-                message, fallback, kind, self.__name__,
+                message, fallback, seen, self.__name__,
                 exc_info=error if kind == "error" else None,
             )  # fmt: skip
         return 0.0 if self.error_policy == "zero" else None
@@ -199,11 +208,7 @@ def _real(value: Any) -> numbers.Real | None:
 def bind_context(reward_funcs: list, *, processing_class, model_type: str | None, max_completion_length: int) -> None:
     """Give the configured rewards what every call gets besides the batch: the processor (its resize rule, for box
     coordinates), the model family and the completion length limit (for length penalties)."""
-    context = {
-        "processing_class": processing_class,
-        "model_type": model_type,
-        "max_completion_length": max_completion_length,
-    }
+    context = dict(zip(CONTEXT_KEYS, (processing_class, model_type, max_completion_length), strict=True))
     for func in reward_funcs:
         if isinstance(func, ConfiguredReward):
             func.context.update(context)

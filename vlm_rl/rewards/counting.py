@@ -39,7 +39,7 @@ def counts(text: str) -> set[float]:
     return values | set(find_numbers(rest))
 
 
-@register_reward("counting_accuracy")
+@register_reward("counting_accuracy", columns=("answer",))
 def counting_accuracy(
     completions: list, answer: list | None = None, answer_tag: str = "answer", **kwargs
 ) -> list[float | None]:

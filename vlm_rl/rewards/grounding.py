@@ -130,7 +130,7 @@ def _rows(
     return rows
 
 
-@register_reward("iou")
+@register_reward("iou", columns=("answer",))
 def iou(
     completions: list,
     answer: list | None = None,
@@ -201,7 +201,7 @@ def _score_detections(
     return scores
 
 
-@register_reward("detection_f1")
+@register_reward("detection_f1", columns=("answer",))
 def detection_f1(
     completions: list,
     answer: list | None = None,
@@ -252,7 +252,7 @@ def _greedy_matches(predictions: list[Box], truths: list[Box], iou_threshold: fl
     return len(used_truths)
 
 
-@register_reward("detection_map")
+@register_reward("detection_map", columns=("answer",))
 def detection_map(
     completions: list,
     answer: list | None = None,

@@ -20,7 +20,7 @@ def _canonical(text: str, ignore_case: bool, ignore_whitespace: bool) -> str:
     return text
 
 
-@register_reward("ocr_similarity")
+@register_reward("ocr_similarity", columns=("answer",))
 def ocr_similarity(
     completions: list,
     answer: list | None = None,

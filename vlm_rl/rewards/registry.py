@@ -33,13 +33,19 @@ ENTRY_POINT_GROUP = "vlm_rl.rewards"
 REWARD_REGISTRY: dict[str, RewardFunc] = {}
 
 
-def register_reward(name: str) -> Callable[[RewardFunc], RewardFunc]:
-    """Register `func` under `name`, so recipes can list it by that name."""
+def register_reward(name: str, columns: tuple[str, ...] = ()) -> Callable[[RewardFunc], RewardFunc]:
+    """Register `func` under `name`, so recipes can list it by that name.
+
+    `columns` are dataset columns it cannot score without, though its parameters default them (to raise a clear
+    error when called without them): the trainer checks the data has them before training.
+    """
 
     def decorator(func: RewardFunc) -> RewardFunc:
         if name in REWARD_REGISTRY and REWARD_REGISTRY[name] is not func:
             raise ValueError(f"A reward named {name!r} is already registered ({REWARD_REGISTRY[name].__module__}).")
         REWARD_REGISTRY[name] = func
+        if columns:
+            func.required_columns = tuple(columns)
         return func
 
     return decorator

@@ -56,6 +56,7 @@ from vlm_rl.models.inputs import (
 )
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.redaction import redacted_secrets
+from vlm_rl.rewards.columns import check_reward_columns
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward, bind_context
 from vlm_rl.rollout.prefill import prompts_prefilled_once
 from vlm_rl.rollout.vllm import VLMRollout
@@ -86,6 +87,8 @@ class VLMGRPOTrainer(GRPOTrainer):
         if reward_funcs is not None:  # None: TRL's own check (or an environment's rewards) applies
             reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
             reward_funcs = [self._guarded(func, args) for func in reward_funcs]
+            for split, key in (("training", "train_dataset"), ("held-out", "eval_dataset")):
+                check_reward_columns(reward_funcs, kwargs.get(key), split=split)  # before any model loads
         if isinstance(processing_class, ProcessorMixin):
             # TRL left-pads prompt ids itself, but builds per-token vision inputs (mm_token_type_ids,
             # token_type_ids) with a processor call that pads on the tokenizer's side. Qwen tokenizers pad
