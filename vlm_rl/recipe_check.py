@@ -2,9 +2,9 @@
 
 The recipe dataclasses (`vlm_rl.config`) subclass TRL's `GRPOConfig`, so importing them takes many seconds. A
 recipe mistake should answer at once: `check_recipe` reads each field's type from `recipe_fields.json`, a table
-generated from those dataclasses (`python -m vlm_rl.recipe_check` writes it; `tests/test_run.py` checks it equals
-them). Under TRL or transformers releases other than the ones it was generated with, the table is built from the
-dataclasses instead (slow, but never wrong).
+generated from those dataclasses (`python -m vlm_rl.recipe_check` writes it; `tests/test_recipe_check.py` checks
+that it equals them). Under TRL or transformers releases other than the ones it was generated with, the table is
+built from the dataclasses instead (slow, but never wrong).
 """
 
 from __future__ import annotations
