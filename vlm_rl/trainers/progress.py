@@ -33,7 +33,7 @@ def _number(value: object) -> bool:
 
 
 class LogLines:
-    """Writes a log dict as one line, and times the optimizer steps of this (possibly resumed) training."""
+    """Formats a log dict as one line, and times the optimizer steps of this (possibly resumed) training."""
 
     def __init__(self) -> None:
         self.started: tuple[float, int] | None = None
