@@ -13,8 +13,10 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -32,6 +34,8 @@ def declare_missing_ops() -> bool:
     spec = importlib.util.find_spec("torchvision")
     if _library is not None or spec is None or not spec.submodule_search_locations:
         return False
+    import torch  # only with torchvision installed: `import vlm_rl` alone (the CLI's parsing) stays light
+
     package = Path(next(iter(spec.submodule_search_locations)))
     for extension in package.glob("_C*.so"):
         try:

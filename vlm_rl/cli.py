@@ -2,7 +2,8 @@
 
 Parsing imports nothing heavy, so `vlm-rl --help` and `vlm-rl recipes` answer at once; each command imports
 what it needs when it runs. `train` and `vllm-serve` take a recipe's fields as flags, parsed by the recipe
-parser itself (`vlm_rl.config.parse_recipe`).
+parser itself (`vlm_rl.config.parse_recipe`); `train` answers `--help` and rejects a recipe file's unknown keys and
+mistyped values before importing it (TRL takes seconds to import).
 """
 
 from __future__ import annotations
@@ -95,13 +96,48 @@ def _recipes(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"  {name:<{width}}  {summary}")
 
 
+TRAIN_USAGE = """\
+usage: vlm-rl train --config RECIPE.yaml [--field value ...]
+
+Train with GRPO from a recipe (list the shipped ones with `vlm-rl recipes`). Any recipe field can also be given as
+a flag, which wins over the recipe file.
+
+main options:
+  --config RECIPE.yaml          the recipe: model, data, rewards and training settings in one YAML file
+  --output_dir DIR              where checkpoints, logs (metrics.jsonl) and the final model go
+  --max_steps N                 optimizer steps to train for
+  --resume_from_checkpoint DIR  go on from a checkpoint; `auto`: the newest complete one in output_dir
+  --help-all                    every field with its type and default (some 230)
+
+The fields, by concern, with examples: docs/recipes.md."""
+
+
+def _train_preflight(argv: list[str]) -> None:
+    """Answer `--help` and reject a recipe's unknown keys and mistyped values before `train` imports TRL, which
+    takes many seconds. `--help-all` is left to the recipe parser, which lists every field."""
+    if "--help-all" in argv:
+        return
+    if "-h" in argv or "--help" in argv:
+        print(TRAIN_USAGE)
+        raise SystemExit(0)
+    from vlm_rl.recipe_check import RecipeError, check_recipe, recipe_path
+
+    path = recipe_path(argv)
+    if path is not None:
+        try:
+            check_recipe(path)
+        except RecipeError as error:
+            sys.exit(f"vlm-rl train: error: {error}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-rl", description="GRPO post-training for vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
         "train",
         add_help=False,
-        help="Train from a recipe: vlm-rl train --config recipes/X.yaml [--field value ...]; --help lists the fields.",
+        help="Train from a recipe: vlm-rl train --config recipes/X.yaml [--field value ...]; --help-all lists the "
+        "fields.",
     )
     evaluate = commands.add_parser(
         "eval",
@@ -187,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train", "eval"):
+        if argv[0] == "train":
+            _train_preflight(argv[1:])
         # A mistake in the recipe or its data is reported as one line, not as a traceback into the loader.
         from vlm_rl.config import RecipeError  # lazy: start-up speed
         from vlm_rl.data import DataError
@@ -204,7 +242,7 @@ def _run(argv: list[str]) -> None:
     if argv and argv[0] == "train":
         from vlm_rl.train import main as train_main  # lazy: start-up speed
 
-        train_main(argv[1:])
+        train_main(["--help" if arg == "--help-all" else arg for arg in argv[1:]])
         return
     if argv and argv[0] == "vllm-serve":
         from vlm_rl.rollout.serve import main as serve_main  # lazy: start-up speed

@@ -6,18 +6,18 @@ dataclasses below. `TrlParser` does the parsing, so every field is also a comman
 
 from __future__ import annotations
 
-import difflib
-import enum
 import sys
-import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from trl import GRPOConfig, TrlParser
 
+# RecipeError is raised by `check_recipe` and imported from here by callers that parse recipes.
+from vlm_rl.recipe_check import RecipeError as RecipeError
+from vlm_rl.recipe_check import check_recipe, recipe_path
 from vlm_rl.rewards.configured import ERROR_POLICIES
 
 WEIGHT_TRANSPORTS = ("auto", "nccl", "files")
@@ -333,98 +333,6 @@ class VLMGRPOConfig(GRPOConfig):
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig)
 
 
-class RecipeError(ValueError):
-    """A recipe file cannot be used as written."""
-
-
-# Checked by their own loaders, which say more than a type would: reward entries are names or mappings.
-_CHECKED_ELSEWHERE = frozenset({"reward_funcs", "env"})
-_YAML_BOOLEAN_WORDS = ("no", "yes", "on", "off", "true", "false")
-
-
-def _accepts(value: Any, hint: Any) -> bool:
-    """Whether a YAML value can become a field of type `hint` (as the recipe parser converts it)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(value, arg) for arg in args)
-    if hint is type(None):
-        return value is None
-    if origin is typing.Literal:
-        return value in args
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        if isinstance(value, str):  # YAML reads `3e-4` (no dot) as a string; the parser takes it
-            try:
-                float(value)
-            except ValueError:
-                return False
-            return True
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
-        return isinstance(value, str | int | float) and not isinstance(value, bool)
-    if origin is list:
-        items = value if isinstance(value, list) else [value]  # a single value stands for a list of one
-        return all(_accepts(item, args[0] if args else Any) for item in items)
-    if hint is dict or origin is dict:
-        return isinstance(value, dict)
-    return True  # any other type: left to the parser and the field's own checks
-
-
-def _describe(hint: Any) -> str:
-    """`hint` in words: `a float or null`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        words = []
-        for arg in args:
-            word = _describe(arg)
-            if word not in words:
-                words.append(word)
-        return " or ".join(words)
-    if origin is typing.Literal:
-        return " or ".join(repr(arg) for arg in args)
-    if origin is list:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    if hint in names:
-        return names[hint]
-    if hint is dict or origin is dict:
-        return "a mapping"
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return "one of " + ", ".join(repr(member.value) for member in hint)
-    return getattr(hint, "__name__", str(hint))
-
-
-def check_recipe(path: str | Path) -> None:
-    """Fail on a key that no dataclass knows (naming the file, the key and the closest valid key), and on a value
-    of the wrong type (naming the file, the key and the type it takes), before anything else runs."""
-    try:
-        recipe = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError as error:
-        raise RecipeError(f"Recipe file {path} not found.") from error
-    except yaml.YAMLError as error:
-        raise RecipeError(f"Recipe file {path} is not valid YAML: {error}") from error
-    if not isinstance(recipe, dict):
-        raise RecipeError(f"Recipe file {path} must be a YAML mapping of field names to values.")
-    hints = {name: hint for cls in RECIPE_DATACLASSES for name, hint in typing.get_type_hints(cls).items()}
-    valid = {f.name for cls in RECIPE_DATACLASSES for f in fields(cls)} | {"env"}
-    for key, value in recipe.items():
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"Recipe file {path}: unknown key {key!r}.{hint}")
-        if key in _CHECKED_ELSEWHERE or _accepts(value, hints[key]):
-            continue
-        note = ""
-        if isinstance(value, bool) and _accepts("no", hints[key]):
-            note = f" YAML reads a bare {'/'.join(_YAML_BOOLEAN_WORDS)} as true/false: quote it, e.g. {key}: 'no'."
-        raise RecipeError(
-            f"Recipe file {path}: {key} must be {_describe(hints[key])}, got {value!r} ({type(value).__name__}).{note}"
-        )
-
-
 class RecipeParser(TrlParser):
     """TRL's parser, whose errors (a flag's value of the wrong type) are one line instead of the whole usage of
     some 300 fields."""
@@ -438,18 +346,18 @@ def parse_recipe(
 ) -> tuple[ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig, Path | None]:
     """Parse `--config recipe.yaml` plus command-line overrides; also return the recipe's path."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    recipe_path = Path(argv[argv.index("--config") + 1]) if "--config" in argv[:-1] else None
-    if recipe_path is not None:
-        check_recipe(recipe_path)
+    recipe = recipe_path(argv)
+    if recipe is not None:
+        check_recipe(recipe)
     parser = RecipeParser(RECIPE_DATACLASSES)
     model_args, data_args, reward_args, training_args = parser.parse_args_and_config(args=argv)
-    return model_args, data_args, reward_args, training_args, recipe_path
+    return model_args, data_args, reward_args, training_args, recipe
 
 
 def recipe_as_run(argv: list[str], parsed: tuple) -> dict[str, Any]:
     """The fields a run was given, in the recipe file and as `--field` flags, with the values it ran with."""
-    recipe_path = Path(argv[argv.index("--config") + 1]) if "--config" in argv[:-1] else None
-    names = list(yaml.safe_load(recipe_path.read_text()) or {}) if recipe_path is not None else []
+    recipe = recipe_path(argv)
+    names = list(yaml.safe_load(recipe.read_text()) or {}) if recipe is not None else []
     names += [arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--") and arg != "--config"]
     values = {}
     for name in dict.fromkeys(names):

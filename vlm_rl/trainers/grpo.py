@@ -21,7 +21,6 @@ from accelerate.utils import gather_object, is_peft_model
 from PIL import Image
 from torch import nn
 from transformers import AutoConfig, ProcessorMixin, is_trackio_available, is_wandb_available
-from transformers.trainer_callback import ProgressCallback
 from transformers.utils import is_rich_available
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
@@ -64,7 +63,7 @@ from vlm_rl.trainers.completion_logs import write_completion_logs
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
 from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits
 from vlm_rl.trainers.preemption import PreemptionCallback
-from vlm_rl.trainers.progress import RewardProgressCallback
+from vlm_rl.trainers.progress import install_console
 from vlm_rl.trainers.rollout_state import load_rollout_state, save_rollout_state
 from vlm_rl.trainers.shared_prefix import pack
 from vlm_rl.trainers.vision_once import encode_images_once
@@ -127,8 +126,7 @@ class VLMGRPOTrainer(GRPOTrainer):
         # Seconds spent this optimizer step in generation and in the rewards (`timing/*` in the logs).
         self._phase_seconds: dict[str, float] = defaultdict(float)
         self._completions_logged_at: int | None = None
-        if self.pop_callback(ProgressCallback) is not None:
-            self.add_callback(RewardProgressCallback)
+        install_console(self)  # one line per log instead of transformers' dict, and metrics.jsonl
         self.preemption = PreemptionCallback()
         self.add_callback(self.preemption)
         self._writing_checkpoint = False
