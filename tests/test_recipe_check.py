@@ -10,7 +10,7 @@ import pytest
 
 from vlm_rl import recipe_check
 from vlm_rl.cli import main
-from vlm_rl.config import RECIPE_DATACLASSES
+from vlm_rl.config import RECIPE_DATACLASSES, parse_recipe
 from vlm_rl.recipe_check import FIELD_TABLE, RecipeError, build_field_table, check_recipe, installed_versions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ def test_the_field_table_equals_the_recipe_dataclasses():
     expected = {"versions": installed_versions(), "fields": build_field_table(RECIPE_DATACLASSES)}
     assert stored == expected, (
         f"{FIELD_TABLE.name} is out of date with vlm_rl/config.py or the installed TRL/transformers: regenerate it "
-        "with `python -m vlm_rl.recipe_check`."
+        "with `python -m vlm_rl.config`."
     )
 
 
@@ -42,7 +42,11 @@ def test_the_stored_table_is_used_only_under_the_releases_it_was_made_with(tmp_p
         check_recipe(recipe)
     other = {**installed_versions(), "transformers": "0.0.1"}
     monkeypatch.setattr(recipe_check, "FIELD_TABLE", stale_table(tmp_path, other))
-    check_recipe(recipe)  # another transformers: the fields come from the dataclasses themselves
+    check_recipe(recipe)  # another transformers: the stale table is not used, and no early check runs
+    recipe.write_text("max_step: 3\n")
+    check_recipe(recipe)
+    with pytest.raises(RecipeError, match="unknown key 'max_step'. Did you mean 'max_steps'"):
+        parse_recipe(["--config", str(recipe)])  # the recipe parser checks against the dataclasses themselves
 
 
 def vlm_rl_train(*argv: str) -> subprocess.CompletedProcess:

@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlm_rl.recipe_check import RecipeError, check_recipe, recipe_path
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # in a source checkout
 
 
@@ -120,8 +122,6 @@ def _train_preflight(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         print(TRAIN_USAGE)
         raise SystemExit(0)
-    from vlm_rl.recipe_check import RecipeError, check_recipe, recipe_path
-
     path = recipe_path(argv)
     if path is not None:
         try:
@@ -226,8 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv[0] == "train":
             _train_preflight(argv[1:])
         # A mistake in the recipe or its data is reported as one line, not as a traceback into the loader.
-        from vlm_rl.config import RecipeError  # lazy: start-up speed
-        from vlm_rl.data import DataError
+        from vlm_rl.data import DataError  # lazy: start-up speed
         from vlm_rl.rewards import RewardSpecError
 
         try:

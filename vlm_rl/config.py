@@ -17,7 +17,7 @@ from trl import GRPOConfig, TrlParser
 
 # RecipeError is raised by `check_recipe` and imported from here by callers that parse recipes.
 from vlm_rl.recipe_check import RecipeError as RecipeError
-from vlm_rl.recipe_check import check_recipe, recipe_path
+from vlm_rl.recipe_check import build_field_table, check_recipe, recipe_path, write_field_table
 from vlm_rl.rewards.configured import ERROR_POLICIES
 
 WEIGHT_TRANSPORTS = ("auto", "nccl", "files")
@@ -348,7 +348,7 @@ def parse_recipe(
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe = recipe_path(argv)
     if recipe is not None:
-        check_recipe(recipe)
+        check_recipe(recipe, build_field_table(RECIPE_DATACLASSES))
     parser = RecipeParser(RECIPE_DATACLASSES)
     model_args, data_args, reward_args, training_args = parser.parse_args_and_config(args=argv)
     return model_args, data_args, reward_args, training_args, recipe
@@ -365,3 +365,8 @@ def recipe_as_run(argv: list[str], parsed: tuple) -> dict[str, Any]:
         if owner is not None:
             values[name] = getattr(owner, name)
     return values
+
+
+if __name__ == "__main__":
+    # After a change of recipe fields or of the TRL/transformers releases: regenerate the early check's table.
+    print(f"Wrote {write_field_table(build_field_table(RECIPE_DATACLASSES))}")

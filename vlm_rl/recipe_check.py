@@ -2,9 +2,9 @@
 
 The recipe dataclasses (`vlm_rl.config`) subclass TRL's `GRPOConfig`, so importing them takes many seconds. A
 recipe mistake should answer at once: `check_recipe` reads each field's type from `recipe_fields.json`, a table
-generated from those dataclasses (`python -m vlm_rl.recipe_check` writes it; `tests/test_recipe_check.py` checks
-that it equals them). Under TRL or transformers releases other than the ones it was generated with, the table is
-built from the dataclasses instead (slow, but never wrong).
+generated from those dataclasses (`python -m vlm_rl.config` writes it; `tests/test_recipe_check.py` checks that
+it equals them). Under TRL or transformers releases other than the ones it was generated with, this early check
+is skipped and the recipe parser checks the same things against the dataclasses themselves (slower, never wrong).
 """
 
 from __future__ import annotations
@@ -76,25 +76,17 @@ def installed_versions() -> dict[str, str | None]:
     return found
 
 
-def _dataclass_table() -> dict[str, Spec]:
-    from vlm_rl.config import RECIPE_DATACLASSES
-
-    return build_field_table(RECIPE_DATACLASSES)
-
-
-def field_table() -> dict[str, Spec]:
-    """The recipe fields and their types: from `recipe_fields.json` when it was generated under the installed TRL
-    and transformers, else from the dataclasses themselves."""
+def field_table() -> dict[str, Spec] | None:
+    """The recipe fields and their types from `recipe_fields.json`, or None when it was generated under other TRL or
+    transformers releases than the installed ones."""
     stored = json.loads(FIELD_TABLE.read_text())
-    if stored["versions"] == installed_versions():
-        return stored["fields"]
-    return _dataclass_table()
+    return stored["fields"] if stored["versions"] == installed_versions() else None
 
 
-def write_field_table() -> Path:
-    """Regenerate `recipe_fields.json` from the dataclasses under the installed TRL and transformers."""
+def write_field_table(table: dict[str, Spec]) -> Path:
+    """Write `table` (from `build_field_table`) as `recipe_fields.json`, stamped with the installed releases."""
     # One field a line, so that a change of fields shows as a readable diff.
-    rows = ",\n".join(f"  {json.dumps(name)}: {json.dumps(spec)}" for name, spec in _dataclass_table().items())
+    rows = ",\n".join(f"  {json.dumps(name)}: {json.dumps(spec)}" for name, spec in table.items())
     FIELD_TABLE.write_text(f'{{\n "versions": {json.dumps(installed_versions())},\n "fields": {{\n{rows}\n }}\n}}\n')
     return FIELD_TABLE
 
@@ -151,9 +143,10 @@ def _describe(spec: Spec) -> str:
     return names.get(spec, "a mapping" if spec == "dict" else "anything")
 
 
-def check_recipe(path: str | Path) -> None:
+def check_recipe(path: str | Path, table: dict[str, Spec] | None = None) -> None:
     """Fail on a key that no dataclass knows (naming the file, the key and the closest valid key), and on a value
-    of the wrong type (naming the file, the key and the type it takes), before anything else runs."""
+    of the wrong type (naming the file, the key and the type it takes), before anything else runs. `table`: the
+    fields (`build_field_table`); by default the stored one, and no check where that is stale."""
     try:
         recipe = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError as error:
@@ -162,7 +155,9 @@ def check_recipe(path: str | Path) -> None:
         raise RecipeError(f"Recipe file {path} is not valid YAML: {error}") from error
     if not isinstance(recipe, dict):
         raise RecipeError(f"Recipe file {path} must be a YAML mapping of field names to values.")
-    table = field_table()
+    table = table if table is not None else field_table()
+    if table is None:
+        return
     valid = set(table) | {"env"}
     for key, value in recipe.items():
         if key not in valid:
@@ -182,7 +177,3 @@ def check_recipe(path: str | Path) -> None:
 def recipe_path(argv: list[str]) -> Path | None:
     """The recipe file a command line names with `--config`, if any."""
     return Path(argv[argv.index("--config") + 1]) if "--config" in argv[:-1] else None
-
-
-if __name__ == "__main__":
-    print(f"Wrote {write_field_table()}")
