@@ -9,19 +9,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
-import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from torch import nn
-from transformers import AutoConfig, ProcessorMixin, is_trackio_available, is_wandb_available
+from transformers import AutoConfig, ProcessorMixin
 from transformers.trainer_callback import ProgressCallback
-from transformers.utils import is_rich_available
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 from trl.trainer import grpo_trainer as grpo_trainer_module
@@ -29,30 +25,20 @@ from trl.trainer.utils import (
     RepeatSampler,
     get_callable_name,
     pad,
-    print_prompt_completions_sample,
     shuffle_sequence_dict,
     split_tensor_dict,
 )
 
-from vlm_rl.checkpoints import (
-    STAGING_DIR,
-    publish,
-    remove_incomplete,
-    rotate_checkpoints,
-    saved_weight_names,
-    staging_path,
-)
 from vlm_rl.data import most_images_per_row
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
-from vlm_rl.redaction import redacted_secrets
-from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward, bind_context
-from vlm_rl.trainers.completion_logs import conversation_text, write_completion_logs
+from vlm_rl.rewards.configured import ConfiguredReward, bind_context
+from vlm_rl.trainers.checkpointing import CheckpointMixin
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
 from vlm_rl.trainers.logprobs import BOOKKEEPING_KEYS, align_per_token_inputs, score_from_logits, select_rows
+from vlm_rl.trainers.metrics import MetricsMixin
 from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import RewardProgressCallback
-from vlm_rl.trainers.rollout_state import load_rollout_state, save_rollout_state
 from vlm_rl.trainers.shared_prefix import group_rows, pack
 from vlm_rl.trainers.vision_once import encode_images_once
 
@@ -73,7 +59,7 @@ def _float_tensors(output: Any) -> list[torch.Tensor]:
     return [tensor for value in values for tensor in _float_tensors(value)]
 
 
-class VLMGRPOTrainer(GRPOTrainer):
+class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
     """GRPO for vision-language models where any row may have zero, one or several images."""
 
     def __init__(self, model, reward_funcs=None, args=None, processing_class=None, **kwargs):
@@ -169,169 +155,9 @@ class VLMGRPOTrainer(GRPOTrainer):
             route_column=getattr(args, "reward_route_column", "task"),
         )
 
-    @contextlib.contextmanager
-    def _timed(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.model.training:  # an in-loop evaluation's rollouts are not part of a training step
-                self._phase_seconds[phase] += time.perf_counter() - start
-
-    def training_step(self, model, inputs, num_items_in_batch):
-        start = time.perf_counter()
-        output = super().training_step(model, inputs, num_items_in_batch)
-        self._phase_seconds["step"] += time.perf_counter() - start
-        if self._step % self.current_gradient_accumulation_steps == 0:  # TRL's step counter, just advanced
-            seconds, self._phase_seconds = self._phase_seconds, defaultdict(float)
-            metrics = self._metrics["train"]
-            metrics["timing/rollout_s"].append(seconds["rollout"])
-            metrics["timing/scoring_s"].append(seconds["scoring"])
-            metrics["timing/update_s"].append(seconds["step"] - seconds["rollout"] - seconds["scoring"])
-        return output
-
-    def _generate(self, prompts: list):
-        with self._timed("rollout"):
-            return super()._generate(prompts)
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        with self._timed("scoring"):
-            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._log_reward_breakdown(inputs, rewards_per_func)
-        return rewards_per_func
-
-    def _log_reward_breakdown(self, inputs: list[dict], rewards_per_func: torch.Tensor) -> None:
-        """Per reward: how many samples it scored, and mean/std/count per task; failure totals for `log`."""
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
-        all_rewards = rewards_per_func.cpu()  # TRL's `_calculate_rewards` returns them gathered over processes
-        route_column = getattr(self.args, "reward_route_column", "task")
-        routes = gather_object([row.get(route_column) for row in inputs])
-        # A task absent from this batch counts 0, so each count averages over the same steps.
-        self._seen_routes.update(str(r) for r in routes if r is not None)
-        # `accuracy` / `eval_accuracy`: the mean of the reward the recipe reports as accuracy, under a plain name.
-        accuracy_reward = getattr(self.args, "eval_accuracy_reward", None)
-        if accuracy_reward in self.reward_func_names:
-            values = all_rewards[:, self.reward_func_names.index(accuracy_reward)]
-            metrics["accuracy"].append(torch.nanmean(values).item())
-        for i, name in enumerate(self.reward_func_names):
-            scored = ~torch.isnan(all_rewards[:, i])
-            metrics[f"rewards/{name}/count"].append(scored.sum().item())
-            for route in sorted(self._seen_routes):
-                in_route = torch.tensor([r is not None and str(r) == route for r in routes])
-                values = all_rewards[in_route & scored, i]
-                metrics[f"rewards/{name}/{route}/count"].append(float(values.numel()))
-                if values.numel():
-                    metrics[f"rewards/{name}/{route}/mean"].append(values.mean().item())
-                    metrics[f"rewards/{name}/{route}/std"].append(values.std(unbiased=False).item())
-        for func in self.reward_funcs:
-            if isinstance(func, ConfiguredReward):
-                local = torch.tensor([func.failures[kind] for kind in FAILURE_KINDS], device=self.accelerator.device)
-                totals = self.accelerator.reduce(local, reduction="sum").tolist()
-                self.reward_failures[func.__name__] = dict(zip(FAILURE_KINDS, map(int, totals), strict=True))
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training:
-            # Running totals, not averages: a failure shows up in every later log line.
-            for name, counts in self.reward_failures.items():
-                logs[f"rewards/{name}/failures"] = sum(counts.values())
-                logs.update({f"rewards/{name}/failures_{kind}": n for kind, n in counts.items() if n})
-        # TRL's completion table crashes wandb on image prompts (see `completion_logs`): write ours instead.
-        log_completions, self.log_completions = self.log_completions, False
-        try:
-            super().log(logs, start_time)
-        finally:
-            self.log_completions = log_completions
-        # Once per step: the end-of-training summary line is a log call too.
-        fresh = self._completions_logged_at != self.state.global_step
-        if self.accelerator.is_main_process and self.log_completions and self.model.training and fresh:
-            self._completions_logged_at = self.state.global_step
-            self._log_completion_table()
-
-    def _log_completion_table(self) -> None:
-        if is_rich_available():
-            print_prompt_completions_sample(
-                [conversation_text(p) for p in self._logs["prompt"]],
-                [conversation_text(c) for c in self._logs["completion"]],
-                self._logs["rewards"],
-                self._logs["advantages"],
-                self.state.global_step,
-                self.num_completions_to_print,
-                extra=dict(self._logs["extra"]),
-            )
-        report_to = self.args.report_to or []
-        backends = []
-        if "wandb" in report_to and is_wandb_available():
-            import wandb
-
-            if wandb.run is not None:
-                backends.append(wandb)
-        if "trackio" in report_to and is_trackio_available():
-            import trackio
-
-            backends.append(trackio)
-        write_completion_logs(
-            self._logs, self.state.global_step, self.args.output_dir, backends, unique_prompts=self.log_unique_prompts
-        )
-
     def _get_train_sampler(self, dataset=None):
         sampler = super()._get_train_sampler(dataset)
         return EpochSeededSampler(sampler) if isinstance(sampler, RepeatSampler) else sampler
-
-    def _get_output_dir(self, trial) -> str:
-        # While a checkpoint is written, HF's `_save_checkpoint` (and TRL's) put it under the staging directory.
-        run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, STAGING_DIR) if self._writing_checkpoint else run_dir
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """HF's checkpoint, written whole into a staging directory and then renamed (`vlm_rl.checkpoints`), with each
-        process's buffered generations (`rollout_state`), and rotated so that a good checkpoint always remains."""
-        run_dir = self._get_output_dir(trial)
-        staging = staging_path(run_dir, self.state.global_step)
-        if self.args.should_save:
-            remove_incomplete(run_dir)  # left by a run killed while saving
-        self.accelerator.wait_for_everyone()
-        self._writing_checkpoint = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._writing_checkpoint = False
-        save_rollout_state(self, staging)
-        self.accelerator.wait_for_everyone()  # every process's files are written
-        if self.args.should_save:
-            best = self.state.best_model_checkpoint
-            if best is not None and Path(best).parent == staging.parent:
-                self.state.best_model_checkpoint = str(Path(run_dir) / Path(best).name)
-                self.state.save_to_json(str(staging / "trainer_state.json"))
-            publish(staging, run_dir)
-            rotate_checkpoints(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
-        self.accelerator.wait_for_everyone()
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # HF pickles the arguments into `training_args.bin` here (every checkpoint, the output dir): no tokens.
-        with redacted_secrets(self.args):
-            super()._save(output_dir, state_dict)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        """transformers 5 saves many VLMs' weights under their original checkpoint names (`save_pretrained`'s
-        `save_original_format`), and HF's resume loads them with a plain `load_state_dict` that matches none of
-        them: it warns and trains on from the base weights. Those checkpoints load through `from_pretrained`, which
-        converts the names (holding a second copy of the weights on the CPU meanwhile)."""
-        model = model if model is not None else self.model
-        saved = saved_weight_names(resume_from_checkpoint)
-        if is_peft_model(model) or saved is None or saved <= set(model.state_dict()):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        parameter = next(model.parameters())
-        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=parameter.dtype, device_map="cpu")
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        del loaded
-        return None
-
-    def _load_rng_state(self, checkpoint) -> None:
-        # HF restores the RNG right before the first step it resumes: the buffered generations go with it.
-        super()._load_rng_state(checkpoint)
-        if checkpoint is not None:
-            load_rollout_state(self, checkpoint)
 
     def _tokenize_prompts(self, prompts: list):
         # TRL marks an image-less row with `None`, and the processor call that builds the training inputs
