@@ -5,14 +5,17 @@ whether the overrides in `vlm_rl/trainers/grpo.py` are still needed.
 """
 
 import inspect
+from types import SimpleNamespace
 
 import pytest
+import torch
 import trl
 from conftest import small_config
 from datasets import concatenate_datasets
 from packaging.version import Version
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
+from vlm_rl.config import VLMGRPOConfig
 from vlm_rl.data import make_shapes_dataset
 from vlm_rl.rewards.accuracy import accuracy
 from vlm_rl.trainers import VLMGRPOTrainer
@@ -111,3 +114,56 @@ def test_checkpoint_internals_the_resume_overrides_rely_on():
     assert "load_result = model.load_state_dict(state_dict, False)" in inspect.getsource(Trainer._load_from_checkpoint)
     # HF pickles the arguments in `_save` (what `redacted_secrets` wraps).
     assert "TRAINING_ARGS_NAME" in inspect.getsource(Trainer._save)
+
+
+def test_a_plain_grpo_config_gets_the_recipe_defaults(load_tiny, tmp_path):
+    """With `trl.GRPOConfig` (no vlm-rl fields) the trainer behaves as with `VLMGRPOConfig`'s defaults."""
+    model, processor = load_tiny("qwen2_vl")
+    settings = {"per_device_train_batch_size": 4, "num_generations": 2, "bf16": False, "use_cpu": True}
+    settings |= {"output_dir": str(tmp_path), "report_to": []}
+    recipe, plain = VLMGRPOConfig(**settings), GRPOConfig(**settings)
+    behaviour = {}
+    for args in (recipe, plain):
+        trainer = VLMGRPOTrainer(
+            model=model, reward_funcs=[accuracy], args=args, train_dataset=make_shapes_dataset(4),
+            processing_class=processor,
+        )  # fmt: skip
+        guard = trainer.reward_funcs[0]
+        behaviour[type(args)] = (
+            trainer._shares_prompts(trainer.model, packed=False),
+            trainer._encodes_images_once(trainer.model),
+            (guard.timeout, guard.error_policy, guard.route_column),
+        )
+    assert behaviour[GRPOConfig] == behaviour[VLMGRPOConfig] == (True, True, (60.0, "none", "task"))
+
+
+def shell_trainer(**attributes) -> VLMGRPOTrainer:
+    """A trainer built as TRL's unit tests build theirs: no `__init__`, only the attributes the path reads."""
+    trainer = VLMGRPOTrainer.__new__(VLMGRPOTrainer)
+    trainer.accelerator = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, process_index=0)
+    trainer.args = SimpleNamespace(report_to=[])
+    trainer.model = SimpleNamespace(training=True)
+    trainer.state = SimpleNamespace(global_step=0, num_input_tokens_seen=0)
+    trainer._last_loaded_step = 0
+    trainer.use_vllm = False
+    trainer.use_transformers_continuous_batching = False
+    for name, value in attributes.items():
+        setattr(trainer, name, value)
+    return trainer
+
+
+def test_overrides_let_trl_errors_through_on_a_trainer_built_without_init():
+    """Our overrides' own state exists without `__init__`: TRL's error surfaces, not an `AttributeError`."""
+    trainer = shell_trainer(rollout_func=lambda prompts, trainer: {"prompt_ids": [[1]], "completion_ids": [[2]]})
+    with pytest.raises(ValueError, match=r"rollout_func must return keys \['logprobs'\]"):
+        trainer._generate(["prompt"])
+
+    def one_reward_too_few(prompts, completions, **kwargs):
+        return [1.0] * (len(prompts) - 1)
+
+    trainer = shell_trainer(
+        reward_funcs=[one_reward_too_few], reward_processing_classes=[None], reward_func_names=["short"],
+        environments=None,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="The reward function 'short' returned 1 rewards, but 2 were expected"):
+        trainer._calculate_rewards([{"prompt": "a"}, {"prompt": "b"}], ["a", "b"], ["c", "d"], [[1], [2]])

@@ -26,6 +26,9 @@ from vlm_rl.trainers.rollout_state import load_rollout_state, save_rollout_state
 class CheckpointMixin:
     """HF's checkpoint save and resume, made atomic and exact for GRPO runs."""
 
+    # True while HF's `_save_checkpoint` runs inside ours: `_get_output_dir` then points at the staging directory.
+    _writing_checkpoint: bool = False
+
     def _get_output_dir(self, trial) -> str:
         # While a checkpoint is written, HF's `_save_checkpoint` (and TRL's) put it under the staging directory.
         run_dir = super()._get_output_dir(trial)

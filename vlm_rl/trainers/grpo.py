@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from trl.trainer.utils import (
 )
 
 from vlm_rl.data import most_images_per_row
-from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
+from vlm_rl.models.adapters import PER_TOKEN_KEYS, FamilyAdapter, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.rewards.configured import ConfiguredReward, bind_context
 from vlm_rl.trainers.checkpointing import CheckpointMixin
@@ -41,6 +42,7 @@ from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import RewardProgressCallback
 from vlm_rl.trainers.shared_prefix import group_rows, pack
 from vlm_rl.trainers.vision_once import encode_images_once
+from vlm_rl.trainers.vlm_options import VLMOptions
 
 _TRL_LOGPS_PARAMETERS = frozenset(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
 
@@ -60,30 +62,41 @@ def _float_tensors(output: Any) -> list[torch.Tensor]:
 
 
 class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
-    """GRPO for vision-language models where any row may have zero, one or several images."""
+    """GRPO for vision-language models where any row may have zero, one or several images.
+
+    Every override must also work on a trainer built without `__init__` (`VLMGRPOTrainer.__new__(VLMGRPOTrainer)`
+    plus the few attributes a TRL unit test sets): the state an override keeps is a class-level default or created
+    at first use, never only in `__init__`, so that TRL's own error surfaces instead of an `AttributeError`.
+    """
+
+    # Side channels between TRL call sites, each set where its comment says; empty between those calls.
+    # `_tokenize_prompts` -> `_generate_and_score_completions`: a family's extra prompt inputs TRL drops.
+    _adapter_fields: Mapping[str, torch.Tensor] = MappingProxyType({})
+    # `compute_loss` -> `_get_per_token_logps_and_entropies`: a family's inputs TRL's loss does not pass on.
+    _loss_only_inputs: Mapping[str, Any] = MappingProxyType({})
+    # Blank-image vision inputs for `_vision_forward_without_images`, built at first need.
+    _dummy_vision_inputs: dict[str, torch.Tensor] | None = None
 
     def __init__(self, model, reward_funcs=None, args=None, processing_class=None, **kwargs):
+        options = VLMOptions.from_args(args)
         if reward_funcs is not None:  # None: TRL's own check (or an environment's rewards) applies
             reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-            reward_funcs = [self._guarded(func, args) for func in reward_funcs]
+            reward_funcs = [self._guarded(func, options) for func in reward_funcs]
         if isinstance(processing_class, ProcessorMixin):
             # TRL left-pads prompt ids itself, but builds per-token vision inputs (mm_token_type_ids,
             # token_type_ids) with a processor call that pads on the tokenizer's side. Qwen tokenizers pad
             # on the right, which misaligns those inputs with the prompt for every row shorter than the
             # longest: left-pad everywhere.
             processing_class.tokenizer.padding_side = "left"
-        with self._vlm_rollout_backend(model, args, processing_class, kwargs.get("train_dataset")):
+        with self._vlm_rollout_backend(model, args, options, processing_class, kwargs.get("train_dataset")):
             super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
+        self.options = options
         use_base_as_reference(self.model)  # beta > 0 with LoRA: the reference is the adapter-disabled base
-        self.adapter = adapter_for(self.model.config) if self._is_vlm else GenericAdapter()
+        self.adapter = self._family_adapter()
         # The models TRL gave a fused LM head (the policy unwrapped from PEFT, the reference model).
         for scored in (self.model.get_base_model() if is_peft_model(self.model) else self.model, self.ref_model):
             if scored is not None and scored.base_model is scored:
                 score_from_logits(scored, self.temperature)
-        # Adapter inputs TRL keeps out of the training batch (InstructBLIP's `qformer_input_ids`), per batch.
-        self._adapter_fields: dict[str, torch.Tensor] = {}
-        self._loss_only_inputs: dict[str, Any] = {}
-        self._dummy_vision_inputs: dict[str, torch.Tensor] | None = None  # built at first need
         if self._is_vlm and not self.use_vllm:
             # TRL suppresses only the image token. A sampled video or vision start/end token makes the next
             # forward fail ("Image features and image tokens do not match") or misplaces M-RoPE positions.
@@ -98,21 +111,27 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
             model_type=getattr(self.accelerator.unwrap_model(self.model).config, "model_type", None),
             max_completion_length=self.max_completion_length,
         )
-        # Failed samples so far per reward and kind (error, timeout, nonfinite), summed over processes.
-        self.reward_failures: dict[str, dict[str, int]] = {}
-        self._seen_routes: set[str] = set()
-        # Seconds spent this optimizer step in generation and in the rewards (`timing/*` in the logs).
-        self._phase_seconds: dict[str, float] = defaultdict(float)
-        self._completions_logged_at: int | None = None
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(RewardProgressCallback)
         self.preemption = PreemptionCallback()
         self.add_callback(self.preemption)
-        self._writing_checkpoint = False
+
+    @functools.cached_property
+    def options(self) -> VLMOptions:
+        """The vlm-rl options, read once from the arguments (`__init__` sets them; else from `self.args`)."""
+        return VLMOptions.from_args(getattr(self, "args", None))
+
+    @functools.cached_property
+    def adapter(self) -> FamilyAdapter:
+        """The model family's adapter (`__init__` sets it; a trainer built without it gets it at first use)."""
+        return self._family_adapter()
+
+    def _family_adapter(self) -> FamilyAdapter:
+        return adapter_for(self.model.config) if self._is_vlm else GenericAdapter()
 
     @staticmethod
     @contextlib.contextmanager
-    def _vlm_rollout_backend(model, args, processing_class, train_dataset=None):
+    def _vlm_rollout_backend(model, args, options: VLMOptions, processing_class, train_dataset=None):
         """Have TRL's `__init__` build `VLMRollout` where it builds its vLLM backend, with the VLM's settings.
 
         TRL 1.16 constructs `VLLMGeneration` by its module-level name inside `GRPOTrainer.__init__` and offers no
@@ -128,11 +147,11 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         backend = functools.partial(
             VLMRollout,
             mm_processor_kwargs=adapter_for(config).engine_processor_kwargs(processing_class),
-            limit_mm_per_prompt=args.vllm_limit_mm_per_prompt or most_images_per_row(train_dataset),
+            limit_mm_per_prompt=options.vllm_limit_mm_per_prompt or most_images_per_row(train_dataset),
             banned_tokens=processing_class.tokenizer.convert_ids_to_tokens(media),
             image_token_id=getattr(processing_class, "image_token_id", None),
-            weight_transport=getattr(args, "vllm_weight_transport", "auto"),
-            weights_dir=getattr(args, "vllm_weights_dir", None) or str(Path(args.output_dir) / "vllm_weights"),
+            weight_transport=options.vllm_weight_transport,
+            weights_dir=options.vllm_weights_dir or str(Path(args.output_dir) / "vllm_weights"),
             dtype=str(model.dtype).removeprefix("torch.") if isinstance(model, nn.Module) else "auto",
         )
         original = grpo_trainer_module.VLLMGeneration
@@ -143,16 +162,16 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
             grpo_trainer_module.VLLMGeneration = original
 
     @staticmethod
-    def _guarded(func, args):
+    def _guarded(func, options: VLMOptions):
         """Plain reward callables get the same failure isolation as the ones a recipe configures."""
         if isinstance(func, str | nn.Module | ConfiguredReward):
             return func
         return ConfiguredReward(
             func,
             name=get_callable_name(func),
-            timeout=getattr(args, "reward_timeout", None),
-            error_policy=getattr(args, "reward_error_policy", "none"),
-            route_column=getattr(args, "reward_route_column", "task"),
+            timeout=options.reward_timeout,
+            error_policy=options.reward_error_policy,
+            route_column=options.reward_route_column,
         )
 
     def _get_train_sampler(self, dataset=None):
@@ -170,13 +189,14 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         # A family's extra inputs come back as unpadded lists, which TRL would left-pad like prompt ids for
         # generation; they are not aligned with the prompt (InstructBLIP's Q-Former text has its own absolute
         # positions), so pad them on the right, as the processor does, and keep them for the training batch.
-        self._adapter_fields = {}
+        adapter_fields = {}
         for key in (*self.adapter.image_keys, *self.adapter.row_keys):
             value = multimodal_fields.get(key)
             if key in _TRL_LOGPS_PARAMETERS or key in PER_TOKEN_KEYS or not (value and isinstance(value[0], list)):
                 continue
             multimodal_fields[key] = pad([torch.tensor(row) for row in value], padding_value=0, padding_side="right")
-            self._adapter_fields[key] = multimodal_fields[key]
+            adapter_fields[key] = multimodal_fields[key]
+        self._adapter_fields = adapter_fields  # read by `_generate_and_score_completions`
         return prompt_ids, images, multimodal_fields
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -196,7 +216,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         # TRL's output keeps a fixed list of vision inputs; add the family's others, from the same processor call
         # that generation used.
-        self._adapter_fields = {}
+        self._adapter_fields = MappingProxyType({})  # `_tokenize_prompts` sets it if this batch has any
         # TRL gathers the batch's images for its completion logs only on processes whose batch has an image: a
         # process with only text rows skips that collective and the others wait in it forever. Gather here, on
         # every process alike, and only when the completion logs that read them are on.
@@ -210,6 +230,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
             self._logs["images"].extend(gather_object(rows))
         for key, value in self._adapter_fields.items():
             output.setdefault(key, value.to(self.accelerator.device))
+        self._adapter_fields = MappingProxyType({})
         return output
 
     @contextlib.contextmanager
@@ -349,7 +370,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
     def _encodes_images_once(self, base) -> bool:
         """Whether image forwards of `base` (unwrapped) take their vision features precomputed, once per image."""
         return (
-            bool(getattr(self.args, "encode_images_once", False) and self.adapter.image_feature_fields)
+            bool(self.options.encode_images_once and self.adapter.image_feature_fields)
             and "mm_encoder_outputs" in inspect.signature(base.forward).parameters
         )
 
@@ -364,7 +385,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
     def _shares_prompts(self, model, packed: bool = True) -> bool:
         """Whether prompts are run once per group for this model: in generation (`packed=False`) or in the packed
         log-prob forward, which also needs an attention kernel that takes a custom mask (else the plain one runs)."""
-        if not (getattr(self.args, "share_prompt_prefix", False) and self.adapter.shares_prompts):
+        if not (self.options.share_prompt_prefix and self.adapter.shares_prompts):
             return False
         if not packed:
             return True
@@ -454,7 +475,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         try:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
-            self._loss_only_inputs = {}
+            self._loss_only_inputs = MappingProxyType({})
 
     @profiling_decorator
     def _prepare_inputs(self, generation_batch: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ named in `tests/test_trl_contract.py`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -22,7 +23,28 @@ from vlm_rl.trainers.completion_logs import conversation_text, write_completion_
 
 
 class MetricsMixin:
-    """What a training step adds to TRL's logs."""
+    """What a training step adds to TRL's logs. Reads the trainer's `options`.
+
+    Its state is created at first use, so that a trainer built without `__init__` logs too (see `VLMGRPOTrainer`).
+    """
+
+    # The optimizer step whose completion table was last written: the end-of-training summary is a log call too.
+    _completions_logged_at: int | None = None
+
+    @functools.cached_property
+    def _phase_seconds(self) -> defaultdict[str, float]:
+        """Seconds spent this optimizer step in generation and in the rewards (`timing/*` in the logs)."""
+        return defaultdict(float)
+
+    @functools.cached_property
+    def reward_failures(self) -> dict[str, dict[str, int]]:
+        """Failed samples so far per reward and kind (error, timeout, nonfinite), summed over processes."""
+        return {}
+
+    @functools.cached_property
+    def _seen_routes(self) -> set[str]:
+        """Every task (`reward_route_column` value) seen so far: each is logged at every step from then on."""
+        return set()
 
     @contextlib.contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
@@ -60,12 +82,12 @@ class MetricsMixin:
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         all_rewards = rewards_per_func.cpu()  # TRL's `_calculate_rewards` returns them gathered over processes
-        route_column = getattr(self.args, "reward_route_column", "task")
+        route_column = self.options.reward_route_column
         routes = gather_object([row.get(route_column) for row in inputs])
         # A task absent from this batch counts 0, so each count averages over the same steps.
         self._seen_routes.update(str(r) for r in routes if r is not None)
         # `accuracy` / `eval_accuracy`: the mean of the reward the recipe reports as accuracy, under a plain name.
-        accuracy_reward = getattr(self.args, "eval_accuracy_reward", None)
+        accuracy_reward = self.options.eval_accuracy_reward
         if accuracy_reward in self.reward_func_names:
             values = all_rewards[:, self.reward_func_names.index(accuracy_reward)]
             metrics["accuracy"].append(torch.nanmean(values).item())
