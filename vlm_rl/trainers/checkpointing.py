@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from accelerate.utils import is_peft_model
+from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 
 from vlm_rl.checkpoints import (
     STAGING_DIR,
@@ -67,10 +68,21 @@ class CheckpointMixin:
         """transformers 5 saves many VLMs' weights under their original checkpoint names (`save_pretrained`'s
         `save_original_format`), and HF's resume loads them with a plain `load_state_dict` that matches none of
         them: it warns and trains on from the base weights. Those checkpoints load through `from_pretrained`, which
-        converts the names (holding a second copy of the weights on the CPU meanwhile)."""
+        converts the names (holding a second copy of the weights on the CPU meanwhile).
+
+        A LoRA checkpoint that also holds TRL's frozen `ref` adapter (in `ref/`, kept for an adapter that was already
+        trained: `use_base_as_reference`) makes HF load only the adapters in sub-directories, not the trained one at
+        the checkpoint's root: the run would resume from its starting adapter. That one is loaded here too."""
         model = model if model is not None else self.model
+        if is_peft_model(model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if _adapter_sub_directories(resume_from_checkpoint) and _has_adapter(Path(resume_from_checkpoint)):
+                active = model.active_adapters[0]
+                model.load_adapter(resume_from_checkpoint, active, is_trainable=True)
+                model.set_adapter(active)
+            return None
         saved = saved_weight_names(resume_from_checkpoint)
-        if is_peft_model(model) or saved is None or saved <= set(model.state_dict()):
+        if saved is None or saved <= set(model.state_dict()):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         parameter = next(model.parameters())
         loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=parameter.dtype, device_map="cpu")
@@ -83,3 +95,12 @@ class CheckpointMixin:
         super()._load_rng_state(checkpoint)
         if checkpoint is not None:
             load_rollout_state(self, checkpoint)
+
+
+def _has_adapter(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME))
+
+
+def _adapter_sub_directories(checkpoint: str | os.PathLike) -> list[Path]:
+    """The PEFT adapters a checkpoint holds besides the one at its root (HF's test for several adapters)."""
+    return [path for path in Path(checkpoint).iterdir() if path.is_dir() and _has_adapter(path)]
