@@ -1,7 +1,10 @@
 """`VLMGRPOTrainer`: TRL's GRPO trainer, made safe for batches that mix text-only and image samples.
 
-Each override is narrow and names the TRL 1.16 behaviour it changes; `tests/test_trl_contract.py` fails if
-a TRL upgrade moves the internals these overrides rely on.
+Each override is narrow and names the TRL 1.16 behaviour it changes. Checkpoint and resume overrides live in
+`checkpointing.py`, logging and timing ones in `metrics.py` (mixins of this class). The contract with TRL and HF is
+one table, `SEAMS` in `tests/test_trl_contract.py`: a row per TRL/HF method overridden here, in the mixins or in the
+vLLM backend, per copy of TRL logic and per set of private attributes read, each pinned by behaviour or by TRL's
+source. A TRL upgrade that moves them fails there, and so does a new override without a row.
 """
 
 from __future__ import annotations
