@@ -72,6 +72,9 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
     at first use, never only in `__init__`, so that TRL's own error surfaces instead of an `AttributeError`.
     """
 
+    # TRL's `__init__` sets it from the processing class; a trainer built without `__init__` is a text model
+    # unless told otherwise (then `adapter` is the generic one).
+    _is_vlm: bool = False
     # Side channels between TRL call sites, each set where its comment says; empty between those calls.
     # `_tokenize_prompts` -> `_generate_and_score_completions`: a family's extra prompt inputs TRL drops.
     _adapter_fields: Mapping[str, torch.Tensor] = MappingProxyType({})
@@ -94,7 +97,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         with self._vlm_rollout_backend(model, args, options, processing_class, kwargs.get("train_dataset")):
             super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
         self.options = options
-        use_base_as_reference(self.model)  # beta > 0 with LoRA: the reference is the adapter-disabled base
+        use_base_as_reference(self.model)  # beta > 0, fresh LoRA: the reference is the adapter-disabled base
         self.adapter = self._family_adapter()
         # The models TRL gave a fused LM head (the policy unwrapped from PEFT, the reference model).
         for scored in (self.model.get_base_model() if is_peft_model(self.model) else self.model, self.ref_model):
