@@ -31,6 +31,7 @@ from vlm_rl.data import DataError, load_task
 from vlm_rl.models import build_tiny_model, load_model_and_processor
 from vlm_rl.rewards import ConfiguredReward, RewardError
 from vlm_rl.trainers import VLMGRPOTrainer
+from vlm_rl.trainers.vlm_options import VLMOptions
 
 
 def fuzz(max_examples: int):
@@ -526,7 +527,7 @@ def test_whatever_a_reward_returns_comes_out_as_scores_counted_failures_or_an_er
 
     func = async_reward if is_async else fuzzed_reward
     if routed_to is None and data.draw(st.booleans(), label="through the trainer's guard"):
-        reward = VLMGRPOTrainer._guarded(func, configs[policy])
+        reward = VLMGRPOTrainer._guarded(func, VLMOptions.from_args(configs[policy]))
     else:
         reward = ConfiguredReward(func, name=func.__name__, tasks=routed_to, error_policy=policy)
     name = re.escape(func.__name__)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ALL_FAMILIES
+from conftest import ALL_FAMILIES, small_config
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
@@ -22,6 +22,7 @@ from vlm_rl.export import export_merged
 from vlm_rl.models import adapter_for, build_tiny_model, load_model_and_processor, lora_target_modules, wrap_with_lora
 from vlm_rl.models.inputs import prompt_inputs
 from vlm_rl.train import run
+from vlm_rl.trainers import VLMGRPOTrainer
 
 # Families whose projector has no linear layer for LoRA to wrap (Gemma 3's is a bare weight matrix).
 NO_LINEAR_PROJECTOR = {"gemma3"}
@@ -286,3 +287,69 @@ def test_export_errors_name_the_path_and_the_fix(lora_run, tmp_path):
     with pytest.raises(ValueError, match="must differ from --checkpoint"):
         export_merged(moved, moved, base_model=str(base_path))
     assert (export_merged(moved, tmp_path / "out", base_model=str(base_path)) / "model.safetensors").is_file()
+
+
+# ----- an adapter that is already trained (after SFT, or loaded by the user) --------------------------------------
+
+
+def completion_length(completions, **kwargs):
+    return [float(len(completion[0]["content"])) for completion in completions]
+
+
+def lora_trainer(base_path: Path, output_dir: Path, trained: bool, **overrides) -> VLMGRPOTrainer:
+    """A GRPO trainer with beta > 0 on a LoRA-wrapped tiny Qwen2-VL: a fresh adapter, or one with non-zero weights."""
+    model, processor = load_model_and_processor(str(base_path), dtype="float32")
+    model = wrap_with_lora(model, ModelArguments(use_peft=True, lora_r=4, lora_alpha=8))
+    if trained:
+        generator = torch.Generator().manual_seed(0)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.data = 0.05 * torch.randn(parameter.shape, generator=generator)
+    settings = {"beta": 0.1, "learning_rate": 0.05, "lr_scheduler_type": "constant", **overrides}
+    return VLMGRPOTrainer(
+        model=model, reward_funcs=[completion_length], args=small_config(output_dir, **settings),
+        train_dataset=make_shapes_dataset(8), processing_class=processor,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    return build_tiny_model("qwen2_vl", tmp_path_factory.mktemp("base") / "qwen2_vl")
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["fresh", "trained"])
+def test_the_reference_is_the_policy_the_run_starts_from(trained, tiny_base, tmp_path):
+    """TRL's reference for a wrapped model is its starting adapter; only a fresh (no-op) one gives way to the base."""
+    trainer = lora_trainer(tiny_base, tmp_path, trained)
+    policy = trainer.model
+    assert ("ref" in policy.peft_config) == trained
+    policy.train()
+    batch = trainer._generate_and_score_completions(list(make_shapes_dataset(4, seed=1)))
+    mask = batch["completion_mask"].bool()
+    start = log_probs(policy.eval(), batch, trainer.temperature)
+    with policy.disable_adapter():
+        base = log_probs(policy, batch, trainer.temperature)
+    # Step 0: the KL reference is the policy itself (stock TRL's gap is 0; with the base as reference it was ~0.04).
+    assert (batch["ref_per_token_logps"] - start)[mask].abs().max() <= 1e-5
+    assert ((start - base)[mask].abs().max() > 1e-3) == trained, "a trained adapter moved the policy off the base"
+
+
+def test_a_kept_reference_adapter_is_saved_and_resumed(tiny_base, tmp_path):
+    """Checkpoints of a run from a trained adapter hold the trained adapter and the frozen `ref` copy, and resume."""
+    trainer = lora_trainer(tiny_base, tmp_path / "run", True, max_steps=2, save_strategy="steps", save_steps=1)
+    starting = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if ".ref." in name}
+    trainer.train()
+    run_dir = tmp_path / "run"
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):
+        assert (run_dir / checkpoint / "adapter_model.safetensors").is_file()
+        assert (run_dir / checkpoint / "ref/adapter_model.safetensors").is_file()
+    step_2 = load_file(run_dir / "checkpoint-2/adapter_model.safetensors")
+
+    resumed = lora_trainer(tiny_base, tmp_path / "resumed", True, max_steps=2)
+    resumed.train(resume_from_checkpoint=str(run_dir / "checkpoint-1"))
+    assert resumed.state.global_step == 2
+    resumed.save_model(str(tmp_path / "resumed"))
+    again = load_file(tmp_path / "resumed/adapter_model.safetensors")
+    assert step_2.keys() == again.keys() and all(torch.equal(again[k], step_2[k]) for k in step_2)
+    ref = {name: p for name, p in resumed.model.named_parameters() if ".ref." in name}
+    assert ref.keys() == starting.keys() and all(torch.equal(ref[k], starting[k]) for k in ref), "ref unchanged"

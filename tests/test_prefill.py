@@ -1,6 +1,7 @@
 """Generation on the policy prefills each distinct prompt once: same completions and logits as stock `generate`."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ def test_generation_prefills_each_prompt_once_with_the_same_completions(family, 
     rows, prompts = repeated_prompts(trainer)
     completions, calls = {}, {}
     for shared in (False, True):
-        trainer.args.share_prompt_prefix = shared
+        trainer.options = replace(trainer.options, share_prompt_prefix=shared)
         prompt_ids, images, fields = trainer._tokenize_prompts(prompts)
         calls[shared], hook = language_model_calls(model)
         try:

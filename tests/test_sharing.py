@@ -6,6 +6,7 @@ must actually run fewer tokens through the language model / vision tower where t
 """
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def vision_module(model, adapter):
 
 def score(trainer, model, batch, modes: tuple[bool, bool], chunk: int | None):
     """Log-probs, entropies and gradients of the masked log-prob sum; tokens into the LM and the vision tower."""
-    trainer.args.share_prompt_prefix, trainer.args.encode_images_once = modes
+    trainer.options = replace(trainer.options, share_prompt_prefix=modes[0], encode_images_once=modes[1])
     input_ids, attention_mask, completion_mask, inputs = batch
     counts = {"language": 0, "vision": 0}
 

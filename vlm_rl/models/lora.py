@@ -8,6 +8,7 @@ family names its modules. Target modules are resolved to full module names here 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,14 +130,42 @@ def wrap_with_lora(model: nn.Module, model_args: ModelArguments) -> PeftModel:
 
 
 def use_base_as_reference(model: nn.Module) -> None:
-    """Make the adapter-disabled base model the GRPO reference, instead of TRL's frozen copy of the adapter.
+    """Make the adapter-disabled base model the GRPO reference where that is the same policy: a fresh adapter.
 
-    TRL 1.16, given a model already wrapped in PEFT and `beta > 0`, adds a second adapter named `ref` (a copy
-    of the trainable one) and computes reference log-probs through it. A fresh LoRA adapter is a no-op, so that
-    copy equals the base model; it only costs a second set of adapter weights, an adapter pass in every
-    reference forward, and a `ref/` directory in every checkpoint. With it gone, TRL disables the adapters
-    for the reference pass, as it does when it wraps the model itself.
+    TRL 1.16, given a model already wrapped in PEFT and `beta > 0`, adds a second adapter named `ref` (a frozen copy
+    of the trainable one) and computes reference log-probs through it. A fresh LoRA adapter (every B matrix zero, as
+    PEFT initialises it) is a no-op, so that copy equals the base model; it only costs a second set of adapter
+    weights, an adapter pass in every reference forward, and a `ref/` directory in every checkpoint. Then the copy
+    is removed and TRL disables the adapters for the reference pass, as it does when it wraps the model itself.
+    An adapter that is already trained (after SFT, or loaded by the user), or any other kind of PEFT adapter, keeps
+    TRL's `ref` copy: the reference is the policy the run starts from, not the base model.
     """
     peft_config = getattr(model, "peft_config", None)
-    if peft_config is not None and "ref" in peft_config:
+    if peft_config is not None and "ref" in peft_config and _is_fresh_lora(model, "ref"):
         model.delete_adapter("ref")
+
+
+_LORA_B = ("lora_B", "lora_embedding_B")  # the LoRA weights PEFT initialises to zero
+
+
+def _is_fresh_lora(model: PeftModel, adapter: str) -> bool:
+    """Whether LoRA adapter `adapter` changes nothing: plain LoRA (no DoRA) whose B matrices are all zero."""
+    config = model.peft_config[adapter]
+    if config.peft_type != "LORA" or getattr(config, "use_dora", False):
+        return False
+    b_matrices = [
+        parameter
+        for name, parameter in model.named_parameters()
+        if any(f"{kind}.{adapter}." in name or name.endswith(f"{kind}.{adapter}") for kind in _LORA_B)
+    ]
+    with _gathered(b_matrices):  # ZeRO-3 holds a shard of each weight per process
+        return bool(b_matrices) and not any(parameter.any() for parameter in b_matrices)
+
+
+def _gathered(parameters: list[nn.Parameter]):
+    """A context in which `parameters` are whole, also when ZeRO-3 partitions them (on every process at once)."""
+    if any(hasattr(parameter, "ds_id") for parameter in parameters):
+        import deepspeed  # only under ZeRO-3; an optional, slow import
+
+        return deepspeed.zero.GatheredParameters(parameters)
+    return contextlib.nullcontext()

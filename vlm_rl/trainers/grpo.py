@@ -1,7 +1,10 @@
 """`VLMGRPOTrainer`: TRL's GRPO trainer, made safe for batches that mix text-only and image samples.
 
-Each override is narrow and names the TRL 1.16 behaviour it changes; `tests/test_trl_contract.py` fails if
-a TRL upgrade moves the internals these overrides rely on.
+Each override is narrow and names the TRL 1.16 behaviour it changes. Checkpoint and resume overrides live in
+`checkpointing.py`, logging and timing ones in `metrics.py` (mixins of this class). The contract with TRL and HF is
+one table, `SEAMS` in `tests/test_trl_contract.py`: a row per TRL/HF method overridden here, in the mixins or in the
+vLLM backend, per copy of TRL logic and per set of private attributes read, each pinned by behaviour or by TRL's
+source. A TRL upgrade that moves them fails there, and so does a new override without a row.
 """
 
 from __future__ import annotations
@@ -9,19 +12,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
-import time
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, ProcessorMixin, is_trackio_available, is_wandb_available
-from transformers.utils import is_rich_available
+from transformers import AutoConfig, ProcessorMixin
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 from trl.trainer import grpo_trainer as grpo_trainer_module
@@ -29,44 +29,34 @@ from trl.trainer.utils import (
     RepeatSampler,
     get_callable_name,
     pad,
-    print_prompt_completions_sample,
     shuffle_sequence_dict,
     split_tensor_dict,
 )
 
-from vlm_rl.checkpoints import (
-    STAGING_DIR,
-    publish,
-    remove_incomplete,
-    rotate_checkpoints,
-    saved_weight_names,
-    staging_path,
-)
 from vlm_rl.data import most_images_per_row
-from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter
+from vlm_rl.models.adapters import PER_TOKEN_KEYS, FamilyAdapter, GenericAdapter
 from vlm_rl.models.families import adapter_for
 from vlm_rl.models.inputs import (
     BOOKKEEPING_KEYS,
-    conversation_text,
     group_rows,
     media_token_ids,
     prompt_inputs,
     select_rows,
 )
 from vlm_rl.models.lora import use_base_as_reference
-from vlm_rl.redaction import redacted_secrets
 from vlm_rl.rewards.columns import check_reward_columns
-from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward, bind_context
+from vlm_rl.rewards.configured import ConfiguredReward, bind_context
 from vlm_rl.rollout.prefill import prompts_prefilled_once
 from vlm_rl.rollout.vllm import VLMRollout
-from vlm_rl.trainers.completion_logs import write_completion_logs
+from vlm_rl.trainers.checkpointing import CheckpointMixin
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
 from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits
+from vlm_rl.trainers.metrics import MetricsMixin
 from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import install_console
-from vlm_rl.trainers.rollout_state import load_rollout_state, save_rollout_state
 from vlm_rl.trainers.shared_prefix import pack
 from vlm_rl.trainers.vision_once import encode_images_once
+from vlm_rl.trainers.vlm_options import VLMOptions
 
 _TRL_LOGPS_PARAMETERS = frozenset(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
 
@@ -79,13 +69,30 @@ def _float_tensors(output: Any) -> list[torch.Tensor]:
     return [tensor for value in values for tensor in _float_tensors(value)]
 
 
-class VLMGRPOTrainer(GRPOTrainer):
-    """GRPO for vision-language models where any row may have zero, one or several images."""
+class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
+    """GRPO for vision-language models where any row may have zero, one or several images.
+
+    Every override must also work on a trainer built without `__init__` (`VLMGRPOTrainer.__new__(VLMGRPOTrainer)`
+    plus the few attributes a TRL unit test sets): the state an override keeps is a class-level default or created
+    at first use, never only in `__init__`, so that TRL's own error surfaces instead of an `AttributeError`.
+    """
+
+    # TRL's `__init__` sets it from the processing class; a trainer built without `__init__` is a text model
+    # unless told otherwise (then `adapter` is the generic one).
+    _is_vlm: bool = False
+    # Side channels between TRL call sites, each set where its comment says; empty between those calls.
+    # `_tokenize_prompts` -> `_generate_and_score_completions`: a family's extra prompt inputs TRL drops.
+    _adapter_fields: Mapping[str, torch.Tensor] = MappingProxyType({})
+    # `compute_loss` -> `_get_per_token_logps_and_entropies`: a family's inputs TRL's loss does not pass on.
+    _loss_only_inputs: Mapping[str, Any] = MappingProxyType({})
+    # Blank-image vision inputs for `_vision_forward_without_images`, built at first need.
+    _dummy_vision_inputs: dict[str, torch.Tensor] | None = None
 
     def __init__(self, model, reward_funcs=None, args=None, processing_class=None, **kwargs):
+        options = VLMOptions.from_args(args)
         if reward_funcs is not None:  # None: TRL's own check (or an environment's rewards) applies
             reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-            reward_funcs = [self._guarded(func, args) for func in reward_funcs]
+            reward_funcs = [self._guarded(func, options) for func in reward_funcs]
             for split, key in (("training", "train_dataset"), ("held-out", "eval_dataset")):
                 check_reward_columns(reward_funcs, kwargs.get(key), split=split)  # before any model loads
         if isinstance(processing_class, ProcessorMixin):
@@ -94,18 +101,15 @@ class VLMGRPOTrainer(GRPOTrainer):
             # on the right, which misaligns those inputs with the prompt for every row shorter than the
             # longest: left-pad everywhere.
             processing_class.tokenizer.padding_side = "left"
-        with self._vlm_rollout_backend(model, args, processing_class, kwargs.get("train_dataset")):
+        with self._vlm_rollout_backend(model, args, options, processing_class, kwargs.get("train_dataset")):
             super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
-        use_base_as_reference(self.model)  # beta > 0 with LoRA: the reference is the adapter-disabled base
-        self.adapter = adapter_for(self.model.config) if self._is_vlm else GenericAdapter()
+        self.options = options
+        use_base_as_reference(self.model)  # beta > 0, fresh LoRA: the reference is the adapter-disabled base
+        self.adapter = self._family_adapter()
         # The models TRL gave a fused LM head (the policy unwrapped from PEFT, the reference model).
         for scored in (self.model.get_base_model() if is_peft_model(self.model) else self.model, self.ref_model):
             if scored is not None and scored.base_model is scored:
                 score_from_logits(scored, self.temperature)
-        # Adapter inputs TRL keeps out of the training batch (InstructBLIP's `qformer_input_ids`), per batch.
-        self._adapter_fields: dict[str, torch.Tensor] = {}
-        self._loss_only_inputs: dict[str, Any] = {}
-        self._dummy_vision_inputs: dict[str, torch.Tensor] | None = None  # built at first need
         if self._is_vlm and not self.use_vllm:
             # TRL suppresses only the image token. A sampled video or vision start/end token makes the next
             # forward fail ("Image features and image tokens do not match") or misplaces M-RoPE positions.
@@ -120,20 +124,26 @@ class VLMGRPOTrainer(GRPOTrainer):
             model_type=getattr(self.accelerator.unwrap_model(self.model).config, "model_type", None),
             max_completion_length=self.max_completion_length,
         )
-        # Failed samples so far per reward and kind (error, timeout, nonfinite), summed over processes.
-        self.reward_failures: dict[str, dict[str, int]] = {}
-        self._seen_routes: set[str] = set()
-        # Seconds spent this optimizer step in generation and in the rewards (`timing/*` in the logs).
-        self._phase_seconds: dict[str, float] = defaultdict(float)
-        self._completions_logged_at: int | None = None
         install_console(self)  # one line per log instead of transformers' dict, and metrics.jsonl
         self.preemption = PreemptionCallback()
         self.add_callback(self.preemption)
-        self._writing_checkpoint = False
+
+    @functools.cached_property
+    def options(self) -> VLMOptions:
+        """The vlm-rl options, read once from the arguments (`__init__` sets them; else from `self.args`)."""
+        return VLMOptions.from_args(getattr(self, "args", None))
+
+    @functools.cached_property
+    def adapter(self) -> FamilyAdapter:
+        """The model family's adapter (`__init__` sets it; a trainer built without it gets it at first use)."""
+        return self._family_adapter()
+
+    def _family_adapter(self) -> FamilyAdapter:
+        return adapter_for(self.model.config) if self._is_vlm else GenericAdapter()
 
     @staticmethod
     @contextlib.contextmanager
-    def _vlm_rollout_backend(model, args, processing_class, train_dataset=None):
+    def _vlm_rollout_backend(model, args, options: VLMOptions, processing_class, train_dataset=None):
         """Have TRL's `__init__` build `VLMRollout` where it builds its vLLM backend, with the VLM's settings.
 
         TRL 1.16 constructs `VLLMGeneration` by its module-level name inside `GRPOTrainer.__init__` and offers no
@@ -147,11 +157,11 @@ class VLMGRPOTrainer(GRPOTrainer):
         backend = functools.partial(
             VLMRollout,
             mm_processor_kwargs=adapter_for(config).engine_processor_kwargs(processing_class),
-            limit_mm_per_prompt=args.vllm_limit_mm_per_prompt or most_images_per_row(train_dataset),
+            limit_mm_per_prompt=options.vllm_limit_mm_per_prompt or most_images_per_row(train_dataset),
             banned_tokens=processing_class.tokenizer.convert_ids_to_tokens(media),
             image_token_id=getattr(processing_class, "image_token_id", None),
-            weight_transport=getattr(args, "vllm_weight_transport", "auto"),
-            weights_dir=getattr(args, "vllm_weights_dir", None) or str(Path(args.output_dir) / "vllm_weights"),
+            weight_transport=options.vllm_weight_transport,
+            weights_dir=options.vllm_weights_dir or str(Path(args.output_dir) / "vllm_weights"),
             dtype=str(model.dtype).removeprefix("torch.") if isinstance(model, nn.Module) else "auto",
         )
         original = grpo_trainer_module.VLLMGeneration
@@ -162,181 +172,21 @@ class VLMGRPOTrainer(GRPOTrainer):
             grpo_trainer_module.VLLMGeneration = original
 
     @staticmethod
-    def _guarded(func, args):
+    def _guarded(func, options: VLMOptions):
         """Plain reward callables get the same failure isolation as the ones a recipe configures."""
         if isinstance(func, str | nn.Module | ConfiguredReward):
             return func
         return ConfiguredReward(
             func,
             name=get_callable_name(func),
-            timeout=getattr(args, "reward_timeout", None),
-            error_policy=getattr(args, "reward_error_policy", "none"),
-            route_column=getattr(args, "reward_route_column", "task"),
-        )
-
-    @contextlib.contextmanager
-    def _timed(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.model.training:  # an in-loop evaluation's rollouts are not part of a training step
-                self._phase_seconds[phase] += time.perf_counter() - start
-
-    def training_step(self, model, inputs, num_items_in_batch):
-        start = time.perf_counter()
-        output = super().training_step(model, inputs, num_items_in_batch)
-        self._phase_seconds["step"] += time.perf_counter() - start
-        if self._step % self.current_gradient_accumulation_steps == 0:  # TRL's step counter, just advanced
-            seconds, self._phase_seconds = self._phase_seconds, defaultdict(float)
-            metrics = self._metrics["train"]
-            metrics["timing/rollout_s"].append(seconds["rollout"])
-            metrics["timing/scoring_s"].append(seconds["scoring"])
-            metrics["timing/update_s"].append(seconds["step"] - seconds["rollout"] - seconds["scoring"])
-        return output
-
-    def _generate(self, prompts: list):
-        with self._timed("rollout"):
-            return super()._generate(prompts)
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        with self._timed("scoring"):
-            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._log_reward_breakdown(inputs, rewards_per_func)
-        return rewards_per_func
-
-    def _log_reward_breakdown(self, inputs: list[dict], rewards_per_func: torch.Tensor) -> None:
-        """Per reward: how many samples it scored, and mean/std/count per task; failure totals for `log`."""
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
-        all_rewards = rewards_per_func.cpu()  # TRL's `_calculate_rewards` returns them gathered over processes
-        route_column = getattr(self.args, "reward_route_column", "task")
-        routes = gather_object([row.get(route_column) for row in inputs])
-        # A task absent from this batch counts 0, so each count averages over the same steps.
-        self._seen_routes.update(str(r) for r in routes if r is not None)
-        # `accuracy` / `eval_accuracy`: the mean of the reward the recipe reports as accuracy, under a plain name.
-        accuracy_reward = getattr(self.args, "eval_accuracy_reward", None)
-        if accuracy_reward in self.reward_func_names:
-            values = all_rewards[:, self.reward_func_names.index(accuracy_reward)]
-            metrics["accuracy"].append(torch.nanmean(values).item())
-        for i, name in enumerate(self.reward_func_names):
-            scored = ~torch.isnan(all_rewards[:, i])
-            metrics[f"rewards/{name}/count"].append(scored.sum().item())
-            for route in sorted(self._seen_routes):
-                in_route = torch.tensor([r is not None and str(r) == route for r in routes])
-                values = all_rewards[in_route & scored, i]
-                metrics[f"rewards/{name}/{route}/count"].append(float(values.numel()))
-                if values.numel():
-                    metrics[f"rewards/{name}/{route}/mean"].append(values.mean().item())
-                    metrics[f"rewards/{name}/{route}/std"].append(values.std(unbiased=False).item())
-        for func in self.reward_funcs:
-            if isinstance(func, ConfiguredReward):
-                local = torch.tensor([func.failures[kind] for kind in FAILURE_KINDS], device=self.accelerator.device)
-                totals = self.accelerator.reduce(local, reduction="sum").tolist()
-                self.reward_failures[func.__name__] = dict(zip(FAILURE_KINDS, map(int, totals), strict=True))
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training:
-            # Running totals, not averages: a failure shows up in every later log line.
-            for name, counts in self.reward_failures.items():
-                logs[f"rewards/{name}/failures"] = sum(counts.values())
-                logs.update({f"rewards/{name}/failures_{kind}": n for kind, n in counts.items() if n})
-        # TRL's completion table crashes wandb on image prompts (see `completion_logs`): write ours instead.
-        log_completions, self.log_completions = self.log_completions, False
-        try:
-            super().log(logs, start_time)
-        finally:
-            self.log_completions = log_completions
-        # Once per step: the end-of-training summary line is a log call too.
-        fresh = self._completions_logged_at != self.state.global_step
-        if self.accelerator.is_main_process and self.log_completions and self.model.training and fresh:
-            self._completions_logged_at = self.state.global_step
-            self._log_completion_table()
-
-    def _log_completion_table(self) -> None:
-        if is_rich_available():
-            print_prompt_completions_sample(
-                [conversation_text(p) for p in self._logs["prompt"]],
-                [conversation_text(c) for c in self._logs["completion"]],
-                self._logs["rewards"],
-                self._logs["advantages"],
-                self.state.global_step,
-                self.num_completions_to_print,
-                extra=dict(self._logs["extra"]),
-            )
-        report_to = self.args.report_to or []
-        backends = []
-        if "wandb" in report_to and is_wandb_available():
-            import wandb
-
-            if wandb.run is not None:
-                backends.append(wandb)
-        if "trackio" in report_to and is_trackio_available():
-            import trackio
-
-            backends.append(trackio)
-        write_completion_logs(
-            self._logs, self.state.global_step, self.args.output_dir, backends, unique_prompts=self.log_unique_prompts
+            timeout=options.reward_timeout,
+            error_policy=options.reward_error_policy,
+            route_column=options.reward_route_column,
         )
 
     def _get_train_sampler(self, dataset=None):
         sampler = super()._get_train_sampler(dataset)
         return EpochSeededSampler(sampler) if isinstance(sampler, RepeatSampler) else sampler
-
-    def _get_output_dir(self, trial) -> str:
-        # While a checkpoint is written, HF's `_save_checkpoint` (and TRL's) put it under the staging directory.
-        run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, STAGING_DIR) if self._writing_checkpoint else run_dir
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """HF's checkpoint, written whole into a staging directory and then renamed (`vlm_rl.checkpoints`), with each
-        process's buffered generations (`rollout_state`), and rotated so that a good checkpoint always remains."""
-        run_dir = self._get_output_dir(trial)
-        staging = staging_path(run_dir, self.state.global_step)
-        if self.args.should_save:
-            remove_incomplete(run_dir)  # left by a run killed while saving
-        self.accelerator.wait_for_everyone()
-        self._writing_checkpoint = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._writing_checkpoint = False
-        save_rollout_state(self, staging)
-        self.accelerator.wait_for_everyone()  # every process's files are written
-        if self.args.should_save:
-            best = self.state.best_model_checkpoint
-            if best is not None and Path(best).parent == staging.parent:
-                self.state.best_model_checkpoint = str(Path(run_dir) / Path(best).name)
-                self.state.save_to_json(str(staging / "trainer_state.json"))
-            publish(staging, run_dir)
-            rotate_checkpoints(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
-        self.accelerator.wait_for_everyone()
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # HF pickles the arguments into `training_args.bin` here (every checkpoint, the output dir): no tokens.
-        with redacted_secrets(self.args):
-            super()._save(output_dir, state_dict)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        """transformers 5 saves many VLMs' weights under their original checkpoint names (`save_pretrained`'s
-        `save_original_format`), and HF's resume loads them with a plain `load_state_dict` that matches none of
-        them: it warns and trains on from the base weights. Those checkpoints load through `from_pretrained`, which
-        converts the names (holding a second copy of the weights on the CPU meanwhile)."""
-        model = model if model is not None else self.model
-        saved = saved_weight_names(resume_from_checkpoint)
-        if is_peft_model(model) or saved is None or saved <= set(model.state_dict()):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        parameter = next(model.parameters())
-        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=parameter.dtype, device_map="cpu")
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        del loaded
-        return None
-
-    def _load_rng_state(self, checkpoint) -> None:
-        # HF restores the RNG right before the first step it resumes: the buffered generations go with it.
-        super()._load_rng_state(checkpoint)
-        if checkpoint is not None:
-            load_rollout_state(self, checkpoint)
 
     def _tokenize_prompts(self, prompts: list):
         # TRL marks an image-less row with `None`, and the processor call that builds the training inputs
@@ -349,13 +199,14 @@ class VLMGRPOTrainer(GRPOTrainer):
         # A family's extra inputs come back as unpadded lists, which TRL would left-pad like prompt ids for
         # generation; they are not aligned with the prompt (InstructBLIP's Q-Former text has its own absolute
         # positions), so pad them on the right, as the processor does, and keep them for the training batch.
-        self._adapter_fields = {}
+        adapter_fields = {}
         for key in (*self.adapter.image_keys, *self.adapter.row_keys):
             value = multimodal_fields.get(key)
             if key in _TRL_LOGPS_PARAMETERS or key in PER_TOKEN_KEYS or not (value and isinstance(value[0], list)):
                 continue
             multimodal_fields[key] = pad([torch.tensor(row) for row in value], padding_value=0, padding_side="right")
-            self._adapter_fields[key] = multimodal_fields[key]
+            adapter_fields[key] = multimodal_fields[key]
+        self._adapter_fields = adapter_fields  # read by `_generate_and_score_completions`
         return prompt_ids, images, multimodal_fields
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -373,7 +224,7 @@ class VLMGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         # TRL's output keeps a fixed list of vision inputs; add the family's others, from the same processor call
         # that generation used.
-        self._adapter_fields = {}
+        self._adapter_fields = MappingProxyType({})  # `_tokenize_prompts` sets it if this batch has any
         # TRL gathers the batch's images for its completion logs only on processes whose batch has an image: a
         # process with only text rows skips that collective and the others wait in it forever. Gather here, on
         # every process alike, and only when the completion logs that read them are on.
@@ -387,6 +238,7 @@ class VLMGRPOTrainer(GRPOTrainer):
             self._logs["images"].extend(gather_object(rows))
         for key, value in self._adapter_fields.items():
             output.setdefault(key, value.to(self.accelerator.device))
+        self._adapter_fields = MappingProxyType({})
         return output
 
     @contextlib.contextmanager
@@ -522,7 +374,7 @@ class VLMGRPOTrainer(GRPOTrainer):
     def _encodes_images_once(self, base) -> bool:
         """Whether image forwards of `base` (unwrapped) take their vision features precomputed, once per image."""
         return (
-            bool(getattr(self.args, "encode_images_once", False) and self.adapter.image_feature_fields)
+            bool(self.options.encode_images_once and self.adapter.image_feature_fields)
             and "mm_encoder_outputs" in inspect.signature(base.forward).parameters
         )
 
@@ -537,7 +389,7 @@ class VLMGRPOTrainer(GRPOTrainer):
     def _shares_prompts(self, model, packed: bool = True) -> bool:
         """Whether prompts are run once per group for this model: in generation (`packed=False`) or in the packed
         log-prob forward, which also needs an attention kernel that takes a custom mask (else the plain one runs)."""
-        if not (getattr(self.args, "share_prompt_prefix", False) and self.adapter.shares_prompts):
+        if not (self.options.share_prompt_prefix and self.adapter.shares_prompts):
             return False
         if not packed:
             return True
@@ -627,7 +479,7 @@ class VLMGRPOTrainer(GRPOTrainer):
         try:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
-            self._loss_only_inputs = {}
+            self._loss_only_inputs = MappingProxyType({})
 
     @profiling_decorator
     def _prepare_inputs(self, generation_batch: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""Checkpoint and resume overrides of `VLMGRPOTrainer`: atomic checkpoints, buffered generations, weight names.
+
+A mixin placed before `GRPOTrainer` in the trainer's bases; each method overrides an HF `Trainer` (or TRL) method
+named in `tests/test_trl_contract.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from accelerate.utils import is_peft_model
+from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
+
+from vlm_rl.checkpoints import (
+    STAGING_DIR,
+    publish,
+    remove_incomplete,
+    rotate_checkpoints,
+    saved_weight_names,
+    staging_path,
+)
+from vlm_rl.redaction import redacted_secrets
+from vlm_rl.trainers.rollout_state import load_rollout_state, save_rollout_state
+
+
+class CheckpointMixin:
+    """HF's checkpoint save and resume, made atomic and exact for GRPO runs."""
+
+    # True while HF's `_save_checkpoint` runs inside ours: `_get_output_dir` then points at the staging directory.
+    _writing_checkpoint: bool = False
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is written, HF's `_save_checkpoint` (and TRL's) put it under the staging directory.
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._writing_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """HF's checkpoint, written whole into a staging directory and then renamed (`vlm_rl.checkpoints`), with each
+        process's buffered generations (`rollout_state`), and rotated so that a good checkpoint always remains."""
+        run_dir = self._get_output_dir(trial)
+        staging = staging_path(run_dir, self.state.global_step)
+        if self.args.should_save:
+            remove_incomplete(run_dir)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._writing_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._writing_checkpoint = False
+        save_rollout_state(self, staging)
+        self.accelerator.wait_for_everyone()  # every process's files are written
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best is not None and Path(best).parent == staging.parent:
+                self.state.best_model_checkpoint = str(Path(run_dir) / Path(best).name)
+                self.state.save_to_json(str(staging / "trainer_state.json"))
+            publish(staging, run_dir)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # HF pickles the arguments into `training_args.bin` here (every checkpoint, the output dir): no tokens.
+        with redacted_secrets(self.args):
+            super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        """transformers 5 saves many VLMs' weights under their original checkpoint names (`save_pretrained`'s
+        `save_original_format`), and HF's resume loads them with a plain `load_state_dict` that matches none of
+        them: it warns and trains on from the base weights. Those checkpoints load through `from_pretrained`, which
+        converts the names (holding a second copy of the weights on the CPU meanwhile).
+
+        A LoRA checkpoint that also holds TRL's frozen `ref` adapter (in `ref/`, kept for an adapter that was already
+        trained: `use_base_as_reference`) makes HF load only the adapters in sub-directories, not the trained one at
+        the checkpoint's root: the run would resume from its starting adapter. That one is loaded here too."""
+        model = model if model is not None else self.model
+        if is_peft_model(model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if _adapter_sub_directories(resume_from_checkpoint) and _has_adapter(Path(resume_from_checkpoint)):
+                active = model.active_adapters[0]
+                model.load_adapter(resume_from_checkpoint, active, is_trainable=True)
+                model.set_adapter(active)
+            return None
+        saved = saved_weight_names(resume_from_checkpoint)
+        if saved is None or saved <= set(model.state_dict()):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        parameter = next(model.parameters())
+        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=parameter.dtype, device_map="cpu")
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+        return None
+
+    def _load_rng_state(self, checkpoint) -> None:
+        # HF restores the RNG right before the first step it resumes: the buffered generations go with it.
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None:
+            load_rollout_state(self, checkpoint)
+
+
+def _has_adapter(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME))
+
+
+def _adapter_sub_directories(checkpoint: str | os.PathLike) -> list[Path]:
+    """The PEFT adapters a checkpoint holds besides the one at its root (HF's test for several adapters)."""
+    return [path for path in Path(checkpoint).iterdir() if path.is_dir() and _has_adapter(path)]
