@@ -512,3 +512,27 @@ def most_images_per_row(*datasets: Dataset | None) -> int:
     """The largest number of images in one row of `datasets` (None ones skipped), at least 1; nothing is decoded."""
     counts = [image_counts(dataset)[0] for dataset in datasets if isinstance(dataset, Dataset)]
     return max([1, *(int(c.max()) for c in counts if len(c))])
+
+
+def check_prefills(prompts: Iterable, where: str) -> None:
+    """Prompts that end with an assistant message (a prefill the completion continues) must all do.
+
+    A batch's prompts are rendered in one chat-template call, either continuing the final message or opening a new
+    assistant turn, so a batch cannot mix the two.
+    """
+    prefilled: dict[bool, int] = {}
+    for row, prompt in enumerate(prompts):
+        if isinstance(prompt, list) and prompt:
+            prefilled.setdefault(prompt[-1].get("role") == "assistant", row)
+        if len(prefilled) == 2:
+            raise DataError(
+                f"{where} row {prefilled[True]}: its prompt ends with an assistant message (a prefill the completion "
+                f"continues) but row {prefilled[False]}'s does not; give every row the prefill or none."
+            )
+
+
+def dataset_prompts(dataset: Any) -> Iterable:
+    """The `prompt` column of an in-memory dataset whose prompts are stored (not built per batch); else nothing."""
+    if not isinstance(dataset, Dataset) or PROMPT not in dataset.column_names or lazy_rows(dataset) is not None:
+        return []
+    return dataset.select_columns([PROMPT])[PROMPT]

@@ -22,12 +22,13 @@ from torch import nn
 from transformers import AutoConfig, ProcessorMixin, is_trackio_available, is_wandb_available
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import is_rich_available
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 from trl.trainer import grpo_trainer as grpo_trainer_module
 from trl.trainer.utils import (
     RepeatSampler,
     get_callable_name,
+    get_config_model_id,
     pad,
     print_prompt_completions_sample,
     shuffle_sequence_dict,
@@ -43,10 +44,13 @@ from vlm_rl.checkpoints import (
     staging_path,
 )
 from vlm_rl.data import most_images_per_row
+from vlm_rl.data.rows import check_prefills, dataset_prompts
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
+from vlm_rl.models.processing import load_processor
 from vlm_rl.redaction import redacted_secrets
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward, bind_context
+from vlm_rl.rewards.registry import reward_or_model
 from vlm_rl.trainers.completion_logs import conversation_text, write_completion_logs
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
 from vlm_rl.trainers.logprobs import BOOKKEEPING_KEYS, align_per_token_inputs, score_from_logits, select_rows
@@ -80,6 +84,10 @@ class VLMGRPOTrainer(GRPOTrainer):
         if reward_funcs is not None:  # None: TRL's own check (or an environment's rewards) applies
             reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
             reward_funcs = [self._guarded(func, args) for func in reward_funcs]
+        for name in ("train_dataset", "eval_dataset"):
+            check_prefills(dataset_prompts(kwargs.get(name)), name)
+        if processing_class is None and model is not None:
+            processing_class = self._default_processing_class(model, args)
         if isinstance(processing_class, ProcessorMixin):
             # TRL left-pads prompt ids itself, but builds per-token vision inputs (mm_token_type_ids,
             # token_type_ids) with a processor call that pads on the tokenizer's side. Qwen tokenizers pad
@@ -125,6 +133,23 @@ class VLMGRPOTrainer(GRPOTrainer):
         self._writing_checkpoint = False
 
     @staticmethod
+    def _default_processing_class(model: str | nn.Module, args: GRPOConfig | None):
+        """The processor for `model` when the caller passes none, loaded with `load_processor`.
+
+        TRL 1.16 loads it with `AutoProcessor.from_pretrained`, which fails on a CPU install without torchvision
+        for the families whose processor declares a video processor (Qwen-VL, SmolVLM, LLaVA-OneVision...).
+        Padding and truncation are on the left, as TRL asks.
+        """
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        revision = (getattr(args, "model_init_kwargs", None) or {}).get("revision")
+        processor = load_processor(
+            name, trust_remote_code=getattr(args, "trust_remote_code", False), revision=revision
+        )
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer.padding_side = tokenizer.truncation_side = "left"
+        return processor
+
+    @staticmethod
     @contextlib.contextmanager
     def _vlm_rollout_backend(model, args, processing_class, train_dataset=None):
         """Have TRL's `__init__` build `VLMRollout` where it builds its vLLM backend, with the VLM's settings.
@@ -158,7 +183,12 @@ class VLMGRPOTrainer(GRPOTrainer):
 
     @staticmethod
     def _guarded(func, args):
-        """Plain reward callables get the same failure isolation as the ones a recipe configures."""
+        """Plain reward callables get the same failure isolation as the ones a recipe configures.
+
+        TRL 1.16 loads every string as a reward model; a vlm-rl reward name resolves here first (`reward_or_model`).
+        """
+        if isinstance(func, str):
+            func = reward_or_model(func)
         if isinstance(func, str | nn.Module | ConfiguredReward):
             return func
         return ConfiguredReward(
@@ -336,7 +366,8 @@ class VLMGRPOTrainer(GRPOTrainer):
     def _tokenize_prompts(self, prompts: list):
         # TRL marks an image-less row with `None`, and the processor call that builds the training inputs
         # rejects `None` inside the image list; an empty list means the same and is accepted.
-        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        with self._continuing_final_message(prompts):
+            prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
         if images is not None:
             images = [row_images or [] for row_images in images]
         if self._is_vlm:
@@ -352,6 +383,33 @@ class VLMGRPOTrainer(GRPOTrainer):
             multimodal_fields[key] = pad([torch.tensor(row) for row in value], padding_value=0, padding_side="right")
             self._adapter_fields[key] = multimodal_fields[key]
         return prompt_ids, images, multimodal_fields
+
+    @contextlib.contextmanager
+    def _continuing_final_message(self, prompts: list) -> Iterator[None]:
+        """Inside, prompts that end with an assistant message (a prefill such as `"<think>"`) are rendered open.
+
+        TRL 1.16's `_tokenize_prompts` renders every prompt with `add_generation_prompt=True`, which closes the
+        assistant's message and opens a new turn, while its training forward renders the same prompt with
+        `continue_final_message` (`trl.data_utils.apply_chat_template`): the two disagree in length and the forward
+        fails (Qwen-VL: "The shape of the mask [58] ... does not match"). Rendering generation's prompt the same way
+        makes the completion continue the assistant's message.
+        """
+        prefilled = [isinstance(prompt, list) and prompt[-1]["role"] == "assistant" for prompt in prompts]
+        if not any(prefilled):
+            yield
+            return
+        check_prefills(prompts, "batch")  # a dataset TRL streams was not checked at start-up
+        processor = self.processing_class
+        original = processor.apply_chat_template
+
+        def apply_chat_template(*args, **kwargs):
+            return original(*args, **{**kwargs, "add_generation_prompt": False, "continue_final_message": True})
+
+        processor.apply_chat_template = apply_chat_template
+        try:
+            yield
+        finally:
+            del processor.apply_chat_template
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         # `generate` on the policy (no vLLM): prefill each distinct prompt once instead of once per generation.
