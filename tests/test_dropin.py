@@ -111,3 +111,18 @@ def test_the_model_cards_use_snippet_runs_as_written(tiny_dirs, tmp_path):
     exec(snippet.replace("path/to/run", str(run)), namespace)
     assert type(namespace["model"]).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert namespace["processor"].apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_evaluation_and_prompt_lengths_render_a_prefill_as_the_trainer_does(load_tiny):
+    from vlm_rl.data.rows import prompt_length
+    from vlm_rl.evaluation import prompt_inputs
+    from vlm_rl.models import adapter_for
+
+    model, processor = load_tiny("qwen2_vl")
+    rows = list(prefilled(make_shapes_dataset(2, text_fraction=0.5)))
+    inputs = prompt_inputs(
+        adapter_for(model.config), processor, [row["prompt"] for row in rows], [row["images"] for row in rows]
+    )
+    texts = processor.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=False)
+    assert all(text.endswith(PREFILL) for text in texts), texts
+    assert prompt_length(processor, rows[0]["prompt"], rows[0]["images"]) == int(inputs["attention_mask"][0].sum())

@@ -20,6 +20,7 @@ from transformers import BatchFeature
 from trl.data_utils import prepare_multimodal_messages
 
 from vlm_rl.data import image_counts, load_rows
+from vlm_rl.data.rows import generation_prompt
 from vlm_rl.models.adapters import FamilyAdapter, adapter_for
 from vlm_rl.trainers.completion_logs import conversation_text
 from vlm_rl.trainers.grpo import media_token_ids
@@ -38,7 +39,7 @@ def prompt_inputs(adapter: FamilyAdapter, processor, prompts: list, images: list
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         inputs = processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+            conversations, **generation_prompt(prompts), tokenize=True, return_dict=True,
             processor_kwargs={"padding": True, "return_tensors": "pt"},
         )  # fmt: skip
     finally:

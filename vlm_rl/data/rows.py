@@ -376,10 +376,10 @@ class LazyRows:
 
 
 def prompt_length(processor, prompt: list[dict], images: list) -> int:
-    """Tokens of the prompt as TRL tokenizes it: chat template, generation prompt and image tokens."""
+    """Tokens of the prompt as the trainer tokenizes it: chat template, generation prompt and image tokens."""
     conversation = prepare_multimodal_messages(prompt, images=images)
     tokenized = processor.apply_chat_template(
-        conversation=[conversation], add_generation_prompt=True, tokenize=True, return_dict=True
+        conversation=[conversation], **generation_prompt([prompt]), tokenize=True, return_dict=True
     )
     return len(tokenized["input_ids"][0])
 
@@ -522,8 +522,7 @@ def check_prefills(prompts: Iterable, where: str) -> None:
     """
     prefilled: dict[bool, int] = {}
     for row, prompt in enumerate(prompts):
-        if isinstance(prompt, list) and prompt:
-            prefilled.setdefault(prompt[-1].get("role") == "assistant", row)
+        prefilled.setdefault(_ends_with_assistant(prompt), row)
         if len(prefilled) == 2:
             raise DataError(
                 f"{where} row {prefilled[True]}: its prompt ends with an assistant message (a prefill the completion "
@@ -531,8 +530,21 @@ def check_prefills(prompts: Iterable, where: str) -> None:
             )
 
 
+def generation_prompt(prompts: list) -> dict[str, bool]:
+    """The chat-template settings that render `prompts` for generation, as `trl.data_utils.apply_chat_template` does:
+    a new assistant turn, or (every prompt ending with an assistant message) that message continued."""
+    prefilled = any(_ends_with_assistant(prompt) for prompt in prompts)
+    if prefilled:
+        check_prefills(prompts, "batch")
+    return {"add_generation_prompt": not prefilled, "continue_final_message": prefilled}
+
+
 def dataset_prompts(dataset: Any) -> Iterable:
     """The `prompt` column of an in-memory dataset whose prompts are stored (not built per batch); else nothing."""
     if not isinstance(dataset, Dataset) or PROMPT not in dataset.column_names or lazy_rows(dataset) is not None:
         return []
     return dataset.select_columns([PROMPT])[PROMPT]
+
+
+def _ends_with_assistant(prompt: Any) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and prompt[-1].get("role") == "assistant"

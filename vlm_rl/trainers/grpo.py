@@ -44,7 +44,7 @@ from vlm_rl.checkpoints import (
     staging_path,
 )
 from vlm_rl.data import most_images_per_row
-from vlm_rl.data.rows import check_prefills, dataset_prompts
+from vlm_rl.data.rows import check_prefills, dataset_prompts, generation_prompt
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.models.processing import load_processor
@@ -394,16 +394,15 @@ class VLMGRPOTrainer(GRPOTrainer):
         fails (Qwen-VL: "The shape of the mask [58] ... does not match"). Rendering generation's prompt the same way
         makes the completion continue the assistant's message.
         """
-        prefilled = [isinstance(prompt, list) and prompt[-1]["role"] == "assistant" for prompt in prompts]
-        if not any(prefilled):
+        settings = generation_prompt(prompts)
+        if settings["add_generation_prompt"]:
             yield
             return
-        check_prefills(prompts, "batch")  # a dataset TRL streams was not checked at start-up
         processor = self.processing_class
         original = processor.apply_chat_template
 
         def apply_chat_template(*args, **kwargs):
-            return original(*args, **{**kwargs, "add_generation_prompt": False, "continue_final_message": True})
+            return original(*args, **{**kwargs, **settings})
 
         processor.apply_chat_template = apply_chat_template
         try:
