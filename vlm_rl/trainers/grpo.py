@@ -44,10 +44,10 @@ from vlm_rl.checkpoints import (
     staging_path,
 )
 from vlm_rl.data import most_images_per_row
-from vlm_rl.data.rows import check_prefills, dataset_prompts, generation_prompt
+from vlm_rl.data.rows import check_prefills, dataset_prompts
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, GenericAdapter, adapter_for
 from vlm_rl.models.lora import use_base_as_reference
-from vlm_rl.models.processing import load_processor
+from vlm_rl.models.processing import continuing_final_message, load_processor
 from vlm_rl.redaction import redacted_secrets
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward, bind_context
 from vlm_rl.rewards.registry import reward_or_model
@@ -366,7 +366,8 @@ class VLMGRPOTrainer(GRPOTrainer):
     def _tokenize_prompts(self, prompts: list):
         # TRL marks an image-less row with `None`, and the processor call that builds the training inputs
         # rejects `None` inside the image list; an empty list means the same and is accepted.
-        with self._continuing_final_message(prompts):
+        # TRL opens a new assistant turn after every prompt, also after a prefill its training forward continues.
+        with continuing_final_message(self.processing_class, prompts):
             prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
         if images is not None:
             images = [row_images or [] for row_images in images]
@@ -383,32 +384,6 @@ class VLMGRPOTrainer(GRPOTrainer):
             multimodal_fields[key] = pad([torch.tensor(row) for row in value], padding_value=0, padding_side="right")
             self._adapter_fields[key] = multimodal_fields[key]
         return prompt_ids, images, multimodal_fields
-
-    @contextlib.contextmanager
-    def _continuing_final_message(self, prompts: list) -> Iterator[None]:
-        """Inside, prompts that end with an assistant message (a prefill such as `"<think>"`) are rendered open.
-
-        TRL 1.16's `_tokenize_prompts` renders every prompt with `add_generation_prompt=True`, which closes the
-        assistant's message and opens a new turn, while its training forward renders the same prompt with
-        `continue_final_message` (`trl.data_utils.apply_chat_template`): the two disagree in length and the forward
-        fails (Qwen-VL: "The shape of the mask [58] ... does not match"). Rendering generation's prompt the same way
-        makes the completion continue the assistant's message.
-        """
-        settings = generation_prompt(prompts)
-        if settings["add_generation_prompt"]:
-            yield
-            return
-        processor = self.processing_class
-        original = processor.apply_chat_template
-
-        def apply_chat_template(*args, **kwargs):
-            return original(*args, **{**kwargs, **settings})
-
-        processor.apply_chat_template = apply_chat_template
-        try:
-            yield
-        finally:
-            del processor.apply_chat_template
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         # `generate` on the policy (no vLLM): prefill each distinct prompt once instead of once per generation.
