@@ -33,6 +33,19 @@ def test_a_model_path_and_a_reward_name_train_without_a_processing_class(family,
     assert trainer.state.global_step == 1
 
 
+def test_a_loaded_model_without_a_processing_class_gets_its_directorys_processor(load_tiny, tmp_path):
+    model, _ = load_tiny("qwen2_5_vl")
+    trainer = VLMGRPOTrainer(
+        model=model,
+        reward_funcs=accuracy,
+        args=small_config(tmp_path, max_steps=1),
+        train_dataset=make_shapes_dataset(4),
+    )
+    assert type(trainer.processing_class).__name__ == "Qwen2_5_VLProcessor"
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
 def test_reward_strings_name_a_reward_or_a_reward_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_rewards.py").write_text("def short(completions, **kwargs):\n    return [1.0] * len(completions)\n")
