@@ -89,6 +89,7 @@ def continuing_final_message(processor, prompts: list) -> Iterator[None]:
         yield
         return
     original = processor.apply_chat_template
+    had_own = "apply_chat_template" in vars(processor)
 
     def apply_chat_template(*args, **kwargs):
         return original(*args, **{**kwargs, **settings})
@@ -97,7 +98,10 @@ def continuing_final_message(processor, prompts: list) -> Iterator[None]:
     try:
         yield
     finally:
-        del processor.apply_chat_template
+        if had_own:
+            processor.apply_chat_template = original
+        else:
+            del processor.apply_chat_template
 
 
 def _saved_without_video_processor(name_or_path: str) -> bool:
