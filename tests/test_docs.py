@@ -105,3 +105,25 @@ def test_models_doc_examples_run(tmp_path):
         recipe.write_text(block)
         model_args = parse_recipe(["--config", str(recipe), "--use_cpu", "true", "--bf16", "false"])[0]
         assert model_args.max_pixels is not None
+
+
+def test_python_doc_examples_run(tmp_path, monkeypatch):
+    """docs/python.md's blocks run in order, in one namespace, each training the tiny model it built."""
+    monkeypatch.chdir(tmp_path)
+    blocks = code_blocks(REPO / "docs/python.md", "python")
+    assert len(blocks) >= 6
+    namespace = {}
+    try:
+        for block in blocks:
+            exec(block, namespace)
+            trainer = namespace.get("trainer")
+            assert trainer is None or trainer.state.global_step == 1
+    finally:
+        REWARD_REGISTRY.pop("is_short", None)
+    assert [reward.__name__ for reward in namespace["trainer"].reward_funcs] == [
+        "says_a_colour",
+        "is_short",
+        "short",
+        "text_accuracy",
+        "think_answer_format",
+    ]

@@ -116,10 +116,10 @@ def render_model_card(
         "## Use",
         "",
         "```python",
-        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "from vlm_rl.models import load_model_and_processor",
         "",
-        f'model = AutoModelForImageTextToText.from_pretrained("path/to/{name}")',
-        f'processor = AutoProcessor.from_pretrained("path/to/{name}")',
+        "# transformers' AutoProcessor works too where torchvision is installed (some processors load a video one).",
+        f'model, processor = load_model_and_processor("path/to/{name}")',
         "```",
         "",
     ]

@@ -414,10 +414,10 @@ def place_images(messages: list[dict], num_images: int) -> list[dict]:
 
 
 def prompt_length(processor, prompt: list[dict], images: list) -> int:
-    """Tokens of the prompt as TRL tokenizes it: chat template, generation prompt and image tokens."""
+    """Tokens of the prompt as the trainer tokenizes it: chat template, generation prompt and image tokens."""
     conversation = prepare_multimodal_messages(prompt, images=images)
     tokenized = processor.apply_chat_template(
-        conversation=[conversation], add_generation_prompt=True, tokenize=True, return_dict=True
+        conversation=[conversation], **generation_prompt([prompt]), tokenize=True, return_dict=True
     )
     return len(tokenized["input_ids"][0])
 
@@ -595,3 +595,39 @@ def most_images_per_row(*datasets: Dataset | None) -> int:
     """The largest number of images in one row of `datasets` (None ones skipped), at least 1; nothing is decoded."""
     counts = [image_counts(dataset)[0] for dataset in datasets if isinstance(dataset, Dataset)]
     return max([1, *(int(c.max()) for c in counts if len(c))])
+
+
+def check_prefills(prompts: Iterable, where: str) -> None:
+    """Prompts that end with an assistant message (a prefill the completion continues) must all do.
+
+    A batch's prompts are rendered in one chat-template call, either continuing the final message or opening a new
+    assistant turn, so a batch cannot mix the two.
+    """
+    prefilled: dict[bool, int] = {}
+    for row, prompt in enumerate(prompts):
+        prefilled.setdefault(_ends_with_assistant(prompt), row)
+        if len(prefilled) == 2:
+            raise DataError(
+                f"{where} row {prefilled[True]}: its prompt ends with an assistant message (a prefill the completion "
+                f"continues) but row {prefilled[False]}'s does not; give every row the prefill or none."
+            )
+
+
+def generation_prompt(prompts: list) -> dict[str, bool]:
+    """The chat-template settings that render `prompts` for generation, as `trl.data_utils.apply_chat_template` does:
+    a new assistant turn, or (every prompt ending with an assistant message) that message continued."""
+    prefilled = any(_ends_with_assistant(prompt) for prompt in prompts)
+    if prefilled:
+        check_prefills(prompts, "batch")
+    return {"add_generation_prompt": not prefilled, "continue_final_message": prefilled}
+
+
+def dataset_prompts(dataset: Any) -> Iterable:
+    """The `prompt` column of an in-memory dataset whose prompts are stored (not built per batch); else nothing."""
+    if not isinstance(dataset, Dataset) or PROMPT not in dataset.column_names or lazy_rows(dataset) is not None:
+        return []
+    return dataset.select_columns([PROMPT])[PROMPT]
+
+
+def _ends_with_assistant(prompt: Any) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and prompt[-1].get("role") == "assistant"

@@ -13,6 +13,7 @@ import torch
 from transformers import BatchFeature
 from trl.data_utils import prepare_multimodal_messages
 
+from vlm_rl.data.rows import generation_prompt
 from vlm_rl.models.adapters import FamilyAdapter
 
 # Inputs that tell which vision inputs belong to which row, for TRL and the adapters; the model takes none of them.
@@ -40,7 +41,7 @@ def prompt_inputs(adapter: FamilyAdapter, processor, prompts: list, images: list
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         inputs = processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+            conversations, **generation_prompt(prompts), tokenize=True, return_dict=True,
             processor_kwargs={"padding": True, "return_tensors": "pt"},
         )  # fmt: skip
     finally:

@@ -8,15 +8,19 @@ is never used, so on such machines we build the same processor class without it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import transformers
 from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
+
+from vlm_rl.data.rows import generation_prompt
 
 
 @functools.cache
@@ -68,6 +72,36 @@ def load_processor(name_or_path: str, *, trust_remote_code: bool = False, revisi
             processor = image_only_processor_class(processor_class).from_pretrained(name_or_path, **kwargs)
             return _with_chat_template(processor)
     return _with_chat_template(AutoProcessor.from_pretrained(name_or_path, **kwargs))
+
+
+@contextlib.contextmanager
+def continuing_final_message(processor, prompts: list) -> Iterator[None]:
+    """Inside, `processor.apply_chat_template` renders `prompts` that end with an assistant message (a prefill
+    such as `"<think>"`) open, so that the completion continues that message.
+
+    TRL 1.16's `GRPOTrainer._tokenize_prompts` renders every prompt with `add_generation_prompt=True`, which closes
+    the assistant's message and opens a new turn, while its training forward renders the same prompt with
+    `continue_final_message` (`trl.data_utils.apply_chat_template`): the two disagree in length and the forward
+    fails (Qwen-VL: "The shape of the mask [58] ... does not match").
+    """
+    settings = generation_prompt(prompts)
+    if settings["add_generation_prompt"]:
+        yield
+        return
+    original = processor.apply_chat_template
+    had_own = "apply_chat_template" in vars(processor)
+
+    def apply_chat_template(*args, **kwargs):
+        return original(*args, **{**kwargs, **settings})
+
+    processor.apply_chat_template = apply_chat_template
+    try:
+        yield
+    finally:
+        if had_own:
+            processor.apply_chat_template = original
+        else:
+            del processor.apply_chat_template
 
 
 def _saved_without_video_processor(name_or_path: str) -> bool:

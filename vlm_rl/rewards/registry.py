@@ -140,6 +140,21 @@ def resolve_reward(spec: str, base_dir: str | Path | None = None) -> RewardFunc:
     )
 
 
+def reward_or_model(spec: str) -> RewardFunc | str:
+    """What a string in `VLMGRPOTrainer(reward_funcs=...)` names: a reward function, or a reward model left for TRL.
+
+    A registered or installed name, `module:function` or `file.py:function` resolves as in a recipe. A local
+    directory or a Hub id `owner/name` (a `/` and no `:`) stays a string, which TRL loads as a sequence-classification
+    reward model. Anything else is an unknown reward, and the error names the closest ones.
+    """
+    import vlm_rl.rewards  # noqa: F401  (registers the built-ins)
+
+    spec = spec.strip()
+    known = spec in REWARD_REGISTRY or bool(entry_points(group=ENTRY_POINT_GROUP, name=spec))
+    names_model = ":" not in spec and ("/" in spec or Path(spec).is_dir())
+    return spec if names_model and not known else resolve_reward(spec)
+
+
 def _check_kwargs(func: RewardFunc, kwargs: dict, where: str) -> None:
     """Recipe kwargs must name parameters the function declares: `**kwargs` alone would swallow a typo."""
     try:

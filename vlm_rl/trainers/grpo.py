@@ -22,18 +22,20 @@ from accelerate.utils import gather_object, is_peft_model
 from PIL import Image
 from torch import nn
 from transformers import AutoConfig, ProcessorMixin
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 from trl.trainer import grpo_trainer as grpo_trainer_module
 from trl.trainer.utils import (
     RepeatSampler,
     get_callable_name,
+    get_config_model_id,
     pad,
     shuffle_sequence_dict,
     split_tensor_dict,
 )
 
 from vlm_rl.data import most_images_per_row
+from vlm_rl.data.rows import check_prefills, dataset_prompts
 from vlm_rl.models.adapters import PER_TOKEN_KEYS, FamilyAdapter, GenericAdapter
 from vlm_rl.models.families import adapter_for
 from vlm_rl.models.inputs import (
@@ -44,8 +46,10 @@ from vlm_rl.models.inputs import (
     select_rows,
 )
 from vlm_rl.models.lora import use_base_as_reference
+from vlm_rl.models.processing import continuing_final_message, load_processor
 from vlm_rl.rewards.columns import check_reward_columns
 from vlm_rl.rewards.configured import ConfiguredReward, bind_context
+from vlm_rl.rewards.registry import reward_or_model
 from vlm_rl.rollout.prefill import prompts_prefilled_once
 from vlm_rl.rollout.vllm import VLMRollout
 from vlm_rl.trainers.checkpointing import CheckpointMixin
@@ -95,6 +99,10 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
             reward_funcs = [self._guarded(func, options) for func in reward_funcs]
             for split, key in (("training", "train_dataset"), ("held-out", "eval_dataset")):
                 check_reward_columns(reward_funcs, kwargs.get(key), split=split)  # before any model loads
+        for name in ("train_dataset", "eval_dataset"):
+            check_prefills(dataset_prompts(kwargs.get(name)), name)
+        if processing_class is None and model is not None:
+            processing_class = self._default_processing_class(model, args)
         if isinstance(processing_class, ProcessorMixin):
             # TRL left-pads prompt ids itself, but builds per-token vision inputs (mm_token_type_ids,
             # token_type_ids) with a processor call that pads on the tokenizer's side. Qwen tokenizers pad
@@ -142,6 +150,23 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         return adapter_for(self.model.config) if self._is_vlm else GenericAdapter()
 
     @staticmethod
+    def _default_processing_class(model: str | nn.Module, args: GRPOConfig | None):
+        """The processor for `model` when the caller passes none, loaded with `load_processor`.
+
+        TRL 1.16 loads it with `AutoProcessor.from_pretrained`, which fails on a CPU install without torchvision
+        for the families whose processor declares a video processor (Qwen-VL, SmolVLM, LLaVA-OneVision...).
+        Padding and truncation are on the left, as TRL asks.
+        """
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        revision = (getattr(args, "model_init_kwargs", None) or {}).get("revision")
+        processor = load_processor(
+            name, trust_remote_code=getattr(args, "trust_remote_code", False), revision=revision
+        )
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer.padding_side = tokenizer.truncation_side = "left"
+        return processor
+
+    @staticmethod
     @contextlib.contextmanager
     def _vlm_rollout_backend(model, args, options: VLMOptions, processing_class, train_dataset=None):
         """Have TRL's `__init__` build `VLMRollout` where it builds its vLLM backend, with the VLM's settings.
@@ -173,7 +198,12 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
 
     @staticmethod
     def _guarded(func, options: VLMOptions):
-        """Plain reward callables get the same failure isolation as the ones a recipe configures."""
+        """Plain reward callables get the same failure isolation as the ones a recipe configures.
+
+        TRL 1.16 loads every string as a reward model; a vlm-rl reward name resolves here first (`reward_or_model`).
+        """
+        if isinstance(func, str):
+            func = reward_or_model(func)
         if isinstance(func, str | nn.Module | ConfiguredReward):
             return func
         return ConfiguredReward(
@@ -191,7 +221,9 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
     def _tokenize_prompts(self, prompts: list):
         # TRL marks an image-less row with `None`, and the processor call that builds the training inputs
         # rejects `None` inside the image list; an empty list means the same and is accepted.
-        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        # TRL opens a new assistant turn after every prompt, also after a prefill its training forward continues.
+        with continuing_final_message(self.processing_class, prompts):
+            prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
         if images is not None:
             images = [row_images or [] for row_images in images]
         if self._is_vlm:
