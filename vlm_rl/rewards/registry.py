@@ -147,8 +147,6 @@ def reward_or_model(spec: str) -> RewardFunc | str:
     directory or a Hub id `owner/name` (a `/` and no `:`) stays a string, which TRL loads as a sequence-classification
     reward model. Anything else is an unknown reward, and the error names the closest ones.
     """
-    import vlm_rl.rewards  # noqa: F401  (registers the built-ins)
-
     spec = spec.strip()
     known = spec in REWARD_REGISTRY or bool(entry_points(group=ENTRY_POINT_GROUP, name=spec))
     names_model = ":" not in spec and ("/" in spec or Path(spec).is_dir())
