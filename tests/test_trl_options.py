@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from accelerate.utils import is_peft_model
 from conftest import small_config
 from peft import LoraConfig
 from test_sharing import completion_length_reward
@@ -97,13 +98,14 @@ class Option:
 
 
 OPTIONS = {
+    # Two iterations per generation batch: in the second, the importance ratios (and the clipping) are not all 1.
     **{
         f"loss_type={loss}": Option(
-            {"loss_type": loss, **({"importance_sampling_level": "sequence"} if loss == "luspo" else {})}
+            {"loss_type": loss, "num_iterations": 2, "max_steps": 2}
+            | ({"importance_sampling_level": "sequence"} if loss == "luspo" else {})
         )
         for loss in LOSS_TYPES
     },
-    # Two iterations per generation batch: the importance ratios (and the clipping) are not all 1.
     "importance_sampling_level=sequence": Option(
         {"importance_sampling_level": "sequence", "num_iterations": 2, "max_steps": 2}
     ),
@@ -244,11 +246,14 @@ def test_option_with_both_switches_logs_the_plain_runs_numbers(name, load_tiny, 
         weights[on] = {key: value.detach().clone() for key, value in trainer.model.named_parameters()}
         if on:
             assert counts["shared"] > 0 and counts["encoded"] > 0, counts
+        assert option.kind != "peft" or is_peft_model(trainer.model)
     assert len(logs[True]) == len(logs[False]) == trainer.args.max_steps
     for row in logs[True]:
         assert all(math.isfinite(value) for value in row.values()), row
     for kind in ("image", "text"):  # per-task reward counts (`_log_reward_breakdown`)
         assert any(key.endswith(f"/{kind}/count") and value for key, value in logs[False][0].items()), kind
+    if option.kind in ("tools", "environment"):
+        assert logs[True][0]["tools/call_frequency"] == 1.0 and logs[True][0]["tools/failure_frequency"] == 0.0
     if option.differs:
         return
     for plain, shared in zip(logs[False], logs[True], strict=True):
@@ -267,6 +272,8 @@ def test_stock_trl_takes_the_option(name, load_tiny, reward_model_dir, tmp_path)
     trainer.train()
     rows = [row for row in trainer.state.log_history if "loss" in row]
     assert rows and all(math.isfinite(value) for row in rows for value in numbers(row).values())
+    if option.kind in ("tools", "environment"):
+        assert rows[0]["tools/call_frequency"] == 1.0
 
 
 @pytest.mark.xfail(
