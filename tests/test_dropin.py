@@ -128,8 +128,8 @@ def test_the_model_cards_use_snippet_runs_as_written(tiny_dirs, tmp_path):
 
 def test_evaluation_and_prompt_lengths_render_a_prefill_as_the_trainer_does(load_tiny):
     from vlm_rl.data.rows import prompt_length
-    from vlm_rl.models.inputs import prompt_inputs
     from vlm_rl.models import adapter_for
+    from vlm_rl.models.inputs import prompt_inputs
 
     model, processor = load_tiny("qwen2_vl")
     rows = list(prefilled(make_shapes_dataset(2, text_fraction=0.5)))

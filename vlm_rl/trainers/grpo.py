@@ -17,6 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from PIL import Image
@@ -239,6 +240,15 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
             multimodal_fields[key] = pad([torch.tensor(row) for row in value], padding_value=0, padding_side="right")
             adapter_fields[key] = multimodal_fields[key]
         self._adapter_fields = adapter_fields  # read by `_generate_and_score_completions`
+        # The processor returns vision inputs as NumPy arrays (with `environment_factory`, TRL's per-prompt calls make
+        # them lists of arrays). TRL's generation converts them to tensors, but its tool-calling loop splits them per
+        # row first (`split_pixel_values_by_grid`), which needs tensors: in TRL 1.16 every tool call in a batch with an
+        # image fails there. Converted here as TRL's generation converts them; per-token lists (and arrays of
+        # different shapes, which no tensor holds) stay as they are.
+        for key, value in multimodal_fields.items():
+            arrays = isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value)
+            if isinstance(value, np.ndarray) or (arrays and len({v.shape for v in value}) == 1):
+                multimodal_fields[key] = torch.tensor(np.array(value))
         return prompt_ids, images, multimodal_fields
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
