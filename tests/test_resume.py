@@ -30,6 +30,7 @@ from vlm_rl.checkpoints import (
     latest_checkpoint,
     rotate_checkpoints,
 )
+from vlm_rl.cli import main as cli_main
 from vlm_rl.train import main as train_main
 
 REWARD_FILE = '''
@@ -350,3 +351,34 @@ def test_the_progress_bar_of_a_resumed_run_starts_at_its_step(uninterrupted, tmp
     frames = [frame for frame in re.split(r"[\r\n]", capfd.readouterr().err) if re.search(r"\b\d/6 \[", frame)]
     assert frames, "no training bar drawn"
     assert re.search(r"\b4/6 \[", frames[0]) and re.search(r"\b6/6 \[", frames[-1]), frames
+
+
+def test_a_finished_run_relaunched_does_nothing_and_says_so(tmp_path, caplog):
+    recipe = write_recipe(tmp_path, max_steps=2)
+    train(recipe)
+    run = tmp_path / "run"
+    state, model = (run / "trainer_state.json").read_text(), weights(run)
+    with caplog.at_level(logging.WARNING, logger="vlm_rl"):
+        cli_main(["train", "--config", str(recipe), "--resume_from_checkpoint", "auto"])  # returns: exit status 0
+    assert f"The run in {run} already finished (step 2, max_steps=2): nothing to train" in caplog.text
+    assert "--max_steps 4" in caplog.text  # how to train longer
+    assert not (run / "checkpoint-3").exists() and (run / "trainer_state.json").read_text() == state
+    assert all(torch.equal(tensor, model[name]) for name, tensor in weights(run).items())
+    with caplog.at_level(logging.WARNING, logger="vlm_rl"):  # the final checkpoint named by path: the same
+        train(recipe, "--resume_from_checkpoint", str(run / "checkpoint-2"))
+    assert not (run / "checkpoint-3").exists()
+
+
+def test_raising_max_steps_on_resume_follows_the_longer_schedule_and_warns(uninterrupted, tmp_path, caplog):
+    _, full = uninterrupted(1, 1)  # six steps, planned as six from the start
+    recipe = write_recipe(tmp_path, max_steps=2)
+    train(recipe)
+    with caplog.at_level(logging.WARNING, logger="vlm_rl"):
+        train(recipe, "--resume_from_checkpoint", "auto", "--max_steps", "6")
+    assert (
+        "saved by a run of max_steps=2, with max_steps=6: the linear learning-rate schedule is rebuilt" in caplog.text
+    )
+    resumed = {step: entry["learning_rate"] for step, entry in steps(tmp_path / "run").items()}
+    planned = {step: entry["learning_rate"] for step, entry in steps(full).items()}
+    assert resumed[3] > 0  # not the 0.0 the two-step schedule ended at
+    assert [resumed[step] for step in range(3, 7)] == [planned[step] for step in range(3, 7)]

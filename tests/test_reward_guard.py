@@ -10,6 +10,7 @@ import pytest
 from conftest import no_hang
 
 from vlm_rl.data import make_grounding_math_dataset
+from vlm_rl.prepare import check_routes, reward_weights
 from vlm_rl.rewards import (
     ConfiguredReward,
     RewardError,
@@ -19,7 +20,6 @@ from vlm_rl.rewards import (
     resolve_reward,
     time_limit,
 )
-from vlm_rl.train import check_routes, reward_weights
 
 
 def batch(*tasks):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import math
 import sys
 import types
 import typing
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 from trl import GRPOConfig, TrlParser
 
+from vlm_rl.errors import InvalidValueError
 from vlm_rl.rewards.configured import ERROR_POLICIES
 
 WEIGHT_TRANSPORTS = ("auto", "nccl", "files")
@@ -319,7 +321,13 @@ class VLMGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        generation_batch_given = self.generation_batch_size is not None
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            if "must be divisible by" not in str(error):
+                raise
+            raise RecipeError(self._indivisible_batch(generation_batch_given)) from error
         if self.vllm_weight_transport not in WEIGHT_TRANSPORTS:
             raise ValueError(
                 f"vllm_weight_transport must be one of {list(WEIGHT_TRANSPORTS)}, got {self.vllm_weight_transport!r}."
@@ -329,12 +337,50 @@ class VLMGRPOConfig(GRPOConfig):
                 f"reward_error_policy must be one of {list(ERROR_POLICIES)}, got {self.reward_error_policy!r}."
             )
 
+    def _indivisible_batch(self, generation_batch_given: bool) -> str:
+        """GRPOConfig's batch-size checks in the recipe's words: the fields to change, and a value that works.
+
+        TRL raises them with the derived `generation_batch_size`, a field most recipes never set.
+        """
+        processes = self.world_size
+        group = self.num_generations
+        if self.generation_batch_size is not None and self.generation_batch_size % group != 0:
+            if generation_batch_given:
+                valid = math.ceil(self.generation_batch_size / group) * group
+                return (
+                    f"generation_batch_size ({self.generation_batch_size}) is not a multiple of num_generations "
+                    f"({group}): set generation_batch_size to {valid}."
+                )
+            per_step = processes * self.steps_per_generation  # rows per unit of per_device_train_batch_size
+            unit = group // math.gcd(group, per_step)
+            valid = math.ceil(self.per_device_train_batch_size / unit) * unit
+            return (
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) x {processes} process(es) x "
+                f"steps_per_generation ({self.steps_per_generation}) = {self.generation_batch_size} completions per "
+                f"generation, not a multiple of num_generations ({group}): set per_device_train_batch_size to "
+                f"{valid}, or num_generations to a divisor of {self.generation_batch_size}."
+            )
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            eval_group = self.num_generations_eval or group
+            unit = eval_group // math.gcd(eval_group, processes)
+            valid = math.ceil(self.per_device_eval_batch_size / unit) * unit
+            return (
+                f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) x {processes} process(es) is not a "
+                f"multiple of the generations per held-out prompt (num_generations_eval or num_generations: "
+                f"{eval_group}): set per_device_eval_batch_size to {valid}."
+            )
+        return (
+            f"generation_batch_size ({self.generation_batch_size}) is not a multiple of per_device_train_batch_size "
+            f"({self.per_device_train_batch_size}) x {processes} process(es): set it to a multiple of "
+            f"{self.per_device_train_batch_size * processes}."
+        )
+
 
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig)
 
 
-class RecipeError(ValueError):
-    """A recipe file cannot be used as written."""
+class RecipeError(InvalidValueError):
+    """A recipe file (or a recipe field given as a flag) cannot be used as written."""
 
 
 # Checked by their own loaders, which say more than a type would: reward entries are names or mappings.
