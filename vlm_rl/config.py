@@ -183,7 +183,8 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Longest prompt in tokens, image tokens included, measured with the model's processor when a row "
-            "is loaded (a processor call per row). Unset: no limit."
+            "is loaded (a processor call per row). Unset: the model's context length (`max_position_embeddings`) "
+            "less `max_completion_length`."
         },
     )
     text_fraction: float = field(
