@@ -94,7 +94,19 @@ MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize(("command", "fields", "message"), MISTAKES)
+@pytest.mark.parametrize(
+    ("command", "fields", "message"),
+    MISTAKES,
+    ids=[
+        "plot-missing-dir",
+        "plot-not-a-run",
+        "export-full-model",
+        "eval-no-model",
+        "train-batch-size",
+        "train-missing-model-dir",
+        "train-model-nowhere",
+    ],
+)
 def test_mistakes_are_reported_in_one_line_without_a_traceback(command, fields, message, tiny_dirs, tmp_path):
     places = {"tmp": tmp_path, "model": tiny_dirs["qwen2_vl"]}
     if "{recipe}" in command:

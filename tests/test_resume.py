@@ -353,20 +353,26 @@ def test_the_progress_bar_of_a_resumed_run_starts_at_its_step(uninterrupted, tmp
     assert re.search(r"\b4/6 \[", frames[0]) and re.search(r"\b6/6 \[", frames[-1]), frames
 
 
-def test_a_finished_run_relaunched_does_nothing_and_says_so(tmp_path, caplog):
-    recipe = write_recipe(tmp_path, max_steps=2)
+@pytest.mark.parametrize(
+    ("length", "last", "end"),
+    [({"max_steps": 2}, 2, "max_steps=2"), ({"max_steps": -1, "num_train_epochs": 1}, 3, "num_train_epochs=1")],
+    ids=["max_steps", "epochs"],
+)
+def test_a_finished_run_relaunched_does_nothing_and_says_so(length, last, end, tmp_path, caplog):
+    recipe = write_recipe(tmp_path, **length)  # an epoch: 3 steps
     train(recipe)
     run = tmp_path / "run"
     state, model = (run / "trainer_state.json").read_text(), weights(run)
     with caplog.at_level(logging.WARNING, logger="vlm_rl"):
         cli_main(["train", "--config", str(recipe), "--resume_from_checkpoint", "auto"])  # returns: exit status 0
-    assert f"The run in {run} already finished (step 2, max_steps=2): nothing to train" in caplog.text
-    assert "--max_steps 4" in caplog.text  # how to train longer
-    assert not (run / "checkpoint-3").exists() and (run / "trainer_state.json").read_text() == state
+    assert f"The run in {run} already finished (step {last}, {end}): nothing to train" in caplog.text
+    assert f"--max_steps {2 * last}" in caplog.text  # how to train longer
+    assert not (run / f"checkpoint-{last + 1}").exists() and (run / "trainer_state.json").read_text() == state
     assert all(torch.equal(tensor, model[name]) for name, tensor in weights(run).items())
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="vlm_rl"):  # the final checkpoint named by path: the same
-        train(recipe, "--resume_from_checkpoint", str(run / "checkpoint-2"))
-    assert not (run / "checkpoint-3").exists()
+        train(recipe, "--resume_from_checkpoint", str(run / f"checkpoint-{last}"))
+    assert "already finished" in caplog.text and not (run / f"checkpoint-{last + 1}").exists()
 
 
 def test_raising_max_steps_on_resume_follows_the_longer_schedule_and_warns(uninterrupted, tmp_path, caplog):
