@@ -136,32 +136,36 @@ def check_not_finished(training_args: VLMGRPOConfig, resume: str | None) -> None
     """Raise `RunFinished` when resuming would start at or past the run's last step.
 
     TRL's trainer, resumed from the final step, still trains one more step and overwrites the saved model; a
-    relaunched finished run (`resume_from_checkpoint: auto`) must do nothing instead. The run's end is read from
-    the saved `trainer_state.json` (the final one in `output_dir`, written only when a run completes, else the
-    checkpoint's): `max_steps` when the recipe sets it, else the steps its saved `num_train_epochs` came to.
+    relaunched finished run (`resume_from_checkpoint: auto`) must do nothing instead. The step reached is the
+    checkpoint's (transformers saves one at the last step under every `save_strategy` but `no`); with `auto` and no
+    checkpoint, the final `trainer_state.json` in `output_dir` (written only when a run completes). The end is
+    `max_steps` when the recipe sets it, else the steps the saved `num_train_epochs` came to.
     """
-    if training_args.resume_from_checkpoint in (None, "", "false", "False"):
-        return
     output_dir = Path(training_args.output_dir)
-    final = _saved_state(output_dir) if training_args.resume_from_checkpoint == "auto" else None
-    states = [state for state in (final, _saved_state(Path(resume)) if resume else None) if state is not None]
-    for state in states:
-        step = state["global_step"]
-        if training_args.max_steps > 0:
-            done = step >= training_args.max_steps
-        else:
-            done = step >= state["max_steps"] and training_args.num_train_epochs <= state["num_train_epochs"]
-        if done:
-            target = (
-                f"max_steps={training_args.max_steps}"
-                if training_args.max_steps > 0
-                else f"num_train_epochs={training_args.num_train_epochs}"
-            )
-            raise RunFinished(
-                f"The run in {output_dir} already finished (step {step}, {target}): nothing to train. To train "
-                f"longer, raise max_steps (e.g. --max_steps {2 * step}) or num_train_epochs and resume; to start "
-                "over, use another output_dir."
-            )
+    if resume is not None:
+        state = _saved_state(Path(resume))
+    elif training_args.resume_from_checkpoint == "auto":
+        state = _saved_state(output_dir)
+    else:
+        return
+    if state is None:
+        return
+    step = state["global_step"]
+    if training_args.max_steps > 0:
+        done = step >= training_args.max_steps
+    else:
+        done = step >= state["max_steps"] and training_args.num_train_epochs <= state["num_train_epochs"]
+    if done:
+        target = (
+            f"max_steps={training_args.max_steps}"
+            if training_args.max_steps > 0
+            else f"num_train_epochs={training_args.num_train_epochs}"
+        )
+        raise RunFinished(
+            f"The run in {output_dir} already finished (step {step}, {target}): nothing to train. To train "
+            f"longer, raise max_steps (e.g. --max_steps {2 * step}) or num_train_epochs and resume; to start "
+            "over, use another output_dir."
+        )
 
 
 def warn_if_schedule_changes(training_args: VLMGRPOConfig, resume: str | None) -> None:
