@@ -127,8 +127,8 @@ class RescheduleOnResume(TrainerCallback):
     transformers restores the optimizer's saved learning rate with its state, and the scheduler's last value with
     it; the scheduler, rebuilt for this run's `max_steps`, sets the next rate only after that first step. With the
     checkpoint's `max_steps` both are the same number; with a longer run the saved rate (0.0 at the end of a linear
-    schedule) would train the first resumed step. Schedulers that are not `LambdaLR` (all of transformers' named
-    ones are) keep the restored rate.
+    schedule) would train the first resumed step. Schedulers that are not `LambdaLR` (`reduce_lr_on_plateau`, a
+    DeepSpeed config's own) keep the restored rate.
     """
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
@@ -137,12 +137,14 @@ class RescheduleOnResume(TrainerCallback):
             return
         # As `LambdaLR.get_lr` computes it, so an unchanged schedule gets the very same numbers.
         rates = [
-            base * rate(scheduler.last_epoch)
-            for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+            base * factor(scheduler.last_epoch)
+            for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
         ]
         for group, rate in zip(optimizer.param_groups, rates, strict=True):
             group["lr"] = rate
-        scheduler._last_lr = rates  # what the trainer logs as `learning_rate`
+        scheduler._last_lr = (
+            rates  # torch's private record of the last rates: what the trainer logs as `learning_rate`
+        )
 
 
 def run(
