@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import PartialState
+from transformers import PretrainedConfig
 from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 from vlm_rl.checkpoints import resolve_resume
@@ -45,7 +46,9 @@ class Prepared:
     default_max_prompt_length: int | None  # where the recipe sets no `max_prompt_length`: the context's room
 
 
-def prepare_rewards(reward_args: RewardArguments, training_args: VLMGRPOConfig, recipe_dir: Path | None) -> list:
+def prepare_rewards(
+    reward_args: RewardArguments, training_args: VLMGRPOConfig, recipe_dir: Path | None
+) -> list[ConfiguredReward]:
     """The recipe's rewards, with `reward_weights` resolved into `training_args`."""
     reward_funcs = recipe_rewards(reward_args, training_args, recipe_dir)
     training_args.reward_weights = reward_weights(reward_funcs, training_args.reward_weights)
@@ -60,7 +63,7 @@ def prepare_data(data_args: DataArguments, training_args: VLMGRPOConfig, recipe_
 
 def prepare_model_path(
     model_args: ModelArguments, training_args: VLMGRPOConfig, recipe_dir: Path | None
-) -> tuple[str, FamilyAdapter, object]:
+) -> tuple[str, FamilyAdapter, PretrainedConfig]:
     """The model's directory or Hub id (a `tiny:` model built first), its family adapter and its config."""
     model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir, recipe_dir)
     config = load_config(model_path, trust_remote_code=training_args.trust_remote_code)
@@ -111,7 +114,9 @@ def prepare(
     )
 
 
-def default_max_prompt_length(data_args: DataArguments, training_args: VLMGRPOConfig, config) -> int | None:
+def default_max_prompt_length(
+    data_args: DataArguments, training_args: VLMGRPOConfig, config: PretrainedConfig
+) -> int | None:
     """Unless the recipe sets `max_prompt_length`: the model's context length less `max_completion_length`. A longer
     prompt leaves its completion no room, or runs past the position embeddings, and trains on garbage silently."""
     if data_args.max_prompt_length is not None or data_args.dataset.startswith("synthetic:"):
@@ -122,7 +127,7 @@ def default_max_prompt_length(data_args: DataArguments, training_args: VLMGRPOCo
     return max(1, context - training_args.max_completion_length)
 
 
-def context_length(config) -> int | None:
+def context_length(config: PretrainedConfig) -> int | None:
     """The longest sequence the model's language model takes (`max_position_embeddings`), if its config says."""
     return getattr(config.get_text_config(), "max_position_embeddings", None)
 
