@@ -1,8 +1,13 @@
-"""The `vlm-rl` command's own surface: its commands, their help, and `vlm-rl recipes`."""
+"""The `vlm-rl` command's own surface: its commands, their help, `vlm-rl recipes`, and mistakes in one line."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from test_data_training import TINY_RUN
 
 from vlm_rl.cli import TINY_FAMILIES, build_parser, main
 from vlm_rl.models import tiny_families
@@ -59,3 +64,72 @@ def test_tiny_model_refuses_an_unknown_family_before_building_anything(tmp_path,
         main(["tiny-model", "--family", "qwen9_vl", "--output_dir", str(tmp_path / "tiny")])
     assert exit_info.value.code == 2
     assert "invalid choice: 'qwen9_vl'" in capsys.readouterr().err and not (tmp_path / "tiny").exists()
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "vlm_rl.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def recipe(directory: Path, **fields) -> str:
+    path = directory / "recipe.yaml"
+    path.write_text(
+        yaml.safe_dump({**TINY_RUN, "dataset": "synthetic:shapes", "train_size": 4, "eval_size": 2, **fields})
+    )
+    return str(path)
+
+
+# (command line, recipe fields, the error line's start); {tmp}: the test's directory, {model}: a full tiny model,
+# {recipe}: a recipe of the fields given.
+MISTAKES = [
+    ("plot {tmp}/nowhere", {}, "vlm-rl plot: error: {tmp}/nowhere is not a directory: pass a run's output_dir."),
+    ("plot {tmp}", {}, "vlm-rl plot: error: {tmp} has no trainer_state.json and no complete checkpoint-N"),
+    (
+        "export --checkpoint {model} --output_dir {tmp}/merged",
+        {},
+        "vlm-rl export: error: {model} holds no LoRA adapter (no adapter_config.json)",
+    ),
+    ("eval --model {tmp} --config {recipe}", {}, "vlm-rl eval: error: --model {tmp} holds no model"),
+    (
+        "train --config {recipe} --per_device_train_batch_size 3",
+        {},
+        "vlm-rl train: error: per_device_train_batch_size (3) x 1 process(es) x steps_per_generation (1) = 3 "
+        "completions per generation, not a multiple of num_generations (2): set per_device_train_batch_size to 4",
+    ),
+    (
+        "train --config {recipe}",
+        {"model_name_or_path": "./models/missing"},
+        "vlm-rl train: error: model_name_or_path './models/missing': no such directory (looked for "
+        "{tmp}/models/missing",
+    ),
+    (
+        "train --config {recipe}",
+        {"model_name_or_path": "someone/missing"},
+        "vlm-rl train: error: Model 'someone/missing' is neither a model directory (with a config.json) nor a model "
+        "the Hugging Face Hub serves here",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "fields", "message"),
+    MISTAKES,
+    ids=[
+        "plot-missing-dir",
+        "plot-not-a-run",
+        "export-full-model",
+        "eval-no-model",
+        "train-batch-size",
+        "train-missing-model-dir",
+        "train-model-nowhere",
+    ],
+)
+def test_mistakes_are_reported_in_one_line_without_a_traceback(command, fields, message, tiny_dirs, tmp_path):
+    places = {"tmp": tmp_path, "model": tiny_dirs["qwen2_vl"]}
+    if "{recipe}" in command:
+        places["recipe"] = recipe(tmp_path, **fields)
+    result = run_cli(*command.format(**places).split(), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(message.format(**places)), last

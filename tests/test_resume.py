@@ -30,6 +30,7 @@ from vlm_rl.checkpoints import (
     latest_checkpoint,
     rotate_checkpoints,
 )
+from vlm_rl.cli import main as cli_main
 from vlm_rl.train import main as train_main
 
 REWARD_FILE = '''
@@ -350,3 +351,45 @@ def test_the_progress_bar_of_a_resumed_run_starts_at_its_step(uninterrupted, tmp
     frames = [frame for frame in re.split(r"[\r\n]", capfd.readouterr().err) if re.search(r"\b\d/6 \[", frame)]
     assert frames, "no training bar drawn"
     assert re.search(r"\b4/6 \[", frames[0]) and re.search(r"\b6/6 \[", frames[-1]), frames
+
+
+@pytest.mark.parametrize(
+    ("length", "last", "end"),
+    [
+        ({"max_steps": 2}, 2, "max_steps=2"),
+        ({"max_steps": -1, "num_train_epochs": 1}, 3, "num_train_epochs=1"),
+        ({"max_steps": 2, "save_strategy": "no"}, 2, "max_steps=2"),  # the final trainer_state.json says so
+    ],
+    ids=["max_steps", "epochs", "no_checkpoints"],
+)
+def test_a_finished_run_relaunched_does_nothing_and_says_so(length, last, end, tmp_path, caplog):
+    recipe = write_recipe(tmp_path, **length)  # an epoch: 3 steps
+    train(recipe)
+    run = tmp_path / "run"
+    state, model = (run / "trainer_state.json").read_text(), weights(run)
+    with caplog.at_level(logging.WARNING, logger="vlm_rl"):
+        cli_main(["train", "--config", str(recipe), "--resume_from_checkpoint", "auto"])  # returns: exit status 0
+    assert f"The run in {run} already finished (step {last}, {end}): nothing to train" in caplog.text
+    assert f"--max_steps {2 * last}" in caplog.text  # how to train longer
+    assert not (run / f"checkpoint-{last + 1}").exists() and (run / "trainer_state.json").read_text() == state
+    assert all(torch.equal(tensor, model[name]) for name, tensor in weights(run).items())
+    if length.get("save_strategy") != "no":
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vlm_rl"):  # the final checkpoint named by path: the same
+            train(recipe, "--resume_from_checkpoint", str(run / f"checkpoint-{last}"))
+        assert "already finished" in caplog.text and not (run / f"checkpoint-{last + 1}").exists()
+
+
+def test_raising_max_steps_on_resume_follows_the_longer_schedule_and_warns(uninterrupted, tmp_path, caplog):
+    _, full = uninterrupted(1, 1)  # six steps, planned as six from the start
+    recipe = write_recipe(tmp_path, max_steps=2)
+    train(recipe)
+    with caplog.at_level(logging.WARNING, logger="vlm_rl"):
+        train(recipe, "--resume_from_checkpoint", "auto", "--max_steps", "6")
+    assert (
+        "saved by a run of max_steps=2, with max_steps=6: the linear learning-rate schedule is rebuilt" in caplog.text
+    )
+    resumed = {step: entry["learning_rate"] for step, entry in steps(tmp_path / "run").items()}
+    planned = {step: entry["learning_rate"] for step, entry in steps(full).items()}
+    assert resumed[3] > 0  # not the 0.0 the two-step schedule ended at
+    assert [resumed[step] for step in range(3, 7)] == [planned[step] for step in range(3, 7)]

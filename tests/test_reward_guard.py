@@ -11,6 +11,7 @@ from conftest import no_hang, small_config
 from datasets import Dataset
 
 from vlm_rl.data import make_grounding_math_dataset
+from vlm_rl.prepare import check_routes, reward_weights
 from vlm_rl.rewards import (
     ConfiguredReward,
     RewardError,
@@ -21,7 +22,6 @@ from vlm_rl.rewards import (
     time_limit,
 )
 from vlm_rl.rewards.columns import check_reward_columns
-from vlm_rl.train import check_routes, reward_weights
 from vlm_rl.trainers import VLMGRPOTrainer
 
 

@@ -356,3 +356,102 @@ def test_recipe_freezing_and_pixel_bounds_reach_the_trained_model(tmp_path):
     assert processor.image_processor.size["longest_edge"] == 28 * 28
     grid = processor.image_processor(images=[Image.new("RGB", (224, 224))], return_tensors="pt")["image_grid_thw"]
     assert int(grid.prod()) * 14 * 14 <= 28 * 28
+
+
+def write_rows(directory: Path, prompts: list[str], images: list[int] | None = None) -> Path:
+    """A JSONL data file with an image per row (`images`: how many per row; default one), and its images."""
+    Image.new("RGB", (28, 28), (200, 30, 30)).save(directory / "red.png")
+    images = images or [1] * len(prompts)
+    rows = [{"prompt": p, "image": ["red.png"] * n, "answer": "red"} for p, n in zip(prompts, images, strict=True)]
+    path = directory / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_a_prompt_longer_than_the_context_fails_at_its_row(tmp_path):
+    """Unset `max_prompt_length` is the model's context length less `max_completion_length`."""
+    from transformers import AutoConfig
+
+    from vlm_rl.data import DataError
+    from vlm_rl.models import build_tiny_model
+
+    model = build_tiny_model("qwen2_vl", tmp_path / "model")
+    config = AutoConfig.from_pretrained(model)
+    config.get_text_config().max_position_embeddings = 200  # a 200-token context
+    config.save_pretrained(model)
+    write_rows(tmp_path, ["What colour is it?"] * 3 + ["What colour is it? " + "Look closely. " * 60])
+    recipe = write_recipe(
+        tmp_path,
+        model_name_or_path=str(model),
+        dataset="rows.jsonl",
+        eval_size=None,
+        train_size=None,
+        final_eval=False,
+    )
+    with pytest.raises(
+        DataError,
+        match=r"rows\.jsonl.*line 4.*over the model's context length less "
+        r"max_completion_length=197",
+    ):
+        train_main(["--config", str(recipe)])
+
+
+def test_a_lora_card_says_so_records_resolved_settings_and_absolute_paths(tmp_path, monkeypatch):
+    from vlm_rl.models import build_tiny_model
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    build_tiny_model("qwen2_vl", recipes / "models" / "tiny")
+    write_rows(recipes, ["What colour is it?"] * 4)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # relative paths start from the recipe's directory
+    recipe = write_recipe(
+        recipes,
+        model_name_or_path="models/tiny",  # relative, as data paths are
+        dtype="auto",
+        dataset="rows.jsonl",
+        eval_size=None,
+        train_size=None,
+        reward_funcs=["accuracy", "iou"],
+        reward_weights=None,
+        use_peft=True,
+        resume_from_checkpoint="auto",
+        max_steps=1,
+        save_strategy="no",
+        final_eval=False,
+        plot=False,
+    )
+    train_main(["--config", str(recipe)])
+    run = recipes / "run"
+    card = (run / "README.md").read_text()
+    assert "holds a **LoRA adapter**" in card and "vlm-rl export --checkpoint path/to/run" in card
+    assert "| `dtype: auto` | float32 |" in card
+    assert "| `iou: box_format auto` | norm1000 (qwen2_vl) |" in card  # Qwen2-VL answers in 0-1000 coordinates
+    assert "| `resume_from_checkpoint: auto` | none found: trained from the start |" in card
+    assert "| `max_prompt_length: unset` | 4093 (the context length less max_completion_length) |" in card
+    assert (
+        f"`{recipes / 'models' / 'tiny'}` post-trained" in card and f"| dataset | {recipes / 'rows.jsonl'} |" in card
+    )
+    assert f"Relative paths in it start from the recipe's directory, `{recipes}`" in card
+    adapter_config = json.loads((run / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(recipes / "models" / "tiny")  # exports from anywhere
+
+
+def test_vllm_serve_reads_the_rows_training_reads_with_data_seed(tmp_path):
+    """`vllm_limit_mm_per_prompt` comes from the rows in use: with `data_seed`, the same rows as training's."""
+    from vlm_rl.config import parse_recipe
+    from vlm_rl.data import load_task, most_images_per_row
+    from vlm_rl.rollout.serve import server_args
+
+    write_rows(tmp_path, ["What colour is it?"] * 4, images=[1, 1, 1, 3])  # only the last row has three
+    recipe = write_recipe(tmp_path, dataset="rows.jsonl", eval_size=1, train_size=1)
+    data_args = parse_recipe(["--config", str(recipe)])[1]
+
+    def limit(seed: int) -> int:  # the rows training uses, held out with `seed`
+        task = load_task(data_args, seed=seed, base_dir=tmp_path)
+        return most_images_per_row(task.train, task.eval)
+
+    seed = next(s for s in range(100) if limit(s) == 1)
+    data_seed = next(s for s in range(100) if limit(s) == 3)
+    args = server_args(["--config", str(recipe), "--seed", str(seed), "--data_seed", str(data_seed)])
+    assert args[args.index("--limit-mm-per-prompt") + 1] == json.dumps({"image": 3})

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlm_rl.errors import UsageError
 from vlm_rl.recipe_check import RecipeError, check_recipe, recipe_path
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # in a source checkout
@@ -222,19 +223,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "eval"):
-        if argv[0] == "train":
-            _train_preflight(argv[1:])
-        # A mistake in the recipe or its data is reported as one line, not as a traceback into the loader.
-        from vlm_rl.data import DataError  # lazy: start-up speed
-        from vlm_rl.rewards import RewardSpecError
-
-        try:
-            _run(argv)
-        except (RecipeError, DataError, RewardSpecError) as error:
-            sys.exit(f"vlm-rl {argv[0]}: error: {error}")
+    command = argv[0] if argv else None
+    if command not in ("train", "eval", "plot", "export"):
+        _run(argv)
         return
-    _run(argv)
+    if command == "train":
+        _train_preflight(argv[1:])
+    # A mistake in what the user gave (recipe, data, flags, paths) is reported as one line, not as a traceback.
+    try:
+        _run(argv)
+    except Exception as error:
+        if not isinstance(error, _user_errors(command)):
+            raise
+        sys.exit(f"vlm-rl {command}: error: {error}")
+
+
+def _user_errors(command: str) -> tuple[type[Exception], ...]:
+    """The error types that are the user's to fix; those of data and rewards only for the commands that read data
+    and rewards (their modules take seconds to import)."""
+    if command not in ("train", "eval"):
+        return (UsageError,)
+    from vlm_rl.data import DataError  # lazy: start-up speed
+    from vlm_rl.rewards import RewardSpecError
+
+    return UsageError, DataError, RewardSpecError
 
 
 def _run(argv: list[str]) -> None:

@@ -6,6 +6,7 @@ dataclasses below. `TrlParser` does the parsing, so every field is also a comman
 
 from __future__ import annotations
 
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -181,7 +182,8 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Longest prompt in tokens, image tokens included, measured with the model's processor when a row "
-            "is loaded (a processor call per row). Unset: no limit."
+            "is loaded (a processor call per row). Unset: the model's context length (`max_position_embeddings`) "
+            "less `max_completion_length`."
         },
     )
     text_fraction: float = field(
@@ -319,7 +321,13 @@ class VLMGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        generation_batch_given = self.generation_batch_size is not None
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            if "must be divisible by" not in str(error):
+                raise
+            raise RecipeError(self._indivisible_batch(generation_batch_given)) from error
         if self.vllm_weight_transport not in WEIGHT_TRANSPORTS:
             raise ValueError(
                 f"vllm_weight_transport must be one of {list(WEIGHT_TRANSPORTS)}, got {self.vllm_weight_transport!r}."
@@ -328,6 +336,44 @@ class VLMGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"reward_error_policy must be one of {list(ERROR_POLICIES)}, got {self.reward_error_policy!r}."
             )
+
+    def _indivisible_batch(self, generation_batch_given: bool) -> str:
+        """GRPOConfig's batch-size checks in the recipe's words: the fields to change, and a value that works.
+
+        TRL raises them with the derived `generation_batch_size`, a field most recipes never set.
+        """
+        processes = self.world_size
+        group = self.num_generations
+        if self.generation_batch_size is not None and self.generation_batch_size % group != 0:
+            if generation_batch_given:
+                valid = math.ceil(self.generation_batch_size / group) * group
+                return (
+                    f"generation_batch_size ({self.generation_batch_size}) is not a multiple of num_generations "
+                    f"({group}): set generation_batch_size to {valid}."
+                )
+            per_step = processes * self.steps_per_generation  # rows per unit of per_device_train_batch_size
+            unit = group // math.gcd(group, per_step)
+            valid = math.ceil(self.per_device_train_batch_size / unit) * unit
+            return (
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) x {processes} process(es) x "
+                f"steps_per_generation ({self.steps_per_generation}) = {self.generation_batch_size} completions per "
+                f"generation, not a multiple of num_generations ({group}): set per_device_train_batch_size to "
+                f"{valid}, or num_generations to a divisor of {self.generation_batch_size}."
+            )
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            eval_group = self.num_generations_eval or group
+            unit = eval_group // math.gcd(eval_group, processes)
+            valid = math.ceil(self.per_device_eval_batch_size / unit) * unit
+            return (
+                f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) x {processes} process(es) is not a "
+                f"multiple of the generations per held-out prompt (num_generations_eval or num_generations: "
+                f"{eval_group}): set per_device_eval_batch_size to {valid}."
+            )
+        return (
+            f"generation_batch_size ({self.generation_batch_size}) is not a multiple of per_device_train_batch_size "
+            f"({self.per_device_train_batch_size}) x {processes} process(es): set it to a multiple of "
+            f"{self.per_device_train_batch_size * processes}."
+        )
 
 
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig)

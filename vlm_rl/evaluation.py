@@ -18,11 +18,12 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from vlm_rl.config import parse_recipe
-from vlm_rl.data import image_counts, load_rows, load_task
+from vlm_rl.data import image_counts, load_rows
+from vlm_rl.errors import InvalidValueError, MissingPathError
 from vlm_rl.export import ADAPTER_CONFIG, load_merged
 from vlm_rl.models import adapter_for, load_model_and_processor
 from vlm_rl.models.inputs import conversation_text, media_token_ids, prompt_inputs
-from vlm_rl.rewards import recipe_rewards
+from vlm_rl.prepare import default_max_prompt_length, prepare_data, prepare_rewards
 from vlm_rl.rewards.configured import bind_context
 
 
@@ -49,7 +50,7 @@ def _generate(model, processor, prompts: list, images: list[list], max_new_token
 def deranged_rows(image_rows: Sequence[int], seed: int = 0) -> dict[int, int]:
     """For each image row, the other image row whose images it gets in a blind evaluation (none keeps its own)."""
     if len(image_rows) < 2:
-        raise ValueError("A blind evaluation needs at least two rows with images.")
+        raise InvalidValueError("A blind evaluation needs at least two rows with images.")
     order = list(image_rows)
     random.Random(seed).shuffle(order)
     return {row: order[(position + 1) % len(order)] for position, row in enumerate(order)}
@@ -180,7 +181,9 @@ def evaluate_and_write(
     `eval_samples.jsonl` (one line per row) and `eval_results.json` (the summary, plus `extra`) to `output_dir`."""
     names = [func.__name__ for func in reward_funcs]
     if accuracy_reward not in names:
-        raise ValueError(f"The accuracy reward {accuracy_reward!r} (eval_accuracy_reward) is not among {names}.")
+        raise InvalidValueError(
+            f"The accuracy reward {accuracy_reward!r} (eval_accuracy_reward) is not among {names}."
+        )
     kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
     records = evaluate_policy(model, processor, dataset, reward_funcs, progress="eval", **kwargs)
     blind_records = None
@@ -205,11 +208,11 @@ def load_evaluated_model(path: str | Path, *, dtype: str = "auto", trust_remote_
     """A saved model directory (a run's output_dir or checkpoint-N), or a LoRA run's adapter merged into its base."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"--model {path} is not a directory: pass a run's output_dir or a checkpoint-N.")
+        raise MissingPathError(f"--model {path} is not a directory: pass a run's output_dir or a checkpoint-N.")
     if (path / ADAPTER_CONFIG).is_file():
         return load_merged(path, dtype=dtype, trust_remote_code=trust_remote_code)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model {path} holds no model (no config.json and no {ADAPTER_CONFIG}).")
+        raise MissingPathError(f"--model {path} holds no model (no config.json and no {ADAPTER_CONFIG}).")
     return load_model_and_processor(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
@@ -218,13 +221,12 @@ def evaluate_saved_model(args: argparse.Namespace, overrides: list[str]) -> dict
     model_args, data_args, reward_args, training_args, recipe_path = parse_recipe(
         ["--config", args.config, *overrides]
     )
-    base_dir = recipe_path.parent
-    reward_funcs = recipe_rewards(reward_args, training_args, base_dir)
-    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-    task = load_task(data_args, seed=seed, base_dir=base_dir)
+    # The rewards and the rows as `vlm-rl train` resolves them (`vlm_rl.prepare`): the same held-out split.
+    reward_funcs = prepare_rewards(reward_args, training_args, recipe_path.parent)
+    task = prepare_data(data_args, training_args, recipe_path.parent)
     dataset = task.eval if args.split == "eval" else task.train
     if dataset is None:
-        raise ValueError(
+        raise InvalidValueError(
             f"Recipe {args.config} has no held-out data: set eval_dataset, eval_split or eval_size (in the recipe or "
             "as a flag, e.g. --eval_dataset data/test.jsonl), or pass --split train."
         )
@@ -234,7 +236,7 @@ def evaluate_saved_model(args: argparse.Namespace, overrides: list[str]) -> dict
         args.model, dtype=model_args.dtype, trust_remote_code=training_args.trust_remote_code
     )
     adapter_for(model.config).check_images_per_row(*image_counts(dataset))
-    task.attach_processor(processor)
+    task.attach_processor(processor, default_max_prompt_length(data_args, training_args, model.config))
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     max_new_tokens = args.max_new_tokens or training_args.max_completion_length
     bind_context(

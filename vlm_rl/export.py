@@ -11,6 +11,7 @@ import json
 import logging
 from pathlib import Path
 
+from vlm_rl.errors import InvalidValueError, MissingPathError, first_line
 from vlm_rl.models.loading import load_model_and_processor
 from vlm_rl.models.processing import _with_chat_template
 
@@ -23,11 +24,11 @@ _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 def adapter_base_model(checkpoint: Path) -> str:
     """The base model an adapter directory names (`base_model_name_or_path` in its adapter_config.json)."""
     if not checkpoint.is_dir():
-        raise FileNotFoundError(f"--checkpoint {checkpoint} is not a directory.")
+        raise MissingPathError(f"--checkpoint {checkpoint} is not a directory.")
     config_file = checkpoint / ADAPTER_CONFIG
     if not config_file.is_file():
         full = (checkpoint / "config.json").is_file()
-        raise ValueError(
+        raise InvalidValueError(
             f"{checkpoint} holds no LoRA adapter (no {ADAPTER_CONFIG}); "
             + (
                 "it is a full model already: load it with from_pretrained."
@@ -37,7 +38,9 @@ def adapter_base_model(checkpoint: Path) -> str:
         )
     base = json.loads(config_file.read_text()).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{config_file} names no base_model_name_or_path; pass the base model with --base_model.")
+        raise InvalidValueError(
+            f"{config_file} names no base_model_name_or_path; pass the base model with --base_model."
+        )
     return base
 
 
@@ -56,16 +59,16 @@ def load_merged(
     base = base_model or named_base
     source = "--base_model" if base_model else f"base_model_name_or_path in {checkpoint / ADAPTER_CONFIG}"
     if Path(base).is_absolute() and not Path(base).is_dir():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"Base model directory {base} (from {source}) does not exist; pass the base model's directory or Hub id "
             "with --base_model."
         )
     try:
         model, processor = load_model_and_processor(base, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as error:
-        raise FileNotFoundError(
-            f"Cannot load the base model {base!r} (from {source}): {error}\nPass the base model's directory or Hub "
-            "id with --base_model."
+        raise MissingPathError(
+            f"Cannot load the base model {base!r} (from {source}): {first_line(error)}. Pass the base model's "
+            "directory or Hub id with --base_model."
         ) from error
     if any((checkpoint / name).is_file() for name in _PROCESSOR_FILES):
         # The processor's own class (image-only where torchvision is missing), from the checkpoint's files.
@@ -87,7 +90,9 @@ def export_merged(
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     adapter_base_model(checkpoint)  # a clear error for a directory without an adapter, before anything loads
     if output_dir.resolve() == checkpoint.resolve():
-        raise ValueError(f"--output_dir must differ from --checkpoint ({checkpoint}): the adapter files would mix in.")
+        raise InvalidValueError(
+            f"--output_dir must differ from --checkpoint ({checkpoint}): the adapter files would mix in."
+        )
     merged, processor = load_merged(
         checkpoint, base_model=base_model, dtype=dtype, trust_remote_code=trust_remote_code
     )

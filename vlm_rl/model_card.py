@@ -59,7 +59,12 @@ def render_model_card(
     recipe: dict[str, Any],
     versions: dict[str, str],
     has_plot: bool,
+    lora_adapter: bool = False,
+    resolved: dict[str, str] | None = None,
+    recipe_dir: str | None = None,
 ) -> str:
+    """The card's Markdown. `lora_adapter`: the directory holds a LoRA adapter, not a full model; `resolved`: what
+    the recipe's automatic settings came to; `recipe_dir`: where the recipe's relative paths start."""
     hub_base = base_model if not base_model.startswith("tiny:") and not Path(base_model).exists() else None
     front = {"library_name": "transformers", "pipeline_tag": "image-text-to-text", "tags": ["vlm-rl", "grpo", "trl"]}
     if hub_base:
@@ -70,6 +75,18 @@ def render_model_card(
         f"(vlm-rl {versions['vlm-rl']}, TRL {versions['trl']}, transformers {versions['transformers']}, "
         f"torch {versions['torch']}).",
         "",
+    ]
+    if lora_adapter:
+        lines += [
+            "This directory holds a **LoRA adapter** (`adapter_config.json`, `adapter_model.safetensors`) for the "
+            "base model above, not a full model. To get a full model directory, merge it into the base model:",
+            "",
+            "```bash",
+            f"vlm-rl export --checkpoint path/to/{name} --output_dir path/to/{name}-merged",
+            "```",
+            "",
+        ]
+    lines += [
         "## Results",
         "",
     ]
@@ -103,11 +120,16 @@ def render_model_card(
         lines.append(f"| `{row['name']}` | {_number(row['weight'])} | {tasks} | {kwargs} |")
     lines += ["", "## Data", "", "| | |", "| --- | --- |"]
     lines += [f"| {key} | {_number(value)} |" for key, value in data.items() if value is not None]
+    if resolved:
+        lines += ["", "## Settings resolved at run time", "", "| setting | resolved to |", "| --- | --- |"]
+        lines += [f"| `{key}` | {value} |" for key, value in resolved.items()]
+    where = f" Relative paths in it start from the recipe's directory, `{recipe_dir}`." if recipe_dir else ""
     lines += [
         "",
         "## Recipe",
         "",
-        "The fields the run was given (recipe file and command line), as it ran with them:",
+        "Local paths above are absolute, as the run resolved them. The fields the run was given (recipe file and "
+        f"command line), as it ran with them, paths as written.{where}",
         "",
         "```yaml",
         yaml.safe_dump(_plain(redacted(recipe)), sort_keys=False).strip() if recipe else "# (not recorded)",

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from vlm_rl.checkpoints import latest_checkpoint  # noqa: E402
+from vlm_rl.errors import InvalidValueError, MissingPathError  # noqa: E402
 
 PLOT_FILE = "training_curves.png"
 
@@ -61,7 +62,9 @@ def plot_training_curves(log_history: list[dict], path: str | Path, title: str =
     Evaluation values (`eval_*`) are drawn dashed on the panel of their training twin.
     """
     if not any("reward" in entry for entry in log_history):
-        raise ValueError("The log history has no reward entries to plot (was `logging_steps` larger than the run?).")
+        raise InvalidValueError(
+            "The log history has no reward entries to plot (was `logging_steps` larger than the run?)."
+        )
     figure, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=100)
     for panel, axis in zip(PANELS, axes.flat, strict=True):
         series = _series(log_history, panel.keys)
@@ -100,11 +103,13 @@ def plot_run(run_dir: str | Path) -> Path:
     checkpoint's is used instead.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MissingPathError(f"{run_dir} is not a directory: pass a run's output_dir.")
     state_file = run_dir / "trainer_state.json"
     if not state_file.is_file():
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{run_dir} has no trainer_state.json and no complete checkpoint-N: is it a vlm-rl run directory?"
             )
         state_file = checkpoint / "trainer_state.json"

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from vlm_rl.errors import InvalidValueError
+
 FIELD_TABLE = Path(__file__).with_name("recipe_fields.json")
 # The packages whose dataclasses hold most recipe fields (`GRPOConfig` and its `TrainingArguments`).
 TABLE_PACKAGES = ("trl", "transformers")
@@ -34,8 +36,8 @@ _PLAIN = {bool: "bool", int: "int", float: "float", str: "str", type(None): "nul
 Spec = str | dict[str, Any]
 
 
-class RecipeError(ValueError):
-    """A recipe file cannot be used as written."""
+class RecipeError(InvalidValueError):
+    """A recipe file (or a recipe field given as a flag) cannot be used as written."""
 
 
 def type_spec(hint: Any) -> Spec:

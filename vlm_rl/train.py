@@ -7,6 +7,7 @@ accelerate launch --config_file launch/single_process.yaml -m vlm_rl.train --con
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import sys
@@ -16,24 +17,24 @@ from pathlib import Path
 import torch
 import transformers
 import trl
-from accelerate import PartialState
 from peft import PeftModel
 from torch import nn
-from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import TrainerCallback
 
 import vlm_rl
-from vlm_rl.checkpoints import resolve_resume
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe, recipe_as_run
-from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts, load_task, most_images_per_row
+from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts
+from vlm_rl.data.sources import resolve_path
 from vlm_rl.evaluation import evaluate_and_write, image_rows
 from vlm_rl.model_card import write_model_card
-from vlm_rl.models import adapter_for, apply_freezing, load_model_and_processor, resolve_model_path
-from vlm_rl.models.loading import load_config
+from vlm_rl.models import apply_freezing, load_model_and_processor
+from vlm_rl.models.loading import TINY_PREFIX
 from vlm_rl.models.lora import wrap_with_lora
 from vlm_rl.plotting import PLOT_FILE, plot_run
+from vlm_rl.prepare import Prepared, RunFinished, prepare, without_zero3_init
 from vlm_rl.redaction import redacted_argv
-from vlm_rl.rewards import ConfiguredReward, RewardSpecError, recipe_rewards
-from vlm_rl.rewards.columns import check_reward_columns
+from vlm_rl.rewards.boxes import resolve_box_format
 from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.preemption import Preempted
 
@@ -104,24 +105,6 @@ def trained_policy(trainer: VLMGRPOTrainer, model_path: str, dtype: str) -> Iter
         yield model.to(trainer.accelerator.device)
 
 
-@contextlib.contextmanager
-def without_zero3_init(training_args: VLMGRPOConfig) -> Iterator[None]:
-    """Models constructed inside are not partitioned by ZeRO-3 as they are built.
-
-    Under ZeRO-3, transformers partitions a model while constructing it, with collectives every process must
-    join; a model only the main process builds (a `tiny:` model, before the others load it) would wait forever.
-    """
-    plugin = training_args.deepspeed_plugin
-    if plugin is None or not is_deepspeed_zero3_enabled():
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()
-
-
 def describe_distribution(accelerator) -> str:
     """How training is spread over processes, in one line: a DeepSpeed launch on CPU without `ddp_backend: gloo`
     or `use_cpu` silently runs without DeepSpeed, and this line (logged at start-up) shows it."""
@@ -138,42 +121,30 @@ def describe_distribution(accelerator) -> str:
     return text
 
 
-def reward_weights(rewards: list[ConfiguredReward], recipe_weights: list[float] | None) -> list[float] | None:
-    """One weight per reward, from the entries' `weight` or else the recipe's `reward_weights` (None: all 1.0)."""
-    if all(reward.weight is None for reward in rewards):
-        return recipe_weights
-    if recipe_weights is not None:
-        raise RewardSpecError(
-            "The recipe sets both `reward_weights` and a `weight` inside `reward_funcs`; use one of the two."
-        )
-    return [1.0 if reward.weight is None else float(reward.weight) for reward in rewards]
+class RescheduleOnResume(TrainerCallback):
+    """The first step after resuming trains at the learning rate the rebuilt schedule gives the step reached.
 
+    transformers restores the optimizer's saved learning rate with its state, and the scheduler's last value with
+    it; the scheduler, rebuilt for this run's `max_steps`, sets the next rate only after that first step. With the
+    checkpoint's `max_steps` both are the same number; with a longer run the saved rate (0.0 at the end of a linear
+    schedule) would train the first resumed step. Schedulers that are not `LambdaLR` (`reduce_lr_on_plateau`, a
+    DeepSpeed config's own) keep the restored rate.
+    """
 
-def check_routes(rewards: list[ConfiguredReward], dataset, route_column: str) -> None:
-    """Every task a reward is routed to exists in the data, and every row is scored by at least one reward."""
-    routed = [reward for reward in rewards if reward.tasks is not None]
-    if not routed:
-        return
-    if route_column not in dataset.column_names:
-        raise RewardSpecError(
-            f"Rewards {[r.__name__ for r in routed]} are routed by `tasks`, but the training data has no "
-            f"{route_column!r} column (columns: {dataset.column_names}); set `reward_route_column`."
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the scheduler
+        if state.global_step == 0 or optimizer is None or not isinstance(scheduler, LambdaLR):
+            return
+        # As `LambdaLR.get_lr` computes it, so an unchanged schedule gets the very same numbers.
+        rates = [
+            base * factor(scheduler.last_epoch)
+            for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        scheduler._last_lr = (
+            rates  # torch's private record of the last rates: what the trainer logs as `learning_rate`
         )
-    present = {str(value) for value in dataset[route_column] if value is not None}
-    for reward in routed:
-        missing = sorted(set(reward.tasks) - present)
-        if missing:
-            raise RewardSpecError(
-                f"Reward {reward.__name__!r} is routed to tasks {missing} that no training row has; the "
-                f"{route_column!r} column holds {sorted(present)}."
-            )
-    if len(routed) == len(rewards):
-        unscored = sorted(present - {task for reward in routed for task in reward.tasks})
-        if unscored:
-            raise RewardSpecError(
-                f"Training rows with {route_column} {unscored} are scored by no reward; add them to a reward's "
-                "`tasks`, or add a reward without `tasks`."
-            )
 
 
 def run(
@@ -184,39 +155,22 @@ def run(
     recipe_dir: Path | None = None,
     recipe: dict | None = None,
 ) -> VLMGRPOTrainer:
-    """Train (resuming if asked), save the model, then plot and evaluate as the recipe says, and write the model
-    card; `recipe` is the fields the run was given (for the card). Raises `Preempted` when a signal stopped training
-    (after its checkpoint was saved)."""
+    """Prepare (check the recipe, data and rewards), train (resuming if asked), then finish: save the model, plot
+    and evaluate as the recipe says, and write the model card; `recipe` is the fields the run was given (for the
+    card). Raises `RunFinished` when `output_dir` holds a run that already reached its end, and `Preempted` when a
+    signal stopped training (after its checkpoint was saved)."""
     # Everything that can fail from a typo fails here, before any model is loaded.
-    reward_funcs = recipe_rewards(reward_args, training_args, recipe_dir)
-    training_args.reward_weights = reward_weights(reward_funcs, training_args.reward_weights)
-    names = [func.__name__ for func in reward_funcs]
-    if training_args.final_eval and training_args.eval_accuracy_reward not in names:
-        raise ValueError(
-            f"eval_accuracy_reward={training_args.eval_accuracy_reward!r} is not among the recipe's rewards {names}."
-        )
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    task = load_task(
-        data_args,
-        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
-        base_dir=recipe_dir,
-    )
-    # The rows' plain columns: reading the route column decodes no image.
-    check_routes(reward_funcs, task.train.with_format(None), training_args.reward_route_column)
-    check_reward_columns(reward_funcs, task.train)  # before the model loads (the trainer checks again)
-    check_reward_columns(reward_funcs, task.eval, split="held-out")  # the final evaluation scores these
-    # One process builds a tiny model; the others then load it.
-    with PartialState().main_process_first(), without_zero3_init(training_args):
-        model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
-    # Rows the family cannot take (e.g. text-only rows for BLIP-2) fail here, named, before the model loads.
-    adapter = adapter_for(load_config(model_path, trust_remote_code=training_args.trust_remote_code))
-    for dataset in (task.train, task.eval):
-        if dataset is not None:
-            adapter.check_images_per_row(*image_counts(dataset))
-    if training_args.vllm_limit_mm_per_prompt is None:
-        training_args.vllm_limit_mm_per_prompt = most_images_per_row(task.train, task.eval)
+    prepared = prepare(model_args, data_args, reward_args, training_args, recipe_dir)
+    trainer = train(prepared, model_args, training_args)
+    finish(prepared, trainer, model_args, data_args, training_args, recipe or {})
+    return trainer
+
+
+def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMGRPOConfig) -> VLMGRPOTrainer:
+    """Load the model, build the trainer and train; raises `Preempted` when a signal stopped training."""
+    task = prepared.task
     model, processor = load_model_and_processor(
-        model_path,
+        prepared.model_path,
         dtype=model_args.dtype,
         trust_remote_code=training_args.trust_remote_code,
         min_pixels=model_args.min_pixels,
@@ -230,10 +184,10 @@ def run(
         projector=model_args.freeze_projector,
         language_model=model_args.freeze_language_model,
     )
-    task.attach_processor(processor)  # measures prompts for `max_prompt_length`
+    task.attach_processor(processor, default_max_prompt_length=prepared.default_max_prompt_length)
     trainer = VLMGRPOTrainer(
         model=model,
-        reward_funcs=reward_funcs,
+        reward_funcs=prepared.reward_funcs,
         args=training_args,
         train_dataset=task.train,
         eval_dataset=task.eval if training_args.eval_strategy != "no" else None,
@@ -243,10 +197,24 @@ def run(
     check_zero3_saves_full_model(trainer.accelerator)
     # First in line, so that the reporters see `data/skipped_rows` in the logs it adds to.
     trainer.callback_handler.callbacks.insert(0, SkippedRowsCallback(task.skipped_train))
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.add_callback(RescheduleOnResume())
+    trainer.train(resume_from_checkpoint=prepared.resume)
     if trainer.preemption.stopped_by is not None:
         step = trainer.state.global_step
         raise Preempted(trainer.preemption.stopped_by, step, Path(training_args.output_dir) / f"checkpoint-{step}")
+    return trainer
+
+
+def finish(
+    prepared: Prepared,
+    trainer: VLMGRPOTrainer,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: VLMGRPOConfig,
+    recipe: dict,
+) -> None:
+    """Save the model and state, then (main process) plot, evaluate on the held-out data and write the card."""
+    task, reward_funcs = prepared.task, prepared.reward_funcs
     for name, counts in trainer.reward_failures.items():
         if any(counts.values()):
             logger.warning("Reward %r failed on %s samples during training.", name, counts)
@@ -257,7 +225,7 @@ def run(
         logger.info("Training curves: %s", plot_run(training_args.output_dir))
     results = None
     if trainer.accelerator.is_main_process and training_args.final_eval and task.eval is not None:
-        with trained_policy(trainer, model_path, model_args.dtype) as policy:
+        with trained_policy(trainer, prepared.model_path, model_args.dtype) as policy:
             results = final_evaluation(policy, trainer, task, reward_funcs, training_args)
         logger.info(
             "Held-out evaluation: %s",
@@ -266,14 +234,22 @@ def run(
     elif trainer.accelerator.is_main_process and training_args.final_eval:
         logger.info("No held-out data (eval_dataset, eval_split or eval_size): the final evaluation is skipped.")
     if trainer.accelerator.is_main_process:
-        card = model_card(model_args, data_args, task, reward_funcs, training_args, trainer, results, recipe or {})
+        card = model_card(prepared, model_args, data_args, training_args, trainer, results, recipe)
         logger.info("Model card: %s", card)
     task.log_summary()
-    return trainer
 
 
-def model_card(model_args, data_args, task, reward_funcs, training_args, trainer, eval_results, recipe) -> Path:
-    """Write the README.md of the saved model (`vlm_rl.model_card`)."""
+def model_card(
+    prepared: Prepared,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: VLMGRPOConfig,
+    trainer: VLMGRPOTrainer,
+    eval_results: dict | None,
+    recipe: dict,
+) -> Path:
+    """Write the README.md of the saved model (`vlm_rl.model_card`), local paths absolute as the run resolved them."""
+    task, reward_funcs = prepared.task, prepared.reward_funcs
     weights = training_args.reward_weights or [1.0] * len(reward_funcs)
     rewards = [
         {
@@ -289,22 +265,28 @@ def model_card(model_args, data_args, task, reward_funcs, training_args, trainer
     if task.eval is not None:
         synthetic = data_args.dataset.startswith("synthetic:")
         held_out = "generated apart from the training rows" if synthetic else "rows held out of the training data"
+    recipe_dir = prepared.recipe_dir
     data = {
-        "dataset": data_args.dataset,
-        "held-out data": data_args.eval_dataset or data_args.eval_split or held_out,
+        "dataset": card_path(data_args.dataset, recipe_dir),
+        "held-out data": card_path(data_args.eval_dataset, recipe_dir) or data_args.eval_split or held_out,
         "training rows": len(task.train),
         "training rows with images": int((train_images > 0).sum()),
         "most images in a row": int(train_images.max(initial=0)),
         "held-out rows": len(task.eval) if task.eval is not None else None,
         "prompt template": data_args.prompt_template,
         "system prompt": data_args.system_prompt,
+        "image root": card_path(data_args.image_root, recipe_dir),
     }
     versions = {"vlm-rl": vlm_rl.__version__, "trl": trl.__version__, "transformers": transformers.__version__}
     versions["torch"] = torch.__version__
     output_dir = Path(training_args.output_dir)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    # A Hub id or `tiny:<family>` as given; a local directory as the absolute path the run loaded.
+    local = Path(prepared.model_path).is_dir() and not model_args.model_name_or_path.startswith(TINY_PREFIX)
+    base_model = str(Path(prepared.model_path).resolve()) if local else model_args.model_name_or_path
     return write_model_card(
         output_dir,
-        base_model=model_args.model_name_or_path,
+        base_model=base_model,
         reward_rows=rewards,
         data=data,
         log_history=trainer.state.log_history,
@@ -312,7 +294,47 @@ def model_card(model_args, data_args, task, reward_funcs, training_args, trainer
         recipe=recipe,
         versions=versions,
         has_plot=(output_dir / PLOT_FILE).is_file(),
+        lora_adapter=isinstance(policy, PeftModel),
+        resolved=resolved_settings(prepared, model_args, data_args, training_args, policy),
+        recipe_dir=str(recipe_dir.resolve()) if recipe_dir is not None else None,
     )
+
+
+def card_path(path: str | None, recipe_dir: Path | None) -> str | None:
+    """A recipe path as the run read it: absolute when it is a local file or directory, else as given (a Hub id)."""
+    if path is None:
+        return None
+    local = resolve_path(path, recipe_dir)
+    return str(local.resolve()) if local is not None else path
+
+
+def resolved_settings(
+    prepared: Prepared,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: VLMGRPOConfig,
+    policy: nn.Module,
+) -> dict[str, str]:
+    """What the recipe's automatic settings (`auto`, or unset with a computed default) came to in this run."""
+    resolved = {}
+    if model_args.dtype == "auto":
+        resolved["dtype: auto"] = str(policy.dtype).removeprefix("torch.")
+    for func in prepared.reward_funcs:
+        parameter = inspect.signature(func.func).parameters.get("box_format")
+        if parameter is None:
+            continue
+        box_format = (func.kwargs or {}).get("box_format", parameter.default)
+        if box_format == "auto":
+            convention = resolve_box_format(box_format, policy.config.model_type)
+            resolved[f"{func.__name__}: box_format auto"] = f"{convention} ({policy.config.model_type})"
+    if training_args.resume_from_checkpoint == "auto":
+        resolved["resume_from_checkpoint: auto"] = prepared.resume or "none found: trained from the start"
+    if prepared.default_max_prompt_length is not None:
+        bound = f"{prepared.default_max_prompt_length} (the context length less max_completion_length)"
+        resolved["max_prompt_length: unset"] = bound
+    if training_args.use_vllm:
+        resolved["vllm_limit_mm_per_prompt"] = str(training_args.vllm_limit_mm_per_prompt)
+    return resolved
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -324,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity_warning()
     try:
         run(model_args, data_args, reward_args, training_args, recipe_path.parent if recipe_path else None, recipe)
+    except RunFinished as finished:
+        logger.warning("%s", finished)
     except Preempted as stop:
         logger.warning("%s", stop)
         sys.exit(stop.exit_code)

@@ -47,12 +47,17 @@ class TaskData:
     skipped_train: SkippedRows = field(default_factory=lambda: SkippedRows("train"))
     skipped_eval: SkippedRows = field(default_factory=lambda: SkippedRows("eval"))
 
-    def attach_processor(self, processor) -> None:
-        """Give the loaders the model's processor, which measures prompts for `max_prompt_length`."""
+    def attach_processor(self, processor, default_max_prompt_length: int | None = None) -> None:
+        """Give the loaders the model's processor, which measures prompts for `max_prompt_length`;
+        `default_max_prompt_length` (the model's context length less `max_completion_length`) bounds them where
+        the recipe sets none."""
         for dataset in (self.train, self.eval):
             loader = lazy_rows(dataset) if dataset is not None else None
             if loader is not None:
                 loader.processor = processor
+                if loader.max_prompt_length is None and default_max_prompt_length is not None:
+                    loader.max_prompt_length = default_max_prompt_length
+                    loader.length_limit = "the model's context length less max_completion_length"
 
     def log_summary(self) -> None:
         """One line per split: the rows skipped, by reason, with the first of each."""

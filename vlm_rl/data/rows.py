@@ -218,6 +218,7 @@ class LazyRows:
         self.bad_rows = bad_rows
         self.skipped = skipped
         self.max_prompt_length = max_prompt_length
+        self.length_limit = "max_prompt_length"  # where the bound came from, for the message
         self.processor = None  # set with `TaskData.attach_processor`; checks rows and measures prompts
         self._bad: set[int] = set()  # row ids found bad (and counted)
         self._replacements: dict[int, int] = {}  # bad row id -> position of its replacement in `raw`
@@ -377,8 +378,8 @@ class LazyRows:
         if self.max_prompt_length is not None and length > self.max_prompt_length:
             raise BadRow(
                 "prompt_too_long",
-                f"the prompt is {length} tokens with its images, over max_prompt_length={self.max_prompt_length}; "
-                "shorten it or raise max_prompt_length",
+                f"the prompt is {length} tokens with its images, over {self.length_limit}={self.max_prompt_length}; "
+                "shorten it or raise max_prompt_length (prompt plus max_completion_length must fit the context)",
             )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+from vlm_rl.data.sources import resolve_path
+from vlm_rl.errors import InvalidValueError, MissingPathError, first_line
 from vlm_rl.models.families import adapter_for, build_tiny_model, tiny_families
 from vlm_rl.models.processing import load_processor
 
@@ -19,16 +22,19 @@ logger = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # `name` or `org/name`
 
 
-def resolve_model_path(model_name_or_path: str, output_dir: str | Path) -> str:
-    """`tiny:<family>` becomes a tiny model built (once) inside `output_dir`; anything else is returned as is."""
+def resolve_model_path(model_name_or_path: str, output_dir: str | Path, base_dir: Path | None = None) -> str:
+    """The model a recipe names: `tiny:<family>` becomes a tiny model built (once) inside `output_dir`; a local
+    directory, found as data paths are (`base_dir`, the recipe's directory, then the working directory), becomes its
+    absolute path; anything else is a Hub id, unless it can only be a path (then it is reported missing)."""
     if not model_name_or_path.startswith(TINY_PREFIX):
-        return model_name_or_path
+        return _local_or_hub(model_name_or_path, base_dir)
     family = model_name_or_path.removeprefix(TINY_PREFIX)
     families = tiny_families()
     if family not in families:
-        raise ValueError(
+        raise InvalidValueError(
             f"model_name_or_path {model_name_or_path!r}: unknown tiny family; use one of {sorted(families)}."
         )
     path = Path(output_dir) / f"tiny-{family}"
@@ -47,7 +53,25 @@ def resolve_model_path(model_name_or_path: str, output_dir: str | Path) -> str:
     return str(path)
 
 
-class RemoteCodeError(ValueError):
+def _local_or_hub(model_name_or_path: str, base_dir: Path | None) -> str:
+    local = resolve_path(model_name_or_path, base_dir)
+    if local is not None:
+        if not local.is_dir():
+            raise MissingPathError(
+                f"model_name_or_path {model_name_or_path!r}: {local} is a file, not a model directory."
+            )
+        return str(local.resolve())
+    path = Path(model_name_or_path)
+    if path.is_absolute() or model_name_or_path.startswith((".", "~")) or not _HUB_ID.match(model_name_or_path):
+        tried = [path] if path.is_absolute() else [d / path for d in (base_dir, Path.cwd()) if d is not None]
+        raise MissingPathError(
+            f"model_name_or_path {model_name_or_path!r}: no such directory (looked for "
+            f"{', '.join(str(p) for p in tried)}); pass a model directory or a Hub id such as `org/name`."
+        )
+    return model_name_or_path
+
+
+class RemoteCodeError(InvalidValueError):
     """A model ships Python code of its own, and the recipe does not allow running it."""
 
 
@@ -68,9 +92,16 @@ def _explain_remote_code(model_name_or_path: str) -> Iterator[None]:
 
 
 def load_config(model_name_or_path: str, *, trust_remote_code: bool = False):
-    """`AutoConfig.from_pretrained`, failing with `RemoteCodeError` when the model needs code it may not run."""
+    """`AutoConfig.from_pretrained`, failing with `RemoteCodeError` when the model needs code it may not run, and
+    with `MissingPathError` (one line, not the Hub client's traceback) when no directory or Hub model has it."""
     with _explain_remote_code(model_name_or_path):
-        return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        try:
+            return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        except OSError as error:
+            raise MissingPathError(
+                f"Model {model_name_or_path!r} is neither a model directory (with a config.json) nor a model the "
+                f"Hugging Face Hub serves here ({first_line(error)})."
+            ) from error
 
 
 def load_model_and_processor(

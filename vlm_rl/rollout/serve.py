@@ -17,9 +17,9 @@ import sys
 import torch
 
 from vlm_rl.config import parse_recipe
-from vlm_rl.data import load_task, most_images_per_row
-from vlm_rl.models import adapter_for, load_processor, resolve_model_path
-from vlm_rl.models.loading import load_config
+from vlm_rl.data import most_images_per_row
+from vlm_rl.models import load_processor
+from vlm_rl.prepare import prepare_data, prepare_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +29,14 @@ def server_args(argv: list[str]) -> list[str]:
     passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     model_args, data_args, _, training_args, recipe_path = parse_recipe(argv)
-    model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir)
-    config = load_config(model_path, trust_remote_code=training_args.trust_remote_code)
-    adapter = adapter_for(config)
+    recipe_dir = recipe_path.parent if recipe_path else None
+    # The model and data as `vlm-rl train` resolves them (`vlm_rl.prepare`): the same rows, the same model.
+    model_path, adapter, _ = prepare_model_path(model_args, training_args, recipe_dir)
     processor = load_processor(str(model_path), trust_remote_code=training_args.trust_remote_code)
     adapter.set_image_size_bounds(processor, model_args.min_pixels, model_args.max_pixels)
     limit = training_args.vllm_limit_mm_per_prompt
     if limit is None:
-        task = load_task(data_args, seed=training_args.seed, base_dir=recipe_path.parent if recipe_path else None)
+        task = prepare_data(data_args, training_args, recipe_dir)
         limit = most_images_per_row(task.train, task.eval)
     host = training_args.vllm_server_host
     port = training_args.vllm_server_port
