@@ -109,6 +109,16 @@ MISTAKES = [
         "vlm-rl train: error: Model 'someone/missing' is neither a model directory (with a config.json) nor a model "
         "the Hugging Face Hub serves here",
     ),
+    (
+        "train --config {recipe} --eval_accuracy_reward acc",
+        {},
+        "vlm-rl train: error: eval_accuracy_reward='acc' is not among the recipe's rewards",
+    ),
+    (
+        "vllm-serve --config {recipe}",
+        {"model_name_or_path": "./models/missing"},
+        "vlm-rl vllm-serve: error: model_name_or_path './models/missing': no such directory",
+    ),
 ]
 
 
@@ -123,6 +133,8 @@ MISTAKES = [
         "train-batch-size",
         "train-missing-model-dir",
         "train-model-nowhere",
+        "train-eval-accuracy-reward",
+        "serve-missing-model-dir",
     ],
 )
 def test_mistakes_are_reported_in_one_line_without_a_traceback(command, fields, message, tiny_dirs, tmp_path):
@@ -133,3 +145,13 @@ def test_mistakes_are_reported_in_one_line_without_a_traceback(command, fields, 
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(message.format(**places)), last
+
+
+def test_the_suggested_generation_batch_size_is_one_trl_accepts(tmp_path):
+    from vlm_rl.config import RecipeError, VLMGRPOConfig
+
+    settings = {"output_dir": str(tmp_path), "use_cpu": True, "bf16": False, "per_device_train_batch_size": 5}
+    with pytest.raises(RecipeError, match=r"set generation_batch_size to 10\.") as error:
+        VLMGRPOConfig(**settings, num_generations=2, generation_batch_size=7)
+    assert "Traceback" not in str(error.value)
+    VLMGRPOConfig(**settings, num_generations=2, generation_batch_size=10)  # the suggestion is accepted

@@ -1,6 +1,7 @@
 """`VLMGRPOTrainer` used the way TRL documents `GRPOTrainer`: a model path, reward names, prefilled prompts; and the
 saved model card's "Use" snippet run as written."""
 
+import json
 import re
 import shutil
 
@@ -8,7 +9,8 @@ import pytest
 from conftest import ALL_FAMILIES, TEXT_MIX_FAMILIES, small_config
 from datasets import Dataset
 
-from vlm_rl.data import DataError, make_shapes_dataset
+from vlm_rl.config import DataArguments
+from vlm_rl.data import DataError, load_task, make_shapes_dataset
 from vlm_rl.model_card import write_model_card
 from vlm_rl.rewards import RewardSpecError
 from vlm_rl.rewards.accuracy import accuracy
@@ -103,6 +105,26 @@ def test_a_dataset_mixing_prefilled_and_open_prompts_is_refused_at_start_up(load
             args=small_config(tmp_path),
             train_dataset=mixed,
             processing_class=processor,
+        )
+
+
+def test_file_data_mixing_prefilled_and_open_prompts_is_refused_before_the_model_loads(tmp_path):
+    rows = [
+        {"prompt": [{"role": "user", "content": "How many?"}], "answer": "1"},
+        {
+            "prompt": [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": PREFILL}],
+            "answer": "2",
+        },
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    task = load_task(DataArguments(dataset=str(path)), seed=0)  # rows loaded lazily, as every recipe's are
+    with pytest.raises(DataError, match=r"train_dataset row \d: .* ends with an assistant message"):
+        VLMGRPOTrainer(
+            model=str(tmp_path / "never_loaded"),
+            reward_funcs=accuracy,
+            args=small_config(tmp_path),
+            train_dataset=task.train,
         )
 
 

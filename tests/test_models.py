@@ -75,7 +75,9 @@ def test_a_family_of_your_own_registers_once_for_its_model_types(monkeypatch):
         label = "My Qwen"
         model_types = ("my_qwen",)
 
-    assert isinstance(register_adapter(FineTuneAdapter()), FineTuneAdapter)
+    with pytest.raises(TypeError, match="pass the class itself"):
+        register_adapter(FineTuneAdapter())  # an instance's settings would be lost: each lookup makes a fresh one
+    assert register_adapter(FineTuneAdapter) is FineTuneAdapter
     assert "my_qwen" in tiny_families()
     from transformers import PretrainedConfig
 

@@ -23,9 +23,10 @@ import yaml
 from PIL import Image
 from test_data import png, write_jsonl
 
-from vlm_rl.config import check_recipe
+from vlm_rl.config import RECIPE_DATACLASSES
 from vlm_rl.data.export import main as export_shapes
 from vlm_rl.models import tiny_families
+from vlm_rl.recipe_check import build_field_table, check_recipe
 from vlm_rl.train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,7 +214,7 @@ def test_every_recipe_has_a_setup_here():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.stem)
 def test_recipe_keys_types_and_summary_line(path):
-    check_recipe(path)  # unknown keys and values of the wrong type
+    check_recipe(path, build_field_table(RECIPE_DATACLASSES))  # unknown keys and values of the wrong type
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and len(first) <= SUMMARY_MAX_CHARS, (
         f"{path.name}: the first line is the one-line summary `vlm-rl recipes` shows: '# ' and at most "

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import shapes_trainer
 from safetensors.torch import load_file
 from test_data_training import TINY_RUN
 
@@ -398,3 +399,18 @@ def test_raising_max_steps_on_resume_follows_the_longer_schedule_and_warns(unint
     planned = {step: entry["learning_rate"] for step, entry in steps(full).items()}
     assert resumed[3] > 0  # not the 0.0 the two-step schedule ended at
     assert [resumed[step] for step in range(3, 7)] == [planned[step] for step in range(3, 7)]
+
+
+def test_a_python_trainer_resumed_for_more_steps_follows_the_longer_schedule(load_tiny, tmp_path):
+    def rates(trainer) -> dict[int, float]:
+        return {
+            entry["step"]: entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry
+        }
+
+    planned = shapes_trainer(*load_tiny("qwen2_vl"), tmp_path / "planned", max_steps=4)
+    planned.train()
+    short = shapes_trainer(*load_tiny("qwen2_vl"), tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2)
+    short.train()
+    longer = shapes_trainer(*load_tiny("qwen2_vl"), tmp_path / "run", max_steps=4)
+    longer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert [rates(longer)[step] for step in (3, 4)] == [rates(planned)[step] for step in (3, 4)]

@@ -377,6 +377,8 @@ def test_a_routed_reward_needs_its_column_filled_on_its_own_tasks_rows_only():
     check_reward_columns(load_rewards([{"reward": "accuracy", "tasks": ["math"]}]), data)
     with pytest.raises(RewardSpecError, match=r"'accuracy' is routed to tasks \['caption'\].*'answer' is empty"):
         check_reward_columns(load_rewards([{"reward": "accuracy", "tasks": ["caption"]}]), data)
+    # A split with no row of the reward's tasks (a held-out split drawn without them) has nothing to score.
+    check_reward_columns(load_rewards([{"reward": "accuracy", "tasks": ["grounding"]}]), data, split="held-out")
 
 
 def test_the_trainer_checks_reward_columns_before_loading_the_model(tmp_path):

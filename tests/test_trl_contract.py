@@ -163,7 +163,7 @@ def fused_lm_head_protocol(load_tiny):
 
 
 def prompt_tokenisation_matches_trl(vlm_trainer):
-    """`evaluation.prompt_inputs` tokenises prompts as TRL's `_tokenize_prompts` does (one `apply_chat_template`
+    """`models.inputs.prompt_inputs` tokenises prompts as TRL's `_tokenize_prompts` does (one `apply_chat_template`
     call with the images), so that evaluation scores what training generates from, with and without images."""
     rows = list(concatenate_datasets([make_shapes_dataset(2), make_shapes_dataset(2, text_fraction=1.0)]))
     images = [row.get("images") or [] for row in rows]
@@ -309,7 +309,7 @@ SEAMS: dict[str, Callable[..., None]] = {
     ),
     # --- copies of TRL logic not tied to one override
     "copy: fused LM head protocol (score_from_logits)": fused_lm_head_protocol,
-    "copy: prompt tokenisation (evaluation.prompt_inputs)": prompt_tokenisation_matches_trl,
+    "copy: prompt tokenisation (models.inputs.prompt_inputs)": prompt_tokenisation_matches_trl,
     "copy: packed prompts score with shift_labels (_shared_prompt_logps)": has_lines(
         add_fused_lm_head, "shift_labels"
     ),

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
-    if command not in ("train", "eval", "plot", "export"):
+    if command not in ("train", "eval", "plot", "export", "vllm-serve"):
         _run(argv)
         return
     if command == "train":
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
 def _user_errors(command: str) -> tuple[type[Exception], ...]:
     """The error types that are the user's to fix; those of data and rewards only for the commands that read data
     and rewards (their modules take seconds to import)."""
-    if command not in ("train", "eval"):
+    if command not in ("train", "eval", "vllm-serve"):
         return (UsageError,)
     from vlm_rl.data import DataError  # lazy: start-up speed
     from vlm_rl.rewards import RewardSpecError

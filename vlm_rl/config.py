@@ -183,7 +183,7 @@ class DataArguments:
         metadata={
             "help": "Longest prompt in tokens, image tokens included, measured with the model's processor when a row "
             "is loaded (a processor call per row). Unset: the model's context length (`max_position_embeddings`) "
-            "less `max_completion_length`."
+            "less `max_completion_length`, for file and Hub data (`synthetic:` rows are not measured)."
         },
     )
     text_fraction: float = field(
@@ -346,7 +346,9 @@ class VLMGRPOConfig(GRPOConfig):
         group = self.num_generations
         if self.generation_batch_size is not None and self.generation_batch_size % group != 0:
             if generation_batch_given:
-                valid = math.ceil(self.generation_batch_size / group) * group
+                # TRL also wants it a multiple of the global batch.
+                unit = math.lcm(group, self.per_device_train_batch_size * processes)
+                valid = math.ceil(self.generation_batch_size / unit) * unit
                 return (
                     f"generation_batch_size ({self.generation_batch_size}) is not a multiple of num_generations "
                     f"({group}): set generation_batch_size to {valid}."

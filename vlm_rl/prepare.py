@@ -22,6 +22,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deeps
 from vlm_rl.checkpoints import resolve_resume
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig
 from vlm_rl.data import TaskData, image_counts, load_task, most_images_per_row
+from vlm_rl.errors import InvalidValueError
 from vlm_rl.models import FamilyAdapter, adapter_for, resolve_model_path
 from vlm_rl.models.loading import load_config
 from vlm_rl.rewards import ConfiguredReward, RewardSpecError, recipe_rewards
@@ -41,7 +42,6 @@ class Prepared:
     reward_funcs: list[ConfiguredReward]
     task: TaskData
     model_path: str
-    adapter: FamilyAdapter
     resume: str | None  # the checkpoint to resume from
     recipe_dir: Path | None  # where the recipe's relative paths start (then the working directory)
     default_max_prompt_length: int | None  # where the recipe sets no `max_prompt_length`: the context's room
@@ -85,7 +85,7 @@ def prepare(
     reward_funcs = prepare_rewards(reward_args, training_args, recipe_dir)
     names = [func.__name__ for func in reward_funcs]
     if training_args.final_eval and training_args.eval_accuracy_reward not in names:
-        raise ValueError(
+        raise InvalidValueError(
             f"eval_accuracy_reward={training_args.eval_accuracy_reward!r} is not among the recipe's rewards {names}."
         )
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -110,7 +110,6 @@ def prepare(
         reward_funcs=reward_funcs,
         task=task,
         model_path=model_path,
-        adapter=adapter,
         resume=resume,
         recipe_dir=recipe_dir,
         default_max_prompt_length=default_max_prompt_length(data_args, training_args, config),

@@ -68,11 +68,12 @@ def build_field_table(dataclasses: typing.Iterable[type]) -> dict[str, Spec]:
 
 
 def installed_versions() -> dict[str, str | None]:
-    """The installed releases of `TABLE_PACKAGES`, read from package metadata (no import)."""
+    """The installed release lines (major.minor) of `TABLE_PACKAGES`, read from package metadata (no import): a
+    patch release keeps its dataclasses' fields, so the table stays in use across them."""
     found = {}
     for package in TABLE_PACKAGES:
         try:
-            found[package] = version(package)
+            found[package] = ".".join(version(package).split(".")[:2])
         except PackageNotFoundError:
             found[package] = None
     return found

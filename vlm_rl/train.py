@@ -19,8 +19,6 @@ import transformers
 import trl
 from peft import PeftModel
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
-from transformers import TrainerCallback
 
 import vlm_rl
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe, recipe_as_run
@@ -121,32 +119,6 @@ def describe_distribution(accelerator) -> str:
     return text
 
 
-class RescheduleOnResume(TrainerCallback):
-    """The first step after resuming trains at the learning rate the rebuilt schedule gives the step reached.
-
-    transformers restores the optimizer's saved learning rate with its state, and the scheduler's last value with
-    it; the scheduler, rebuilt for this run's `max_steps`, sets the next rate only after that first step. With the
-    checkpoint's `max_steps` both are the same number; with a longer run the saved rate (0.0 at the end of a linear
-    schedule) would train the first resumed step. Schedulers that are not `LambdaLR` (`reduce_lr_on_plateau`, a
-    DeepSpeed config's own) keep the restored rate.
-    """
-
-    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the scheduler
-        if state.global_step == 0 or optimizer is None or not isinstance(scheduler, LambdaLR):
-            return
-        # As `LambdaLR.get_lr` computes it, so an unchanged schedule gets the very same numbers.
-        rates = [
-            base * factor(scheduler.last_epoch)
-            for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
-        ]
-        for group, rate in zip(optimizer.param_groups, rates, strict=True):
-            group["lr"] = rate
-        scheduler._last_lr = (
-            rates  # torch's private record of the last rates: what the trainer logs as `learning_rate`
-        )
-
-
 def run(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -197,7 +169,6 @@ def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMGRPO
     check_zero3_saves_full_model(trainer.accelerator)
     # First in line, so that the reporters see `data/skipped_rows` in the logs it adds to.
     trainer.callback_handler.callbacks.insert(0, SkippedRowsCallback(task.skipped_train))
-    trainer.add_callback(RescheduleOnResume())
     trainer.train(resume_from_checkpoint=prepared.resume)
     if trainer.preemption.stopped_by is not None:
         step = trainer.state.global_step

@@ -624,10 +624,11 @@ def generation_prompt(prompts: list) -> dict[str, bool]:
 
 
 def dataset_prompts(dataset: Any) -> Iterable:
-    """The `prompt` column of an in-memory dataset whose prompts are stored (not built per batch); else nothing."""
-    if not isinstance(dataset, Dataset) or PROMPT not in dataset.column_names or lazy_rows(dataset) is not None:
+    """The stored `prompt` column of a dataset, else nothing. Rows loaded lazily (every recipe's data) build their
+    prompts per batch from it: it is read raw, without the per-batch transform, so no image is decoded."""
+    if not isinstance(dataset, Dataset) or PROMPT not in dataset.column_names:
         return []
-    return dataset.select_columns([PROMPT])[PROMPT]
+    return dataset.with_format(None).select_columns([PROMPT])[PROMPT]
 
 
 def _ends_with_assistant(prompt: Any) -> bool:

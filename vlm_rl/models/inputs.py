@@ -13,13 +13,11 @@ import torch
 from transformers import BatchFeature
 from trl.data_utils import prepare_multimodal_messages
 
-from vlm_rl.data.rows import generation_prompt
+from vlm_rl.data.rows import IMAGE_MARKER, generation_prompt
 from vlm_rl.models.adapters import FamilyAdapter
 
 # Inputs that tell which vision inputs belong to which row, for TRL and the adapters; the model takes none of them.
 BOOKKEEPING_KEYS = ("num_images", "num_tiles")
-
-IMAGE_MARKER = "<image>"
 
 
 def media_token_ids(config) -> list[int]:

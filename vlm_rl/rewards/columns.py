@@ -96,12 +96,15 @@ def _fix(column: str, columns: list[str]) -> str:
 
 
 def _check_filled(data: Dataset, column: str, name: str, tasks: list[str], route_column: str, split: str) -> None:
-    """The column holds a value on at least one row of the reward's tasks (its raw values: no image is decoded)."""
+    """Where the data has rows of the reward's tasks, the column holds a value on at least one of them (its raw values:
+    no image is decoded)."""
     raw = data.with_format("arrow")
     if route_column not in raw.column_names or column not in raw.column_names:
         return  # a missing route column is `check_routes`' to report
     routes, values = raw[route_column].to_pylist(), raw[column].to_pylist()
-    if not any(value is not None and str(route) in tasks for route, value in zip(routes, values, strict=True)):
+    mine = [value for route, value in zip(routes, values, strict=True) if str(route) in tasks]
+    # No row of those tasks in this split (a held-out split without that task) is fine: nothing to score.
+    if mine and all(value is None for value in mine):
         raise RewardSpecError(
             f"Reward {name!r} is routed to tasks {tasks}, but the {split} data's column {column!r} is empty on every "
             f"row of those tasks; fill it on those rows."

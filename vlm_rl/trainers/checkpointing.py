@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 from accelerate.utils import is_peft_model
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import TrainerCallback
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 
 from vlm_rl.checkpoints import (
@@ -104,3 +106,29 @@ def _has_adapter(directory: Path) -> bool:
 def _adapter_sub_directories(checkpoint: str | os.PathLike) -> list[Path]:
     """The PEFT adapters a checkpoint holds besides the one at its root (HF's test for several adapters)."""
     return [path for path in Path(checkpoint).iterdir() if path.is_dir() and _has_adapter(path)]
+
+
+class RescheduleOnResume(TrainerCallback):
+    """The first step after resuming trains at the learning rate the rebuilt schedule gives the step reached.
+
+    transformers restores the optimizer's saved learning rate with its state, and the scheduler's last value with
+    it; the scheduler, rebuilt for this run's `max_steps`, sets the next rate only after that first step. With the
+    checkpoint's `max_steps` both are the same number; with a longer run the saved rate (0.0 at the end of a linear
+    schedule) would train the first resumed step. Schedulers that are not `LambdaLR` (`reduce_lr_on_plateau`, a
+    DeepSpeed config's own) keep the restored rate.
+    """
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the scheduler
+        if state.global_step == 0 or optimizer is None or not isinstance(scheduler, LambdaLR):
+            return
+        # As `LambdaLR.get_lr` computes it, so an unchanged schedule gets the very same numbers.
+        rates = [
+            base * factor(scheduler.last_epoch)
+            for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        scheduler._last_lr = (
+            rates  # torch's private record of the last rates: what the trainer logs as `learning_rate`
+        )

@@ -53,7 +53,7 @@ from vlm_rl.rewards.configured import ConfiguredReward, bind_context
 from vlm_rl.rewards.registry import reward_or_model
 from vlm_rl.rollout.prefill import prompts_prefilled_once
 from vlm_rl.rollout.vllm import VLMRollout
-from vlm_rl.trainers.checkpointing import CheckpointMixin
+from vlm_rl.trainers.checkpointing import CheckpointMixin, RescheduleOnResume
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
 from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits
 from vlm_rl.trainers.metrics import MetricsMixin
@@ -136,6 +136,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         install_console(self)  # one line per log instead of transformers' dict, and metrics.jsonl
         self.preemption = PreemptionCallback()
         self.add_callback(self.preemption)
+        self.add_callback(RescheduleOnResume())  # a longer run resumed: its first step at the rebuilt schedule's rate
 
     @functools.cached_property
     def options(self) -> VLMOptions:
@@ -178,7 +179,13 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         if not getattr(args, "use_vllm", False) or not isinstance(processing_class, ProcessorMixin):
             yield
             return
-        config = model.config if isinstance(model, nn.Module) else AutoConfig.from_pretrained(model)
+        # The config TRL loads the model with: the same remote-code setting and revision.
+        revision = (getattr(args, "model_init_kwargs", None) or {}).get("revision")
+        config = (
+            model.config
+            if isinstance(model, nn.Module)
+            else AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code, revision=revision)
+        )
         media = media_token_ids(config)
         backend = functools.partial(
             VLMRollout,

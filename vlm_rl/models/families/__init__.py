@@ -43,13 +43,17 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
 
 _WARNED_UNKNOWN: set[str | None] = set()
 
-A = TypeVar("A", type[FamilyAdapter], FamilyAdapter)
+A = TypeVar("A", bound=type[FamilyAdapter])
 
 
-def register_adapter(adapter: A) -> A:
-    """Make a family of your own known by its name and its `model_types` (a `FamilyAdapter` subclass or an
-    instance of one; returned as given, so it also works as a class decorator)."""
-    adapter_class = adapter if isinstance(adapter, type) else type(adapter)
+def register_adapter(adapter_class: A) -> A:
+    """Make a family of your own known by its name and its `model_types`. Takes the `FamilyAdapter` subclass (each
+    lookup makes a fresh instance, so an adapter keeps no state) and returns it, so it also works as a decorator."""
+    if not (isinstance(adapter_class, type) and issubclass(adapter_class, FamilyAdapter)):
+        raise TypeError(
+            f"register_adapter takes a FamilyAdapter subclass, got {adapter_class!r}: pass the class itself, "
+            "e.g. register_adapter(MyAdapter)."
+        )
     if adapter_class.name in registered_adapters():
         raise ValueError(
             f"A family adapter named {adapter_class.name!r} is already registered; give yours another name."
@@ -65,7 +69,7 @@ def register_adapter(adapter: A) -> A:
             f"({ADAPTERS[taken[0]].__name__}); remove it from {adapter_class.__name__}.model_types."
         )
     ADAPTERS.update(dict.fromkeys(adapter_class.model_types, adapter_class))
-    return adapter
+    return adapter_class
 
 
 def registered_adapters() -> dict[str, FamilyAdapter]:
