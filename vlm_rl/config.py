@@ -347,15 +347,15 @@ class VLMGRPOConfig(GRPOConfig):
         if self.generation_batch_size is not None and self.generation_batch_size % group != 0:
             if generation_batch_given:
                 # TRL also wants it a multiple of the global batch.
-                unit = math.lcm(group, self.per_device_train_batch_size * processes)
-                valid = math.ceil(self.generation_batch_size / unit) * unit
+                valid = _next_multiple(
+                    self.generation_batch_size, math.lcm(group, self.per_device_train_batch_size * processes)
+                )
                 return (
                     f"generation_batch_size ({self.generation_batch_size}) is not a multiple of num_generations "
                     f"({group}): set generation_batch_size to {valid}."
                 )
             per_step = processes * self.steps_per_generation  # rows per unit of per_device_train_batch_size
-            unit = group // math.gcd(group, per_step)
-            valid = math.ceil(self.per_device_train_batch_size / unit) * unit
+            valid = _next_multiple(self.per_device_train_batch_size, group // math.gcd(group, per_step))
             return (
                 f"per_device_train_batch_size ({self.per_device_train_batch_size}) x {processes} process(es) x "
                 f"steps_per_generation ({self.steps_per_generation}) = {self.generation_batch_size} completions per "
@@ -364,8 +364,7 @@ class VLMGRPOConfig(GRPOConfig):
             )
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             eval_group = self.num_generations_eval or group
-            unit = eval_group // math.gcd(eval_group, processes)
-            valid = math.ceil(self.per_device_eval_batch_size / unit) * unit
+            valid = _next_multiple(self.per_device_eval_batch_size, eval_group // math.gcd(eval_group, processes))
             return (
                 f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) x {processes} process(es) is not a "
                 f"multiple of the generations per held-out prompt (num_generations_eval or num_generations: "
@@ -376,6 +375,11 @@ class VLMGRPOConfig(GRPOConfig):
             f"({self.per_device_train_batch_size}) x {processes} process(es): set it to a multiple of "
             f"{self.per_device_train_batch_size * processes}."
         )
+
+
+def _next_multiple(value: int, unit: int) -> int:
+    """The smallest multiple of `unit` that is at least `value`: the batch size to suggest."""
+    return math.ceil(value / unit) * unit
 
 
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig)
