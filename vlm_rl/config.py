@@ -119,14 +119,19 @@ class DataArguments:
         metadata={
             "help": "`synthetic:shapes` (coloured shapes generated in code; the answer is only in the image), "
             "`synthetic:grounding_math` (boxes on non-square images mixed with text-only sums; `task` column "
-            "`grounding` / `math`, for reward routing), a local .jsonl/.json/.parquet/.csv file, a glob or a "
+            "`grounding` / `math`, for reward routing), `synthetic:counting`, `synthetic:grounding`, `synthetic:count_diff` "
+            "(scenes of several shapes with multi-token answers and an `sft` split, docs/learning.md), a local .jsonl/.json/.parquet/.csv file, a glob or a "
             "directory of such files, a directory written by `Dataset.save_to_disk`, or a Hub dataset id. "
             "Relative paths: from the recipe's directory, then the working directory."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration name."})
     split: str = field(
-        default="train", metadata={"help": "The training split of a Hub dataset or a saved `DatasetDict`."}
+        default="train",
+        metadata={
+            "help": "The training split of a Hub dataset or a saved `DatasetDict`; for the synthetic scene tasks "
+            "(`counting`, `grounding`, `count_diff`) `sft`: the rows with a teacher's reply, for `vlm-rl sft`."
+        },
     )
     eval_dataset: str | None = field(
         default=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from vlm_rl.data.rows import (
     rename_columns,
     undecoded,
 )
+from vlm_rl.data.scenes import CELL, COUNTS, make_count_diff_dataset, make_counting_dataset, make_grounding_dataset
 from vlm_rl.data.sources import Source, read_source, resolve_path
 from vlm_rl.data.stats import DataError, SkippedRows
 from vlm_rl.data.synthetic import COLORS, make_grounding_math_dataset, make_shapes_dataset
@@ -29,7 +31,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vlm_rl")
 
-SYNTHETIC_DATASETS = ("synthetic:shapes", "synthetic:grounding_math")
+SYNTHETIC_DATASETS = (
+    "synthetic:shapes", "synthetic:grounding_math", "synthetic:counting", "synthetic:grounding", "synthetic:count_diff"
+)  # fmt: skip
+SCENES = {"synthetic:counting", "synthetic:grounding", "synthetic:count_diff"}
 # Recipe fields that only mean something for data read from files or the Hub.
 FILE_ONLY_FIELDS = (
     "dataset_config", "eval_dataset", "eval_split", "column_mapping", "prompt_template", "system_prompt", "image_root",
@@ -159,8 +164,13 @@ def _synthetic(args: DataArguments, seed: int) -> TaskData:
     for name in FILE_ONLY_FIELDS:
         if getattr(args, name) is not None:
             raise DataError(f"{name} applies to data read from files or the Hub, not to {args.dataset}.")
+    splits = ("train", "sft") if args.dataset in SCENES else ("train",)
+    if args.split not in splits:
+        raise DataError(f"split: {args.dataset} trains on {' or '.join(map(repr, splits))}, not {args.split!r}.")
     train_size = 2000 if args.train_size is None else args.train_size
     eval_size = 200 if args.eval_size is None else args.eval_size
+    if args.dataset in SCENES:
+        return _scenes(args, seed, train_size, eval_size)
     if args.dataset == "synthetic:shapes":
         kwargs = {"image_size": args.image_size, "text_fraction": args.text_fraction, "seed": seed}
         return TaskData(
@@ -174,6 +184,24 @@ def _synthetic(args: DataArguments, seed: int) -> TaskData:
         eval=make_grounding_math_dataset(eval_size, "test", **kwargs) if eval_size > 0 else None,
         chance=None,
     )
+
+
+def _scenes(args: DataArguments, seed: int, train_size: int, eval_size: int) -> TaskData:
+    """The scene tasks (`vlm_rl.data.scenes`): `split: sft` trains on the teacher's replies."""
+    side = args.image_size // CELL
+    if args.dataset == "synthetic:grounding":
+        make, kwargs = make_grounding_dataset, {"image_cells": (args.image_size * 3 // 2 // CELL, side)}
+    else:
+        if side * side < 2 * max(COUNTS):
+            raise DataError(f"image_size: {args.dataset} needs room for 10 shapes, at least {4 * CELL} pixels.")
+        make, kwargs = make_counting_dataset, {"image_cells": (side, side)}
+        if args.dataset == "synthetic:count_diff":
+            make, kwargs["text_fraction"] = make_count_diff_dataset, args.text_fraction
+    held_out = make(eval_size, "test", seed=seed, **kwargs) if eval_size > 0 else None
+    chance = None  # counting tasks: always giving the most common held-out answer
+    if held_out is not None and args.dataset != "synthetic:grounding":
+        chance = max(Counter(held_out["answer"]).values()) / len(held_out)
+    return TaskData(train=make(train_size, args.split, seed=seed, **kwargs), eval=held_out, chance=chance)
 
 
 def _read(
