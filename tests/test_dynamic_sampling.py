@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import small_config
 
 from vlm_rl.config import VLMGRPOConfig
@@ -197,3 +200,10 @@ def test_settings_it_cannot_honour_are_refused_in_one_line(load_tiny, tmp_path, 
             train_dataset=make_shapes_dataset(4),
             processing_class=processor,
         )
+
+
+def test_the_documented_dapo_recipe_is_valid(tmp_path):
+    text = (Path(__file__).resolve().parent.parent / "docs" / "trainer.md").read_text()
+    (block,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
+    config = VLMGRPOConfig(output_dir=str(tmp_path), use_cpu=True, **yaml.safe_load(block))
+    assert config.dynamic_sampling and config.epsilon_high == 0.28
