@@ -144,11 +144,11 @@ def test_resumed_run_matches_the_uninterrupted_one(
 DYNAMIC = {"dynamic_sampling": True, "max_resample_rounds": 2, "max_completion_length": 1}
 
 
-@pytest.mark.parametrize(("steps_per_generation", "stop"), [(1, 4), (2, 3)])
+@pytest.mark.parametrize(("steps_per_generation", "num_iterations", "stop"), CYCLES)
 def test_a_resumed_run_with_dynamic_sampling_matches_the_uninterrupted_one(
-    uninterrupted, tmp_path, steps_per_generation, stop
+    uninterrupted, tmp_path, steps_per_generation, num_iterations, stop
 ):
-    recipe, full = uninterrupted(steps_per_generation, 1, **DYNAMIC)
+    recipe, full = uninterrupted(steps_per_generation, num_iterations, **DYNAMIC)
     resumed = resume_copy(full, stop, tmp_path)
     train(recipe, "--output_dir", str(resumed), "--resume_from_checkpoint", "auto")
     expected, got = steps(full), steps(resumed)
