@@ -604,7 +604,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
 
         def scored(rows: list[dict]) -> tuple[dict[str, Any], torch.Tensor]:
             batch = self._scored_rows(rows)
-            return batch, self._round_rewards
+            rewards, self._round_rewards = self._round_rewards, None
+            return batch, rewards
 
         def extra_round(round_: int) -> tuple[dict[str, Any], torch.Tensor]:
             dataset = self.train_dataset
