@@ -382,6 +382,27 @@ def test_zero3_mixed_data_fails_without_the_dummy_vision_forward(tmp_path):
     assert rows_with_images(tmp_path, 1)[0] == [True, True]
 
 
+def test_dynamic_sampling_keeps_the_same_number_of_rows_on_every_process(tmp_path):
+    """Two processes decide alike from the gathered rewards: the same extra rounds (no collective waits for a process
+    that skipped it) and the same number of rows, each from a group with a reward spread unless padded back in."""
+    script = REPO / "tests" / "distributed" / "record_dynamic_sampling.py"
+    fields = {"dynamic_sampling": True, "max_resample_rounds": 2, "max_completion_length": 1, "max_steps": 3}
+    code, output = launch("cpu_ddp.yaml", write_recipe(tmp_path, **fields), script=script)
+    check_ran(code, output)
+    logged = check_trained(tmp_path / "run", 3)
+    assert any(entry["dynamic_sampling/rounds"] >= 1 for entry in logged), logged
+    records = [
+        [json.loads(line) for line in (tmp_path / "run" / f"dynamic-rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    ]
+    assert len(records[0]) == len(records[1]) == 3
+    for first, second in zip(*records, strict=True):
+        assert first["rows"] == second["rows"] == 4  # per_device_train_batch_size
+        assert first["rounds"] == second["rounds"] and first["padded_groups"] == second["padded_groups"]
+        for record in (first, second):  # groups of 2: a padded group is one whose rewards did not vary
+            assert record["signal_rows"] >= record["rows"] - 2 * record["padded_groups"]
+
+
 def logged_steps(run_dir: Path) -> dict[int, dict]:
     """Each step's logged values without timings (which differ from run to run)."""
     return {

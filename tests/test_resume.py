@@ -101,14 +101,14 @@ def resume_copy(run_dir: Path, step: int, directory: Path) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """Uninterrupted six-step runs, one per (steps_per_generation, num_iterations), built on first use."""
-    runs: dict[tuple[int, int], tuple[Path, Path]] = {}
+    runs: dict[tuple, tuple[Path, Path]] = {}
 
-    def get(steps_per_generation: int, num_iterations: int) -> tuple[Path, Path]:
-        key = (steps_per_generation, num_iterations)
+    def get(steps_per_generation: int, num_iterations: int, **extra) -> tuple[Path, Path]:
+        key = (steps_per_generation, num_iterations, *sorted(extra))
         if key not in runs:
             directory = tmp_path_factory.mktemp(f"full-{steps_per_generation}-{num_iterations}")
             fields = {"max_steps": 6, "steps_per_generation": steps_per_generation, "num_iterations": num_iterations}
-            recipe = write_recipe(directory, **fields)
+            recipe = write_recipe(directory, **fields, **extra)
             train(recipe)
             runs[key] = recipe, directory / "run"
         return runs[key]
@@ -137,6 +137,24 @@ def test_resumed_run_matches_the_uninterrupted_one(
         assert got[step] == expected[step], f"step {step} differs after resuming from step {stop}"
     assert any(expected[step]["rewards/length/std"] > 0 for step in expected)  # updates were not all zero
     assert not same_weights(full / f"checkpoint-{stop}", full)  # the steps after the stop changed the weights
+    assert same_weights(resumed, full)
+
+
+# Dynamic sampling: groups of 2 whose lengths tie are dropped and refilled from prompts drawn by (seed, step, round).
+DYNAMIC = {"dynamic_sampling": True, "max_resample_rounds": 2, "max_completion_length": 1}
+
+
+@pytest.mark.parametrize(("steps_per_generation", "num_iterations", "stop"), CYCLES)
+def test_a_resumed_run_with_dynamic_sampling_matches_the_uninterrupted_one(
+    uninterrupted, tmp_path, steps_per_generation, num_iterations, stop
+):
+    recipe, full = uninterrupted(steps_per_generation, num_iterations, **DYNAMIC)
+    resumed = resume_copy(full, stop, tmp_path)
+    train(recipe, "--output_dir", str(resumed), "--resume_from_checkpoint", "auto")
+    expected, got = steps(full), steps(resumed)
+    assert any(entry.get("dynamic_sampling/rounds", 0) >= 1 for entry in expected.values())
+    for step in range(stop + 1, 7):
+        assert got[step] == expected[step], f"step {step} differs after resuming from step {stop}"
     assert same_weights(resumed, full)
 
 

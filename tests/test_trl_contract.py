@@ -182,7 +182,7 @@ TRAINER_ATTRIBUTES = (
     "_is_vlm", "_step", "_buffered_inputs", "_metrics", "_logs", "log_completions", "log_multimodal",
     "log_unique_prompts", "num_completions_to_print", "reward_func_names", "use_vllm",
     "use_transformers_continuous_batching", "generation_kwargs", "generation_config", "temperature", "ref_model",
-    "num_iterations", "max_completion_length", "model_wrapped",
+    "num_iterations", "max_completion_length", "model_wrapped", "_tokenizer", "reward_weights", "num_generations",
 )  # fmt: skip
 # The attributes of TRL's vLLM backend that `VLMRollout` reads, each set by its `__init__`.
 ROLLOUT_ATTRIBUTES = (
@@ -262,7 +262,7 @@ SEAMS: dict[str, Callable[..., None]] = {
         has_parameters(
             GRPOTrainer._calculate_rewards, ["self", "inputs", "prompts", "completions", "completion_ids_list"]
         ),
-        # The breakdown reads every process's rewards: TRL returns them gathered.
+        # The breakdown and dynamic sampling's decision read every process's rewards: TRL returns them gathered.
         has_lines(GRPOTrainer._calculate_rewards, "rewards_per_func = gather(rewards_per_func)"),
     ),
     # TRL writes its completion table from `log` when `log_completions` is set (ours replaces it).
@@ -312,6 +312,19 @@ SEAMS: dict[str, Callable[..., None]] = {
     "copy: prompt tokenisation (models.inputs.prompt_inputs)": prompt_tokenisation_matches_trl,
     "copy: packed prompts score with shift_labels (_shared_prompt_logps)": has_lines(
         add_fused_lm_head, "shift_labels"
+    ),
+    # Dynamic sampling (`dynamic_sampling.py`) relies on TRL's layout of a generation batch: each prompt repeated
+    # `num_generations` times in a row, process p holding rows [p*N, (p+1)*N), rows fed as the dataset gives them;
+    # and it recounts `num_items_in_batch` for the rows it keeps as TRL counts it.
+    "copy: generation batch layout and loss-token count (dynamic sampling)": all_of(
+        has_lines(GRPOTrainer._get_train_sampler, "mini_repeat_count=self.num_generations,"),
+        has_lines(
+            GRPOTrainer._generate_and_score_completions,
+            "self.accelerator.process_index * len(prompts),",
+            "loss_mask = completion_mask if tool_mask is None else completion_mask * tool_mask",
+            "num_items_in_batch = self.accelerator.gather(loss_mask.sum()).sum()",
+        ),
+        has_lines(GRPOTrainer.__init__, "data_collator=identity,"),
     ),
     # --- private attributes read
     "attributes: GRPOTrainer": lambda stock_trainer: [

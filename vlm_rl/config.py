@@ -325,6 +325,33 @@ class VLMGRPOConfig(GRPOConfig):
         },
     )
 
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "DAPO dynamic sampling: drop the groups whose completions all got the same total reward (zero "
+            "advantage, no learning signal) and fill the batch with groups generated for fresh prompts, up to "
+            "`max_resample_rounds` extra generation rounds per step (see docs/trainer.md)."
+        },
+    )
+    max_resample_rounds: int = field(
+        default=3,
+        metadata={
+            "help": "With `dynamic_sampling`: most extra generation rounds per step. A batch still short after them "
+            "is filled with the dropped groups of largest reward spread (`dynamic_sampling/padded_groups`)."
+        },
+    )
+    dynamic_sampling_accuracy_band: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "With `dynamic_sampling`: keep the groups whose mean accuracy is within `[low, high]` "
+            "(inclusive) instead of those whose total reward varies, e.g. `[0.1, 0.9]`."
+        },
+    )
+    dynamic_sampling_accuracy_reward: str | None = field(
+        default=None,
+        metadata={"help": "The reward whose score is the accuracy of the band filter. Unset: `eval_accuracy_reward`."},
+    )
+
     def __post_init__(self):
         generation_batch_given = self.generation_batch_size is not None
         try:
@@ -337,9 +364,28 @@ class VLMGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"vllm_weight_transport must be one of {list(WEIGHT_TRANSPORTS)}, got {self.vllm_weight_transport!r}."
             )
+        self._check_dynamic_sampling()
         if self.reward_error_policy not in ERROR_POLICIES:
             raise ValueError(
                 f"reward_error_policy must be one of {list(ERROR_POLICIES)}, got {self.reward_error_policy!r}."
+            )
+
+    def _check_dynamic_sampling(self) -> None:
+        """Dynamic sampling's settings, and the batch layout it needs: each process's generation batch holds whole
+        groups, or a group whole processes' batches (`dynamic_sampling.py` keeps a process's part of a group)."""
+        band = self.dynamic_sampling_accuracy_band
+        if band is not None and (len(band) != 2 or band[0] > band[1]):
+            raise ValueError(f"dynamic_sampling_accuracy_band must be [low, high] with low <= high, got {band}.")
+        if self.max_resample_rounds < 0:
+            raise ValueError(f"max_resample_rounds cannot be negative, got {self.max_resample_rounds}.")
+        if not self.dynamic_sampling:
+            return
+        rows = self.per_device_train_batch_size * self.steps_per_generation
+        if rows % self.num_generations and self.num_generations % rows:
+            raise ValueError(
+                f"dynamic_sampling needs per_device_train_batch_size x steps_per_generation ({rows}) to be a multiple "
+                f"or a divisor of num_generations ({self.num_generations}): set per_device_train_batch_size to "
+                f"{self.num_generations // math.gcd(self.num_generations, self.steps_per_generation)}."
             )
 
     def _indivisible_batch(self, generation_batch_given: bool) -> str:

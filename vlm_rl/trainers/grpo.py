@@ -17,6 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from accelerate.utils import gather_object, is_peft_model
@@ -54,6 +55,7 @@ from vlm_rl.rewards.registry import reward_or_model
 from vlm_rl.rollout.prefill import prompts_prefilled_once
 from vlm_rl.rollout.vllm import VLMRollout
 from vlm_rl.trainers.checkpointing import CheckpointMixin, RescheduleOnResume
+from vlm_rl.trainers.dynamic_sampling import DynamicSampling, GroupFilter, Layout, fresh_rows
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
 from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits
 from vlm_rl.trainers.metrics import MetricsMixin
@@ -92,6 +94,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
     _loss_only_inputs: Mapping[str, Any] = MappingProxyType({})
     # Blank-image vision inputs for `_vision_forward_without_images`, built at first need.
     _dummy_vision_inputs: dict[str, torch.Tensor] | None = None
+    # `_calculate_rewards` -> `_scored_generation_batch`: the last round's rewards, gathered over processes.
+    _round_rewards: torch.Tensor | None = None
 
     def __init__(self, model, reward_funcs=None, args=None, processing_class=None, **kwargs):
         options = VLMOptions.from_args(args)
@@ -113,6 +117,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         with self._vlm_rollout_backend(model, args, options, processing_class, kwargs.get("train_dataset")):
             super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
         self.options = options
+        if options.dynamic_sampling:
+            self._check_dynamic_sampling()
         use_base_as_reference(self.model)  # beta > 0, fresh LoRA: the reference is the adapter-disabled base
         self.adapter = self._family_adapter()
         # The models TRL gave a fused LM head (the policy unwrapped from PEFT, the reference model).
@@ -147,6 +153,42 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
     def adapter(self) -> FamilyAdapter:
         """The model family's adapter (`__init__` sets it; a trainer built without it gets it at first use)."""
         return self._family_adapter()
+
+    @functools.cached_property
+    def dynamic_sampling(self) -> DynamicSampling | None:
+        """DAPO dynamic sampling (`dynamic_sampling.py`) when the options turn it on, else None."""
+        options = self.options
+        if not options.dynamic_sampling:
+            return None
+        band = options.dynamic_sampling_accuracy_band
+        accuracy = options.dynamic_sampling_accuracy_reward or options.eval_accuracy_reward
+        return DynamicSampling(
+            GroupFilter(
+                self.reward_weights,
+                self.num_generations,
+                tuple(band) if band is not None else None,
+                self.reward_func_names.index(accuracy) if band is not None else None,
+            ),
+            Layout(
+                self.accelerator.num_processes,
+                self.accelerator.process_index,
+                self.args.per_device_train_batch_size * self.args.steps_per_generation,
+                self.num_generations,
+            ),
+            options.max_resample_rounds,
+            self._tokenizer.pad_token_id,
+        )
+
+    def _check_dynamic_sampling(self) -> None:
+        """What dynamic sampling needs besides the config's own checks: indexable data and the band's reward."""
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            raise ValueError("dynamic_sampling draws fresh prompts by index: use a map-style (not streaming) dataset.")
+        accuracy = self.options.dynamic_sampling_accuracy_reward or self.options.eval_accuracy_reward
+        if self.options.dynamic_sampling_accuracy_band is not None and accuracy not in self.reward_func_names:
+            raise ValueError(
+                f"dynamic_sampling_accuracy_band scores the reward {accuracy!r}, which is not among the rewards "
+                f"{self.reward_func_names}: set dynamic_sampling_accuracy_reward (or eval_accuracy_reward)."
+            )
 
     def _family_adapter(self) -> FamilyAdapter:
         return adapter_for(self.model.config) if self._is_vlm else GenericAdapter()
@@ -540,13 +582,51 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
             return super()._prepare_inputs(generation_batch)
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
-            batch = self._generate_and_score_completions(generation_batch)
-            if batch.get("num_images") is not None:
-                batch = self.adapter.split_vision_inputs(batch, batch["num_images"])
+            batch = self._scored_generation_batch(generation_batch)
             batch = self._shuffle_rows(batch)
             batches = split_tensor_dict(batch, self.args.steps_per_generation)
             self._buffered_inputs = [self._merge_micro_batch(micro_batch) for micro_batch in batches]
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _scored_rows(self, rows: list[dict]) -> dict[str, Any]:
+        """TRL's scored generation batch of `rows`, with vision inputs split per row."""
+        batch = self._generate_and_score_completions(rows)
+        if batch.get("num_images") is not None:
+            batch = self.adapter.split_vision_inputs(batch, batch["num_images"])
+        return batch
+
+    def _scored_generation_batch(self, generation_batch: list[dict]) -> dict[str, Any]:
+        """The scored rows this process trains on; with dynamic sampling, only groups with a learning signal,
+        topped up with groups generated for fresh prompts (`dynamic_sampling.py`)."""
+        sampling = self.dynamic_sampling
+        if sampling is None:
+            return self._scored_rows(generation_batch)
+
+        def scored(rows: list[dict]) -> tuple[dict[str, Any], torch.Tensor]:
+            batch = self._scored_rows(rows)
+            rewards, self._round_rewards = self._round_rewards, None
+            return batch, rewards
+
+        def extra_round(round_: int) -> tuple[dict[str, Any], torch.Tensor]:
+            dataset = self.train_dataset
+            if isinstance(dataset, datasets.Dataset):  # the columns TRL's dataloader keeps
+                dataset = self._remove_unused_columns(dataset, description="training")
+            indices = fresh_rows(sampling.layout, self.args.seed, self.state.global_step, round_, len(dataset))
+            return scored(self.data_collator([dataset[i] for i in indices]))
+
+        batch, metrics = sampling.fill(lambda: scored(generation_batch), extra_round)
+        # TRL's count of the loss tokens of all processes' rows (its `dapo` loss divides by it), for the rows kept.
+        loss_mask = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
+        batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        for name, value in metrics.items():
+            self._metrics["train"][name].append(value)
+        return batch
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # TRL's gathered rewards of every process's rows, kept for dynamic sampling's decision, which TRL's
+        # `_generate_and_score_completions` does not return.
+        self._round_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._round_rewards
 
     def _shuffle_rows(self, batch: dict[str, Any]) -> dict[str, Any]:
         """TRL's shuffle of the generation batch before it is cut into micro-batches; with prompts shared, the

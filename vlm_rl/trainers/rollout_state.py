@@ -3,8 +3,8 @@
 With `steps_per_generation > 1` or `num_iterations > 1`, one generation feeds several optimizer steps from a buffer.
 TRL keeps neither the buffer nor its place in the cycle in checkpoints, so a resumed run samples new completions
 in the middle of a cycle and its steps no longer line up with the stopped run's. Each process saves its buffer,
-its place, and the metrics and reward-failure counts not yet logged, next to HF's `rng_state_N.pth`; a resumed run
-then continues exactly where the stopped one was.
+its place, the metrics and reward-failure counts not yet logged, and dynamic sampling's count of prompts generated
+for, next to HF's `rng_state_N.pth`; a resumed run then continues exactly where the stopped one was.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def save_rollout_state(trainer, checkpoint: Path) -> None:
             func.__name__: dict(func.failures) for func in trainer.reward_funcs if isinstance(func, ConfiguredReward)
         },
         "seen_routes": sorted(trainer._seen_routes),
+        "prompts_consumed": trainer.dynamic_sampling.prompts_consumed if trainer.dynamic_sampling else 0,
     }
     torch.save(state, Path(checkpoint) / STATE_FILE.format(rank=trainer.accelerator.process_index))
 
@@ -55,6 +56,8 @@ def load_rollout_state(trainer, checkpoint: str | Path) -> bool:
     device = trainer.accelerator.device
     location = "cpu" if device.type == "cpu" else device  # torch.load cannot map to "cpu:0", a CPU process's device
     state = torch.load(path, map_location=location, weights_only=True) if path.is_file() else None
+    if state is not None and trainer.dynamic_sampling is not None:  # a running total, whatever the cycle
+        trainer.dynamic_sampling.prompts_consumed = state.get("prompts_consumed", 0)
     usable = state is not None and state["cycle"] == _cycle(trainer)
     # Processes that disagreed would generate at different steps and wait for each other forever.
     usable_everywhere = trainer.accelerator.reduce(

@@ -28,6 +28,10 @@ class VLMOptions:
     vllm_weight_transport: str = _DEFAULTS["vllm_weight_transport"]
     vllm_weights_dir: str | None = _DEFAULTS["vllm_weights_dir"]
     vllm_limit_mm_per_prompt: int | None = _DEFAULTS["vllm_limit_mm_per_prompt"]
+    dynamic_sampling: bool = _DEFAULTS["dynamic_sampling"]
+    max_resample_rounds: int = _DEFAULTS["max_resample_rounds"]
+    dynamic_sampling_accuracy_band: list[float] | None = _DEFAULTS["dynamic_sampling_accuracy_band"]
+    dynamic_sampling_accuracy_reward: str | None = _DEFAULTS["dynamic_sampling_accuracy_reward"]
 
     @classmethod
     def from_args(cls, args: Any) -> VLMOptions:
