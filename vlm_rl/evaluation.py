@@ -27,8 +27,11 @@ from vlm_rl.prepare import default_max_prompt_length, prepare_data, prepare_rewa
 from vlm_rl.rewards.configured import bind_context
 
 
-def _generate(model, processor, prompts: list, images: list[list], max_new_tokens: int):
-    """Greedy completions: their texts, and their token ids up to and including the first end-of-sequence."""
+def _generate(
+    model, processor, prompts: list, images: list[list], max_new_tokens: int, temperature: float | None = None
+):
+    """Completions, greedy unless a sampling `temperature` is given: their texts, and their token ids up to and
+    including the first end-of-sequence."""
     adapter = adapter_for(model.config)
     adapter.check_images_per_row([len(row) for row in images])
     inputs = prompt_inputs(adapter, processor, prompts, images).to(model.device)
@@ -36,7 +39,9 @@ def _generate(model, processor, prompts: list, images: list[list], max_new_token
     output = model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
-        do_sample=False,
+        do_sample=temperature is not None,
+        # Sampling as GRPO samples: the whole distribution at `temperature`, no top-k or top-p cut.
+        **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature is not None else {}),
         suppress_tokens=media_token_ids(model.config),
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -74,8 +79,10 @@ def evaluate_policy(
     blind: bool = False,
     seed: int = 0,
     progress: str | None = None,
+    temperature: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate greedily for every row and score each completion with every reward.
+    """Generate for every row, greedily unless a sampling `temperature` is given, and score each completion with
+    every reward.
 
     Returns one record per row: its index, prompt (as text), number of images, `answer` if it has one, the
     completion and `rewards` by function name; with `blind`, `image_from`, the row whose images it was shown.
@@ -99,7 +106,7 @@ def evaluate_policy(
             lent = dict(load_rows(dataset, [partners[index] for index, _ in indexed if index in partners]))
             images = [list(lent[partners[index]]["images"]) if index in partners else [] for index, _ in indexed]
         prompts = [row["prompt"] for row in batch]
-        texts, completion_ids = _generate(model, processor, prompts, images, max_new_tokens)
+        texts, completion_ids = _generate(model, processor, prompts, images, max_new_tokens, temperature)
         completions = [[{"role": "assistant", "content": text}] for text in texts]
         # Same calling convention as in training: every dataset column, as lists over the batch.
         columns = {key: [row[key] for row in batch] for key in batch[0] if key != "prompt"}

@@ -69,7 +69,7 @@ def scatter(objects: list[tuple[str, str]], cells: tuple[int, int], rng: random.
     pen = ImageDraw.Draw(image)
     spots = rng.sample([(c, r) for c in range(cells[0]) for r in range(cells[1])], len(objects))
     for (shape, color), (column, row) in zip(objects, spots, strict=True):
-        size = rng.randint(14, CELL - 4)
+        size = rng.randint(18, 22)
         x, y = column * CELL + rng.randint(0, CELL - size), row * CELL + rng.randint(0, CELL - size)
         draw(pen, shape, color, (x, y, x + size - 1, y + size - 1))
     return image

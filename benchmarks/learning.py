@@ -1,0 +1,279 @@
+"""Learning benchmark: does SFT + GRPO make a model better at a multi-step visual task? Held-out, before and after.
+
+    make bench-learning                                   # every task, counting over 3 seeds
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/learning.py --task counting --seeds 1
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/learning.py --algorithms   # GRPO, DAPO, ...
+
+Per task (`vlm_rl.data.scenes`) and seed: a tiny random Qwen2-VL, `vlm-rl sft` on the task's biased-teacher
+replies (`recipes/<task>_sft_cpu.yaml`), a held-out evaluation, `vlm-rl train` (GRPO, `recipes/<task>_grpo_cpu.yaml`)
+from the SFT output, and the same evaluation again. Both runs are the CLI commands a user runs, in child processes.
+Each evaluation scores the held-out rows greedily, sampled (temperature 1, `--samples` per row) and blind (greedy,
+images swapped between rows: a policy that reads the image drops to about `chance` there). For grounding the scores
+are mean IoU. Counting also gets a per-answer confusion table (true count × answer given), where a collapse onto a
+few answers shows. The GRPO runs evaluate on the held-out rows every `eval_steps` (sampled, as TRL evaluates), for
+one figure per task of held-out accuracy against step.
+
+`--algorithms` trains GRPO, DAPO (clip-higher, dynamic sampling, token-level loss), Dr. GRPO and GSPO from one
+counting SFT start for the same wall time each, and reports final held-out accuracy and the completions generated.
+
+Writes `results.json`, `results.md` (the tables) and `learning_<task>.png` under `--output_dir`. The last line
+of output is one JSON object: `{task: {sft, grpo, sft_sampled, grpo_sampled, blind_sft, blind_grpo, chance,
+sft_minutes, grpo_minutes, ...}}`, each score the mean over seeds, with `*_spread` (max - min) where several ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from datasets import concatenate_datasets  # noqa: E402
+
+from vlm_rl.config import parse_recipe  # noqa: E402
+from vlm_rl.evaluation import evaluate_policy, mean_reward  # noqa: E402
+from vlm_rl.models import load_model_and_processor  # noqa: E402
+from vlm_rl.prepare import prepare_data, prepare_rewards  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+SCORES = ("sft", "grpo", "sft_sampled", "grpo_sampled", "blind_sft", "blind_grpo")
+
+
+@dataclass(frozen=True)
+class Task:
+    seeds: int  # how many seeds the full benchmark runs
+    score: str  # what its accuracy reward measures, for the tables and figures
+
+
+TASKS = {
+    "counting": Task(seeds=3, score="accuracy"),
+    "grounding": Task(seeds=1, score="mean IoU"),
+    "count_diff": Task(seeds=1, score="accuracy"),
+}
+# Extra `vlm-rl train` flags per algorithm, on top of the counting GRPO recipe (TRL's names for each).
+ALGORITHMS = {
+    "GRPO": ["--loss_type", "grpo", "--scale_rewards", "group"],
+    "DAPO": ["--loss_type", "dapo", "--epsilon_high", "0.28", "--dynamic_sampling", "true"],
+    "Dr. GRPO": ["--loss_type", "dr_grpo", "--scale_rewards", "none"],
+    "GSPO": ["--importance_sampling_level", "sequence", "--loss_type", "grpo", "--epsilon", "3e-4",
+             "--epsilon_high", "4e-4"],
+}  # fmt: skip
+
+
+def run_cli(command: str, recipe: Path, output_dir: Path, seed: int, *extra: str) -> float:
+    """Run `vlm-rl <command>` as a user would, its log in `output_dir/<command>.log`; return its minutes."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "vlm_rl.cli", command, "--config", str(recipe), "--output_dir", str(output_dir)]
+    args += ["--seed", str(seed), "--disable_tqdm", "true", *extra]
+    start = time.perf_counter()
+    with open(output_dir / f"{command}.log", "w") as log:
+        process = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if process.returncode != 0:
+        raise SystemExit(f"`{' '.join(args)}` failed; its log: {output_dir / f'{command}.log'}")
+    return (time.perf_counter() - start) / 60
+
+
+def evaluate(model_dir: Path, grpo_recipe: Path, samples: int, seed: int) -> dict:
+    """Greedy, sampled and blind held-out scores of the model in `model_dir`, on the GRPO recipe's held-out rows."""
+    model_args, data_args, reward_args, training_args, _ = parse_recipe(["--config", str(grpo_recipe)])
+    task = prepare_data(data_args, training_args, grpo_recipe.parent)
+    rewards = prepare_rewards(reward_args, training_args, grpo_recipe.parent)
+    name = training_args.eval_accuracy_reward
+    model, processor = load_model_and_processor(str(model_dir), dtype=model_args.dtype)
+    kwargs = {"max_new_tokens": training_args.max_completion_length, "batch_size": 50}
+    greedy = evaluate_policy(model, processor, task.eval, rewards, **kwargs)
+    blind = evaluate_policy(model, processor, task.eval, rewards, blind=True, **kwargs)
+    torch.manual_seed(seed)
+    repeated = concatenate_datasets([task.eval] * samples)
+    sampled = evaluate_policy(model, processor, repeated, rewards, temperature=1.0, **kwargs)
+    tokens = [len(processor.tokenizer(r["completion"]).input_ids) for r in sampled]
+    return {
+        "greedy": mean_reward(greedy, name),
+        "sampled": mean_reward(sampled, name),
+        "blind": mean_reward(blind, name, has_images=True),
+        "chance": task.chance,
+        "mean_completion_tokens": mean(tokens),
+        "format": mean(r["rewards"].get("think_answer_format", float("nan")) for r in sampled),
+        "confusion": confusion(greedy),
+    }
+
+
+def confusion(records: list[dict]) -> dict[str, dict[str, int]]:
+    """True answer → {answer given: rows}; the answer is what the `<answer>` block holds ("?" when there is none)."""
+    table: dict[str, Counter] = {}
+    for record in records:
+        match = re.search(r"<answer>(.*?)</answer>", record["completion"], re.DOTALL)
+        table.setdefault(str(record["answer"]), Counter())[match.group(1).strip() if match else "?"] += 1
+    return {truth: dict(counts) for truth, counts in sorted(table.items())}
+
+
+def curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, held-out accuracy) from a GRPO run's in-loop evaluations."""
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return [(entry["step"], entry["eval_accuracy"]) for entry in history if "eval_accuracy" in entry]
+
+
+def run_seed(name: str, seed: int, output_dir: Path, samples: int) -> dict:
+    """SFT, evaluate, GRPO, evaluate: one task, one seed."""
+    sft_recipe, grpo_recipe = RECIPES / f"{name}_sft_cpu.yaml", RECIPES / f"{name}_grpo_cpu.yaml"
+    run_dir = output_dir / f"{name}-seed{seed}"
+    sft_minutes = run_cli("sft", sft_recipe, run_dir / "sft", seed)
+    before = evaluate(run_dir / "sft", grpo_recipe, samples, seed)
+    grpo_args = ["--model_name_or_path", str(run_dir / "sft")]
+    grpo_minutes = run_cli("train", grpo_recipe, run_dir / "grpo", seed, *grpo_args)
+    after = evaluate(run_dir / "grpo", grpo_recipe, samples, seed)
+    result = {
+        "seed": seed,
+        "sft": before["greedy"],
+        "grpo": after["greedy"],
+        "sft_sampled": before["sampled"],
+        "grpo_sampled": after["sampled"],
+        "blind_sft": before["blind"],
+        "blind_grpo": after["blind"],
+        "chance": before["chance"],
+        "sft_minutes": sft_minutes,
+        "grpo_minutes": grpo_minutes,
+        "completion_tokens_grpo": after["mean_completion_tokens"],
+        "format_grpo": after["format"],
+        "confusion_sft": before["confusion"],
+        "confusion_grpo": after["confusion"],
+        "curve": [(0, before["sampled"]), *curve(run_dir / "grpo")],
+    }
+    print(json.dumps({name: {k: v for k, v in result.items() if not k.startswith(("confusion", "curve"))}}))
+    return result
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Means over seeds, with the spread (max - min) of each score where several seeds ran."""
+    keys = (*SCORES, "chance", "sft_minutes", "grpo_minutes", "completion_tokens_grpo", "format_grpo")
+    summary = {key: mean(run[key] for run in runs) for key in keys if runs[0][key] is not None}
+    if len(runs) > 1:
+        summary |= {f"{key}_spread": max(r[key] for r in runs) - min(r[key] for r in runs) for key in SCORES}
+    summary["seeds"] = len(runs)
+    return summary
+
+
+def plot(name: str, task: Task, runs: list[dict], path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(5, 3.2))
+    for run in runs:
+        steps, values = zip(*run["curve"], strict=True)
+        axes.plot(steps, values, marker="o", markersize=3, label=f"seed {run['seed']}")
+    if runs[0]["chance"] is not None:
+        axes.axhline(runs[0]["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+    axes.set(xlabel="GRPO step (0: after SFT)", ylabel=f"held-out {task.score} (sampled)", title=name)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def markdown(results: dict[str, dict], runs: dict[str, list[dict]]) -> str:
+    lines = [
+        "| task | score | SFT greedy | GRPO greedy | SFT sampled | GRPO sampled | blind SFT | blind GRPO | chance "
+        "| SFT min | GRPO min | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, summary in results.items():
+
+        def cell(key: str) -> str:
+            value = summary.get(key)
+            if value is None:
+                return "–"
+            spread = summary.get(f"{key}_spread")
+            return f"{value:.2f}" + (f" ± {spread / 2:.2f}" if spread else "")
+
+        lines.append(
+            f"| {name} | {TASKS[name].score} | " + " | ".join(cell(k) for k in (*SCORES, "chance")) + " | "
+            f"{summary['sft_minutes']:.1f} | {summary['grpo_minutes']:.1f} | {summary['seeds']} |"
+        )
+    for name, task_runs in runs.items():
+        if name != "counting":
+            continue
+        for run in task_runs:
+            for stage in ("sft", "grpo"):
+                table = run[f"confusion_{stage}"]
+                answers = sorted({a for row in table.values() for a in row}, key=lambda a: (not a.isdigit(), a))
+                lines += ["", f"Counting, seed {run['seed']}, after {stage.upper()}: true count × answer (greedy)", ""]
+                lines += ["| true \\ answer | " + " | ".join(answers) + " |", "|---" * (len(answers) + 1) + "|"]
+                lines += [f"| {t} | " + " | ".join(str(row.get(a, 0)) for a in answers) + " |" for t, row in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def compare_algorithms(output_dir: Path, minutes: float, samples: int, seed: int) -> dict:
+    """Each algorithm from the same counting SFT start, for `minutes` of training each."""
+    grpo_recipe = RECIPES / "counting_grpo_cpu.yaml"
+    start = output_dir / "algorithms" / "sft"
+    if not (start / "config.json").is_file():
+        run_cli("sft", RECIPES / "counting_sft_cpu.yaml", start, seed)
+    before = evaluate(start, grpo_recipe, samples, seed)
+    results = {"SFT start": {"greedy": before["greedy"], "sampled": before["sampled"]}}
+    for name, flags in ALGORITHMS.items():
+        run_dir = output_dir / "algorithms" / re.sub(r"\W+", "_", name).strip("_").lower()
+        extra = ["--model_name_or_path", str(start), "--max_steps", "100000", "--max_train_minutes", str(minutes)]
+        run_minutes = run_cli("train", grpo_recipe, run_dir, seed, *extra, *flags)
+        after = evaluate(run_dir, grpo_recipe, samples, seed)
+        state = json.loads((run_dir / "trainer_state.json").read_text())
+        completions = completions_generated(state)
+        results[name] = {
+            "greedy": after["greedy"],
+            "sampled": after["sampled"],
+            "blind": after["blind"],
+            "steps": state["global_step"],
+            "completions": completions,
+            "minutes": run_minutes,
+        }
+        print(json.dumps({name: results[name]}))
+    return results
+
+
+def completions_generated(state: dict) -> int:
+    """Completions a run generated: from dynamic sampling's count of prompts where logged, else steps × batch."""
+    history = state["log_history"]
+    consumed = [e["dynamic_sampling/prompts_consumed"] for e in history if "dynamic_sampling/prompts_consumed" in e]
+    generations = state.get("num_generations") or 8
+    if consumed:
+        return int(consumed[-1] * generations)
+    return int(state["global_step"] * state["train_batch_size"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sorted(TASKS), action="append", help="Run only these tasks (repeatable).")
+    parser.add_argument("--seeds", type=int, help="Seeds per task. Default: 3 for counting, 1 for the others.")
+    parser.add_argument("--samples", type=int, default=4, help="Sampled completions per held-out row.")
+    parser.add_argument("--output_dir", default="outputs/bench_learning")
+    parser.add_argument("--algorithms", action="store_true", help="Compare GRPO, DAPO, Dr. GRPO, GSPO on counting.")
+    parser.add_argument("--minutes", type=float, default=3.0, help="--algorithms: training minutes per algorithm.")
+    args = parser.parse_args()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.algorithms:
+        results = compare_algorithms(output_dir, args.minutes, args.samples, seed=0)
+        (output_dir / "algorithms.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results))
+        return
+    results, runs = {}, {}
+    for name in args.task or list(TASKS):
+        seeds = args.seeds or TASKS[name].seeds
+        runs[name] = [run_seed(name, seed, output_dir, args.samples) for seed in range(seeds)]
+        results[name] = summarize(runs[name])
+        plot(name, TASKS[name], runs[name], output_dir / f"learning_{name}.png")
+    (output_dir / "results.json").write_text(json.dumps({"summary": results, "runs": runs}, indent=2) + "\n")
+    (output_dir / "results.md").write_text(markdown(results, runs))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
