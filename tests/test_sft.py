@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from conftest import ALL_FAMILIES
 from datasets import Dataset
 from PIL import Image
 from safetensors.torch import load_file
+from test_recipes import SFT_RECIPES, SUMMARY_MAX_CHARS
 
+from vlm_rl.cli import main as cli_main
 from vlm_rl.config import SFT_RECIPE_DATACLASSES, VLMSFTConfig
 from vlm_rl.models import adapter_for, tiny_families
 from vlm_rl.models.collator import IGNORE_INDEX, PromptCompletionCollator
@@ -234,5 +237,27 @@ def test_the_sft_field_table_equals_the_sft_recipe_dataclasses():
     )
 
 
-def test_the_shipped_sft_recipe_checks_against_the_sft_fields():
-    check_recipe(REPO / "recipes/counting_sft_cpu.yaml", build_field_table(SFT_RECIPE_DATACLASSES))
+@pytest.mark.parametrize("path", SFT_RECIPES, ids=lambda path: path.stem)
+def test_sft_recipe_checks_and_runs_one_step(path, tmp_path):
+    check_recipe(path, build_field_table(SFT_RECIPE_DATACLASSES))  # unknown keys and values of the wrong type
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and len(first) <= SUMMARY_MAX_CHARS, f"{path.name}: a one-line summary first"
+    one_step = {"max_steps": "1", "train_size": "4", "eval_size": "2", "per_device_train_batch_size": "2",
+                "save_strategy": "no", "logging_steps": "1", "report_to": "none", "disable_tqdm": "true"}  # fmt: skip
+    argv = ["--config", str(path), "--output_dir", str(tmp_path / "run")]
+    for key, value in one_step.items():
+        argv += [f"--{key}", value]
+    sft_main(argv)
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    (step,) = [entry for entry in history if "loss" in entry]
+    assert step["step"] == 1 and math.isfinite(step["loss"])
+
+
+def test_sft_help_is_short_and_help_all_lists_the_sft_fields(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["sft", "--help"])
+    assert capsys.readouterr().out.startswith("usage: vlm-rl sft --config RECIPE.yaml")
+    with pytest.raises(SystemExit):
+        cli_main(["sft", "--help-all"])
+    text = capsys.readouterr().out
+    assert "--max_length" in text and "--use_peft" in text and "--num_generations" not in text

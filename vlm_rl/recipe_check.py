@@ -80,15 +80,17 @@ def installed_versions() -> dict[str, str | None]:
     return found
 
 
-def field_table(path: Path = FIELD_TABLE) -> dict[str, Spec] | None:
-    """The recipe fields and their types from `path` (`recipe_fields.json`), or None when it was generated under
-    other TRL or transformers releases than the installed ones."""
-    stored = json.loads(path.read_text())
+def field_table(path: Path | None = None) -> dict[str, Spec] | None:
+    """The recipe fields and their types from `path` (default `recipe_fields.json`), or None when it was generated
+    under other TRL or transformers releases than the installed ones."""
+    stored = json.loads((path or FIELD_TABLE).read_text())
     return stored["fields"] if stored["versions"] == installed_versions() else None
 
 
-def write_field_table(table: dict[str, Spec], path: Path = FIELD_TABLE) -> Path:
-    """Write `table` (from `build_field_table`) to `path`, stamped with the installed releases."""
+def write_field_table(table: dict[str, Spec], path: Path | None = None) -> Path:
+    """Write `table` (from `build_field_table`) to `path` (default `FIELD_TABLE`), stamped with the installed
+    releases."""
+    path = path or FIELD_TABLE
     # One field a line, so that a change of fields shows as a readable diff.
     rows = ",\n".join(f"  {json.dumps(name)}: {json.dumps(spec)}" for name, spec in table.items())
     path.write_text(f'{{\n "versions": {json.dumps(installed_versions())},\n "fields": {{\n{rows}\n }}\n}}\n')
@@ -147,10 +149,11 @@ def _describe(spec: Spec) -> str:
     return names.get(spec, "a mapping" if spec == "dict" else "anything")
 
 
-def check_recipe(path: str | Path, table: dict[str, Spec] | None = None, stored: Path = FIELD_TABLE) -> None:
+def check_recipe(path: str | Path, table: dict[str, Spec] | None = None, stored: Path | None = None) -> None:
     """Fail on a key that no dataclass knows (naming the file, the key and the closest valid key), and on a value
     of the wrong type (naming the file, the key and the type it takes), before anything else runs. `table`: the
-    fields (`build_field_table`); by default the one stored in `stored`, and no check where that is stale."""
+    fields (`build_field_table`); by default the one stored in `stored` (`FIELD_TABLE`), and no check where that is
+    stale."""
     try:
         recipe = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError as error:
