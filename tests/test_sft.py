@@ -22,6 +22,7 @@ from vlm_rl.cli import main as cli_main
 from vlm_rl.config import SFT_RECIPE_DATACLASSES, VLMSFTConfig
 from vlm_rl.models import adapter_for, tiny_families
 from vlm_rl.models.collator import IGNORE_INDEX, PromptCompletionCollator
+from vlm_rl.models.inputs import prompt_inputs
 from vlm_rl.recipe_check import SFT_FIELD_TABLE, build_field_table, check_recipe, installed_versions
 from vlm_rl.sft import build_trainer
 from vlm_rl.sft import main as sft_main
@@ -127,6 +128,24 @@ def test_labels_are_the_completion_tokens_only(load_tiny):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "instructblip"])
+def test_sft_trains_on_the_prompt_grpo_generates_from(family, load_tiny):
+    """Each row is the prompt exactly as GRPO tokenizes it (BOS included; LLaVA-OneVision's "assistant\n" turn),
+    then the reply and its end-of-turn tokens: the labels. TRL's own collator differs on these families."""
+    model, processor = load_tiny(family)
+    rows = mixed_rows(family)
+    adapter = adapter_for(model.config)
+    batch = PromptCompletionCollator(processor, adapter)(rows)
+    prompts = prompt_inputs(adapter, processor, [r["prompt"] for r in rows], [r["images"] for r in rows])
+    for i in range(len(rows)):
+        prompt_ids = prompts["input_ids"][i][prompts["attention_mask"][i] == 1].tolist()
+        ids = batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist()
+        labels = batch["labels"][i]
+        reply = processor.tokenizer.decode(labels[labels != IGNORE_INDEX])
+        assert ids[: len(prompt_ids)] == prompt_ids and (labels[: len(prompt_ids)] == IGNORE_INDEX).all()
+        assert reply.strip().startswith(rows[i]["completion"][0]["content"]) and not reply.startswith(" \n")
+
+
 def test_a_prefilled_prompt_trains_on_its_continuation(load_tiny):
     model, processor = load_tiny("qwen2_vl")
     prefilled = row("What colour is the shape?", "red", [image("red")])
@@ -160,6 +179,19 @@ def test_sft_output_is_a_model_for_grpo_training(tmp_path):
     state = json.loads((grpo / "trainer_state.json").read_text())
     assert state["global_step"] == 1
     assert json.loads((grpo / "eval_results.json").read_text())["accuracy"] is not None
+
+
+def test_vlm_rl_eval_scores_the_sft_output(tmp_path, capsys):
+    """Held-out greedy accuracy after SFT: `vlm-rl eval` with a GRPO recipe's rewards on the SFT output directory."""
+    sft_main(["--config", str(write_recipe(tmp_path))])
+    cli_main(
+        ["eval", "--config", str(REPO / "recipes/demo_cpu.yaml"), "--model", str(tmp_path / "run"),
+         "--dataset", "synthetic:counting", "--image_size", "112", "--eval_size", "4", "--max_new_tokens", "8",
+         "--reward_funcs", "counting_accuracy", "--eval_accuracy_reward", "counting_accuracy", "--ablate-images"]
+    )  # fmt: skip
+    results = json.loads((tmp_path / "run" / "eval" / "eval_results.json").read_text())
+    assert 0 <= results["accuracy"] <= 1 and "blind_accuracy" in results
+    assert len((tmp_path / "run" / "eval" / "eval_samples.jsonl").read_text().splitlines()) == 4
 
 
 def test_lora_sft_changes_the_merged_weights(tmp_path):

@@ -1,14 +1,14 @@
 """The batches of `vlm-rl sft`: prompt-completion rows with zero, one or several images each.
 
-TRL's `DataCollatorForVisionLanguageModeling` falls short here in three ways, so `vlm-rl sft` uses this one:
-- it renders the chat template to text and tokenizes that again with a flat image list, which is not how the GRPO
-  trainer builds prompts (`vlm_rl.models.inputs.prompt_inputs`: one `apply_chat_template` call with the images):
-  the two differ where a second tokenization adds BOS again (Gemma 3) or a flat list tiles a multi-image row
-  differently (LLaVA-OneVision), so the warm start would train on prompts GRPO never shows the model;
-- it skips the family adapter's prompt repadding (InstructBLIP's Q-Former text pads on the right);
-- a prompt that ends with an assistant message (a prefill the completion continues) gets a new assistant turn.
-Here the prompt is built exactly as GRPO builds it, and the completion is the rest of the rendered conversation
-(the assistant's reply and its end-of-turn tokens), tokenized on its own as GRPO's sampled completions are.
+TRL's `DataCollatorForVisionLanguageModeling` trains on other prompt tokens than GRPO and `vlm-rl eval` generate
+from (`vlm_rl.models.inputs.prompt_inputs`: one `apply_chat_template` call with the images), so `vlm-rl sft` uses
+this one. TRL renders the chat template to text and tokenizes it again without special tokens, which drops the BOS
+token of LLaVA and InstructBLIP prompts; it takes the completion as the stored assistant turn renders it, which for
+LLaVA-OneVision opens with "assistant \n" where the generation prompt is "assistant\n" (and trains on the extra
+" \n"); it leaves out the family adapter's repadding (InstructBLIP's Q-Former text pads on the right); and a prompt
+that ends with an assistant message (a prefill) gets a new assistant turn instead of being continued. Here the
+prompt is built exactly as GRPO builds it, and the completion is what the template puts after the generation prompt
+(the reply and its end-of-turn tokens), tokenized on its own as GRPO's sampled completions are.
 """
 
 from __future__ import annotations
