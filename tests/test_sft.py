@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from test_recipes import SFT_RECIPES, SUMMARY_MAX_CHARS
 
 from vlm_rl.cli import main as cli_main
-from vlm_rl.config import SFT_RECIPE_DATACLASSES, VLMSFTConfig
+from vlm_rl.config import SFT_RECIPE_DATACLASSES, VLMSFTConfig, parse_sft_recipe
 from vlm_rl.models import adapter_for, tiny_families
 from vlm_rl.models.collator import IGNORE_INDEX, PromptCompletionCollator
 from vlm_rl.models.inputs import prompt_inputs
@@ -224,6 +225,17 @@ def test_resumed_sft_run_equals_an_uninterrupted_one(tmp_path):
         for d in (whole, resumed)
     ]
     assert losses[0] == losses[1]
+    relaunched = write_recipe(whole, **fields, resume_from_checkpoint="auto")
+    sft_main(["--config", str(relaunched)])  # finished: trains nothing, leaves the model as it was
+    assert all(torch.equal(expected[name], t) for name, t in load_file(whole / "run" / "model.safetensors").items())
+
+
+def test_documented_sft_commands_parse(monkeypatch):
+    monkeypatch.chdir(REPO)
+    commands = [line for line in (REPO / "docs/sft.md").read_text().splitlines() if line.startswith("vlm-rl sft")]
+    assert commands
+    for command in commands:
+        parse_sft_recipe(shlex.split(command)[2:])
 
 
 def test_file_data_with_a_completion_column(tmp_path):
