@@ -267,9 +267,9 @@ def test_a_bad_key_is_one_line_before_trl_loads(tmp_path):
 
 
 def test_data_without_completions_is_one_line(tmp_path):
-    result = vlm_rl_sft("--config", str(write_recipe(tmp_path, split="train")))
-    assert result.returncode != 0
-    [line] = result.stderr.strip().splitlines()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["sft", "--config", str(write_recipe(tmp_path, split="train"))])
+    [line] = str(exit_info.value.code).splitlines()
     assert line.startswith("vlm-rl sft: error: synthetic:counting: the training rows have no 'completion' column")
     assert "split: sft" in line
 
