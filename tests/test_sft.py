@@ -205,6 +205,14 @@ def test_lora_sft_changes_the_merged_weights(tmp_path):
     assert changed and all(".layers." in name and "visual" not in name for name in changed), changed
 
 
+def test_freezing_flags_keep_the_frozen_part(tmp_path):
+    sft_main(["--config", str(write_recipe(tmp_path, freeze_vision_tower=True))])
+    base = load_file(tmp_path / "run" / "tiny-qwen2_vl" / "model.safetensors")
+    trained = load_file(tmp_path / "run" / "model.safetensors")
+    changed = {name for name in base if not torch.equal(base[name], trained[name])}
+    assert changed and not any(name.startswith("visual.blocks") for name in changed), sorted(changed)[:5]
+
+
 def test_resumed_sft_run_equals_an_uninterrupted_one(tmp_path):
     """Stopped after step 2 (its checkpoint) and resumed with `auto`: the same weights as 4 steps in one go."""
     fields = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}

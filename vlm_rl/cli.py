@@ -94,7 +94,7 @@ def _recipes(args: argparse.Namespace, overrides: list[str]) -> None:
     if not summaries:
         raise SystemExit(f"{directory} holds no *.yaml recipe.")
     width = max(len(name) for name, _ in summaries)
-    print(f"Recipes in {directory} (run one with: vlm-rl train --config {directory}/NAME):")
+    print(f"Recipes in {directory} (run one with: vlm-rl train --config {directory}/NAME; *_sft* ones: vlm-rl sft):")
     for name, summary in summaries:
         print(f"  {name:<{width}}  {summary}")
 
