@@ -21,6 +21,7 @@ from test_recipes import SFT_RECIPES, SUMMARY_MAX_CHARS
 
 from vlm_rl.cli import main as cli_main
 from vlm_rl.config import SFT_RECIPE_DATACLASSES, VLMSFTConfig, parse_sft_recipe
+from vlm_rl.errors import InvalidValueError
 from vlm_rl.models import adapter_for, tiny_families
 from vlm_rl.models.collator import IGNORE_INDEX, PromptCompletionCollator
 from vlm_rl.models.inputs import prompt_inputs
@@ -147,6 +148,13 @@ def test_sft_trains_on_the_prompt_grpo_generates_from(family, load_tiny):
         assert reply.strip().startswith(rows[i]["completion"][0]["content"]) and not reply.startswith(" \n")
 
 
+def test_a_prompt_that_fills_max_length_is_an_error(load_tiny):
+    model, processor = load_tiny("qwen2_vl")
+    collator = PromptCompletionCollator(processor, adapter_for(model.config), max_length=12)
+    with pytest.raises(InvalidValueError, match="leaves its completion no room within max_length=12"):
+        collator([row("What is 2 + 2? " * 4, "4", [])])
+
+
 def test_a_prefilled_prompt_trains_on_its_continuation(load_tiny):
     model, processor = load_tiny("qwen2_vl")
     prefilled = row("What colour is the shape?", "red", [image("red")])
@@ -213,9 +221,12 @@ def test_freezing_flags_keep_the_frozen_part(tmp_path):
     assert changed and not any(name.startswith("visual.blocks") for name in changed), sorted(changed)[:5]
 
 
-def test_resumed_sft_run_equals_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resumed_sft_run_equals_an_uninterrupted_one(lora, tmp_path):
     """Stopped after step 2 (its checkpoint) and resumed with `auto`: the same weights as 4 steps in one go."""
     fields = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+    if lora:
+        fields |= {"use_peft": True, "lora_r": 4}
     whole = tmp_path / "whole"
     whole.mkdir()
     sft_main(["--config", str(write_recipe(whole, **fields))])

@@ -113,6 +113,14 @@ class PromptCompletionCollator:
             mask, ids, is_completion, *token_values = (
                 t[:, : self.max_length] for t in (mask, ids, is_completion, *token_values)
             )
+            # A row cut before its completion would train on nothing, silently.
+            lengths = prompt_mask.sum(dim=1)
+            if (lengths >= self.max_length).any():
+                raise InvalidValueError(
+                    f"A prompt of {int(lengths.max())} tokens (image tokens included) leaves its completion no room "
+                    f"within max_length={self.max_length}: raise max_length, or shorten the prompt or its images "
+                    "(max_pixels)."
+                )
         labels = ids.masked_fill((mask == 0) | (is_completion == 0), IGNORE_INDEX)
         inputs |= {"input_ids": ids, "attention_mask": mask, "labels": labels}
         inputs |= dict(zip(per_token, token_values, strict=True))
