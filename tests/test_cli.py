@@ -13,7 +13,7 @@ from vlm_rl.cli import TINY_FAMILIES, build_parser, main
 from vlm_rl.models import tiny_families
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = {"train", "eval", "plot", "tiny-model", "export", "recipes", "vllm-serve"}
+COMMANDS = {"train", "sft", "eval", "plot", "tiny-model", "export", "recipes", "vllm-serve"}
 
 
 def test_help_lists_every_command_with_a_line_each(capsys):

@@ -30,7 +30,9 @@ from vlm_rl.recipe_check import build_field_table, check_recipe
 from vlm_rl.train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+# `*_sft*.yaml` recipes are for `vlm-rl sft` (tests/test_sft.py runs them); the others for `vlm-rl train`.
+SFT_RECIPES = sorted((REPO / "recipes").glob("*_sft*.yaml"))
+RECIPES = sorted(set((REPO / "recipes").glob("*.yaml")) - set(SFT_RECIPES))
 SUMMARY_MAX_CHARS = 100  # `vlm-rl recipes` prints each recipe's first line
 
 

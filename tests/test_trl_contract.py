@@ -22,7 +22,7 @@ from conftest import shapes_trainer, small_config
 from datasets import concatenate_datasets
 from packaging.version import Version
 from transformers import Trainer
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer, SFTTrainer
 from trl.data_utils import prepare_multimodal_messages
 from trl.generation.vllm_client import VLLMClient
 from trl.generation.vllm_generation import VLLMGeneration
@@ -34,6 +34,7 @@ from vlm_rl.data import make_shapes_dataset
 from vlm_rl.models.inputs import prompt_inputs
 from vlm_rl.rewards.accuracy import accuracy
 from vlm_rl.rollout.vllm import VLMClient, VLMRollout
+from vlm_rl.sft import VLMSFTTrainer
 from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.logprobs import score_from_logits
 
@@ -289,6 +290,16 @@ SEAMS: dict[str, Callable[..., None]] = {
         lambda: inspect.getsource(Trainer._run_epoch).count("self._load_rng_state(resume_from_checkpoint)") == 2,
         "HF restores the RNG elsewhere now",
     ),
+    # --- VLMSFTTrainer (sft.py): methods of TRL's SFTTrainer it overrides
+    # TRL's loss asks the fused LM head, which needs the model's backbone; BLIP-2 has none and takes its own loss.
+    "SFTTrainer.compute_loss": all_of(
+        has_lines(SFTTrainer.compute_loss, "outputs = model(**inputs, fused_lm_head=True)"),
+        has_parameters(SFTTrainer.compute_loss, ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]),
+    ),
+    # Renamed (original-format) weights load with a plain `load_state_dict` that matches none of them.
+    "SFTTrainer._load_from_checkpoint": has_lines(
+        Trainer._load_from_checkpoint, "load_result = model.load_state_dict(state_dict, False)"
+    ),
     # --- VLMRollout (rollout/vllm.py): methods of TRL's VLLMGeneration it overrides
     "VLLMGeneration.__init__": all_of(
         has_parameters(VLLMGeneration.__init__, ["self", *ROLLOUT_ATTRIBUTES]),
@@ -377,7 +388,7 @@ def overrides() -> set[str]:
         if cls.__module__.startswith("vlm_rl.")
         for n in overridden(cls, GRPOTrainer)
     }
-    for ours, theirs in ((VLMRollout, VLLMGeneration), (VLMClient, VLLMClient)):
+    for ours, theirs in ((VLMRollout, VLLMGeneration), (VLMClient, VLLMClient), (VLMSFTTrainer, SFTTrainer)):
         names |= {f"{theirs.__name__}.{name}" for name in overridden(ours, theirs)}
     return names
 

@@ -109,6 +109,22 @@ def saved_weight_names(checkpoint: str | Path) -> set[str] | None:
         return set(file.keys())
 
 
+def load_renamed_weights(model, checkpoint: str | Path) -> bool:
+    """Load a checkpoint whose weights are saved under the model's original checkpoint names; whether it was one.
+
+    transformers 5 saves many VLMs' weights under those names (`save_pretrained`'s `save_original_format`), and HF's
+    resume loads them with a plain `load_state_dict` that matches none of them: it warns and trains on from the base
+    weights. `from_pretrained` converts the names (holding a second copy of the weights on the CPU meanwhile).
+    """
+    saved = saved_weight_names(checkpoint)
+    if saved is None or saved <= set(model.state_dict()):
+        return False
+    parameter = next(model.parameters())
+    loaded = type(model).from_pretrained(checkpoint, dtype=parameter.dtype, device_map="cpu")
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    return True
+
+
 def write_manifest(path: Path) -> None:
     """Record the size of every file in the checkpoint; the last file written into it."""
     files = {str(file.relative_to(path)): file.stat().st_size for file in sorted(path.rglob("*")) if file.is_file()}

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from vlm_rl.errors import UsageError
-from vlm_rl.recipe_check import RecipeError, check_recipe, recipe_path
+from vlm_rl.recipe_check import FIELD_TABLE, SFT_FIELD_TABLE, RecipeError, check_recipe, recipe_path
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # in a source checkout
 
@@ -94,7 +94,7 @@ def _recipes(args: argparse.Namespace, overrides: list[str]) -> None:
     if not summaries:
         raise SystemExit(f"{directory} holds no *.yaml recipe.")
     width = max(len(name) for name, _ in summaries)
-    print(f"Recipes in {directory} (run one with: vlm-rl train --config {directory}/NAME):")
+    print(f"Recipes in {directory} (run one with: vlm-rl train --config {directory}/NAME; *_sft* ones: vlm-rl sft):")
     for name, summary in summaries:
         print(f"  {name:<{width}}  {summary}")
 
@@ -115,20 +115,40 @@ main options:
 The fields, by concern, with examples: docs/recipes.md."""
 
 
-def _train_preflight(argv: list[str]) -> None:
-    """Answer `--help` and reject a recipe's unknown keys and mistyped values before `train` imports TRL, which
-    takes many seconds. `--help-all` is left to the recipe parser, which lists every field."""
+SFT_USAGE = """\
+usage: vlm-rl sft --config RECIPE.yaml [--field value ...]
+
+Supervised fine-tuning (a warm start for `vlm-rl train`) on prompt-completion rows, from a recipe in the same format
+(the model, data, LoRA and freezing fields of `vlm-rl train`, and TRL's SFTConfig fields). The loss is on the
+completion's tokens; the output directory is a model_name_or_path for `vlm-rl train`.
+
+main options:
+  --config RECIPE.yaml          the recipe: model, data and training settings in one YAML file
+  --output_dir DIR              where checkpoints and the final model go
+  --max_steps N                 optimizer steps to train for
+  --resume_from_checkpoint DIR  go on from a checkpoint; `auto`: the newest complete one in output_dir
+  --help-all                    every field with its type and default
+
+The data format and what carries over from `vlm-rl train`: docs/sft.md."""
+# The usage and the stored field table (`recipe_check`) of each command that runs a recipe.
+RECIPE_COMMANDS = {"train": (TRAIN_USAGE, FIELD_TABLE), "sft": (SFT_USAGE, SFT_FIELD_TABLE)}
+
+
+def _recipe_preflight(command: str, argv: list[str]) -> None:
+    """Answer `--help` and reject a recipe's unknown keys and mistyped values before `train` or `sft` imports TRL,
+    which takes many seconds. `--help-all` is left to the recipe parser, which lists every field."""
     if "--help-all" in argv:
         return
+    usage, table = RECIPE_COMMANDS[command]
     if "-h" in argv or "--help" in argv:
-        print(TRAIN_USAGE)
+        print(usage)
         raise SystemExit(0)
     path = recipe_path(argv)
     if path is not None:
         try:
-            check_recipe(path)
+            check_recipe(path, stored=table)
         except RecipeError as error:
-            sys.exit(f"vlm-rl train: error: {error}")
+            sys.exit(f"vlm-rl {command}: error: {error}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="Train from a recipe: vlm-rl train --config recipes/X.yaml [--field value ...]; --help-all lists the "
         "fields.",
+    )
+    commands.add_parser(
+        "sft",
+        add_help=False,
+        help="Supervised warm start from a recipe (prompt-completion rows): vlm-rl sft --config recipes/X.yaml "
+        "[--field value ...]; --help-all lists the fields.",
     )
     evaluate = commands.add_parser(
         "eval",
@@ -224,11 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
-    if command not in ("train", "eval", "plot", "export", "vllm-serve"):
+    if command not in ("train", "sft", "eval", "plot", "export", "vllm-serve"):
         _run(argv)
         return
-    if command == "train":
-        _train_preflight(argv[1:])
+    if command in RECIPE_COMMANDS:
+        _recipe_preflight(command, argv[1:])
     # A mistake in what the user gave (recipe, data, flags, paths) is reported as one line, not as a traceback.
     try:
         _run(argv)
@@ -241,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
 def _user_errors(command: str) -> tuple[type[Exception], ...]:
     """The error types that are the user's to fix; those of data and rewards only for the commands that read data
     and rewards (their modules take seconds to import)."""
-    if command not in ("train", "eval", "vllm-serve"):
+    if command not in ("train", "sft", "eval", "vllm-serve"):
         return (UsageError,)
     from vlm_rl.data import DataError  # lazy: start-up speed
     from vlm_rl.rewards import RewardSpecError
@@ -254,6 +280,11 @@ def _run(argv: list[str]) -> None:
         from vlm_rl.train import main as train_main  # lazy: start-up speed
 
         train_main(["--help" if arg == "--help-all" else arg for arg in argv[1:]])
+        return
+    if argv and argv[0] == "sft":
+        from vlm_rl.sft import main as sft_main  # lazy: start-up speed
+
+        sft_main(["--help" if arg == "--help-all" else arg for arg in argv[1:]])
         return
     if argv and argv[0] == "vllm-serve":
         from vlm_rl.rollout.serve import main as serve_main  # lazy: start-up speed

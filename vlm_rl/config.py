@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from trl import GRPOConfig, TrlParser
+from trl import GRPOConfig, SFTConfig, TrlParser
+
+from vlm_rl.recipe_check import SFT_FIELD_TABLE, build_field_table, check_recipe, recipe_path, write_field_table
 
 # RecipeError is raised by `check_recipe` and imported from here by callers that parse recipes.
 from vlm_rl.recipe_check import RecipeError as RecipeError
-from vlm_rl.recipe_check import build_field_table, check_recipe, recipe_path, write_field_table
 from vlm_rl.rewards.configured import ERROR_POLICIES
 
 WEIGHT_TRANSPORTS = ("auto", "nccl", "files")
@@ -119,8 +120,9 @@ class DataArguments:
         metadata={
             "help": "`synthetic:shapes` (coloured shapes generated in code; the answer is only in the image), "
             "`synthetic:grounding_math` (boxes on non-square images mixed with text-only sums; `task` column "
-            "`grounding` / `math`, for reward routing), `synthetic:counting`, `synthetic:grounding`, `synthetic:count_diff` "
-            "(scenes of several shapes with multi-token answers and an `sft` split, docs/learning.md), a local .jsonl/.json/.parquet/.csv file, a glob or a "
+            "`grounding` / `math`, for reward routing), `synthetic:counting`, `synthetic:grounding`, "
+            "`synthetic:count_diff` (scenes of several shapes with multi-token answers and an `sft` split, "
+            "docs/learning.md), a local .jsonl/.json/.parquet/.csv file, a glob or a "
             "directory of such files, a directory written by `Dataset.save_to_disk`, or a Hub dataset id. "
             "Relative paths: from the recipe's directory, then the working directory."
         },
@@ -433,7 +435,22 @@ def _next_multiple(value: int, unit: int) -> int:
     return math.ceil(value / unit) * unit
 
 
+@dataclass
+class VLMSFTConfig(SFTConfig):
+    """TRL's `SFTConfig` for `vlm-rl sft`, with vlm-rl's defaults where TRL's would break its data.
+
+    `resume_from_checkpoint` also accepts `auto`, as in `vlm-rl train`.
+    """
+
+    # The rows load lazily (`vlm_rl.data.rows`): the loader needs its row-id column, which TRL's default would drop.
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep False: vlm-rl's data loader needs every raw column of the rows it builds."},
+    )
+
+
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig)
+SFT_RECIPE_DATACLASSES = (ModelArguments, DataArguments, VLMSFTConfig)
 
 
 class RecipeParser(TrlParser):
@@ -448,13 +465,29 @@ def parse_recipe(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig, Path | None]:
     """Parse `--config recipe.yaml` plus command-line overrides; also return the recipe's path."""
+    *parsed, recipe = parse_recipe_as(RECIPE_DATACLASSES, argv)
+    model_args, data_args, reward_args, training_args = parsed
+    return model_args, data_args, reward_args, training_args, recipe
+
+
+def parse_sft_recipe(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, VLMSFTConfig, Path | None]:
+    """Parse an SFT recipe (`vlm-rl sft`) and its command-line overrides; also return the recipe's path."""
+    *parsed, recipe = parse_recipe_as(SFT_RECIPE_DATACLASSES, argv)
+    model_args, data_args, training_args = parsed
+    return model_args, data_args, training_args, recipe
+
+
+def parse_recipe_as(dataclasses: tuple[type, ...], argv: list[str] | None) -> tuple:
+    """The recipe (`--config`) and overrides parsed into `dataclasses`, each field checked against them first;
+    then the recipe's path."""
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe = recipe_path(argv)
     if recipe is not None:
-        check_recipe(recipe, build_field_table(RECIPE_DATACLASSES))
-    parser = RecipeParser(RECIPE_DATACLASSES)
-    model_args, data_args, reward_args, training_args = parser.parse_args_and_config(args=argv)
-    return model_args, data_args, reward_args, training_args, recipe
+        check_recipe(recipe, build_field_table(dataclasses))
+    parsed = RecipeParser(dataclasses).parse_args_and_config(args=argv)
+    return (*parsed, recipe)
 
 
 def recipe_as_run(argv: list[str], parsed: tuple) -> dict[str, Any]:
@@ -473,3 +506,4 @@ def recipe_as_run(argv: list[str], parsed: tuple) -> dict[str, Any]:
 if __name__ == "__main__":
     # After a change of recipe fields or of the TRL/transformers releases: regenerate the early check's table.
     print(f"Wrote {write_field_table(build_field_table(RECIPE_DATACLASSES))}")
+    print(f"Wrote {write_field_table(build_field_table(SFT_RECIPE_DATACLASSES), SFT_FIELD_TABLE)}")

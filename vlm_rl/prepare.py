@@ -1,4 +1,5 @@
-"""What a run needs before any model loads, built once for `vlm-rl train`, `vlm-rl eval` and `vlm-rl vllm-serve`.
+"""What a run needs before any model loads, built once for `vlm-rl train`, `vlm-rl sft`, `vlm-rl eval` and
+`vlm-rl vllm-serve`.
 
 The three entry points read the same recipe; each piece here (the rewards, the data split with `data_seed`, the
 model path and its family adapter) has one implementation, so they cannot drift apart: a server that made room
@@ -11,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import PartialState
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 from vlm_rl.checkpoints import resolve_resume
@@ -39,12 +40,13 @@ class RunFinished(Exception):
 class Prepared:
     """A run's inputs, checked: everything that can fail from a typo has failed before this exists."""
 
-    reward_funcs: list[ConfiguredReward]
+    reward_funcs: list[ConfiguredReward]  # none for `vlm-rl sft`
     task: TaskData
     model_path: str
+    config: PretrainedConfig  # the model's
     resume: str | None  # the checkpoint to resume from
     recipe_dir: Path | None  # where the recipe's relative paths start (then the working directory)
-    default_max_prompt_length: int | None  # where the recipe sets no `max_prompt_length`: the context's room
+    default_max_prompt_length: int | None = None  # where the recipe sets no `max_prompt_length`: the context's room
 
 
 def prepare_rewards(
@@ -56,14 +58,14 @@ def prepare_rewards(
     return reward_funcs
 
 
-def prepare_data(data_args: DataArguments, training_args: VLMGRPOConfig, recipe_dir: Path | None) -> TaskData:
+def prepare_data(data_args: DataArguments, training_args: TrainingArguments, recipe_dir: Path | None) -> TaskData:
     """The recipe's data, held out with `data_seed` (else `seed`): the same rows wherever the recipe is read."""
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     return load_task(data_args, seed=seed, base_dir=recipe_dir)
 
 
 def prepare_model_path(
-    model_args: ModelArguments, training_args: VLMGRPOConfig, recipe_dir: Path | None
+    model_args: ModelArguments, training_args: TrainingArguments, recipe_dir: Path | None
 ) -> tuple[str, FamilyAdapter, PretrainedConfig]:
     """The model's directory or Hub id (a `tiny:` model built first), its family adapter and its config."""
     model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir, recipe_dir)
@@ -88,14 +90,39 @@ def prepare(
         raise InvalidValueError(
             f"eval_accuracy_reward={training_args.eval_accuracy_reward!r} is not among the recipe's rewards {names}."
         )
+
+    def check_data(task: TaskData) -> None:
+        # Start-up checks of the data against the rewards, each naming the column or row and the fix. The rows'
+        # plain columns: reading them decodes no image.
+        check_routes(reward_funcs, task.train.with_format(None), training_args.reward_route_column)
+        check_reward_columns(reward_funcs, task.train)  # before the model loads (the trainer checks again)
+        check_reward_columns(reward_funcs, task.eval, split="held-out")  # the final evaluation scores these
+
+    prepared = prepare_run(model_args, data_args, training_args, recipe_dir, reward_funcs, check_data)
+    if training_args.vllm_limit_mm_per_prompt is None:
+        training_args.vllm_limit_mm_per_prompt = most_images_per_row(prepared.task.train, prepared.task.eval)
+    prepared.default_max_prompt_length = default_max_prompt_length(data_args, training_args, prepared.config)
+    return prepared
+
+
+def prepare_run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    recipe_dir: Path | None,
+    reward_funcs: list[ConfiguredReward],
+    check_data: Callable[[TaskData], None] | None = None,
+) -> Prepared:
+    """What every training command (`vlm-rl train`, `vlm-rl sft`) resolves before it loads the model: the checkpoint
+    to resume from, the data (then `check_data` on it), the model's path and family, and the rows the family takes.
+
+    Raises `RunFinished` when `output_dir` holds a run that already reached its last step.
+    """
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     check_not_finished(training_args, resume)
     task = prepare_data(data_args, training_args, recipe_dir)
-    # Start-up checks of the data against the rewards, each naming the column or row and the fix. The rows' plain
-    # columns: reading them decodes no image.
-    check_routes(reward_funcs, task.train.with_format(None), training_args.reward_route_column)
-    check_reward_columns(reward_funcs, task.train)  # before the model loads (the trainer checks again)
-    check_reward_columns(reward_funcs, task.eval, split="held-out")  # the final evaluation scores these
+    if check_data is not None:
+        check_data(task)
     # One process builds a tiny model; the others then load it.
     with PartialState().main_process_first(), without_zero3_init(training_args):
         model_path, adapter, config = prepare_model_path(model_args, training_args, recipe_dir)
@@ -103,16 +130,14 @@ def prepare(
     for dataset in (task.train, task.eval):
         if dataset is not None:
             adapter.check_images_per_row(*image_counts(dataset))
-    if training_args.vllm_limit_mm_per_prompt is None:
-        training_args.vllm_limit_mm_per_prompt = most_images_per_row(task.train, task.eval)
     warn_if_schedule_changes(training_args, resume)
     return Prepared(
         reward_funcs=reward_funcs,
         task=task,
         model_path=model_path,
+        config=config,
         resume=resume,
         recipe_dir=recipe_dir,
-        default_max_prompt_length=default_max_prompt_length(data_args, training_args, config),
     )
 
 
@@ -139,7 +164,7 @@ def _saved_state(path: Path) -> dict | None:
     return json.loads(state_file.read_text()) if state_file.is_file() else None
 
 
-def check_not_finished(training_args: VLMGRPOConfig, resume: str | None) -> None:
+def check_not_finished(training_args: TrainingArguments, resume: str | None) -> None:
     """Raise `RunFinished` when resuming would start at or past the run's last step.
 
     TRL's trainer, resumed from the final step, still trains one more step and overwrites the saved model; a
@@ -175,7 +200,7 @@ def check_not_finished(training_args: VLMGRPOConfig, resume: str | None) -> None
         )
 
 
-def warn_if_schedule_changes(training_args: VLMGRPOConfig, resume: str | None) -> None:
+def warn_if_schedule_changes(training_args: TrainingArguments, resume: str | None) -> None:
     """Say how the learning rate goes on when a run resumes with another length than the checkpoint's.
 
     The scheduler is rebuilt for the new length and its steps so far are kept, so from the first resumed step the
@@ -199,7 +224,7 @@ def warn_if_schedule_changes(training_args: VLMGRPOConfig, resume: str | None) -
 
 
 @contextlib.contextmanager
-def without_zero3_init(training_args: VLMGRPOConfig) -> Iterator[None]:
+def without_zero3_init(training_args: TrainingArguments) -> Iterator[None]:
     """Models constructed inside are not partitioned by ZeRO-3 as they are built.
 
     Under ZeRO-3, transformers partitions a model while constructing it, with collectives every process must

@@ -24,6 +24,7 @@ import yaml
 from vlm_rl.errors import InvalidValueError
 
 FIELD_TABLE = Path(__file__).with_name("recipe_fields.json")
+SFT_FIELD_TABLE = Path(__file__).with_name("sft_recipe_fields.json")  # `vlm-rl sft`'s fields
 # The packages whose dataclasses hold most recipe fields (`GRPOConfig` and its `TrainingArguments`).
 TABLE_PACKAGES = ("trl", "transformers")
 # Checked by their own loaders, which say more than a type would: reward entries are names or mappings.
@@ -79,19 +80,21 @@ def installed_versions() -> dict[str, str | None]:
     return found
 
 
-def field_table() -> dict[str, Spec] | None:
-    """The recipe fields and their types from `recipe_fields.json`, or None when it was generated under other TRL or
-    transformers releases than the installed ones."""
-    stored = json.loads(FIELD_TABLE.read_text())
+def field_table(path: Path | None = None) -> dict[str, Spec] | None:
+    """The recipe fields and their types from `path` (default `recipe_fields.json`), or None when it was generated
+    under other TRL or transformers releases than the installed ones."""
+    stored = json.loads((path or FIELD_TABLE).read_text())
     return stored["fields"] if stored["versions"] == installed_versions() else None
 
 
-def write_field_table(table: dict[str, Spec]) -> Path:
-    """Write `table` (from `build_field_table`) as `recipe_fields.json`, stamped with the installed releases."""
+def write_field_table(table: dict[str, Spec], path: Path | None = None) -> Path:
+    """Write `table` (from `build_field_table`) to `path` (default `FIELD_TABLE`), stamped with the installed
+    releases."""
+    path = path or FIELD_TABLE
     # One field a line, so that a change of fields shows as a readable diff.
     rows = ",\n".join(f"  {json.dumps(name)}: {json.dumps(spec)}" for name, spec in table.items())
-    FIELD_TABLE.write_text(f'{{\n "versions": {json.dumps(installed_versions())},\n "fields": {{\n{rows}\n }}\n}}\n')
-    return FIELD_TABLE
+    path.write_text(f'{{\n "versions": {json.dumps(installed_versions())},\n "fields": {{\n{rows}\n }}\n}}\n')
+    return path
 
 
 def _accepts(value: Any, spec: Spec) -> bool:
@@ -146,10 +149,11 @@ def _describe(spec: Spec) -> str:
     return names.get(spec, "a mapping" if spec == "dict" else "anything")
 
 
-def check_recipe(path: str | Path, table: dict[str, Spec] | None = None) -> None:
+def check_recipe(path: str | Path, table: dict[str, Spec] | None = None, stored: Path | None = None) -> None:
     """Fail on a key that no dataclass knows (naming the file, the key and the closest valid key), and on a value
     of the wrong type (naming the file, the key and the type it takes), before anything else runs. `table`: the
-    fields (`build_field_table`); by default the stored one, and no check where that is stale."""
+    fields (`build_field_table`); by default the one stored in `stored` (`FIELD_TABLE`), and no check where that is
+    stale."""
     try:
         recipe = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError as error:
@@ -158,7 +162,7 @@ def check_recipe(path: str | Path, table: dict[str, Spec] | None = None) -> None
         raise RecipeError(f"Recipe file {path} is not valid YAML: {error}") from error
     if not isinstance(recipe, dict):
         raise RecipeError(f"Recipe file {path} must be a YAML mapping of field names to values.")
-    table = table if table is not None else field_table()
+    table = table if table is not None else field_table(stored)
     if table is None:
         return
     valid = set(table) | {"env"}

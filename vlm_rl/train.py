@@ -138,13 +138,12 @@ def run(
     return trainer
 
 
-def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMGRPOConfig) -> VLMGRPOTrainer:
-    """Load the model, build the trainer and train; raises `Preempted` when a signal stopped training."""
-    task = prepared.task
+def load_policy(prepared: Prepared, model_args: ModelArguments, trust_remote_code: bool) -> tuple[nn.Module, object]:
+    """The model to train (LoRA-wrapped and frozen as the recipe says) and its processor, attached to the data."""
     model, processor = load_model_and_processor(
         prepared.model_path,
         dtype=model_args.dtype,
-        trust_remote_code=training_args.trust_remote_code,
+        trust_remote_code=trust_remote_code,
         min_pixels=model_args.min_pixels,
         max_pixels=model_args.max_pixels,
     )
@@ -156,7 +155,14 @@ def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMGRPO
         projector=model_args.freeze_projector,
         language_model=model_args.freeze_language_model,
     )
-    task.attach_processor(processor, default_max_prompt_length=prepared.default_max_prompt_length)
+    prepared.task.attach_processor(processor, default_max_prompt_length=prepared.default_max_prompt_length)
+    return model, processor
+
+
+def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMGRPOConfig) -> VLMGRPOTrainer:
+    """Load the model, build the trainer and train; raises `Preempted` when a signal stopped training."""
+    task = prepared.task
+    model, processor = load_policy(prepared, model_args, training_args.trust_remote_code)
     trainer = VLMGRPOTrainer(
         model=model,
         reward_funcs=prepared.reward_funcs,
