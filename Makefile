@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # One intra-op thread: on small shared CPUs more threads make the tiny-model steps several times slower.
 RUN_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
-.PHONY: demo test test-slow test-scale bench lint clean
+.PHONY: demo test test-slow test-scale bench bench-learning lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test-slow: $(VENV)/.installed
 # Step time and peak memory against stock TRL at G = 2, 4, 8, 16 (docs/benchmarks.md): about 15 minutes on 2 cores.
 bench: $(VENV)/.installed
 	$(RUN_ENV) $(PY) benchmarks/step_bench.py --sweep --ablation
+
+# SFT warm start + GRPO on the synthetic scene tasks, held-out before and after (docs/learning.md).
+bench-learning: $(VENV)/.installed
+	$(RUN_ENV) $(PY) benchmarks/learning.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check vlm_rl tests benchmarks

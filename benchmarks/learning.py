@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from datasets import concatenate_datasets  # noqa: E402
 
+from vlm_rl.checkpoints import latest_checkpoint  # noqa: E402
 from vlm_rl.config import parse_recipe  # noqa: E402
 from vlm_rl.evaluation import evaluate_policy, mean_reward  # noqa: E402
 from vlm_rl.models import load_model_and_processor  # noqa: E402
@@ -72,14 +74,27 @@ ALGORITHMS = {
 }  # fmt: skip
 
 
-def run_cli(command: str, recipe: Path, output_dir: Path, seed: int, *extra: str) -> float:
-    """Run `vlm-rl <command>` as a user would, its log in `output_dir/<command>.log`; return its minutes."""
+def run_cli(
+    command: str, recipe: Path, output_dir: Path, seed: int, *extra: str, minutes: float | None = None
+) -> float:
+    """Run `vlm-rl <command>` as a user would, its log in `output_dir/<command>.log`; return its minutes.
+
+    With `minutes`, stop it after that long the way a cluster scheduler would (SIGTERM): it saves a checkpoint
+    after the step it is in and exits (docs/reliability.md).
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "vlm_rl.cli", command, "--config", str(recipe), "--output_dir", str(output_dir)]
     args += ["--seed", str(seed), "--disable_tqdm", "true", *extra]
     start = time.perf_counter()
     with open(output_dir / f"{command}.log", "w") as log:
-        process = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            process.wait(timeout=None if minutes is None else minutes * 60)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            process.wait()
+            if process.returncode == 128 + signal.SIGTERM:
+                return (time.perf_counter() - start) / 60
     if process.returncode != 0:
         raise SystemExit(f"`{' '.join(args)}` failed; its log: {output_dir / f'{command}.log'}")
     return (time.perf_counter() - start) / 60
@@ -179,6 +194,15 @@ def plot(name: str, task: Task, runs: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def cell(summary: dict, key: str) -> str:
+    """A score with ± half its spread over seeds, or – where the task has none (e.g. chance for grounding)."""
+    value = summary.get(key)
+    if value is None:
+        return "–"
+    spread = summary.get(f"{key}_spread")
+    return f"{value:.2f}" + (f" ± {spread / 2:.2f}" if spread else "")
+
+
 def markdown(results: dict[str, dict], runs: dict[str, list[dict]]) -> str:
     lines = [
         "| task | score | SFT greedy | GRPO greedy | SFT sampled | GRPO sampled | blind SFT | blind GRPO | chance "
@@ -186,16 +210,8 @@ def markdown(results: dict[str, dict], runs: dict[str, list[dict]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in results.items():
-
-        def cell(key: str) -> str:
-            value = summary.get(key)
-            if value is None:
-                return "–"
-            spread = summary.get(f"{key}_spread")
-            return f"{value:.2f}" + (f" ± {spread / 2:.2f}" if spread else "")
-
         lines.append(
-            f"| {name} | {TASKS[name].score} | " + " | ".join(cell(k) for k in (*SCORES, "chance")) + " | "
+            f"| {name} | {TASKS[name].score} | " + " | ".join(cell(summary, k) for k in (*SCORES, "chance")) + " | "
             f"{summary['sft_minutes']:.1f} | {summary['grpo_minutes']:.1f} | {summary['seeds']} |"
         )
     for name, task_runs in runs.items():
@@ -207,7 +223,9 @@ def markdown(results: dict[str, dict], runs: dict[str, list[dict]]) -> str:
                 answers = sorted({a for row in table.values() for a in row}, key=lambda a: (not a.isdigit(), a))
                 lines += ["", f"Counting, seed {run['seed']}, after {stage.upper()}: true count × answer (greedy)", ""]
                 lines += ["| true \\ answer | " + " | ".join(answers) + " |", "|---" * (len(answers) + 1) + "|"]
-                lines += [f"| {t} | " + " | ".join(str(row.get(a, 0)) for a in answers) + " |" for t, row in table.items()]
+                lines += [
+                    f"| {t} | " + " | ".join(str(row.get(a, 0)) for a in answers) + " |" for t, row in table.items()
+                ]
     return "\n".join(lines) + "\n"
 
 
@@ -221,31 +239,35 @@ def compare_algorithms(output_dir: Path, minutes: float, samples: int, seed: int
     results = {"SFT start": {"greedy": before["greedy"], "sampled": before["sampled"]}}
     for name, flags in ALGORITHMS.items():
         run_dir = output_dir / "algorithms" / re.sub(r"\W+", "_", name).strip("_").lower()
-        extra = ["--model_name_or_path", str(start), "--max_steps", "100000", "--max_train_minutes", str(minutes)]
-        run_minutes = run_cli("train", grpo_recipe, run_dir, seed, *extra, *flags)
-        after = evaluate(run_dir, grpo_recipe, samples, seed)
-        state = json.loads((run_dir / "trainer_state.json").read_text())
-        completions = completions_generated(state)
+        extra = ["--model_name_or_path", str(start), "--max_steps", "100000", "--save_steps", "100000"]
+        extra += ["--eval_strategy", "no", "--final_eval", "false"]
+        run_minutes = run_cli("train", grpo_recipe, run_dir, seed, *extra, *flags, minutes=minutes)
+        trained = latest_checkpoint(run_dir) or run_dir
+        after = evaluate(trained, grpo_recipe, samples, seed)
+        state = json.loads((trained / "trainer_state.json").read_text())
         results[name] = {
             "greedy": after["greedy"],
             "sampled": after["sampled"],
             "blind": after["blind"],
             "steps": state["global_step"],
-            "completions": completions,
+            "completions": completions_generated(state, grpo_recipe),
             "minutes": run_minutes,
         }
         print(json.dumps({name: results[name]}))
     return results
 
 
-def completions_generated(state: dict) -> int:
-    """Completions a run generated: from dynamic sampling's count of prompts where logged, else steps × batch."""
-    history = state["log_history"]
-    consumed = [e["dynamic_sampling/prompts_consumed"] for e in history if "dynamic_sampling/prompts_consumed" in e]
-    generations = state.get("num_generations") or 8
+def completions_generated(state: dict, recipe: Path) -> int:
+    """Completions a run generated: dynamic sampling's count of prompts × G where logged, else steps × batch."""
+    _, _, _, args, _ = parse_recipe(["--config", str(recipe)])
+    consumed = [
+        e["dynamic_sampling/prompts_consumed"]
+        for e in state["log_history"]
+        if "dynamic_sampling/prompts_consumed" in e
+    ]
     if consumed:
-        return int(consumed[-1] * generations)
-    return int(state["global_step"] * state["train_batch_size"])
+        return int(consumed[-1] * args.num_generations)
+    return int(state["global_step"] * args.per_device_train_batch_size)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The held-out evaluation calls rewards as training does, token ids included, for every family."""
 
 import pytest
+import torch
 from conftest import ALL_FAMILIES, TEXT_MIX_FAMILIES
 
 from vlm_rl.data import make_shapes_dataset
@@ -70,3 +71,17 @@ def test_eval_refuses_rows_the_family_cannot_take(load_tiny):
     dataset = make_shapes_dataset(4, text_fraction=0.5, seed=1)
     with pytest.raises(ValueError, match="BLIP-2 rows take one image"):
         evaluate_policy(model, processor, dataset, load_rewards(["accuracy"]), max_new_tokens=2, batch_size=4)
+
+
+def test_eval_samples_at_a_temperature_and_is_greedy_without_one(load_tiny):
+    """The learning benchmark's `sampled` scores sample at the temperature given; without one, evaluation is greedy."""
+    model, processor = load_tiny("qwen2_vl")
+    dataset = make_shapes_dataset(8, seed=2)
+    rewards = load_rewards(["accuracy"])
+    greedy = [r["completion"] for r in evaluate_policy(model, processor, dataset, rewards, max_new_tokens=6)]
+    assert greedy == [r["completion"] for r in evaluate_policy(model, processor, dataset, rewards, max_new_tokens=6)]
+    torch.manual_seed(0)
+    first = evaluate_policy(model, processor, dataset, rewards, max_new_tokens=6, temperature=1.0)
+    torch.manual_seed(1)
+    second = evaluate_policy(model, processor, dataset, rewards, max_new_tokens=6, temperature=1.0)
+    assert [r["completion"] for r in first] != [r["completion"] for r in second] != greedy

@@ -6,8 +6,10 @@ import pytest
 import torch
 from conftest import ALL_FAMILIES
 from PIL import Image
+from transformers import AutoModelForImageTextToText
 from trl.data_utils import prepare_multimodal_messages
 
+from vlm_rl.config import ModelArguments
 from vlm_rl.data import make_shapes_dataset
 from vlm_rl.models import (
     adapter_for,
@@ -20,6 +22,7 @@ from vlm_rl.models import (
 from vlm_rl.models.adapters import GenericAdapter
 from vlm_rl.models.families.qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter
 from vlm_rl.models.inputs import prompt_inputs
+from vlm_rl.models.loading import build_tiny, resolve_model_path
 from vlm_rl.models.tiny import TinySpec, save_tiny_model
 from vlm_rl.rewards.boxes import BOX_FORMATS
 
@@ -183,3 +186,20 @@ def test_every_family_builds_its_tiny_model_through_the_one_template(family, tmp
     inputs = prompt_inputs(adapter_for(model.config), processor, [row["prompt"]], [row["images"]])
     generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_a_louder_projector_scales_only_the_projectors_last_layer(tmp_path):
+    """`tiny_projector_scale` (docs/learning.md): the same seeded model, its image features `scale` times louder."""
+    plain = AutoModelForImageTextToText.from_pretrained(build_tiny("qwen2_vl", tmp_path / "plain"))
+    loud_dir = resolve_model_path("tiny:qwen2_vl", tmp_path, projector_scale=10)
+    assert loud_dir.endswith("tiny-qwen2_vl-projector10")
+    loud = AutoModelForImageTextToText.from_pretrained(loud_dir)
+    changed = {
+        name
+        for (name, a), (_, b) in zip(plain.named_parameters(), loud.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    }
+    assert changed == {"model.visual.merger.mlp.2.weight"}  # its bias is zero
+    torch.testing.assert_close(loud.model.visual.merger.mlp[2].weight, 10 * plain.model.visual.merger.mlp[2].weight)
+    with pytest.raises(ValueError, match="tiny_projector_scale must be positive"):
+        ModelArguments(tiny_projector_scale=0)

@@ -36,11 +36,12 @@ TINY_FAMILIES = (
 
 
 def _tiny_model(args: argparse.Namespace, overrides: list[str]) -> None:
-    from vlm_rl.models import build_tiny_model  # lazy: start-up speed
+    from vlm_rl.models.loading import build_tiny  # lazy: start-up speed
 
-    path = build_tiny_model(
+    path = build_tiny(
         args.family,
         args.output_dir,
+        projector_scale=args.projector_scale,
         hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers,
         seed=args.seed,
@@ -216,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden_size", type=int, default=64)
     tiny.add_argument("--num_hidden_layers", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--projector_scale",
+        type=float,
+        default=1.0,
+        help="Multiply the projector's output by this (docs/learning.md).",
+    )
     tiny.set_defaults(func=_tiny_model)
 
     export = commands.add_parser(

@@ -36,6 +36,14 @@ class ModelArguments:
             "(built offline into `<output_dir>/tiny-<family>`; families: see docs/models.md)."
         },
     )
+    tiny_projector_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "`tiny:` models only: multiply the vision-to-language projection's output by this when the model "
+            "is built (into `<output_dir>/tiny-<family>-projector<scale>`). A random tiny model reads its images "
+            "sooner with louder image features (docs/learning.md)."
+        },
+    )
     dtype: str = field(
         default="auto",
         metadata={"help": "Weights dtype: `auto` (as saved), `float32`, `bfloat16` or `float16`."},
@@ -87,6 +95,8 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        if not self.tiny_projector_scale > 0:
+            raise ValueError(f"tiny_projector_scale must be positive, got {self.tiny_projector_scale}.")
         # LoRA contradictions fail at parse time, before any model is loaded.
         if isinstance(self.lora_target_modules, str):  # a YAML scalar: `lora_target_modules: q_proj`
             self.lora_target_modules = [self.lora_target_modules]

@@ -68,7 +68,12 @@ def prepare_model_path(
     model_args: ModelArguments, training_args: TrainingArguments, recipe_dir: Path | None
 ) -> tuple[str, FamilyAdapter, PretrainedConfig]:
     """The model's directory or Hub id (a `tiny:` model built first), its family adapter and its config."""
-    model_path = resolve_model_path(model_args.model_name_or_path, training_args.output_dir, recipe_dir)
+    model_path = resolve_model_path(
+        model_args.model_name_or_path,
+        training_args.output_dir,
+        recipe_dir,
+        projector_scale=model_args.tiny_projector_scale,
+    )
     config = load_config(model_path, trust_remote_code=training_args.trust_remote_code)
     return model_path, adapter_for(config), config
 

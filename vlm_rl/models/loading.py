@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -25,10 +26,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # `name` or `org/name`
 
 
-def resolve_model_path(model_name_or_path: str, output_dir: str | Path, base_dir: Path | None = None) -> str:
-    """The model a recipe names: `tiny:<family>` becomes a tiny model built (once) inside `output_dir`; a local
-    directory, found as data paths are (`base_dir`, the recipe's directory, then the working directory), becomes its
-    absolute path; anything else is a Hub id, unless it can only be a path (then it is reported missing)."""
+def resolve_model_path(
+    model_name_or_path: str, output_dir: str | Path, base_dir: Path | None = None, *, projector_scale: float = 1.0
+) -> str:
+    """The model a recipe names: `tiny:<family>` becomes a tiny model built (once) inside `output_dir`, its projector's
+    output scaled by `projector_scale` (`build_tiny`); a local directory, found as data paths are (`base_dir`, the
+    recipe's directory, then the working directory), becomes its absolute path; anything else is a Hub id, unless it
+    can only be a path (then it is reported missing)."""
     if not model_name_or_path.startswith(TINY_PREFIX):
         return _local_or_hub(model_name_or_path, base_dir)
     family = model_name_or_path.removeprefix(TINY_PREFIX)
@@ -37,13 +41,13 @@ def resolve_model_path(model_name_or_path: str, output_dir: str | Path, base_dir
         raise InvalidValueError(
             f"model_name_or_path {model_name_or_path!r}: unknown tiny family; use one of {sorted(families)}."
         )
-    path = Path(output_dir) / f"tiny-{family}"
+    path = Path(output_dir) / (f"tiny-{family}" + (f"-projector{projector_scale:g}" if projector_scale != 1 else ""))
     if not (path / "config.json").is_file():
         logger.info("Building the tiny %s model in %s.", family, path)
         # Built aside and moved in whole: a trainer and a `vlm-rl vllm-serve` started together from one recipe
         # must never read a half-written model.
         partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-        build_tiny_model(family, partial)
+        build_tiny(family, partial, projector_scale=projector_scale)
         try:
             partial.rename(path)
         except OSError:  # another process finished first; its model is the same (same family and seed)
@@ -51,6 +55,35 @@ def resolve_model_path(model_name_or_path: str, output_dir: str | Path, base_dir
                 raise
             shutil.rmtree(partial)
     return str(path)
+
+
+def build_tiny(family: str, output_dir: str | Path, *, projector_scale: float = 1.0, **sizes: int) -> Path:
+    """`build_tiny_model`, with the projector's last linear layer (weights and bias) multiplied by `projector_scale`.
+
+    A random tiny model's image features enter the language model about as faint as its text embeddings, and it
+    sits at blind accuracy for hundreds of SFT steps before it starts to read them; in a pretrained VLM they are
+    what the language model already attends to. A louder projector shortens that plateau (docs/learning.md).
+    """
+    path = build_tiny_model(family, output_dir, **sizes)
+    if projector_scale == 1:
+        return path
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    adapter = adapter_for(model.config)
+    linears = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and adapter.parameter_group(f"{name}.weight") == "projector"
+    ]
+    if not linears:
+        raise InvalidValueError(f"tiny:{family} has no linear projector layer to scale (projector_scale).")
+    with torch.no_grad():
+        for parameter in (linears[-1].weight, linears[-1].bias):
+            if parameter is not None:
+                parameter.mul_(projector_scale)
+    model.save_pretrained(path)
+    record = path / "vlm_rl_tiny.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "projector_scale": projector_scale}, indent=2))
+    return path
 
 
 def _local_or_hub(model_name_or_path: str, base_dir: Path | None) -> str:
