@@ -73,6 +73,9 @@ ALGORITHMS = {
              "--epsilon_high", "4e-4"],
 }  # fmt: skip
 
+# `--smoke`: a few steps of each stage on a few rows, to check the pipeline end to end (tests/test_learning_bench.py).
+SMOKE = ["--max_steps", "2", "--train_size", "16", "--eval_size", "8", "--eval_steps", "1", "--logging_steps", "1"]
+
 
 def run_cli(
     command: str, recipe: Path, output_dir: Path, seed: int, *extra: str, minutes: float | None = None
@@ -100,9 +103,9 @@ def run_cli(
     return (time.perf_counter() - start) / 60
 
 
-def evaluate(model_dir: Path, grpo_recipe: Path, samples: int, seed: int) -> dict:
+def evaluate(model_dir: Path, grpo_recipe: Path, samples: int, seed: int, overrides: list[str]) -> dict:
     """Greedy, sampled and blind held-out scores of the model in `model_dir`, on the GRPO recipe's held-out rows."""
-    model_args, data_args, reward_args, training_args, _ = parse_recipe(["--config", str(grpo_recipe)])
+    model_args, data_args, reward_args, training_args, _ = parse_recipe(["--config", str(grpo_recipe), *overrides])
     task = prepare_data(data_args, training_args, grpo_recipe.parent)
     rewards = prepare_rewards(reward_args, training_args, grpo_recipe.parent)
     name = training_args.eval_accuracy_reward
@@ -140,15 +143,15 @@ def curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(entry["step"], entry["eval_accuracy"]) for entry in history if "eval_accuracy" in entry]
 
 
-def run_seed(name: str, seed: int, output_dir: Path, samples: int) -> dict:
+def run_seed(name: str, seed: int, output_dir: Path, samples: int, overrides: list[str]) -> dict:
     """SFT, evaluate, GRPO, evaluate: one task, one seed."""
     sft_recipe, grpo_recipe = RECIPES / f"{name}_sft_cpu.yaml", RECIPES / f"{name}_grpo_cpu.yaml"
     run_dir = output_dir / f"{name}-seed{seed}"
-    sft_minutes = run_cli("sft", sft_recipe, run_dir / "sft", seed)
-    before = evaluate(run_dir / "sft", grpo_recipe, samples, seed)
-    grpo_args = ["--model_name_or_path", str(run_dir / "sft")]
+    sft_minutes = run_cli("sft", sft_recipe, run_dir / "sft", seed, *overrides)
+    before = evaluate(run_dir / "sft", grpo_recipe, samples, seed, overrides)
+    grpo_args = ["--model_name_or_path", str(run_dir / "sft"), *overrides]
     grpo_minutes = run_cli("train", grpo_recipe, run_dir / "grpo", seed, *grpo_args)
-    after = evaluate(run_dir / "grpo", grpo_recipe, samples, seed)
+    after = evaluate(run_dir / "grpo", grpo_recipe, samples, seed, overrides)
     result = {
         "seed": seed,
         "sft": before["greedy"],
@@ -229,21 +232,21 @@ def markdown(results: dict[str, dict], runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_algorithms(output_dir: Path, minutes: float, samples: int, seed: int) -> dict:
+def compare_algorithms(output_dir: Path, minutes: float, samples: int, seed: int, overrides: list[str]) -> dict:
     """Each algorithm from the same counting SFT start, for `minutes` of training each."""
     grpo_recipe = RECIPES / "counting_grpo_cpu.yaml"
     start = output_dir / "algorithms" / "sft"
     if not (start / "config.json").is_file():
-        run_cli("sft", RECIPES / "counting_sft_cpu.yaml", start, seed)
-    before = evaluate(start, grpo_recipe, samples, seed)
+        run_cli("sft", RECIPES / "counting_sft_cpu.yaml", start, seed, *overrides)
+    before = evaluate(start, grpo_recipe, samples, seed, overrides)
     results = {"SFT start": {"greedy": before["greedy"], "sampled": before["sampled"]}}
     for name, flags in ALGORITHMS.items():
         run_dir = output_dir / "algorithms" / re.sub(r"\W+", "_", name).strip("_").lower()
         extra = ["--model_name_or_path", str(start), "--max_steps", "100000", "--save_steps", "100000"]
         extra += ["--eval_strategy", "no", "--final_eval", "false"]
-        run_minutes = run_cli("train", grpo_recipe, run_dir, seed, *extra, *flags, minutes=minutes)
+        run_minutes = run_cli("train", grpo_recipe, run_dir, seed, *extra, *flags, *overrides, minutes=minutes)
         trained = latest_checkpoint(run_dir) or run_dir
-        after = evaluate(trained, grpo_recipe, samples, seed)
+        after = evaluate(trained, grpo_recipe, samples, seed, overrides)
         state = json.loads((trained / "trainer_state.json").read_text())
         results[name] = {
             "greedy": after["greedy"],
@@ -278,18 +281,20 @@ def main() -> None:
     parser.add_argument("--output_dir", default="outputs/bench_learning")
     parser.add_argument("--algorithms", action="store_true", help="Compare GRPO, DAPO, Dr. GRPO, GSPO on counting.")
     parser.add_argument("--minutes", type=float, default=3.0, help="--algorithms: training minutes per algorithm.")
+    parser.add_argument("--smoke", action="store_true", help="A few steps of each stage: checks the pipeline only.")
     args = parser.parse_args()
+    overrides = SMOKE if args.smoke else []
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.algorithms:
-        results = compare_algorithms(output_dir, args.minutes, args.samples, seed=0)
+        results = compare_algorithms(output_dir, args.minutes, args.samples, 0, overrides)
         (output_dir / "algorithms.json").write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results))
         return
     results, runs = {}, {}
     for name in args.task or list(TASKS):
         seeds = args.seeds or TASKS[name].seeds
-        runs[name] = [run_seed(name, seed, output_dir, args.samples) for seed in range(seeds)]
+        runs[name] = [run_seed(name, seed, output_dir, args.samples, overrides) for seed in range(seeds)]
         results[name] = summarize(runs[name])
         plot(name, TASKS[name], runs[name], output_dir / f"learning_{name}.png")
     (output_dir / "results.json").write_text(json.dumps({"summary": results, "runs": runs}, indent=2) + "\n")

@@ -16,10 +16,10 @@ from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 
 from vlm_rl.checkpoints import (
     STAGING_DIR,
+    load_renamed_weights,
     publish,
     remove_incomplete,
     rotate_checkpoints,
-    saved_weight_names,
     staging_path,
 )
 from vlm_rl.redaction import redacted_secrets
@@ -70,7 +70,7 @@ class CheckpointMixin:
         """transformers 5 saves many VLMs' weights under their original checkpoint names (`save_pretrained`'s
         `save_original_format`), and HF's resume loads them with a plain `load_state_dict` that matches none of
         them: it warns and trains on from the base weights. Those checkpoints load through `from_pretrained`, which
-        converts the names (holding a second copy of the weights on the CPU meanwhile).
+        converts the names (`vlm_rl.checkpoints.load_renamed_weights`).
 
         A LoRA checkpoint that also holds TRL's frozen `ref` adapter (in `ref/`, kept for an adapter that was already
         trained: `use_base_as_reference`) makes HF load only the adapters in sub-directories, not the trained one at
@@ -83,13 +83,8 @@ class CheckpointMixin:
                 model.load_adapter(resume_from_checkpoint, active, is_trainable=True)
                 model.set_adapter(active)
             return None
-        saved = saved_weight_names(resume_from_checkpoint)
-        if saved is None or saved <= set(model.state_dict()):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        parameter = next(model.parameters())
-        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=parameter.dtype, device_map="cpu")
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        del loaded
+        if not load_renamed_weights(model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         return None
 
     def _load_rng_state(self, checkpoint) -> None:

@@ -1,0 +1,33 @@
+"""The learning benchmark's pipeline end to end, a few steps a stage (`--smoke`): `vlm-rl sft`, held-out evaluation
+(greedy, sampled, blind), `vlm-rl train` from the SFT output, evaluation again, tables, figure and the JSON line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_learning_benchmark_runs_sft_then_grpo_and_reports_every_score(tmp_path):
+    process = subprocess.run(
+        [sys.executable, "benchmarks/learning.py", "--smoke", "--task", "counting", "--seeds", "1", "--samples", "2",
+         "--output_dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    summary = json.loads(process.stdout.strip().splitlines()[-1])["counting"]
+    for key in ("sft", "grpo", "sft_sampled", "grpo_sampled", "blind_sft", "blind_grpo", "chance"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["sft_minutes"] > 0 and summary["grpo_minutes"] > 0 and summary["seeds"] == 1
+    # The GRPO run started from the SFT output, not from a fresh tiny model.
+    state = json.loads((tmp_path / "counting-seed0" / "grpo" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    card = (tmp_path / "counting-seed0" / "grpo" / "README.md").read_text()
+    assert str(tmp_path / "counting-seed0" / "sft") in card
+    table = (tmp_path / "results.md").read_text()
+    assert "| counting | accuracy |" in table and "true \\ answer" in table
+    assert (tmp_path / "learning_counting.png").stat().st_size > 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]["counting"]
+    assert sum(sum(row.values()) for row in runs[0]["confusion_grpo"].values()) == 8  # every held-out row
+    assert [step for step, _ in runs[0]["curve"]] == [0, 0, 1, 2]  # after SFT, then each in-loop evaluation
