@@ -96,7 +96,7 @@ def biased_count(count: int, rng: random.Random, *, from_count: int = 3, rate: f
 def make_counting_dataset(
     num_rows: int, split: str = "train", *, image_cells: tuple[int, int] = (4, 4), seed: int = 0
 ) -> Dataset:
-    """ "How many {colour} shapes are there?": 1–5 shapes of that colour among 0–4 of other colours; `answer` the count.
+    """Counting: "How many {colour} shapes are there?", 1–5 of them among 0–4 of other colours; `answer` the count.
 
     The teacher (`sft` rows) answers one too many for counts of 3 and more, 80 % of the time.
     """
@@ -125,7 +125,7 @@ def make_count_diff_dataset(
     text_fraction: float = 0.25,
     seed: int = 0,
 ) -> Dataset:
-    """ "How many more {a} shapes than {b} shapes?": two counts read from the image, then subtracted.
+    """Count difference: "How many more {a} shapes than {b} shapes?": two counts read from the image, then subtracted.
 
     2–5 shapes of colour a and fewer of colour b (0 to a−1), so the answer is 1–5. `text_fraction` of the rows
     state both counts in words and show no image (`task` "text"): the arithmetic alone, mixed into the same batches.
@@ -156,7 +156,7 @@ def make_count_diff_dataset(
 def make_grounding_dataset(
     num_rows: int, split: str = "train", *, image_cells: tuple[int, int] = (6, 4), seed: int = 0
 ) -> Dataset:
-    """ "Where is the {colour} {shape}?" on a non-square scene of 2–4 shapes; `answer` its box in pixels, as JSON.
+    """Grounding: "Where is the {colour} {shape}?" on a non-square scene of 2–4 shapes; `answer` its box in pixels, as JSON.
 
     Each shape fills a square of one or two cells aligned to the grid; the one asked for is the only shape of its
     colour and kind. The reply is `[x1, y1, x2, y2]` in 0–1000 coordinates of the image (the Qwen2-VL and
