@@ -64,7 +64,11 @@ def canvas(cells: tuple[int, int], rng: random.Random) -> Image.Image:
 
 
 def scatter(objects: list[tuple[str, str]], cells: tuple[int, int], rng: random.Random) -> Image.Image:
-    """`objects` ((shape, colour) pairs), each in its own random cell at a random size and offset."""
+    """`objects` ((shape, colour) pairs), each in its own random cell, 18–22 pixels wide, at a random offset.
+
+    One size for all: counting by how much of a colour there is would then also be exact, but a policy has to see
+    the shapes to count them either way (sizes that vary make "how much ink" a coarse count that SFT stops at).
+    """
     image = canvas(cells, rng)
     pen = ImageDraw.Draw(image)
     spots = rng.sample([(c, r) for c in range(cells[0]) for r in range(cells[1])], len(objects))
@@ -156,7 +160,7 @@ def make_count_diff_dataset(
 def make_grounding_dataset(
     num_rows: int, split: str = "train", *, image_cells: tuple[int, int] = (6, 4), seed: int = 0
 ) -> Dataset:
-    """Grounding: "Where is the {colour} {shape}?" on a non-square scene of 2–4 shapes; `answer` its box in pixels, as JSON.
+    """Grounding: "Where is the {colour} {shape}?" on a 3:2 scene of 2–4 shapes; `answer` its box in pixels, as JSON.
 
     Each shape fills a square of one or two cells aligned to the grid; the one asked for is the only shape of its
     colour and kind. The reply is `[x1, y1, x2, y2]` in 0–1000 coordinates of the image (the Qwen2-VL and
