@@ -66,8 +66,8 @@ def canvas(cells: tuple[int, int], rng: random.Random) -> Image.Image:
 def scatter(objects: list[tuple[str, str]], cells: tuple[int, int], rng: random.Random) -> Image.Image:
     """`objects` ((shape, colour) pairs), each in its own random cell, 18–22 pixels wide, at a random offset.
 
-    One size for all: counting by how much of a colour there is would then also be exact, but a policy has to see
-    the shapes to count them either way (sizes that vary make "how much ink" a coarse count that SFT stops at).
+    One size for all: with sizes that vary, "how much of this colour is there" is only a coarse count, and the tiny
+    model's SFT stopped at that feature instead of learning to see the shapes (docs/learning.md).
     """
     image = canvas(cells, rng)
     pen = ImageDraw.Draw(image)
