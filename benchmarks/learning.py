@@ -9,9 +9,10 @@ replies (`recipes/<task>_sft_cpu.yaml`), a held-out evaluation, `vlm-rl train` (
 from the SFT output, and the same evaluation again. Both runs are the CLI commands a user runs, in child processes.
 Each evaluation scores the held-out rows greedily, sampled (temperature 1, `--samples` per row) and blind (greedy,
 images swapped between rows: a policy that reads the image drops to about `chance` there). For grounding the scores
-are mean IoU. Counting also gets a per-answer confusion table (true count × answer given), where a collapse onto a
-few answers shows. The GRPO runs evaluate on the held-out rows every `eval_steps` (sampled, as TRL evaluates), for
-one figure per task of held-out accuracy against step.
+are mean IoU, and `hits_*` the fraction of boxes at IoU ≥ 0.5 (for the others: of right answers). Counting also
+gets a per-answer confusion table (true count × answer given), where a collapse onto a few answers shows. The GRPO
+runs evaluate on the held-out rows every `eval_steps` (sampled, as TRL evaluates), for one figure per task of
+held-out accuracy against step.
 
 `--algorithms` trains GRPO, DAPO (clip-higher, dynamic sampling, token-level loss), Dr. GRPO and GSPO from one
 counting SFT start for the same wall time each, and reports final held-out accuracy and the completions generated.
@@ -117,13 +118,15 @@ def evaluate(model_dir: Path, grpo_recipe: Path, samples: int, seed: int, overri
     repeated = concatenate_datasets([task.eval] * samples)
     sampled = evaluate_policy(model, processor, repeated, rewards, temperature=1.0, **kwargs)
     tokens = [len(processor.tokenizer(r["completion"]).input_ids) for r in sampled]
+    has_format = "think_answer_format" in [func.__name__ for func in rewards]
     return {
         "greedy": mean_reward(greedy, name),
         "sampled": mean_reward(sampled, name),
         "blind": mean_reward(blind, name, has_images=True),
         "chance": task.chance,
         "mean_completion_tokens": mean(tokens),
-        "format": mean(r["rewards"].get("think_answer_format", float("nan")) for r in sampled),
+        "format": mean(r["rewards"]["think_answer_format"] for r in sampled) if has_format else None,
+        "hits": mean(float((r["rewards"][name] or 0.0) >= 0.5) for r in greedy),
         "confusion": confusion(greedy),
     }
 
@@ -165,6 +168,8 @@ def run_seed(name: str, seed: int, output_dir: Path, samples: int, overrides: li
         "grpo_minutes": grpo_minutes,
         "completion_tokens_grpo": after["mean_completion_tokens"],
         "format_grpo": after["format"],
+        "hits_sft": before["hits"],
+        "hits_grpo": after["hits"],
         "confusion_sft": before["confusion"],
         "confusion_grpo": after["confusion"],
         "curve": [(0, before["sampled"]), *curve(run_dir / "grpo")],
@@ -175,7 +180,8 @@ def run_seed(name: str, seed: int, output_dir: Path, samples: int, overrides: li
 
 def summarize(runs: list[dict]) -> dict:
     """Means over seeds, with the spread (max - min) of each score where several seeds ran."""
-    keys = (*SCORES, "chance", "sft_minutes", "grpo_minutes", "completion_tokens_grpo", "format_grpo")
+    keys = (*SCORES, "chance", "sft_minutes", "grpo_minutes", "completion_tokens_grpo", "format_grpo", "hits_sft")
+    keys += ("hits_grpo",)
     summary = {key: mean(run[key] for run in runs) for key in keys if runs[0][key] is not None}
     if len(runs) > 1:
         summary |= {f"{key}_spread": max(r[key] for r in runs) - min(r[key] for r in runs) for key in SCORES}
@@ -209,12 +215,14 @@ def cell(summary: dict, key: str) -> str:
 def markdown(results: dict[str, dict], runs: dict[str, list[dict]]) -> str:
     lines = [
         "| task | score | SFT greedy | GRPO greedy | SFT sampled | GRPO sampled | blind SFT | blind GRPO | chance "
-        "| SFT min | GRPO min | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ≥ 0.5, SFT | ≥ 0.5, GRPO | SFT min | GRPO min | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in results.items():
         lines.append(
-            f"| {name} | {TASKS[name].score} | " + " | ".join(cell(summary, k) for k in (*SCORES, "chance")) + " | "
+            f"| {name} | {TASKS[name].score} | "
+            + " | ".join(cell(summary, k) for k in (*SCORES, "chance", "hits_sft", "hits_grpo"))
+            + " | "
             f"{summary['sft_minutes']:.1f} | {summary['grpo_minutes']:.1f} | {summary['seeds']} |"
         )
     for name, task_runs in runs.items():
