@@ -251,7 +251,7 @@ def compare_algorithms(output_dir: Path, minutes: float, samples: int, seed: int
     for name, flags in ALGORITHMS.items():
         run_dir = output_dir / "algorithms" / re.sub(r"\W+", "_", name).strip("_").lower()
         extra = ["--model_name_or_path", str(start), "--max_steps", "100000", "--save_steps", "100000"]
-        extra += ["--eval_strategy", "no", "--final_eval", "false"]
+        extra += ["--eval_strategy", "no", "--eval_on_start", "false", "--final_eval", "false"]
         run_minutes = run_cli("train", grpo_recipe, run_dir, seed, *extra, *flags, *overrides, minutes=minutes)
         trained = latest_checkpoint(run_dir) or run_dir
         after = evaluate(trained, grpo_recipe, samples, seed, overrides)

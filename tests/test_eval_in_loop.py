@@ -57,3 +57,23 @@ def test_eval_steps_log_per_reward_means_and_accuracy_from_the_held_out_rows(tmp
     for entry in trains:
         assert entry["rewards/held_out/mean"] == 0.0
         assert entry["accuracy"] == entry["rewards/accuracy/mean"]
+
+
+def test_eval_on_start_evaluates_before_the_first_step_without_eval_steps(tmp_path):
+    """transformers runs `eval_on_start` whatever `eval_strategy` says; the trainer must get the held-out rows for it
+    (they were left out with `eval_strategy: no`, and the run failed: "evaluation requires an eval_dataset")."""
+    recipe = {
+        **TINY_RUN,
+        "model_name_or_path": "tiny:qwen2_vl",
+        "dataset": "synthetic:shapes",
+        "train_size": 8,
+        "eval_size": 2,
+        "eval_strategy": "no",
+        "eval_on_start": True,
+        "final_eval": False,
+        "output_dir": str(tmp_path / "run"),
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    train_main(["--config", str(tmp_path / "recipe.yaml")])
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_accuracy" in entry] == [0]

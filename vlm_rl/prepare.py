@@ -146,6 +146,12 @@ def prepare_run(
     )
 
 
+def evaluates(training_args: TrainingArguments) -> bool:
+    """Whether the trainer evaluates during training, and so needs the held-out rows: every `eval_steps`, or once
+    before the first step (`eval_on_start`, which transformers runs whatever `eval_strategy` says)."""
+    return training_args.eval_strategy != "no" or training_args.eval_on_start
+
+
 def default_max_prompt_length(
     data_args: DataArguments, training_args: VLMGRPOConfig, config: PretrainedConfig
 ) -> int | None:

@@ -28,7 +28,7 @@ from vlm_rl.data import DataError, SkippedRowsCallback, TaskData
 from vlm_rl.data.rows import trainer_columns
 from vlm_rl.models import adapter_for
 from vlm_rl.models.collator import PromptCompletionCollator
-from vlm_rl.prepare import Prepared, RunFinished, prepare_run
+from vlm_rl.prepare import Prepared, RunFinished, evaluates, prepare_run
 from vlm_rl.redaction import redacted_argv
 from vlm_rl.train import check_zero3_saves_full_model, describe_distribution, load_policy
 
@@ -38,9 +38,9 @@ COMPLETION = "completion"
 
 
 def check_completions(task: TaskData, data_args: DataArguments, training_args: VLMSFTConfig) -> None:
-    """The rows SFT trains (and, with `eval_strategy`, evaluates) on have the assistant's reply to learn."""
+    """The rows SFT trains (and, if it evaluates, evaluates) on have the assistant's reply to learn."""
     splits = [("training", task.train, data_args.dataset)]
-    if training_args.eval_strategy != "no" and task.eval is not None:
+    if evaluates(training_args) and task.eval is not None:
         splits.append(("held-out", task.eval, data_args.eval_dataset or data_args.dataset))
     for split, dataset, name in splits:
         if COMPLETION not in trainer_columns(dataset):
@@ -106,7 +106,7 @@ def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMSFTC
     """Load the model, build the trainer and train."""
     task = prepared.task
     model, processor = load_policy(prepared, model_args, training_args.trust_remote_code)
-    eval_dataset = task.eval if training_args.eval_strategy != "no" else None
+    eval_dataset = task.eval if evaluates(training_args) else None
     trainer = build_trainer(model, processor, training_args, task.train, eval_dataset)
     logger.info("Training setup: %s.", describe_distribution(trainer.accelerator))
     check_zero3_saves_full_model(trainer.accelerator)

@@ -30,7 +30,7 @@ from vlm_rl.models import apply_freezing, load_model_and_processor
 from vlm_rl.models.loading import TINY_PREFIX
 from vlm_rl.models.lora import wrap_with_lora
 from vlm_rl.plotting import PLOT_FILE, plot_run
-from vlm_rl.prepare import Prepared, RunFinished, prepare, without_zero3_init
+from vlm_rl.prepare import Prepared, RunFinished, evaluates, prepare, without_zero3_init
 from vlm_rl.redaction import redacted_argv
 from vlm_rl.rewards.boxes import resolve_box_format
 from vlm_rl.trainers import VLMGRPOTrainer
@@ -168,7 +168,7 @@ def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMGRPO
         reward_funcs=prepared.reward_funcs,
         args=training_args,
         train_dataset=task.train,
-        eval_dataset=task.eval if training_args.eval_strategy != "no" else None,
+        eval_dataset=task.eval if evaluates(training_args) else None,
         processing_class=processor,
     )
     logger.info("Training setup: %s.", describe_distribution(trainer.accelerator))
