@@ -114,6 +114,7 @@ class Setup:
 
 RECIPE_SETUPS = {
     "demo_cpu.yaml": Setup("qwen2_vl", None),
+    "grounding_grpo_cpu.yaml": Setup("qwen2_vl", None),
     "grounding_math_cpu.yaml": Setup("qwen2_5_vl", None),
     "local_jsonl_cpu.yaml": Setup("qwen2_vl", shapes_jsonl),
     "qwen2_5_vl_3b_rec_grounding.yaml": Setup("qwen2_5_vl", vlm_r1_refcoco),
