@@ -114,6 +114,7 @@ class Setup:
 
 RECIPE_SETUPS = {
     "demo_cpu.yaml": Setup("qwen2_vl", None),
+    "count_diff_grpo_cpu.yaml": Setup("qwen2_vl", None),
     "grounding_grpo_cpu.yaml": Setup("qwen3_vl", None),
     "grounding_math_cpu.yaml": Setup("qwen2_5_vl", None),
     "local_jsonl_cpu.yaml": Setup("qwen2_vl", shapes_jsonl),
