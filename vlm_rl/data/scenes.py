@@ -161,7 +161,7 @@ def make_grounding_dataset(
     bias_rate: float = 0.75,
     seed: int = 0,
 ) -> Dataset:
-    """ "Where is the {colour} {shape}?" on a non-square scene of 2–4 shapes; `answer` its box in pixels, as JSON.
+    """Grounding: "Where is the {colour} {shape}?" on a 3:2 scene of 2–4 shapes; `answer` its box in pixels, as JSON.
 
     Each shape fills a square of one or two cells aligned to the grid; the one asked for is the only shape of its
     colour and kind. The reply is `[x1, y1, x2, y2]` in 0–1000 coordinates of the image (the Qwen2-VL and

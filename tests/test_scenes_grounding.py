@@ -1,4 +1,4 @@
-"""The synthetic scene tasks' rows (`vlm_rl.data.scenes`): what the learning benchmark relies on."""
+"""The grounding scene task's rows (`make_grounding_dataset`): a unique target inside the image, a biased teacher."""
 
 from __future__ import annotations
 
