@@ -158,14 +158,21 @@ def make_count_diff_dataset(
 
 
 def make_grounding_dataset(
-    num_rows: int, split: str = "train", *, image_cells: tuple[int, int] = (6, 4), seed: int = 0
+    num_rows: int,
+    split: str = "train",
+    *,
+    image_cells: tuple[int, int] = (6, 4),
+    bias_rate: float = 0.75,
+    seed: int = 0,
 ) -> Dataset:
     """Grounding: "Where is the {colour} {shape}?" on a 3:2 scene of 2–4 shapes; `answer` its box in pixels, as JSON.
 
     Each shape fills a square of one or two cells aligned to the grid; the one asked for is the only shape of its
     colour and kind. The reply is `[x1, y1, x2, y2]` in 0–1000 coordinates of the image (the Qwen2-VL and
-    Qwen3-VL convention, the built-in `iou` reward's `norm1000`). The teacher (`sft` rows) puts half of its boxes
-    one cell off in a random direction.
+    Qwen3-VL convention, the built-in `iou` reward's `norm1000`). The teacher (`sft` rows) puts `bias_rate` of its
+    boxes one cell to the right of the shape (to the left at the right edge): a systematic error, so the SFT policy's
+    most likely box is the wrong one (IoU 0 for a one-cell shape, 1/3 for a two-cell one) while the right box stays
+    among its samples, for the IoU reward to pick out.
     """
     _check(split, image_cells)
     columns, rows_ = image_cells
@@ -193,10 +200,8 @@ def make_grounding_dataset(
         question = f"Where is the {color} {shape}? Answer with its box [x1, y1, x2, y2] in 0-1000 coordinates."
         item = _row(question, [image], json.dumps(pixels), "grounding")
         if split == "sft":
-            if rng.random() < 0.5:
-                dx, dy = rng.choice([(1, 0), (-1, 0), (0, 1), (0, -1)])
-                column = min(max(column + dx, 0), columns - span)
-                row = min(max(row + dy, 0), rows_ - span)
+            if rng.random() < bias_rate:
+                column += 1 if column + span < columns else -1
             scaled = [column / columns, row / rows_, (column + span) / columns, (row + span) / rows_]
             box = "[" + ", ".join(str(round(1000 * v)) for v in scaled) + "]"
             item["completion"] = think_answer(f"The {color} {shape}.", box)
