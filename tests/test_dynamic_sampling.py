@@ -49,6 +49,10 @@ def test_groups_whose_total_reward_does_not_vary_are_dropped():
     keep, spread = GroupFilter(torch.tensor([1.0, 0.5]), num_generations=2)(rewards)
     assert keep.tolist() == [False, False, True, False, True]
     assert spread[2] > 0 and spread[0] == 0
+    # Eight equal totals of 1.2 (a right answer and a 0.2-weighted format reward): float32 `nanstd` gives 1.3e-7.
+    right_and_formatted = torch.tensor([[1.0, 1.0]] * 8 + [[1.0, 1.0]] * 7 + [[0.0, 1.0]])
+    keep, _ = GroupFilter(torch.tensor([1.0, 0.2]), num_generations=8)(right_and_formatted)
+    assert keep.tolist() == [False, True]
 
 
 def test_the_accuracy_band_keeps_groups_whose_mean_accuracy_is_inside_it_inclusive():

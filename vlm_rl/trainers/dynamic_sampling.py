@@ -61,9 +61,15 @@ class GroupFilter:
         unscorable = torch.isnan(rewards).all(dim=1)
         total = (rewards * self.weights.float().cpu()).nansum(dim=1)
         total[unscorable] = torch.nan
-        spread = torch.nan_to_num(nanstd(total.view(-1, self.num_generations), dim=1), nan=0.0)
+        grouped = total.view(-1, self.num_generations)
+        spread = torch.nan_to_num(nanstd(grouped, dim=1), nan=0.0)
         if self.band is None:
-            return spread > 0, spread
+            # Whether the totals differ, from their range: `nanstd` of eight equal totals of 1.2 (a right answer plus a
+            # 0.2-weighted format reward) is 1.3e-7 in float32, not 0, and such a group would never be dropped.
+            highest = torch.nan_to_num(grouped, nan=-torch.inf).amax(dim=1)
+            lowest = torch.nan_to_num(grouped, nan=torch.inf).amin(dim=1)
+            varies = (highest - lowest) > 1e-6 * torch.clamp(highest.abs(), min=1.0)
+            return varies & torch.isfinite(highest - lowest), spread
         accuracy = torch.nanmean(rewards[:, self.accuracy_index].view(-1, self.num_generations), dim=1)
         low, high = self.band
         return (accuracy >= low) & (accuracy <= high), spread
