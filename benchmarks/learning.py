@@ -240,7 +240,9 @@ def markdown(results: dict[str, dict], runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_algorithms(output_dir: Path, minutes: float, samples: int, seed: int, overrides: list[str]) -> dict:
+def compare_algorithms(
+    output_dir: Path, algorithms: dict[str, list[str]], minutes: float, samples: int, seed: int, overrides: list[str]
+) -> dict:
     """Each algorithm from the same counting SFT start, for `minutes` of training each."""
     grpo_recipe = RECIPES / "counting_grpo_cpu.yaml"
     start = output_dir / "algorithms" / "sft"
@@ -248,7 +250,7 @@ def compare_algorithms(output_dir: Path, minutes: float, samples: int, seed: int
         run_cli("sft", RECIPES / "counting_sft_cpu.yaml", start, seed, *overrides)
     before = evaluate(start, grpo_recipe, samples, seed, overrides)
     results = {"SFT start": {"greedy": before["greedy"], "sampled": before["sampled"]}}
-    for name, flags in ALGORITHMS.items():
+    for name, flags in algorithms.items():
         run_dir = output_dir / "algorithms" / re.sub(r"\W+", "_", name).strip("_").lower()
         extra = ["--model_name_or_path", str(start), "--max_steps", "100000", "--save_steps", "100000"]
         extra += ["--eval_strategy", "no", "--eval_on_start", "false", "--final_eval", "false"]
@@ -289,13 +291,17 @@ def main() -> None:
     parser.add_argument("--output_dir", default="outputs/bench_learning")
     parser.add_argument("--algorithms", action="store_true", help="Compare GRPO, DAPO, Dr. GRPO, GSPO on counting.")
     parser.add_argument("--minutes", type=float, default=3.0, help="--algorithms: training minutes per algorithm.")
+    parser.add_argument(
+        "--algorithm", choices=list(ALGORITHMS), action="append", help="--algorithms: only these (repeatable)."
+    )
     parser.add_argument("--smoke", action="store_true", help="A few steps of each stage: checks the pipeline only.")
     args = parser.parse_args()
     overrides = SMOKE if args.smoke else []
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.algorithms:
-        results = compare_algorithms(output_dir, args.minutes, args.samples, 0, overrides)
+        algorithms = {name: ALGORITHMS[name] for name in args.algorithm or ALGORITHMS}
+        results = compare_algorithms(output_dir, algorithms, args.minutes, args.samples, 0, overrides)
         (output_dir / "algorithms.json").write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results))
         return
