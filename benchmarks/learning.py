@@ -146,6 +146,11 @@ def curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(entry["step"], entry["eval_accuracy"]) for entry in history if "eval_accuracy" in entry]
 
 
+def with_start(points: list[tuple[int, float]], start: float) -> list[tuple[int, float]]:
+    """The learning curve from step 0: the SFT model's sampled score, where the run did not evaluate before step 1."""
+    return points if points and points[0][0] == 0 else [(0, start), *points]
+
+
 def run_seed(name: str, seed: int, output_dir: Path, samples: int, overrides: list[str]) -> dict:
     """SFT, evaluate, GRPO, evaluate: one task, one seed."""
     sft_recipe, grpo_recipe = RECIPES / f"{name}_sft_cpu.yaml", RECIPES / f"{name}_grpo_cpu.yaml"
@@ -172,7 +177,7 @@ def run_seed(name: str, seed: int, output_dir: Path, samples: int, overrides: li
         "hits_grpo": after["hits"],
         "confusion_sft": before["confusion"],
         "confusion_grpo": after["confusion"],
-        "curve": [(0, before["sampled"]), *curve(run_dir / "grpo")],
+        "curve": with_start(curve(run_dir / "grpo"), before["sampled"]),
     }
     print(json.dumps({name: {k: v for k, v in result.items() if not k.startswith(("confusion", "curve"))}}))
     return result

@@ -30,4 +30,4 @@ def test_the_learning_benchmark_runs_sft_then_grpo_and_reports_every_score(tmp_p
     assert (tmp_path / "learning_counting.png").stat().st_size > 0
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]["counting"]
     assert sum(sum(row.values()) for row in runs[0]["confusion_grpo"].values()) == 8  # every held-out row
-    assert [step for step, _ in runs[0]["curve"]] == [0, 0, 1, 2]  # after SFT, then each in-loop evaluation
+    assert [step for step, _ in runs[0]["curve"]] == [0, 1, 2]  # `eval_on_start`, then each in-loop evaluation
