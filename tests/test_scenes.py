@@ -10,9 +10,9 @@ from PIL import Image, ImageDraw
 
 from vlm_rl.config import DataArguments
 from vlm_rl.data import load_task
-from vlm_rl.data.scenes import CELL, draw, make_count_diff_dataset, make_counting_dataset, make_grounding_dataset
+from vlm_rl.data.scenes import CELL, make_count_diff_dataset, make_counting_dataset, make_grounding_dataset
 from vlm_rl.data.stats import DataError
-from vlm_rl.data.synthetic import COLORS
+from vlm_rl.data.synthetic import COLORS, fill_shape
 from vlm_rl.rewards.accuracy import math_accuracy
 from vlm_rl.rewards.boxes import parse_boxes
 from vlm_rl.rewards.counting import counting_accuracy
@@ -85,9 +85,9 @@ def test_the_scene_tasks_load_from_a_recipe_with_an_sft_split_and_the_most_commo
 
 
 def kind_mask(shape: str, color: str, side: int) -> np.ndarray:
-    """Where `draw` paints `shape` in a `side`-pixel square."""
+    """Where `fill_shape` paints `shape` in a `side`-pixel square."""
     image = Image.new("RGB", (side, side))
-    draw(ImageDraw.Draw(image), shape, color, (0, 0, side - 1, side - 1))
+    fill_shape(ImageDraw.Draw(image), shape, color, (0, 0, side - 1, side - 1))
     return (np.asarray(image) == COLORS[color]).all(-1)
 
 

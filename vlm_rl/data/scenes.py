@@ -21,7 +21,7 @@ from datasets import Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw
 
-from vlm_rl.data.synthetic import COLORS, SHAPES
+from vlm_rl.data.synthetic import COLORS, SHAPES, fill_shape
 
 CELL = 28
 SPLITS = ("train", "test", "sft")
@@ -45,18 +45,6 @@ def _check(split: str, image_cells: tuple[int, int]) -> None:
         raise ValueError(f"A scene needs at least 2×2 cells of {CELL} pixels, got {image_cells}.")
 
 
-def draw(draw_: ImageDraw.ImageDraw, shape: str, color: str, box: tuple[int, int, int, int]) -> None:
-    """`shape` filling `box` (x1, y1, x2, y2, edges included) in `color`."""
-    x1, y1, x2, y2 = box
-    fill = COLORS[color]
-    if shape == "circle":
-        draw_.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw_.rectangle(box, fill=fill)
-    else:
-        draw_.polygon([((x1 + x2) // 2, y1), (x1, y2), (x2, y2)], fill=fill)
-
-
 def canvas(cells: tuple[int, int], rng: random.Random) -> Image.Image:
     """A light-grey background of `cells` (columns, rows) grid cells."""
     grey = rng.randint(200, 255)
@@ -75,7 +63,7 @@ def scatter(objects: list[tuple[str, str]], cells: tuple[int, int], rng: random.
     for (shape, color), (column, row) in zip(objects, spots, strict=True):
         size = rng.randint(18, 22)
         x, y = column * CELL + rng.randint(0, CELL - size), row * CELL + rng.randint(0, CELL - size)
-        draw(pen, shape, color, (x, y, x + size - 1, y + size - 1))
+        fill_shape(pen, shape, color, (x, y, x + size - 1, y + size - 1))
     return image
 
 
@@ -192,7 +180,7 @@ def make_grounding_dataset(
                 if not cells & taken:
                     taken |= cells
                     box = (column * CELL, row * CELL, (column + span) * CELL - 1, (row + span) * CELL - 1)
-                    draw(pen, shape, color, box)
+                    fill_shape(pen, shape, color, box)
                     boxes.append((shape, color, (column, row, span)))
                     break
         shape, color, (column, row, span) = boxes[0]

@@ -52,14 +52,20 @@ def place_shape(
     extent = rng.randint(side // 2, side - 4)
     x0, y0 = rng.randint(0, width - extent), rng.randint(0, height - extent)
     box = (x0, y0, x0 + extent - 1, y0 + extent - 1)
+    fill_shape(draw, shape, color, box)
+    return image, [float(v) for v in box]
+
+
+def fill_shape(pen: ImageDraw.ImageDraw, shape: str, color: str, box: tuple[int, int, int, int]) -> None:
+    """`shape` filling `box` (x1, y1, x2, y2, edges included) in `color`; a triangle points up."""
+    x1, y1, x2, y2 = box
     fill = COLORS[color]
     if shape == "circle":
-        draw.ellipse(box, fill=fill)
+        pen.ellipse(box, fill=fill)
     elif shape == "square":
-        draw.rectangle(box, fill=fill)
+        pen.rectangle(box, fill=fill)
     else:
-        draw.polygon([(x0 + extent // 2, y0), (x0, y0 + extent - 1), (x0 + extent - 1, y0 + extent - 1)], fill=fill)
-    return image, [float(v) for v in box]
+        pen.polygon([(x1 + (x2 - x1 + 1) // 2, y1), (x1, y2), (x2, y2)], fill=fill)
 
 
 def draw_shape(shape: str, color: str, size: int, rng: random.Random) -> Image.Image:
