@@ -142,6 +142,13 @@ def check_ran(code: int | None, output: str) -> None:
     assert code == 0, f"the launch {'timed out' if code is None else f'exited with {code}'}:\n{output[-6000:]}"
 
 
+def check_left_together(output: str) -> None:
+    """No process exits before the main one has written the model card: one that leaves early can abort (SIGABRT)
+    in its C++ teardown while the other still works, and the launcher then kills the run."""
+    card = output.rindex("Model card:")
+    assert all(output.rindex(f"Process {rank} of 2: done.") > card for rank in (0, 1)), output[-4000:]
+
+
 def setup_line(output: str) -> str:
     """The start-up line each process logs; DeepSpeed silently dropped would show here (see FACTS)."""
     lines = re.findall(r"Training setup: (.*)\.", output)
@@ -168,6 +175,7 @@ def check_trained(run_dir: Path, steps: int) -> list[dict]:
 def test_ddp_on_two_cpu_processes(tmp_path):
     code, output = launch("cpu_ddp.yaml", write_recipe(tmp_path))
     check_ran(code, output)
+    check_left_together(output)
     setup = setup_line(output)
     assert setup.startswith("2 process(es), distributed type MULTI_CPU"), setup
     run_dir = tmp_path / "run"
@@ -210,6 +218,7 @@ def test_zero3_checkpoints_resume_and_final_model(tmp_path):
         "zero3.yaml", recipe, *DEEPSPEED_FLAGS, "--max_steps", "4", "--resume_from_checkpoint", "auto"
     )
     check_ran(code, output)
+    check_left_together(output)
     assert f"resuming from {checkpoint}" in output
     logged = check_trained(run_dir, 4)  # steps 1-2 from the checkpoint's history, 3-4 from this run
     assert logged[2]["num_tokens"] > logged[1]["num_tokens"]  # the token count carried on from the checkpoint
@@ -249,6 +258,7 @@ def test_zero3_lora_checkpoints_resume_and_export(tmp_path):
         "zero3.yaml", recipe, *DEEPSPEED_FLAGS, "--max_steps", "3", "--resume_from_checkpoint", "auto"
     )
     check_ran(code, output)
+    check_left_together(output)
     assert f"resuming from {checkpoint}" in output
     check_trained(run_dir, 3)
 
@@ -469,5 +479,6 @@ def test_sigterm_to_the_launcher_stops_every_process_at_one_checkpoint(tmp_path)
     assert sorted(path.name for path in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
     code, output = launch("cpu_ddp.yaml", recipe, "--max_steps", str(step + 2), "--resume_from_checkpoint", "auto")
     check_ran(code, output)
+    check_left_together(output)
     assert f"resuming from {checkpoint}" in output
     check_trained(run_dir, step + 2)

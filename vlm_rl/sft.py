@@ -30,7 +30,7 @@ from vlm_rl.models import adapter_for
 from vlm_rl.models.collator import PromptCompletionCollator
 from vlm_rl.prepare import Prepared, RunFinished, evaluates, prepare_run
 from vlm_rl.redaction import redacted_argv
-from vlm_rl.train import check_zero3_saves_full_model, describe_distribution, load_policy
+from vlm_rl.train import check_zero3_saves_full_model, describe_distribution, end_processes, load_policy
 
 logger = logging.getLogger("vlm_rl")
 
@@ -151,9 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     try:
-        run(model_args, data_args, training_args, recipe_path.parent if recipe_path else None)
+        trainer = run(model_args, data_args, training_args, recipe_path.parent if recipe_path else None)
     except RunFinished as finished:
         logger.warning("%s", finished)
+        return
+    end_processes(trainer.accelerator)
 
 
 if __name__ == "__main__":

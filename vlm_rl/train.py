@@ -119,6 +119,17 @@ def describe_distribution(accelerator) -> str:
     return text
 
 
+def end_processes(accelerator) -> None:
+    """Every process waits for the main one to finish (its final evaluation and model card), then the process
+    group is torn down. A process that exits while another still works can abort in its C++ teardown
+    (`terminate called without an active exception`, SIGABRT), and the launcher then kills the whole run."""
+    if accelerator.num_processes == 1:
+        return
+    accelerator.wait_for_everyone()
+    logger.info("Process %d of %d: done.", accelerator.process_index, accelerator.num_processes)
+    accelerator.end_training()
+
+
 def run(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -322,12 +333,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     try:
-        run(model_args, data_args, reward_args, training_args, recipe_path.parent if recipe_path else None, recipe)
+        trainer = run(
+            model_args, data_args, reward_args, training_args, recipe_path.parent if recipe_path else None, recipe
+        )
     except RunFinished as finished:
         logger.warning("%s", finished)
+        return
     except Preempted as stop:
         logger.warning("%s", stop)
         sys.exit(stop.exit_code)
+    end_processes(trainer.accelerator)
 
 
 if __name__ == "__main__":
