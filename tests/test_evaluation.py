@@ -85,3 +85,53 @@ def test_eval_samples_at_a_temperature_and_is_greedy_without_one(load_tiny):
     torch.manual_seed(1)
     second = evaluate_policy(model, processor, dataset, rewards, max_new_tokens=6, temperature=1.0)
     assert [r["completion"] for r in first] != [r["completion"] for r in second] != greedy
+
+
+class LookEnvironment:
+    """A tool that shows the rollout's own image again, and remembers which image each rollout was reset with."""
+
+    seen: list = []
+
+    def reset(self, **row) -> None:
+        self.images = row["images"]
+        LookEnvironment.seen.append(row["images"][0] if row["images"] else None)
+
+    def lookup(self) -> list:
+        """Look at the image again.
+
+        Returns:
+            The image.
+        """
+        return [{"type": "image", "image": self.images[0]}, {"type": "text", "text": "Here it is."}]
+
+
+def test_eval_with_tools_runs_the_calls_and_scores_the_whole_exchange(load_tiny):
+    from test_trl_options import tool_call_bias
+    from trl.chat_template_utils import qwen3_vl_chat_template
+
+    model, processor = load_tiny("qwen3_vl")
+    processor.chat_template = processor.tokenizer.chat_template = qwen3_vl_chat_template
+    model.generation_config.sequence_bias = {tuple(ids): bias for ids, bias in tool_call_bias(processor.tokenizer)}
+    dataset = make_shapes_dataset(4, seed=1)
+    rewards = load_rewards(["accuracy"])
+    LookEnvironment.seen = []
+    kwargs = {"max_new_tokens": 200, "environment_factory": LookEnvironment, "max_tool_turns": 1}
+    records = evaluate_policy(model, processor, dataset, rewards, **kwargs)
+    # Every row called the tool once, got its image back (an `<image>` in the reply) and answered after it.
+    assert [r["tool_calls"] for r in records] == [1] * 4
+    for record in records:
+        call, answer = record["completion"].split("\ntool: <image>Here it is.\n")
+        assert call.startswith("assistant: <tool_call>") and answer.startswith("assistant: ")
+        assert "<tool_call>" not in answer  # one tool turn at most
+    assert LookEnvironment.seen == [dataset[i]["images"][0] for i in range(4)]
+
+    LookEnvironment.seen = []
+    blind = evaluate_policy(model, processor, dataset, rewards, blind=True, **kwargs)
+    # The tools of a blind row see the images the row was shown: another row's.
+    assert LookEnvironment.seen == [dataset[r["image_from"]]["images"][0] for r in blind]
+
+    # A policy that calls the tool in every turn stops at `max_tool_turns`.
+    always = [(ids, bias) for ids, bias in tool_call_bias(processor.tokenizer) if bias > -100]
+    model.generation_config.sequence_bias = {tuple(ids): bias for ids, bias in always}
+    records = evaluate_policy(model, processor, dataset, rewards, **{**kwargs, "max_tool_turns": 2})
+    assert [r["tool_calls"] for r in records] == [2] * 4

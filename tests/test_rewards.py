@@ -34,6 +34,22 @@ def test_accuracy_reads_answer_tags_or_whole_completion():
     assert accuracy(prompts=["q"], completions=["<answer>7</answer>"], answer=["7"]) == [1.0]
 
 
+def test_multi_turn_completions_are_scored_on_the_models_turns_only():
+    accuracy = resolve_reward("accuracy")
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "zoom_in"}}],
+    }
+    reply = [{"type": "image", "image": None}, {"type": "text", "text": "<answer>red</answer>"}]
+    completions = [
+        [call, {"role": "tool", "name": "zoom_in", "content": reply}, {"role": "assistant", "content": "blue"}],
+        [call, {"role": "tool", "name": "zoom_in", "content": "red"}, {"role": "assistant", "content": "red"}],
+    ]
+    # The tool's reply holds the right answer in the first completion; the model's own answer is wrong.
+    assert accuracy(prompts=[None] * 2, completions=completions, answer=["red", "red"]) == [0.0, 1.0]
+
+
 def test_accuracy_without_answer_column_names_it():
     with pytest.raises(KeyError, match="'answer' column"):
         resolve_reward("accuracy")(prompts=["q"], completions=["x"], solution=["x"])

@@ -25,16 +25,24 @@ from vlm_rl.models import adapter_for, load_model_and_processor
 from vlm_rl.models.inputs import conversation_text, media_token_ids, prompt_inputs
 from vlm_rl.prepare import default_max_prompt_length, prepare_data, prepare_rewards
 from vlm_rl.rewards.configured import bind_context
+from vlm_rl.tools.multiturn import generate_with_tools
 
 
 def _generate(
-    model, processor, prompts: list, images: list[list], max_new_tokens: int, temperature: float | None = None
+    model,
+    processor,
+    prompts: list,
+    images: list[list],
+    max_new_tokens: int,
+    temperature: float | None = None,
+    tools: list | None = None,
 ):
     """Completions, greedy unless a sampling `temperature` is given: their texts, and their token ids up to and
-    including the first end-of-sequence."""
+    including the first end-of-sequence. `tools`: rendered into the prompts, as in training; with them, the
+    prompts' token ids come third."""
     adapter = adapter_for(model.config)
     adapter.check_images_per_row([len(row) for row in images])
-    inputs = prompt_inputs(adapter, processor, prompts, images).to(model.device)
+    inputs = prompt_inputs(adapter, processor, prompts, images, tools).to(model.device)
     tokenizer = processor.tokenizer
     output = model.generate(
         **inputs,
@@ -49,7 +57,13 @@ def _generate(
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     ids = [row[: next((i + 1 for i, token in enumerate(row) if token in eos), len(row))] for row in generated]
-    return tokenizer.batch_decode(ids, skip_special_tokens=True), ids
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    if tools is None:
+        return texts, ids
+    # The prompts' own ids (left padding off): parsing a tool call reads the turn's opening from them.
+    rows = zip(inputs["input_ids"], inputs["attention_mask"], strict=True)
+    prompt_ids = [row[mask.bool()].tolist() for row, mask in rows]
+    return texts, ids, prompt_ids
 
 
 def deranged_rows(image_rows: Sequence[int], seed: int = 0) -> dict[int, int]:
@@ -80,12 +94,16 @@ def evaluate_policy(
     seed: int = 0,
     progress: str | None = None,
     temperature: float | None = None,
+    environment_factory: Callable[[], Any] | None = None,
+    max_tool_turns: int | None = None,
 ) -> list[dict[str, Any]]:
     """Generate for every row, greedily unless a sampling `temperature` is given, and score each completion with
-    every reward.
+    every reward. With an `environment_factory` (the run's tools) the policy calls tools as in training, for at
+    most `max_tool_turns` tool turns, and its completions are the whole exchange (`vlm_rl.tools.multiturn`).
 
     Returns one record per row: its index, prompt (as text), number of images, `answer` if it has one, the
-    completion and `rewards` by function name; with `blind`, `image_from`, the row whose images it was shown.
+    completion (as text: with tools, every turn and tool reply), `rewards` by function name and, with tools,
+    `tool_calls`; with `blind`, `image_from`, the row whose images it was shown (its tools see those images too).
     Rows load a batch at a time; a lazily loaded dataset's bad rows are left out under `bad_rows: skip`.
     `progress`: the label of a progress bar over the batches (None: no bar).
     """
@@ -106,8 +124,22 @@ def evaluate_policy(
             lent = dict(load_rows(dataset, [partners[index] for index, _ in indexed if index in partners]))
             images = [list(lent[partners[index]]["images"]) if index in partners else [] for index, _ in indexed]
         prompts = [row["prompt"] for row in batch]
-        texts, completion_ids = _generate(model, processor, prompts, images, max_new_tokens, temperature)
-        completions = [[{"role": "assistant", "content": text}] for text in texts]
+        if environment_factory is None:
+            texts, completion_ids = _generate(model, processor, prompts, images, max_new_tokens, temperature)
+            completions = [[{"role": "assistant", "content": text}] for text in texts]
+        else:
+            completions, completion_ids, texts = generate_with_tools(
+                lambda conversations, shown, tools, budget: _generate(
+                    model, processor, conversations, shown, budget, temperature, tools
+                ),
+                processor.tokenizer,
+                prompts,
+                images,
+                [{**row, "images": shown} for row, shown in zip(batch, images, strict=True)],
+                environment_factory,
+                max_turns=max_tool_turns,
+                max_new_tokens=max_new_tokens,
+            )
         # Same calling convention as in training: every dataset column, as lists over the batch.
         columns = {key: [row[key] for row in batch] for key in batch[0] if key != "prompt"}
         columns["images"] = images
@@ -121,6 +153,8 @@ def evaluate_policy(
                 record["answer"] = row["answer"]
             record["completion"] = texts[i]
             record["rewards"] = {name: values[i] for name, values in scores.items()}
+            if environment_factory is not None:
+                record["tool_calls"] = sum(message["role"] == "tool" for message in completions[i])  # the calls run
             records.append(record)
     model.train(was_training)
     return records

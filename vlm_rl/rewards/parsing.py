@@ -11,11 +11,14 @@ _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)
 
 
 def completion_text(completion: Any) -> str:
-    """The text of a completion, whether plain (a string) or conversational (a list of messages)."""
+    """The text of a completion, whether plain (a string) or conversational (a list of messages). In a multi-turn
+    completion only the model's own turns count: a tool's reply is not the model's answer."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list):
-        return "".join(completion_text(message.get("content", "")) for message in completion)
+        return "".join(
+            completion_text(message.get("content") or "") for message in completion if message.get("role") != "tool"
+        )
     if isinstance(completion, dict):  # a content block
         return completion.get("text", "") if completion.get("type", "text") == "text" else ""
     raise TypeError(f"Cannot read the text of a completion of type {type(completion).__name__}.")
