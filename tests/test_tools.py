@@ -4,14 +4,13 @@ write the call, as in tests/test_trl_options.py)."""
 
 import json
 import re
-import shutil
 
 import pytest
 import yaml
 from conftest import small_config
 from datasets import concatenate_datasets
 from PIL import Image
-from trl.chat_template_utils import qwen3_vl_chat_template
+from trl.chat_template_utils import qwen3_vl_chat_template, supports_tool_calling
 
 from vlm_rl.config import VLMGRPOConfig
 from vlm_rl.data import make_shapes_dataset
@@ -290,20 +289,23 @@ def tool_recipe(tmp_path, model: str, **overrides) -> str:
     return str(path)
 
 
-def test_a_recipe_with_tools_trains(tiny_dirs, tmp_path):
-    """YAML -> prepare -> train with `tools: [zoom_in]` on a tiny Qwen3-VL carrying the real Qwen3-VL template."""
-    from vlm_rl.models import load_model_and_processor  # lazy: the model directory is copied first
-
-    _, processor = load_model_and_processor(str(tiny_dirs["qwen3_vl"]), dtype="float32")
-    processor.chat_template = processor.tokenizer.chat_template = qwen3_vl_chat_template
+def test_a_recipe_with_tools_trains(load_tiny, tmp_path):
+    """YAML -> prepare -> train with `tools: [zoom_in]` on `tiny:qwen3_vl`, which carries Qwen3-VL's real template."""
+    _, processor = load_tiny("qwen3_vl")  # the same tokenizer as the recipe's `tiny:qwen3_vl`
     bias = tool_call_bias(processor.tokenizer, call_text("zoom_in", {"bbox_2d": [0, 0, 500, 500]}), again=False)
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_dirs["qwen3_vl"], model_dir)
-    processor.save_pretrained(model_dir)
-    train_main(["--config", tool_recipe(tmp_path, str(model_dir), generation_kwargs={"sequence_bias": bias})])
+    train_main(["--config", tool_recipe(tmp_path, "tiny:qwen3_vl", generation_kwargs={"sequence_bias": bias})])
     state = json.loads((tmp_path / "run/trainer_state.json").read_text())
     row = next(row for row in state["log_history"] if "loss" in row)
     assert row["tools/zoom_in/calls"] == 4 and row["tools/turns_per_completion"] == 1.0
+
+
+@pytest.mark.parametrize(("family", "renders_tools"), [("qwen2_vl", False), ("qwen2_5_vl", False), ("qwen3_vl", True)])
+def test_only_the_tiny_qwen3_vl_template_renders_tool_calls(family, renders_tools, load_tiny):
+    """The tiny Qwen3-VL carries Qwen3-VL's real template (TRL's copy), which renders a conversation without tools
+    exactly as the other tiny Qwen-VL templates do; TRL ships no Qwen2-VL or Qwen2.5-VL template that renders them."""
+    _, processor = load_tiny(family)
+    assert supports_tool_calling(processor) is renders_tools
+    assert (processor.chat_template == qwen3_vl_chat_template) is renders_tools
 
 
 def test_a_family_whose_template_cannot_render_tool_calls_is_refused(tmp_path):
