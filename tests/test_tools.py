@@ -4,6 +4,7 @@ write the call, as in tests/test_trl_options.py)."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -310,3 +311,12 @@ def test_only_the_tiny_qwen3_vl_template_renders_tool_calls(family, renders_tool
 def test_a_family_whose_template_cannot_render_tool_calls_is_refused(tmp_path):
     with pytest.raises(RecipeError, match=r"tools: the chat template of this Qwen2-VL model cannot render tool calls"):
         train_main(["--config", tool_recipe(tmp_path, "tiny:qwen2_vl")])
+
+
+def test_tools_doc_examples_run():
+    """docs/tools.md: its Python example runs, and its recipe snippet's keys are fields of the GRPO config."""
+    doc = (Path(__file__).resolve().parent.parent / "docs/tools.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL):
+        exec(block, {})
+    for block in re.findall(r"```yaml\n(.*?)```", doc, flags=re.DOTALL):
+        assert set(yaml.safe_load(block)) <= set(VLMGRPOConfig.__dataclass_fields__)
