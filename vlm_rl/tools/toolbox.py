@@ -17,13 +17,11 @@ from typing import Any
 from vlm_rl.models.families import family_adapter
 from vlm_rl.recipe_check import RecipeError
 from vlm_rl.rewards.registry import load_named
+from vlm_rl.tools.replies import error_reply
 from vlm_rl.tools.zoom import ZoomEnvironment
 
 BUILTIN_TOOLS: dict[str, type] = {"zoom_in": ZoomEnvironment}
 """Tools a recipe names by name; an environment class here is built with the processor and the model type."""
-
-ERROR_PREFIX = "Error:"
-"""How a tool reply that reports a mistake begins (TRL's own failures render as `{'error': ...}`)."""
 
 
 def resolve_tool(spec: str, base_dir: str | Path | None = None) -> Callable | type:
@@ -63,16 +61,15 @@ class _Toolbox:
         if not self._in_turn:
             self._turns, self._in_turn = self._turns + 1, True
         if self.max_turns is not None and self._turns > self.max_turns:
-            return f"{ERROR_PREFIX} no more tool calls: at most {self.max_turns} tool turns per answer. Answer now."
+            return error_reply(f"no more tool calls: at most {self.max_turns} tool turns per answer. Answer now.")
         try:
             inspect.signature(func).bind(*args, **kwargs)
         except TypeError as error:
-            return f"{ERROR_PREFIX} {name} got wrong arguments ({error}); its arguments are {_arguments(func)}."
+            return error_reply(f"{name} got wrong arguments ({error}); its arguments are {_arguments(func)}.")
         try:
             return func(*args, **kwargs)
         except Exception as error:
-            message = " ".join(str(error).split()) or "no message"
-            return f"{ERROR_PREFIX} {name} failed: {type(error).__name__}: {message}"
+            return error_reply(f"{name} failed: {type(error).__name__}: {error}")
 
 
 def _arguments(func: Callable) -> str:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from vlm_rl.models.families import family_adapter
 from vlm_rl.rewards.boxes import pixel_scale, resolve_box_format
+from vlm_rl.tools.replies import error_reply
 
 Box = tuple[float, float, float, float]
 
@@ -102,23 +103,20 @@ class ZoomEnvironment:
             The region as an image, and a line saying what was cut.
         """
         if not self.images:
-            return "Error: zoom_in needs an image, and this question has none; answer without it."
-        if (
-            isinstance(image_index, bool)
-            or not isinstance(image_index, int)
-            or not 0 <= image_index < len(self.images)
-        ):
-            return f"Error: image_index must be an integer from 0 to {len(self.images) - 1}, got {image_index!r}."
+            return error_reply("zoom_in needs an image, and this question has none; answer without it.")
+        last = len(self.images) - 1
+        if isinstance(image_index, bool) or not isinstance(image_index, int) or not 0 <= image_index <= last:
+            return error_reply(f"image_index must be an integer from 0 to {last}, got {image_index!r}.")
         box = _four_numbers(bbox_2d)
         if box is None:
-            return f"Error: bbox_2d must be [x1, y1, x2, y2] (four numbers), got {bbox_2d!r}."
+            return error_reply(f"bbox_2d must be [x1, y1, x2, y2] (four numbers), got {bbox_2d!r}.")
         image = self.images[image_index]
         sx, sy = pixel_scale(self.box_format, image.size, self.processor)
         pixels = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         try:
             crop, shrunk = crop_region(image, pixels, self.max_pixels)
         except ValueError:
-            return f"Error: bbox_2d {list(box)} ({self.box_format} coordinates) is outside image {image_index}."
+            return error_reply(f"bbox_2d {list(box)} ({self.box_format} coordinates) is outside image {image_index}.")
         text = f"Zoomed into {list(box)} of image {image_index}."
         if shrunk:
             text += f" The region was shrunk to {crop.width}x{crop.height} to fit the {self.max_pixels}-pixel budget."
