@@ -226,7 +226,13 @@ def logged(trainer) -> dict:
 
 def test_zoom_in_through_trls_tool_loop_on_a_mixed_batch(load_tiny, tmp_path):
     trainer = tool_trainer(load_tiny, tmp_path, [ZoomEnvironment], call_text("zoom_in", {"bbox_2d": [0, 0, 500, 500]}))
+    outputs, generate = [], trainer._generate
+    trainer._generate = lambda prompts: outputs.append(generate(prompts)) or outputs[-1]
     trainer.train()
+    # The image rows' crops went to TRL as images: the top-left quarter of the original 112x112 image.
+    tool_images = outputs[0][7]
+    assert sorted(len(images) for images in tool_images) == [0, 0, 1, 1]
+    assert all(image.size == (56, 56) for images in tool_images for image in images)
     row = logged(trainer)
     # Every completion zooms once: on an image row a crop comes back, on a text-only row an error.
     assert row["tools/zoom_in/calls"] == 4 and row["tools/zoom_in/errors"] == 2
