@@ -184,6 +184,7 @@ TRAINER_ATTRIBUTES = (
     "log_unique_prompts", "num_completions_to_print", "reward_func_names", "use_vllm",
     "use_transformers_continuous_batching", "generation_kwargs", "generation_config", "temperature", "ref_model",
     "num_iterations", "max_completion_length", "model_wrapped", "_tokenizer", "reward_weights", "num_generations",
+    "tools", "environments",
 )  # fmt: skip
 # The attributes of TRL's vLLM backend that `VLMRollout` reads, each set by its `__init__`.
 ROLLOUT_ATTRIBUTES = (
@@ -214,9 +215,13 @@ SEAMS: dict[str, Callable[..., None]] = {
         # TRL still marks image-less rows with None (what our override normalises to []).
         has_lines(GRPOTrainer._tokenize_prompts, "images.append(prompt_images if prompt_images else None)"),
     ),
-    "_generate_single_turn": has_parameters(
-        GRPOTrainer._generate_single_turn,
-        ["self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"],
+    "_generate_single_turn": all_of(
+        has_parameters(
+            GRPOTrainer._generate_single_turn,
+            ["self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"],
+        ),
+        # ToolMetricsMixin: TRL's tool loop generates once per turn, right after running the turn's tools.
+        has_lines(GRPOTrainer._tool_call_loop, "post_tool_ids, post_tool_logprobs = self._generate_single_turn("),
     ),
     "_generate_and_score_completions": has_lines(
         GRPOTrainer._generate_and_score_completions,
@@ -258,6 +263,8 @@ SEAMS: dict[str, Callable[..., None]] = {
         GRPOTrainer._generate,
         "output = self.rollout_func(prompts, self)",
         "prompt_ids, images, multimodal_fields = self._tokenize_prompts(prompts)",
+        # ToolMetricsMixin reads the finished conversations, 4th in TRL's output; each tool reply a `tool` message.
+        "return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images",
     ),
     "_calculate_rewards": all_of(
         has_parameters(

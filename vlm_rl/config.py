@@ -297,6 +297,24 @@ class VLMGRPOConfig(GRPOConfig):
         metadata={"help": "The dataset column whose value selects the rewards with matching `tasks` for each row."},
     )
 
+    tools: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Tools the policy may call while it answers, each the built-in `zoom_in` (crops the original "
+            "image at a box in the family's coordinates) or a function or environment class named "
+            "`package.module:name` or `path/to/file.py:name`. Needs a chat template that renders tool calls (see "
+            "docs/tools.md)."
+        },
+    )
+    max_tool_turns: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most tool turns per completion; a call past them gets an error reply and the model one more "
+            "turn to answer. Sets TRL's `max_tool_calling_iterations` to this + 1 (it wins over that field). Unset: "
+            "TRL's field alone (no limit when that is unset too)."
+        },
+    )
+
     vllm_weight_transport: str = field(
         default="auto",
         metadata={
@@ -377,6 +395,11 @@ class VLMGRPOConfig(GRPOConfig):
                 f"vllm_weight_transport must be one of {list(WEIGHT_TRANSPORTS)}, got {self.vllm_weight_transport!r}."
             )
         self._check_dynamic_sampling()
+        if self.max_tool_turns is not None:
+            if self.max_tool_turns < 1:
+                raise ValueError(f"max_tool_turns must be at least 1, got {self.max_tool_turns}.")
+            # One TRL iteration past the limit: the call made there gets the error reply, then the model answers.
+            self.max_tool_calling_iterations = self.max_tool_turns + 1
         if self.reward_error_policy not in ERROR_POLICIES:
             raise ValueError(
                 f"reward_error_policy must be one of {list(ERROR_POLICIES)}, got {self.reward_error_policy!r}."

@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
@@ -28,6 +28,7 @@ from vlm_rl.models import FamilyAdapter, adapter_for, resolve_model_path
 from vlm_rl.models.loading import load_config
 from vlm_rl.rewards import ConfiguredReward, RewardSpecError, recipe_rewards
 from vlm_rl.rewards.columns import check_reward_columns
+from vlm_rl.tools import resolve_tool
 
 logger = logging.getLogger("vlm_rl")
 
@@ -47,6 +48,7 @@ class Prepared:
     resume: str | None  # the checkpoint to resume from
     recipe_dir: Path | None  # where the recipe's relative paths start (then the working directory)
     default_max_prompt_length: int | None = None  # where the recipe sets no `max_prompt_length`: the context's room
+    tools: list = field(default_factory=list)  # the recipe's `tools`, resolved (functions, environment classes)
 
 
 def prepare_rewards(
@@ -103,7 +105,9 @@ def prepare(
         check_reward_columns(reward_funcs, task.train)  # before the model loads (the trainer checks again)
         check_reward_columns(reward_funcs, task.eval, split="held-out")  # the final evaluation scores these
 
+    tools = [resolve_tool(spec, recipe_dir) for spec in training_args.tools]
     prepared = prepare_run(model_args, data_args, training_args, recipe_dir, reward_funcs, check_data)
+    prepared.tools = tools
     if training_args.vllm_limit_mm_per_prompt is None:
         training_args.vllm_limit_mm_per_prompt = most_images_per_row(prepared.task.train, prepared.task.eval)
     prepared.default_max_prompt_length = default_max_prompt_length(data_args, training_args, prepared.config)

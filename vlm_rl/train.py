@@ -33,6 +33,7 @@ from vlm_rl.plotting import PLOT_FILE, plot_run
 from vlm_rl.prepare import Prepared, RunFinished, evaluates, prepare, without_zero3_init
 from vlm_rl.redaction import redacted_argv
 from vlm_rl.rewards.boxes import resolve_box_format
+from vlm_rl.tools import check_tool_template, toolbox
 from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.preemption import Preempted
 
@@ -174,6 +175,15 @@ def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMGRPO
     """Load the model, build the trainer and train; raises `Preempted` when a signal stopped training."""
     task = prepared.task
     model, processor = load_policy(prepared, model_args, training_args.trust_remote_code)
+    environment_factory = None
+    if prepared.tools:
+        check_tool_template(processor, prepared.config.model_type)
+        environment_factory = toolbox(
+            prepared.tools,
+            processor=processor,
+            model_type=prepared.config.model_type,
+            max_turns=training_args.max_tool_turns,
+        )
     trainer = VLMGRPOTrainer(
         model=model,
         reward_funcs=prepared.reward_funcs,
@@ -181,6 +191,7 @@ def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMGRPO
         train_dataset=task.train,
         eval_dataset=task.eval if evaluates(training_args) else None,
         processing_class=processor,
+        environment_factory=environment_factory,
     )
     logger.info("Training setup: %s.", describe_distribution(trainer.accelerator))
     check_zero3_saves_full_model(trainer.accelerator)

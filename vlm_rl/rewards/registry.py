@@ -51,12 +51,12 @@ def register_reward(name: str, columns: tuple[str, ...] = ()) -> Callable[[Rewar
     return decorator
 
 
-def _load_from_file(path_text: str, func_name: str, search_dirs: list[Path], spec: str) -> RewardFunc:
+def _load_from_file(path_text: str, func_name: str, search_dirs: list[Path], spec: str, kind: str) -> Callable:
     candidates = [Path(path_text)] if Path(path_text).is_absolute() else [d / path_text for d in search_dirs]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         tried = ", ".join(str(p) for p in candidates)
-        raise RewardSpecError(f"Reward {spec!r}: file {path_text!r} not found (looked at: {tried}).")
+        raise RewardSpecError(f"{kind} {spec!r}: file {path_text!r} not found (looked at: {tried}).")
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
     module_name = f"vlm_rl_user_rewards.{path.stem}_{digest}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -66,22 +66,22 @@ def _load_from_file(path_text: str, func_name: str, search_dirs: list[Path], spe
         module_spec.loader.exec_module(module)
     except Exception as error:
         del sys.modules[module_name]
-        raise RewardSpecError(f"Reward {spec!r}: importing {path} failed: {error!r}") from error
-    return _get_function(module, func_name, spec, where=str(path))
+        raise RewardSpecError(f"{kind} {spec!r}: importing {path} failed: {error!r}") from error
+    return _get_function(module, func_name, spec, str(path), kind)
 
 
-def _load_from_module(module_name: str, func_name: str, spec: str) -> RewardFunc:
+def _load_from_module(module_name: str, func_name: str, spec: str, kind: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         raise RewardSpecError(
-            f"Reward {spec!r}: module {module_name!r} cannot be imported ({error}). For a file, write "
+            f"{kind} {spec!r}: module {module_name!r} cannot be imported ({error}). For a file, write "
             "'path/to/file.py:function'."
         ) from error
-    return _get_function(module, func_name, spec, where=f"module {module_name!r}")
+    return _get_function(module, func_name, spec, f"module {module_name!r}", kind)
 
 
-def _get_function(module, func_name: str, spec: str, where: str) -> RewardFunc:
+def _get_function(module, func_name: str, spec: str, where: str, kind: str) -> Callable:
     func = getattr(module, func_name, None)
     if func is None:
         functions = [
@@ -89,9 +89,9 @@ def _get_function(module, func_name: str, spec: str, where: str) -> RewardFunc:
         ]
         close = difflib.get_close_matches(func_name, functions, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else f" Functions there: {functions}."
-        raise RewardSpecError(f"Reward {spec!r}: {where} has no function {func_name!r}.{hint}")
+        raise RewardSpecError(f"{kind} {spec!r}: {where} has no function {func_name!r}.{hint}")
     if not callable(func):
-        raise RewardSpecError(f"Reward {spec!r}: {func_name!r} in {where} is not callable.")
+        raise RewardSpecError(f"{kind} {spec!r}: {func_name!r} in {where} is not callable.")
     return func
 
 
@@ -113,19 +113,24 @@ def _load_entry_point(spec: str) -> RewardFunc | None:
     return func
 
 
+def load_named(spec: str, base_dir: str | Path | None = None, kind: str = "Reward") -> Callable:
+    """What a `package.module:name` or `path/to/file.py:name` entry names; rewards and tools (`kind`) share it."""
+    target, func_name = spec.strip().rsplit(":", 1)
+    if not func_name:
+        raise RewardSpecError(f"{kind} {spec!r}: no function name after ':'.")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        search_dirs = [Path(base_dir)] if base_dir is not None else []
+        return _load_from_file(target, func_name, [*search_dirs, Path.cwd()], spec, kind)
+    return _load_from_module(target, func_name, spec, kind)
+
+
 def resolve_reward(spec: str, base_dir: str | Path | None = None) -> RewardFunc:
     """The reward function a recipe entry names (see the module docstring for the accepted forms)."""
     spec = spec.strip()
     if spec in REWARD_REGISTRY:
         return REWARD_REGISTRY[spec]
     if ":" in spec:
-        target, func_name = spec.rsplit(":", 1)
-        if not func_name:
-            raise RewardSpecError(f"Reward {spec!r}: no function name after ':'.")
-        if target.endswith(".py") or "/" in target or "\\" in target:
-            search_dirs = [Path(base_dir)] if base_dir is not None else []
-            return _load_from_file(target, func_name, [*search_dirs, Path.cwd()], spec)
-        return _load_from_module(target, func_name, spec)
+        return load_named(spec, base_dir)
     func = _load_entry_point(spec)
     if func is not None:
         return func

@@ -62,6 +62,7 @@ from vlm_rl.trainers.metrics import MetricsMixin
 from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import install_console
 from vlm_rl.trainers.shared_prefix import pack
+from vlm_rl.trainers.tool_metrics import ToolMetricsMixin
 from vlm_rl.trainers.vision_once import encode_images_once
 from vlm_rl.trainers.vlm_options import VLMOptions
 
@@ -76,7 +77,7 @@ def _float_tensors(output: Any) -> list[torch.Tensor]:
     return [tensor for value in values for tensor in _float_tensors(value)]
 
 
-class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
+class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTrainer):
     """GRPO for vision-language models where any row may have zero, one or several images.
 
     Every override must also work on a trainer built without `__init__` (`VLMGRPOTrainer.__new__(VLMGRPOTrainer)`
