@@ -299,10 +299,14 @@ def test_a_recipe_with_tools_trains(load_tiny, tmp_path):
     """YAML -> prepare -> train with `tools: [zoom_in]` on `tiny:qwen3_vl`, which carries Qwen3-VL's real template."""
     _, processor = load_tiny("qwen3_vl")  # the same tokenizer as the recipe's `tiny:qwen3_vl`
     bias = tool_call_bias(processor.tokenizer, call_text("zoom_in", {"bbox_2d": [0, 0, 500, 500]}), again=False)
-    train_main(["--config", tool_recipe(tmp_path, "tiny:qwen3_vl", generation_kwargs={"sequence_bias": bias})])
+    recipe = tool_recipe(tmp_path, "tiny:qwen3_vl", generation_kwargs={"sequence_bias": bias}, final_eval=True)
+    train_main(["--config", recipe])
     state = json.loads((tmp_path / "run/trainer_state.json").read_text())
     row = next(row for row in state["log_history"] if "loss" in row)
     assert row["tools/zoom_in/calls"] == 4 and row["tools/turns_per_completion"] == 1.0
+    # The final evaluation ran with the tools (`tests/test_evaluation.py` has what it does with them).
+    results = json.loads((tmp_path / "run/eval_results.json").read_text())
+    assert results["num_rows"] == 4 and "tool_calls_per_completion" in results
 
 
 @pytest.mark.parametrize(("family", "renders_tools"), [("qwen2_vl", False), ("qwen2_5_vl", False), ("qwen3_vl", True)])

@@ -25,6 +25,7 @@ from vlm_rl.models import adapter_for, load_model_and_processor
 from vlm_rl.models.inputs import conversation_text, media_token_ids, prompt_inputs
 from vlm_rl.prepare import default_max_prompt_length, prepare_data, prepare_rewards
 from vlm_rl.rewards.configured import bind_context
+from vlm_rl.tools import recipe_toolbox, resolve_tool
 from vlm_rl.tools.multiturn import generate_with_tools
 
 
@@ -217,15 +218,19 @@ def evaluate_and_write(
     ablate_images: bool = True,
     chance: float | None = None,
     extra: dict[str, Any] | None = None,
+    environment_factory: Callable[[], Any] | None = None,
+    max_tool_turns: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate (and, with `ablate_images`, again with images swapped between rows); write
-    `eval_samples.jsonl` (one line per row) and `eval_results.json` (the summary, plus `extra`) to `output_dir`."""
+    `eval_samples.jsonl` (one line per row) and `eval_results.json` (the summary, plus `extra`) to `output_dir`.
+    With an `environment_factory` (the run's tools), the summary adds `tool_calls_per_completion`."""
     names = [func.__name__ for func in reward_funcs]
     if accuracy_reward not in names:
         raise InvalidValueError(
             f"The accuracy reward {accuracy_reward!r} (eval_accuracy_reward) is not among {names}."
         )
     kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    kwargs |= {"environment_factory": environment_factory, "max_tool_turns": max_tool_turns}
     records = evaluate_policy(model, processor, dataset, reward_funcs, progress="eval", **kwargs)
     blind_records = None
     if ablate_images:
@@ -233,6 +238,8 @@ def evaluate_and_write(
             model, processor, dataset, reward_funcs, blind=True, progress="eval, images swapped", **kwargs
         )
     results = {**summarize(records, blind_records, names, accuracy_reward, chance), **(extra or {})}
+    if environment_factory is not None:
+        results["tool_calls_per_completion"] = sum(r["tool_calls"] for r in records) / max(len(records), 1)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "eval_samples.jsonl", "w") as f:
@@ -299,8 +306,15 @@ def evaluate_saved_model(args: argparse.Namespace, overrides: list[str]) -> dict
         ablate_images=args.ablate_images,
         chance=task.chance,
         extra={"model": str(args.model), "recipe": str(args.config), "split": args.split},
+        environment_factory=recipe_toolbox(
+            [resolve_tool(spec, recipe_path.parent) for spec in training_args.tools],
+            processor,
+            model.config.model_type,
+            training_args.max_tool_turns,
+        ),
+        max_tool_turns=training_args.max_tool_calling_iterations,
     )
-    shown = ("accuracy", "image_accuracy", "blind_accuracy", "image_reliance", "chance")
+    shown = ("accuracy", "image_accuracy", "blind_accuracy", "image_reliance", "chance", "tool_calls_per_completion")
     print(json.dumps({key: results[key] for key in shown if key in results}))
     print(f"Wrote {output_dir / 'eval_results.json'} and {output_dir / 'eval_samples.jsonl'}")
     return results

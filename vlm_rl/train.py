@@ -22,7 +22,7 @@ from torch import nn
 
 import vlm_rl
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe, recipe_as_run
-from vlm_rl.data import SkippedRowsCallback, TaskData, image_counts
+from vlm_rl.data import SkippedRowsCallback, image_counts
 from vlm_rl.data.sources import resolve_path
 from vlm_rl.evaluation import evaluate_and_write, image_rows
 from vlm_rl.model_card import write_model_card
@@ -33,15 +33,17 @@ from vlm_rl.plotting import PLOT_FILE, plot_run
 from vlm_rl.prepare import Prepared, RunFinished, evaluates, prepare, without_zero3_init
 from vlm_rl.redaction import redacted_argv
 from vlm_rl.rewards.boxes import resolve_box_format
-from vlm_rl.tools import check_tool_template, toolbox
+from vlm_rl.tools import recipe_toolbox
 from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.preemption import Preempted
 
 logger = logging.getLogger("vlm_rl")
 
 
-def final_evaluation(model, trainer: VLMGRPOTrainer, task: TaskData, reward_funcs: list, args: VLMGRPOConfig) -> dict:
-    """Greedy held-out evaluation of `model`; also with images swapped between rows when two or more have one."""
+def final_evaluation(model, trainer: VLMGRPOTrainer, prepared: Prepared, args: VLMGRPOConfig) -> dict:
+    """Greedy held-out evaluation of `model`, with the run's tools; also with images swapped between rows when two
+    or more have one."""
+    task, reward_funcs = prepared.task, prepared.reward_funcs
     ablate = len(image_rows(task.eval, args.per_device_eval_batch_size)) >= 2
     if not ablate:
         logger.info("Fewer than two held-out rows have images: no blind (image-swapped) evaluation.")
@@ -57,6 +59,10 @@ def final_evaluation(model, trainer: VLMGRPOTrainer, task: TaskData, reward_func
         ablate_images=ablate,
         chance=task.chance,
         extra={"global_step": trainer.state.global_step},
+        environment_factory=recipe_toolbox(
+            prepared.tools, trainer.processing_class, model.config.model_type, args.max_tool_turns
+        ),
+        max_tool_turns=args.max_tool_calling_iterations,
     )
 
 
@@ -175,15 +181,9 @@ def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMGRPO
     """Load the model, build the trainer and train; raises `Preempted` when a signal stopped training."""
     task = prepared.task
     model, processor = load_policy(prepared, model_args, training_args.trust_remote_code)
-    environment_factory = None
-    if prepared.tools:
-        check_tool_template(processor, prepared.config.model_type)
-        environment_factory = toolbox(
-            prepared.tools,
-            processor=processor,
-            model_type=prepared.config.model_type,
-            max_turns=training_args.max_tool_turns,
-        )
+    environment_factory = recipe_toolbox(
+        prepared.tools, processor, prepared.config.model_type, training_args.max_tool_turns
+    )
     trainer = VLMGRPOTrainer(
         model=model,
         reward_funcs=prepared.reward_funcs,
@@ -213,7 +213,7 @@ def finish(
     recipe: dict,
 ) -> None:
     """Save the model and state, then (main process) plot, evaluate on the held-out data and write the card."""
-    task, reward_funcs = prepared.task, prepared.reward_funcs
+    task = prepared.task
     for name, counts in trainer.reward_failures.items():
         if any(counts.values()):
             logger.warning("Reward %r failed on %s samples during training.", name, counts)
@@ -225,7 +225,7 @@ def finish(
     results = None
     if trainer.accelerator.is_main_process and training_args.final_eval and task.eval is not None:
         with trained_policy(trainer, prepared.model_path, model_args.dtype) as policy:
-            results = final_evaluation(policy, trainer, task, reward_funcs, training_args)
+            results = final_evaluation(policy, trainer, prepared, training_args)
         logger.info(
             "Held-out evaluation: %s",
             json.dumps({k: results.get(k) for k in ("accuracy", "image_accuracy", "blind_accuracy", "chance")}),

@@ -72,6 +72,9 @@ def generate_with_tools(
     generated: list[list[int]] = [[] for _ in rows]
     active, turns = list(range(len(rows))), 0
     while active:
+        for i in active:  # a call after this turn starts the rollout's next tool turn (`vlm_rl.tools.toolbox`)
+            if hasattr(environments[i], "_end_turn"):
+                environments[i]._end_turn()
         budget = max_new_tokens - max(len(generated[i]) for i in active)
         texts, ids, prompt_ids = generate_turn(
             [conversations[i] for i in active], [images[i] for i in active], list(tools[active[0]].values()), budget

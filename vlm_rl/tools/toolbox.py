@@ -127,6 +127,17 @@ def toolbox(
     return cls
 
 
+def recipe_toolbox(
+    tools: list[Callable | type], processor: Any, model_type: str | None, max_turns: int | None
+) -> Callable[[], Any] | None:
+    """The `environment_factory` of a run's resolved `tools` for its policy (None without tools), after checking
+    that the policy's template can render them: the one the trainer and the held-out evaluation use."""
+    if not tools:
+        return None
+    check_tool_template(processor, model_type)
+    return toolbox(tools, processor=processor, model_type=model_type, max_turns=max_turns)
+
+
 def check_tool_template(processor: Any, model_type: str | None) -> None:
     """Refuse, before training, a policy whose chat template cannot render a tool call and its result.
 
