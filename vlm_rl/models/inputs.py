@@ -26,8 +26,9 @@ def media_token_ids(config) -> list[int]:
     return sorted({getattr(config, name) for name in names if isinstance(getattr(config, name, None), int)})
 
 
-def prompt_inputs(adapter: FamilyAdapter, processor, prompts: list, images: list[list]):
-    """The padded model inputs of a batch of prompts, built the way the trainer builds them.
+def prompt_inputs(adapter: FamilyAdapter, processor, prompts: list, images: list[list], tools: list | None = None):
+    """The padded model inputs of a batch of prompts, built the way the trainer builds them; `tools` (JSON schemas)
+    are rendered into the prompts as TRL's tool loop renders them.
 
     Like TRL, one `apply_chat_template` call renders and tokenizes the conversations with their images: a
     second tokenization of rendered text would add BOS again (Gemma 3), and a flat image list would tile a
@@ -39,7 +40,7 @@ def prompt_inputs(adapter: FamilyAdapter, processor, prompts: list, images: list
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         inputs = processor.apply_chat_template(
-            conversations, **generation_prompt(prompts), tokenize=True, return_dict=True,
+            conversations, **generation_prompt(prompts), tools=tools or None, tokenize=True, return_dict=True,
             processor_kwargs={"padding": True, "return_tensors": "pt"},
         )  # fmt: skip
     finally:
