@@ -25,7 +25,7 @@ from vlm_rl.data.scenes import CELL, COUNTS, make_count_diff_dataset, make_count
 from vlm_rl.data.sources import Source, read_source, resolve_path
 from vlm_rl.data.stats import DataError, SkippedRows
 from vlm_rl.data.synthetic import COLORS, make_grounding_math_dataset, make_shapes_dataset
-from vlm_rl.data.zoom import make_zoom_dataset
+from vlm_rl.data.zoom import GRID, MIN_CELL, make_zoom_dataset
 
 if TYPE_CHECKING:
     from vlm_rl.config import DataArguments
@@ -175,6 +175,10 @@ def _synthetic(args: DataArguments, seed: int) -> TaskData:
     if args.dataset in SCENES:
         return _scenes(args, seed, train_size, eval_size)
     if args.dataset == "synthetic:zoom":
+        if args.image_size < MIN_CELL * GRID:
+            raise DataError(
+                f"image_size: synthetic:zoom needs cells of {MIN_CELL} pixels, at least {MIN_CELL * GRID}."
+            )
         held_out = make_zoom_dataset(eval_size, "test", image_size=args.image_size, seed=seed) if eval_size else None
         return TaskData(
             train=make_zoom_dataset(train_size, args.split, image_size=args.image_size, seed=seed),

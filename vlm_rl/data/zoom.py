@@ -31,6 +31,7 @@ from vlm_rl.tools.zoom import crop_region
 
 ZOOM_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, "purple": (150, 40, 190), "cyan": (20, 190, 200)}
 GRID = 8
+MIN_CELL = 12  # pixels: a dot of at least one pixel, away from the cell's edges
 TOOL_NAME = "zoom_in"
 # The schema the chat template shows the model, as transformers' `get_json_schema` writes it for a `zoom_in` tool.
 ZOOM_TOOL = {
@@ -134,8 +135,10 @@ def make_zoom_dataset(
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r} for synthetic:zoom; use one of {list(SPLITS)}.")
     cell = image_size // grid
-    if cell < 12:
-        raise ValueError(f"image_size: synthetic:zoom needs cells of 12 pixels or more, at least {12 * grid} pixels.")
+    if cell < MIN_CELL:
+        raise ValueError(
+            f"image_size: synthetic:zoom needs cells of {MIN_CELL} pixels or more, at least {MIN_CELL * grid} pixels."
+        )
     size = cell * grid
     rng = random.Random(f"zoom-{split}-{seed}")
     names = list(ZOOM_COLORS)

@@ -135,6 +135,10 @@ class QwenVLAdapter(GridAdapter):
     image_std = (0.26862954, 0.26130258, 0.27577711)
     text_config: dict = {}
 
+    def tiny_chat_template(self) -> str:
+        """The tiny model's chat template: Qwen-VL's layout, with the family's default system prompt."""
+        return CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", json.dumps(self.default_system))
+
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
         num_heads, head_dim = attention_sizes(hidden_size)
         half = head_dim // 2  # M-RoPE splits the rotary half-dimension over (temporal, height, width)
@@ -150,7 +154,7 @@ class QwenVLAdapter(GridAdapter):
         spec = TinySpec(
             tokenizer=TinyTokenizer(
                 (*SPECIAL_TOKENS, *self.extra_tokens),
-                CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", json.dumps(self.default_system)),
+                self.tiny_chat_template(),
                 eos_token="<|im_end|>",
                 pad_token="<|endoftext|>",
             ),
@@ -241,6 +245,14 @@ class Qwen3VLAdapter(QwenVLAdapter):
     }
     default_system = ""
     extra_tokens = ("<think>", "</think>")
+
+    def tiny_chat_template(self) -> str:
+        # TRL's Qwen3-VL template: the real model's, which renders tool calls and tool turns (`synthetic:zoom`'s SFT
+        # rows, the tool loop) and everything else as the plain template does.
+        from trl.chat_template_utils import qwen3_vl_chat_template  # lazy: TRL's chat templates load on use
+
+        return qwen3_vl_chat_template
+
     image_mean = (0.5, 0.5, 0.5)
     image_std = (0.5, 0.5, 0.5)
     text_config = {"head_dim": 32}
