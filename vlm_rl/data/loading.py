@@ -25,6 +25,7 @@ from vlm_rl.data.scenes import CELL, COUNTS, make_count_diff_dataset, make_count
 from vlm_rl.data.sources import Source, read_source, resolve_path
 from vlm_rl.data.stats import DataError, SkippedRows
 from vlm_rl.data.synthetic import COLORS, make_grounding_math_dataset, make_shapes_dataset
+from vlm_rl.data.zoom import GRID, MIN_CELL, make_zoom_dataset
 
 if TYPE_CHECKING:
     from vlm_rl.config import DataArguments
@@ -32,9 +33,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vlm_rl")
 
 SYNTHETIC_DATASETS = (
-    "synthetic:shapes", "synthetic:grounding_math", "synthetic:counting", "synthetic:grounding", "synthetic:count_diff"
+    "synthetic:shapes", "synthetic:grounding_math", "synthetic:counting", "synthetic:grounding",
+    "synthetic:count_diff", "synthetic:zoom",
 )  # fmt: skip
 SCENES = {"synthetic:counting", "synthetic:grounding", "synthetic:count_diff"}
+WITH_SFT_ROWS = SCENES | {"synthetic:zoom"}
 # Recipe fields that only mean something for data read from files or the Hub.
 FILE_ONLY_FIELDS = (
     "dataset_config", "eval_dataset", "eval_split", "column_mapping", "prompt_template", "system_prompt", "image_root",
@@ -164,13 +167,24 @@ def _synthetic(args: DataArguments, seed: int) -> TaskData:
     for name in FILE_ONLY_FIELDS:
         if getattr(args, name) is not None:
             raise DataError(f"{name} applies to data read from files or the Hub, not to {args.dataset}.")
-    splits = ("train", "sft") if args.dataset in SCENES else ("train",)
+    splits = ("train", "sft") if args.dataset in WITH_SFT_ROWS else ("train",)
     if args.split not in splits:
         raise DataError(f"split: {args.dataset} trains on {' or '.join(map(repr, splits))}, not {args.split!r}.")
     train_size = 2000 if args.train_size is None else args.train_size
     eval_size = 200 if args.eval_size is None else args.eval_size
     if args.dataset in SCENES:
         return _scenes(args, seed, train_size, eval_size)
+    if args.dataset == "synthetic:zoom":
+        if args.image_size < MIN_CELL * GRID:
+            raise DataError(
+                f"image_size: synthetic:zoom needs cells of {MIN_CELL} pixels, at least {MIN_CELL * GRID}."
+            )
+        held_out = make_zoom_dataset(eval_size, "test", image_size=args.image_size, seed=seed) if eval_size else None
+        return TaskData(
+            train=make_zoom_dataset(train_size, args.split, image_size=args.image_size, seed=seed),
+            eval=held_out,
+            chance=_most_common_share(held_out),
+        )
     if args.dataset == "synthetic:shapes":
         kwargs = {"image_size": args.image_size, "text_fraction": args.text_fraction, "seed": seed}
         return TaskData(
@@ -198,10 +212,15 @@ def _scenes(args: DataArguments, seed: int, train_size: int, eval_size: int) -> 
         if args.dataset == "synthetic:count_diff":
             make, kwargs["text_fraction"] = make_count_diff_dataset, args.text_fraction
     held_out = make(eval_size, "test", seed=seed, **kwargs) if eval_size > 0 else None
-    chance = None  # counting tasks: always giving the most common held-out answer
-    if held_out is not None and args.dataset != "synthetic:grounding":
-        chance = max(Counter(held_out["answer"]).values()) / len(held_out)
+    chance = _most_common_share(held_out) if args.dataset != "synthetic:grounding" else None
     return TaskData(train=make(train_size, args.split, seed=seed, **kwargs), eval=held_out, chance=chance)
+
+
+def _most_common_share(held_out: Dataset | None) -> float | None:
+    """The accuracy of always giving the most common held-out answer (None without held-out rows)."""
+    if held_out is None:
+        return None
+    return max(Counter(held_out["answer"]).values()) / len(held_out)
 
 
 def _read(

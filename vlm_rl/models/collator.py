@@ -13,11 +13,13 @@ prompt is built exactly as GRPO builds it, and the completion is what the templa
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import BatchFeature
+from trl.chat_template_utils import supports_tool_calling
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import flush_left
 
@@ -65,22 +67,76 @@ def completion_text(processor, prompt: list[dict], completion: list[dict], image
 
 
 def completion_messages(completion: str | list[dict]) -> list[dict]:
-    """A row's `completion`: a conversation (one assistant message), or the assistant's text."""
+    """A row's `completion`: the assistant's text, or a conversation: one assistant message, or assistant turns that
+    call tools and the `tool` turns that answer them, ending with an assistant turn."""
     if isinstance(completion, str):
         return [{"role": "assistant", "content": completion}]
-    if not completion or not all(
-        isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str) for m in completion
+    if (
+        not completion
+        or not all(isinstance(m, dict) and isinstance(m.get("content"), str | list) for m in completion)
+        or completion[-1].get("role") != "assistant"
+        or any(m.get("role") not in ("assistant", "tool") for m in completion)
+        or (len(completion) == 1 and not isinstance(completion[0]["content"], str))
     ):
         raise InvalidValueError(
-            f"completion {completion!r}: give the assistant's reply as text, or as [{{role: assistant, content: ...}}]"
+            f"completion {completion!r}: give the assistant's reply as text, as [{{role: assistant, content: ...}}], "
+            "or as assistant turns with tool_calls and the tool turns that answer them, ending with an assistant turn"
         )
     return completion
+
+
+def tool_images(completion: list[dict]) -> int:
+    """How many images the completion's tool turns return: the last images of the row, in conversation order."""
+    return sum(
+        1
+        for message in completion
+        if message["role"] == "tool" and isinstance(message["content"], list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") == "image"
+    )
+
+
+def turn_texts(processor, prompt: list[dict], completion: list[dict], images: list, tools: list | None) -> list:
+    """A multi-turn completion as the template renders it after the generation prompt, cut into (text, trained)
+    pieces: TRL's tool loop samples each assistant turn up to its end-of-turn token and appends the rest (the tool
+    turn and the next assistant opener) as tool output, masked from the loss; the last turn keeps what the template
+    puts after it, as a single-turn completion does."""
+    if prompt[-1]["role"] == "assistant":
+        raise InvalidValueError("A completion with tool turns cannot continue a prefilled assistant message.")
+
+    def render(messages: list[dict], generate: bool) -> str:
+        conversation = prepare_multimodal_messages(messages, images=images)
+        return processor.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=generate)
+
+    full = render([*prompt, *completion], False)
+    eos = processor.tokenizer.eos_token
+    start, pieces = len(render(prompt, True)), []
+    for index, message in enumerate(completion[:-1]):
+        if message["role"] == "assistant":
+            rendered = render([*prompt, *completion[: index + 1]], False)
+            end = rendered.rindex(eos) + len(eos)
+        elif completion[index + 1]["role"] == "assistant":
+            end = len(rendered := render([*prompt, *completion[: index + 1]], True))
+        else:
+            continue
+        if not full.startswith(rendered[:end]) or end <= start:
+            raise InvalidValueError(
+                "The chat template renders a conversation's turns differently once later turns follow, so a "
+                f"multi-turn completion's turns cannot be told apart (at {rendered[max(0, end - 80) : end]!r})."
+            )
+        pieces.append((full[start:end], message["role"] == "assistant"))
+        start = end
+    return [*pieces, (full[start:], True)]
 
 
 @dataclass
 class PromptCompletionCollator:
     """Rows with `prompt`, `completion` (conversations) and `images` → model inputs and `labels`, which are the
-    completion's token ids and -100 on the prompt and the padding: the loss is on the completion only."""
+    completion's token ids and -100 on the prompt and the padding: the loss is on the completion only.
+
+    A completion with tool turns (an assistant turn with `tool_calls`, the `tool` turn answering it, the next
+    assistant turn) trains on the assistant turns only; the tool turns' images are the row's last images, and go in
+    place. A `tools` column (JSON schemas, as TRL's SFT reads it) is rendered into the prompt."""
 
     processor: Any
     adapter: FamilyAdapter
@@ -88,26 +144,33 @@ class PromptCompletionCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> BatchFeature:
         prompts = [example["prompt"] for example in examples]
-        images = [example.get("images") or [] for example in examples]
-        inputs = dict(prompt_inputs(self.adapter, self.processor, prompts, images))
-        texts = [
-            completion_text(self.processor, prompt, completion_messages(example["completion"]), row_images)
-            for prompt, example, row_images in zip(prompts, examples, images, strict=True)
+        completions = [completion_messages(example["completion"]) for example in examples]
+        row_images = [list(example.get("images") or []) for example in examples]
+        tools = self._tools(examples)
+        returned = [row[len(row) - tool_images(c) :] for row, c in zip(row_images, completions, strict=True)]
+        images = [row[: len(row) - len(r)] for row, r in zip(row_images, returned, strict=True)]
+        inputs = dict(prompt_inputs(self.adapter, self.processor, prompts, images, tools))
+        rows = [
+            self._completion(prompt, completion, row, tool_row, tools)
+            for prompt, completion, row, tool_row in zip(prompts, completions, images, returned, strict=True)
         ]
-        tokenizer = self.processor.tokenizer
-        padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
-        try:
-            completions = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        finally:
-            tokenizer.padding_side = padding_side
+        if any(returned):
+            inputs = self._with_tool_images(inputs, images, returned, rows)
+        pad = self.processor.tokenizer.pad_token_id
+        width = max(len(row["ids"]) for row in rows)
+
+        def padded(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([row[key] + [value] * (width - len(row[key])) for row in rows], dtype=torch.long)
+
         prompt_mask = inputs["attention_mask"]
-        completion_mask = completions["attention_mask"]
         per_token = [key for key in TOKEN_KEYS if key in inputs]
+        completion_ids = padded("ids", pad)
+        completion_mask = torch.tensor([[1] * len(row["ids"]) + [0] * (width - len(row["ids"])) for row in rows])
         mask, ids, is_completion, *token_values = flush_left(
             torch.cat((prompt_mask, completion_mask), dim=1),
-            torch.cat((inputs["input_ids"], completions["input_ids"]), dim=1),
-            torch.cat((torch.zeros_like(prompt_mask), completion_mask), dim=1),
-            *(torch.cat((inputs[key], torch.zeros_like(completions["input_ids"])), dim=1) for key in per_token),
+            torch.cat((inputs["input_ids"], completion_ids), dim=1),
+            torch.cat((torch.zeros_like(prompt_mask), padded("trained", 0)), dim=1),
+            *(torch.cat((inputs[key], padded(key, 0).to(inputs[key].dtype)), dim=1) for key in per_token),
         )
         if self.max_length is not None:  # keep the start: the image tokens are in the prompt
             mask, ids, is_completion, *token_values = (
@@ -125,3 +188,59 @@ class PromptCompletionCollator:
         inputs |= {"input_ids": ids, "attention_mask": mask, "labels": labels}
         inputs |= dict(zip(per_token, token_values, strict=True))
         return BatchFeature(inputs)
+
+    def _tools(self, examples: list[dict[str, Any]]) -> list | None:
+        """The batch's tool schemas (a `tools` column: JSON text or a list), one set for the whole batch."""
+        schemas = [example.get("tools") for example in examples]
+        schemas = [json.loads(t) if isinstance(t, str) else t for t in schemas]
+        if any(t != schemas[0] for t in schemas):
+            raise InvalidValueError(
+                "The rows of a batch have different `tools`; give every row the same tool schemas."
+            )
+        if schemas[0] and not supports_tool_calling(self.processor):
+            raise InvalidValueError(
+                "The rows have `tools` but the model's chat template cannot render tool calls (an assistant turn with "
+                "tool_calls and a tool turn): give the processor a template that can (e.g. "
+                "trl.chat_template_utils.qwen3_vl_chat_template for Qwen-VL)."
+            )
+        return schemas[0] or None
+
+    def _completion(self, prompt: list, completion: list, images: list, returned: list, tools: list | None) -> dict:
+        """One row's completion tokens: `ids`, `trained` (1 on the assistant's tokens), per-token type ids, and the
+        vision inputs of the images its tool turns return (`vision`, in order)."""
+        tokenizer = self.processor.tokenizer
+        if len(completion) == 1:
+            ids = tokenizer(completion_text(self.processor, prompt, completion, images), add_special_tokens=False)
+            ids = ids["input_ids"]
+            return {"ids": ids, "trained": [1] * len(ids), **dict.fromkeys(TOKEN_KEYS, [0] * len(ids)), "vision": []}
+        row: dict[str, Any] = {"ids": [], "trained": [], **{key: [] for key in TOKEN_KEYS}, "vision": []}
+        returned = list(returned)
+        for text, trained in turn_texts(self.processor, prompt, completion, images, tools):
+            count = text.count(self.processor.image_token) if not trained else 0
+            piece_images, returned = returned[:count], returned[count:]
+            if piece_images:
+                piece = self.processor(text=[text], images=piece_images, add_special_tokens=False, return_tensors="pt")
+                row["vision"].append({key: piece[key] for key in self.adapter.image_keys if key in piece})
+            else:
+                piece = tokenizer([text], add_special_tokens=False, return_tensors="pt")
+            ids = piece["input_ids"][0].tolist()
+            row["ids"] += ids
+            row["trained"] += [int(trained)] * len(ids)
+            for key in TOKEN_KEYS:
+                row[key] += piece[key][0].tolist() if key in piece else [0] * len(ids)
+        return row
+
+    def _with_tool_images(self, inputs: dict, images: list[list], returned: list[list], rows: list[dict]) -> dict:
+        """The prompts' vision inputs with each row's tool images after its prompt images: the order of the image
+        tokens in the sequence, which the model fills in order."""
+        split = self.adapter.split_vision_inputs(inputs, [len(row) for row in images])
+        for key in self.adapter.image_keys:
+            prompt_parts = split[key] if isinstance(split.get(key), list) else [None] * len(rows)
+            per_row = [
+                [p for p in (part, *(v[key] for v in row["vision"])) if p is not None]
+                for part, row in zip(prompt_parts, rows, strict=True)
+            ]
+            split[key] = [torch.cat(parts) for parts in per_row if parts]
+        if "num_images" in inputs:
+            split["num_images"] = [len(p) + len(r) for p, r in zip(images, returned, strict=True)]
+        return self.adapter.merge_vision_inputs(split)

@@ -1,0 +1,184 @@
+"""`synthetic:zoom`: a task that needs the `zoom_in` tool ("thinking with images").
+
+A large image is a grid of `grid`×`grid` cells, each with its own pale tint and one small saturated dot of one of six
+colours. The question names a cell ("row 3, column 6"), so where to zoom is in the text, and asks for its dot's
+colour. At the training resolution (the processor's `max_pixels` shrinks a 672-pixel image about 3×) a dot is two or
+three pixels inside one visual token, its colour a faint change to a token the cell's tint already colours more, and
+63 other dots of every colour fill the other cells: the downsampled image does not tell the answer (docs/tools.md has
+the probe that measures it). The cell, cut from the original image (`vlm_rl.tools.zoom.crop_region`) and shown at the
+same budget, shows the dot eight times larger: one call to `zoom_in` with the cell's box makes it a one-glance task.
+
+Rows carry `box` (the dot) and `region` (the named cell), both `[x1, y1, x2, y2]` in original pixels as JSON, so a
+reward or a test can check a call. `split: sft` rows add a multi-turn `completion` from a *biased teacher*:
+assistant `zoom_in` call → tool turn (the crop and a line of text) → assistant answer, with the tool schema in a
+`tools` column. The teacher zooms one cell to the right (left at the right edge) `bias_rate` of the time and then
+answers the colour that crop shows: the SFT policy learns the call format and to read a crop, but zooms wrong about
+half the time, which GRPO with the accuracy reward can correct.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from datasets import Dataset, Features, List, Value
+from PIL import Image, ImageDraw
+
+from vlm_rl.data.scenes import FEATURES, SPLITS, think_answer
+from vlm_rl.data.synthetic import COLORS
+from vlm_rl.tools.zoom import crop_region
+
+ZOOM_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, "purple": (150, 40, 190), "cyan": (20, 190, 200)}
+GRID = 8
+MIN_CELL = 12  # pixels: a dot of at least one pixel, away from the cell's edges
+TOOL_NAME = "zoom_in"
+# The schema the chat template shows the model, as transformers' `get_json_schema` writes it for a `zoom_in` tool.
+ZOOM_TOOL = {
+    "type": "function",
+    "function": {
+        "name": TOOL_NAME,
+        "description": "Zoom in on a region of the image: returns that region at a higher resolution.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "bbox_2d": {
+                    "type": "array",
+                    "items": {"type": "number"},
+                    "description": "The region [x1, y1, x2, y2], in the model's box coordinates (0-1000 for Qwen-VL).",
+                }
+            },
+            "required": ["bbox_2d"],
+        },
+    },
+}
+ZOOM_FEATURES = Features({**FEATURES, "box": Value("string"), "region": Value("string")})
+_CONTENT = List({"type": Value("string"), "text": Value("string")})
+_TOOL_CALLS = List({"type": Value("string"), "function": {"name": Value("string"), "arguments": Value("string")}})
+ZOOM_SFT_FEATURES = Features(
+    {
+        **ZOOM_FEATURES,
+        "completion": List(
+            {"role": Value("string"), "content": _CONTENT, "name": Value("string"), "tool_calls": _TOOL_CALLS}
+        ),
+        "tools": Value("string"),
+    }
+)
+
+
+def cell_box(column: int, row: int, cell: int) -> list[int]:
+    """A cell's box in pixels, `[x1, y1, x2, y2]` with x2, y2 exclusive (as `crop_region` takes it)."""
+    return [column * cell, row * cell, (column + 1) * cell, (row + 1) * cell]
+
+
+def norm1000(box: list[int], size: int) -> list[int]:
+    """A pixel box of a `size`-pixel square image in 0–1000 relative coordinates (Qwen2-VL and Qwen3-VL)."""
+    return [round(1000 * v / size) for v in box]
+
+
+def draw_zoom_image(
+    colors: list[str], grid: int, cell: int, rng: random.Random
+) -> tuple[Image.Image, list[list[int]]]:
+    """The grid: each cell a pale random tint with a dot of `colors[row * grid + column]` at a random spot, about a
+    tenth of the cell wide. Returns the image and each dot's box (pixels, edges included), in the same order.
+
+    The tints (up to ±24 per channel around a light grey) vary a cell's mean colour much more than its dot does, so
+    the downsampled cell's colour does not give the answer; zoomed, the saturated dot stands out from any tint.
+    """
+    image = Image.new("RGB", (grid * cell, grid * cell))
+    pen = ImageDraw.Draw(image)
+    boxes = []
+    for index, color in enumerate(colors):
+        row, column = divmod(index, grid)
+        grey = rng.randint(196, 228)
+        tint = tuple(grey + rng.randint(-24, 24) for _ in range(3))
+        x0, y0 = column * cell, row * cell
+        pen.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=tint)
+        side = rng.randint(max(1, cell // 12), max(1, cell // 9))
+        margin = cell // 6
+        x, y = x0 + rng.randint(margin, cell - margin - side), y0 + rng.randint(margin, cell - margin - side)
+        pen.rectangle((x, y, x + side - 1, y + side - 1), fill=ZOOM_COLORS[color])
+        boxes.append([x, y, x + side - 1, y + side - 1])
+    return image, boxes
+
+
+def zoom_call(box: list[int]) -> list[dict[str, Any]]:
+    """The assistant turn that calls `zoom_in` on `box`, as TRL's tool loop stores a parsed call (arguments as JSON
+    text, which Qwen's template writes as it is: the same text as the dict it parses back to)."""
+    arguments = json.dumps({"bbox_2d": box})
+    call = {"type": "function", "function": {"name": TOOL_NAME, "arguments": arguments}}
+    return [{"role": "assistant", "content": [], "name": None, "tool_calls": [call]}]
+
+
+def tool_turn(text: str) -> dict[str, Any]:
+    """The tool's reply: its image (filled from the row's `images`, after the prompt's) and a line of text."""
+    content = [{"type": "image", "text": None}, {"type": "text", "text": text}]
+    return {"role": "tool", "content": content, "name": TOOL_NAME, "tool_calls": None}
+
+
+def make_zoom_dataset(
+    num_rows: int,
+    split: str = "train",
+    *,
+    image_size: int = 672,
+    grid: int = GRID,
+    max_pixels: int = 224 * 224,
+    bias_rate: float = 0.5,
+    seed: int = 0,
+) -> Dataset:
+    """Rows of "What color is the dot in row r, column c?" on a `grid`×`grid` image of `image_size` pixels.
+
+    `answer` is the dot's colour (one of six, uniform: chance 1/6), `box` the dot and `region` its cell (pixels, JSON).
+    `sft` rows add the teacher's multi-turn `completion` (see the module docstring); their `images` are the scene and
+    then the teacher's crop (`crop_region` within `max_pixels`), in conversation order, and `tools` the tool schema.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r} for synthetic:zoom; use one of {list(SPLITS)}.")
+    cell = image_size // grid
+    if cell < MIN_CELL:
+        raise ValueError(
+            f"image_size: synthetic:zoom needs cells of {MIN_CELL} pixels or more, at least {MIN_CELL * grid} pixels."
+        )
+    size = cell * grid
+    rng = random.Random(f"zoom-{split}-{seed}")
+    names = list(ZOOM_COLORS)
+    rows = []
+    for _ in range(num_rows):
+        colors = [rng.choice(names) for _ in range(grid * grid)]
+        image, boxes = draw_zoom_image(colors, grid, cell, rng)
+        row, column = rng.randrange(grid), rng.randrange(grid)
+        target = row * grid + column
+        question = f"What color is the dot in row {row + 1}, column {column + 1} of the {grid}x{grid} grid? "
+        question += "Answer with one word."
+        item = {
+            "prompt": [{"role": "user", "content": question}],
+            "images": [image],
+            "answer": colors[target],
+            "task": "zoom",
+            "box": json.dumps(boxes[target]),
+            "region": json.dumps(cell_box(column, row, cell)),
+        }
+        if split == "sft":
+            seen = column
+            if rng.random() < bias_rate:
+                seen += 1 if column + 1 < grid else -1
+            region = cell_box(seen, row, cell)
+            crop, _ = crop_region(image, tuple(region), max_pixels)
+            color = colors[row * grid + seen]
+            item["images"] = [image, crop]
+            item["completion"] = [
+                *zoom_call(norm1000(region, size)),
+                tool_turn(f"The region, {crop.width}x{crop.height} pixels."),
+                *_structured(think_answer(f"The dot is {color}.", color)),
+            ]
+            item["tools"] = json.dumps([ZOOM_TOOL])
+        rows.append(item)
+    return Dataset.from_list(rows, features=ZOOM_SFT_FEATURES if split == "sft" else ZOOM_FEATURES)
+
+
+def _structured(messages: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Messages with text content as content blocks, in the columns of an SFT row's completion."""
+    return [
+        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}], "name": None, "tool_calls": None}
+        for m in messages
+    ]
