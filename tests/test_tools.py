@@ -62,6 +62,14 @@ def test_crop_region_cuts_the_original_pixels_and_fits_the_budget():
     assert shrunk and crop.width * crop.height <= 1200 and crop.size == (40, 30)  # the aspect kept
 
 
+def test_crop_region_ignores_floating_point_noise_at_pixel_edges():
+    # A 0-1000 box on a 336-pixel image: 625 and 750 scale to 210.00000000000003 and 252.00000000000003.
+    image = Image.new("RGB", (336, 336))
+    box = tuple(v * (336 / 1000) for v in (625, 625, 750, 750))
+    assert crop_region(image, box, max_pixels=10_000)[0].size == (42, 42)
+    assert crop_region(image, (10.4, 10.4, 20.6, 20.6), max_pixels=10_000)[0].size == (11, 11)  # partly covered
+
+
 def test_crop_region_clamps_to_the_image_and_refuses_an_empty_box():
     image = Image.new("RGB", (64, 48))
     crop, _ = crop_region(image, (50, 40, 90, 90), max_pixels=10_000)

@@ -20,6 +20,7 @@ from vlm_rl.models import adapter_for, load_model_and_processor
 from vlm_rl.models.collator import IGNORE_INDEX, PromptCompletionCollator
 from vlm_rl.models.families.qwen_vl import CHAT_TEMPLATE
 from vlm_rl.sft import main as sft_main
+from vlm_rl.tools import ZoomEnvironment
 from vlm_rl.tools.zoom import crop_region
 
 SIZE = 336  # 42-pixel cells: small images, fast tests
@@ -76,7 +77,9 @@ def test_the_teachers_call_its_crop_and_its_answer_agree():
             region = json.loads(row["region"])
             assert abs(pixels[0] - region[0]) == off * SIZE // GRID and pixels[1:4:2] == region[1:4:2]
             image, crop = row["images"]
-            assert crop.tobytes() == crop_region(image, tuple(pixels), 224 * 224)[0].tobytes()
+            # The zoom tool's crop: the 0-1000 box to pixels, unrounded (`ZoomEnvironment.zoom_in`).
+            exact = tuple(v * SIZE / 1000 for v in box)
+            assert crop.tobytes() == crop_region(image, exact, 224 * 224)[0].tobytes()
             (seen,) = colors_in(crop)
             assert reply["content"][0]["text"].endswith(f"<answer>{seen}</answer>")
             if not off:
@@ -169,3 +172,22 @@ def test_the_tiny_qwen3_vl_template_renders_plain_conversations_as_before(qwen3_
         messages = prepare_multimodal_messages(messages, images=images)
         rendered = processor.apply_chat_template(messages, tokenize=False, **settings)
         assert rendered == processor.apply_chat_template(messages, chat_template=plain, tokenize=False, **settings)
+
+
+def test_sft_rows_show_the_tool_and_its_reply_as_a_rollout_gets_them(load_tiny):
+    from transformers.utils import get_json_schema
+
+    from vlm_rl.tools import toolbox
+    from vlm_rl.tools.multiturn import tool_methods
+
+    _, processor = load_tiny("qwen3_vl")
+    environment = toolbox([ZoomEnvironment], processor=processor, model_type="qwen3_vl")()
+    row = make_zoom_dataset(1, "sft", seed=3)[0]
+    # The schema in the prompt is the one training renders from the toolbox's `zoom_in`.
+    assert json.loads(row["tools"]) == [get_json_schema(tool_methods(environment)["zoom_in"])]
+    # The tool turn is what the built-in tool returns for the row's call (the recipe's 224x224 budget).
+    environment.reset(images=row["images"][:1])
+    arguments = json.loads(row["completion"][0]["tool_calls"][0]["function"]["arguments"])
+    crop, text = environment.zoom_in(**arguments)
+    assert row["completion"][1]["content"][1]["text"] == text["text"]
+    assert list(row["images"][1].getdata()) == list(crop["image"].getdata())

@@ -27,31 +27,11 @@ from PIL import Image, ImageDraw
 
 from vlm_rl.data.scenes import FEATURES, SPLITS, think_answer
 from vlm_rl.data.synthetic import COLORS
-from vlm_rl.tools.zoom import crop_region
 
 ZOOM_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, "purple": (150, 40, 190), "cyan": (20, 190, 200)}
 GRID = 8
 MIN_CELL = 12  # pixels: a dot of at least one pixel, away from the cell's edges
 TOOL_NAME = "zoom_in"
-# The schema the chat template shows the model, as transformers' `get_json_schema` writes it for a `zoom_in` tool.
-ZOOM_TOOL = {
-    "type": "function",
-    "function": {
-        "name": TOOL_NAME,
-        "description": "Zoom in on a region of the image: returns that region at a higher resolution.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "bbox_2d": {
-                    "type": "array",
-                    "items": {"type": "number"},
-                    "description": "The region [x1, y1, x2, y2], in the model's box coordinates (0-1000 for Qwen-VL).",
-                }
-            },
-            "required": ["bbox_2d"],
-        },
-    },
-}
 ZOOM_FEATURES = Features({**FEATURES, "box": Value("string"), "region": Value("string")})
 _CONTENT = List({"type": Value("string"), "text": Value("string")})
 _TOOL_CALLS = List({"type": Value("string"), "function": {"name": Value("string"), "arguments": Value("string")}})
@@ -132,6 +112,9 @@ def make_zoom_dataset(
     `sft` rows add the teacher's multi-turn `completion` (see the module docstring); their `images` are the scene and
     then the teacher's crop (`crop_region` within `max_pixels`), in conversation order, and `tools` the tool schema.
     """
+    # lazy: the tools import the model families, whose tiny models import this package
+    from vlm_rl.tools.zoom import ZoomEnvironment, zoom_in_schema
+
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r} for synthetic:zoom; use one of {list(SPLITS)}.")
     cell = image_size // grid
@@ -162,16 +145,19 @@ def make_zoom_dataset(
             seen = column
             if rng.random() < bias_rate:
                 seen += 1 if column + 1 < grid else -1
-            region = cell_box(seen, row, cell)
-            crop, _ = crop_region(image, tuple(region), max_pixels)
+            # The tool's reply is the built-in tool's own, as a GRPO rollout would get it for the same call.
+            box = norm1000(cell_box(seen, row, cell), size)
+            tool = ZoomEnvironment(box_format="norm1000", max_pixels=max_pixels)
+            tool.reset(images=[image])
+            crop, text = (part.get("image") or part.get("text") for part in tool.zoom_in(bbox_2d=box))
             color = colors[row * grid + seen]
             item["images"] = [image, crop]
             item["completion"] = [
-                *zoom_call(norm1000(region, size)),
-                tool_turn(f"The region, {crop.width}x{crop.height} pixels."),
+                *zoom_call(box),
+                tool_turn(text),
                 *_structured(think_answer(f"The dot is {color}.", color)),
             ]
-            item["tools"] = json.dumps([ZOOM_TOOL])
+            item["tools"] = json.dumps([zoom_in_schema()])
         rows.append(item)
     return Dataset.from_list(rows, features=ZOOM_SFT_FEATURES if split == "sft" else ZOOM_FEATURES)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 from typing import Any
 
 from PIL import Image
@@ -23,7 +24,10 @@ def crop_region(image: Image.Image, box: Box, max_pixels: int) -> tuple[Image.Im
     width, height = image.size
     x1, y1 = max(0.0, min(box[0], box[2])), max(0.0, min(box[1], box[3]))
     x2, y2 = min(float(width), max(box[0], box[2])), min(float(height), max(box[1], box[3]))
-    left, top, right, bottom = math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)
+    # Whole pixels that cover the box; a coordinate within 1e-6 of a pixel edge is on it (0.336 * 750 is
+    # 252.00000000000003 in floating point, which must not add a row of the next cell).
+    left, top = math.floor(x1 + 1e-6), math.floor(y1 + 1e-6)
+    right, bottom = math.ceil(x2 - 1e-6), math.ceil(y2 - 1e-6)
     if right - left < 1 or bottom - top < 1:
         raise ValueError(f"the box {list(box)} has no area inside the {width}x{height} image")
     crop = image.crop((left, top, right, bottom))
@@ -130,3 +134,11 @@ def _four_numbers(value: Any) -> Box | None:
     if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value):
         return None
     return tuple(float(v) for v in value)
+
+
+def zoom_in_schema() -> dict[str, Any]:
+    """The JSON schema of the built-in `zoom_in` as TRL renders it into prompts (from its signature and docstring),
+    for data that shows the model the tool outside a rollout (`synthetic:zoom`'s SFT rows)."""
+    from transformers.utils import get_json_schema  # lazy: transformers is slow to import
+
+    return get_json_schema(types.MethodType(ZoomEnvironment.zoom_in, ZoomEnvironment))
