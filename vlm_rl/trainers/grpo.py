@@ -61,7 +61,7 @@ from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits
 from vlm_rl.trainers.metrics import MetricsMixin
 from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import install_console
-from vlm_rl.trainers.shared_prefix import pack
+from vlm_rl.trainers.shared_prefix import image_runs, pack
 from vlm_rl.trainers.vision_once import encode_images_once
 from vlm_rl.trainers.vlm_options import VLMOptions
 
@@ -522,6 +522,17 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         """
         keys = [key for key in self.adapter.image_keys if isinstance(split_inputs.get(key), list)]
         images = [split_inputs[key][rows.start : rows.stop] for key in keys]
+        # Images a tool returned sit in the completion, after the prompt's own: rows are the same prompt when their
+        # prompt images are, and the packed sequence shows each row's completion images in its own segment.
+        image_token_id = getattr(self._unwrapped(model).config, "image_token_id", None)
+        in_completion = image_runs(input_ids[:, -logits_to_keep:], image_token_id) if image_token_id is not None else 0
+        by_part = None
+        if torch.is_tensor(in_completion) and in_completion.any():
+            by_part = self._images_by_part(split_inputs, keys, num_images, rows, in_completion.tolist())
+            if by_part is None:
+                return None
+            images = [[self._cat_images(prompt, key, split_inputs[key][row]) for (prompt, _), row in
+                       zip(by_part, rows, strict=True)] for key in keys]  # fmt: skip
         groups = group_rows(input_ids[:, : input_ids.size(1) - logits_to_keep], images)
         if len(groups) == len(rows):
             return None
@@ -538,6 +549,12 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         row_inputs = select_rows(self.adapter, split_inputs, num_images, rows)
         positions = self.adapter.position_ids(base, input_ids, attention_mask, row_inputs)
         inputs = select_rows(self.adapter, split_inputs, num_images, [rows[group[0]] for group in groups])
+        if by_part is not None:
+            packed_images = [by_part[group[0]][0] + [i for row in group for i in by_part[row][1]]
+                             for group in groups]  # fmt: skip
+            per_image = [image for group_images in packed_images for image in group_images]
+            inputs |= self.adapter.merge_vision_inputs({key: [image[key] for image in per_image] for key in keys})
+            inputs["num_images"] = [len(group_images) for group_images in packed_images]
         encoded = self._images_encoded_once(model, inputs)
         if encoded is not None:
             inputs = {key: value for key, value in inputs.items() if key not in self.adapter.image_keys} | encoded
@@ -561,6 +578,34 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
                 **inputs,
             )
         return packing.scatter(outputs.log_probs), packing.scatter(outputs.entropy) if compute_entropy else None, None
+
+    def _images_by_part(
+        self,
+        split_inputs: dict[str, Any],
+        keys: list[str],
+        num_images: list[int],
+        rows: range,
+        in_completion: list[int],
+    ) -> list[tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]] | None:
+        """Per row of the chunk, its images (each `{key: tensor}`) in the prompt and, the last `in_completion` of
+        them, in the completion; None where a row shows more images in its completion than it has."""
+        parts = []
+        for row, completion_count in zip(rows, in_completion, strict=True):
+            count = num_images[row]
+            if completion_count > count:
+                return None
+            if not count:
+                parts.append(([], []))
+                continue
+            split = self.adapter.split_vision_inputs({key: split_inputs[key][row] for key in keys}, [1] * count)
+            images = [{key: split[key][i] for key in keys} for i in range(count)]
+            parts.append((images[: count - completion_count], images[count - completion_count :]))
+        return parts
+
+    @staticmethod
+    def _cat_images(images: list[dict[str, torch.Tensor]], key: str, row_value: torch.Tensor) -> torch.Tensor:
+        """`key`'s input of `images`, as one tensor (empty, shaped like the row's, for no image)."""
+        return torch.cat([image[key] for image in images]) if images else row_value[:0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # TRL's loss passes a fixed list of vision inputs to the log-prob method; a family's other inputs (the
