@@ -8,6 +8,8 @@ tool's tokens carry no loss. Batches mix image and text-only prompts.
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import pytest
@@ -20,6 +22,7 @@ from trl.chat_template_utils import qwen3_vl_chat_template
 from trl.data_utils import prepare_multimodal_messages
 
 from vlm_rl.data import make_shapes_dataset
+from vlm_rl.models import load_model_and_processor
 from vlm_rl.trainers import VLMGRPOTrainer
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -147,3 +150,116 @@ def test_image_tool_replies_train_with_both_switches_as_without(family, same_ima
     # a tool image. Plain: the prompt image once per completion; with the switches: each distinct image once (the
     # features are then indexed out to every completion segment that shows it).
     assert images[False] == [2 + 4] and images[True] == [1 + (1 if same_image else 4)], images
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dirs, tmp_path_factory):
+    """One step of Qwen2-VL with the image tool and both switches on: the trainer, the micro-batch its loss took, the
+    log-probs it scored that batch with, and each row's turns as the rewards saw them."""
+    turns = TurnLog()
+    trainer = tool_trainer(
+        lambda family: load_model_and_processor(str(tiny_dirs[family]), dtype="float32"),
+        "qwen2_vl",
+        tmp_path_factory.mktemp("tool_loop"),
+        rewards=[turns],
+    )
+    inputs = capture_loss_inputs(trainer)
+    scored, logps = [], trainer._get_per_token_logps_and_entropies
+
+    def recording(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        output = logps(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        if torch.is_grad_enabled():  # the training forward
+            scored.append(output[0].detach())
+        return output
+
+    trainer._get_per_token_logps_and_entropies = recording
+    weights = {key: value.detach().clone() for key, value in trainer.model.named_parameters()}
+    trainer.train()
+    del trainer._get_per_token_logps_and_entropies
+    trainer.compute_loss = functools.partial(VLMGRPOTrainer.compute_loss, trainer)
+    trainer.model.load_state_dict(weights)  # the weights the batch was scored with
+    return trainer, inputs[0], scored[0], turns.rows
+
+
+def tool_spans(trainer, inputs) -> list[torch.Tensor]:
+    """Per row, the completion positions the tool wrote (`tool_mask` 0 inside the completion mask)."""
+    mask = inputs["completion_mask"].bool() & ~inputs["tool_mask"].bool()
+    return [row.nonzero().flatten() for row in mask]
+
+
+def test_tool_tokens_are_masked_and_carry_no_gradient(trained):
+    trainer, inputs, _, _ = trained
+    tokenizer = trainer.processing_class.tokenizer
+    image_token = trainer.model.config.image_token_id
+    for row, span in enumerate(tool_spans(trainer, inputs)):
+        ids = inputs["completion_ids"][row]
+        assert len(span) and torch.equal(span, torch.arange(span[0], span[-1] + 1)), "one contiguous tool turn"
+        text = tokenizer.decode(ids[span])
+        assert "<tool_response>" in text and TOOL_TEXT in text and text.endswith("<|im_start|>assistant\n"), text
+        assert set((ids == image_token).nonzero().flatten().tolist()) <= set(span.tolist()), "the image is the tool's"
+        assert inputs["completion_mask"][row, span[-1] + 1 :].any(), "a model turn follows the tool's"
+
+    def gradients(scaled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss's gradients with the policy's log-probs doubled at the positions `scaled`."""
+        trainer.model.zero_grad()
+        logps = trainer._get_per_token_logps_and_entropies
+
+        def doubled(*args, **kwargs):
+            per_token, *rest = logps(*args, **kwargs)
+            return torch.where(scaled, 2 * per_token, per_token), *rest
+
+        trainer._get_per_token_logps_and_entropies = doubled
+        try:
+            trainer.compute_loss(trainer.model, inputs).backward()
+        finally:
+            del trainer._get_per_token_logps_and_entropies
+        return {key: p.grad.clone() for key, p in trainer.model.named_parameters() if p.grad is not None}
+
+    completion_mask = inputs["completion_mask"].bool()
+    tool_positions = completion_mask & ~inputs["tool_mask"].bool()
+    plain = gradients(torch.zeros_like(completion_mask))
+    assert any(grad.abs().sum() > 0 for grad in plain.values())
+    for key, grad in gradients(tool_positions).items():
+        torch.testing.assert_close(grad, plain[key], atol=0, rtol=0, msg=key)
+    # The same doubling at the model's own tokens changes the gradient: the comparison above can fail.
+    model_turns = gradients(completion_mask & inputs["tool_mask"].bool())
+    assert any(not torch.equal(grad, plain[key]) for key, grad in model_turns.items())
+
+
+def test_multi_turn_log_probs_equal_a_forward_of_the_whole_conversation(trained):
+    """Prompt, assistant call, tool reply with its image in place, next assistant turn: one sample at a time, through
+    the processor and the model's own forward, against the trainer's packed, images-once log-probs."""
+    trainer, inputs, scored, rows = trained
+    processor, model = trainer.processing_class, trainer.model
+    image_token = model.config.image_token_id
+    assert len(scored) == len(inputs["completion_ids"]) and len(rows) == len(scored)
+    for index in range(len(scored)):
+        prompt_ids = inputs["prompt_ids"][index][inputs["prompt_mask"][index].bool()]
+        completion_mask = inputs["completion_mask"][index].bool()
+        completion_ids = inputs["completion_ids"][index][completion_mask]
+        row = next(row for row in rows if row["completion_ids"] == completion_ids.tolist())
+        call, reply = row["turns"][:2]
+        assert call["role"] == "assistant" and call["tool_calls"] and reply["role"] == "tool"
+        prompt = prepare_multimodal_messages(copy.deepcopy(row["prompt"]))  # TRL put the images in already
+        rendered = processor.apply_chat_template(
+            [*prompt, call, reply],
+            tools=trainer.tools,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        until_next_turn = rendered["input_ids"][0]
+        ids = torch.cat([prompt_ids, completion_ids])
+        assert torch.equal(ids[: len(until_next_turn)], until_next_turn), "the tool turn is rendered as trained on"
+        assert len(ids) > len(until_next_turn)
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids[None],
+                pixel_values=rendered["pixel_values"],
+                image_grid_thw=rendered["image_grid_thw"],
+                mm_token_type_ids=(ids == image_token).long()[None],
+            ).logits[0]
+        expected = torch.log_softmax(logits[len(prompt_ids) - 1 : -1].float(), dim=-1)
+        expected = expected.gather(1, completion_ids[:, None])[:, 0]
+        torch.testing.assert_close(scored[index][completion_mask], expected, atol=1e-5, rtol=0)
