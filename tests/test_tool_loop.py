@@ -12,6 +12,7 @@ import copy
 import functools
 import math
 
+import pandas as pd
 import pytest
 import torch
 from conftest import small_config
@@ -24,6 +25,7 @@ from trl.data_utils import prepare_multimodal_messages
 from vlm_rl.data import make_shapes_dataset
 from vlm_rl.models import load_model_and_processor
 from vlm_rl.trainers import VLMGRPOTrainer
+from vlm_rl.trainers.completion_logs import with_image_columns
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 TOOL_TEXT = "a closer look"
@@ -263,3 +265,29 @@ def test_multi_turn_log_probs_equal_a_forward_of_the_whole_conversation(trained)
         expected = torch.log_softmax(logits[len(prompt_ids) - 1 : -1].float(), dim=-1)
         expected = expected.gather(1, completion_ids[:, None])[:, 0]
         torch.testing.assert_close(scored[index][completion_mask], expected, atol=1e-5, rtol=0)
+
+
+def test_completion_tables_show_each_turn_and_the_tool_images_in_order(load_tiny, tmp_path):
+    trainer = tool_trainer(load_tiny, "qwen2_vl", tmp_path, log_completions=True, max_tool_calling_iterations=2)
+    trainer.train()
+    frame = pd.read_parquet(tmp_path / "completions" / "completions_00001.parquet")
+    images = list(trainer._logs["images"])
+    assert len(images) == len(frame) == 4
+    call = '<tool_call>{"name": "lookup", "arguments": {}}</tool_call>'
+    colours = []
+    for row, completion in zip(images, frame["completion"], strict=True):
+        turns = completion.split("\n")
+        roles = [turn.split(":", 1)[0] for turn in turns]
+        # Two tool calls allowed: the bias writes a call only in the first turn, so call, reply, free turn.
+        assert roles[:3] == ["assistant", "tool", "assistant"], completion
+        assert turns[0] == f"assistant: {call}" and turns[1] == f"tool: <image>{TOOL_TEXT}", turns
+        tool_image = row[-1]
+        colours.append(tool_image.getpixel((0, 0))[0])
+        assert len(row) == (2 if "<image>" in frame["prompt"].iloc[len(colours) - 1] else 1)
+    assert frame["num_images"].tolist() == [len(row) for row in images]
+    assert sorted(colours) == [30, 60, 90, 120]  # each row's own tool image (the tool's 4 calls)
+    # The tracker's table: the prompt's image first, then the tool's.
+    table = with_image_columns(frame, images, lambda image: image.getpixel((0, 0))[0])
+    for (_, cells), row in zip(table.iterrows(), images, strict=True):
+        filled = [cells[f"image_{k + 1}"] for k in range(len(row))]
+        assert filled[-1] == row[-1].getpixel((0, 0))[0] and filled[-1] in colours

@@ -55,6 +55,7 @@ from vlm_rl.rewards.registry import reward_or_model
 from vlm_rl.rollout.prefill import prompts_prefilled_once
 from vlm_rl.rollout.vllm import VLMRollout
 from vlm_rl.trainers.checkpointing import CheckpointMixin, RescheduleOnResume
+from vlm_rl.trainers.completion_logs import tool_images
 from vlm_rl.trainers.dynamic_sampling import DynamicSampling, GroupFilter, Layout, fresh_rows
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
 from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits
@@ -324,9 +325,18 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         finally:
             self.log_multimodal = log_multimodal
-        if log_multimodal and self.log_completions and any(key in inputs[0] for key in ("images", "image")):
-            rows = [row.get("images") or ([row["image"]] if row.get("image") is not None else []) for row in inputs]
-            self._logs["images"].extend(gather_object(rows))
+        if (
+            log_multimodal
+            and self.log_completions
+            and (self.tools or any(key in inputs[0] for key in ("images", "image")))
+        ):
+            rows = gather_object(
+                [row.get("images") or ([row["image"]] if row.get("image") is not None else []) for row in inputs]
+            )
+            # Each row's images in the order the model saw them: the prompt's, then those its tools returned (in the
+            # completions TRL just gathered for the same logs).
+            completions = list(self._logs["completion"])[-len(rows) :]
+            self._logs["images"].extend(row + tool_images(c) for row, c in zip(rows, completions, strict=True))
         for key, value in self._adapter_fields.items():
             output.setdefault(key, value.to(self.accelerator.device))
         self._adapter_fields = MappingProxyType({})
