@@ -291,3 +291,22 @@ def test_completion_tables_show_each_turn_and_the_tool_images_in_order(load_tiny
     for (_, cells), row in zip(table.iterrows(), images, strict=True):
         filled = [cells[f"image_{k + 1}"] for k in range(len(row))]
         assert filled[-1] == row[-1].getpixel((0, 0))[0] and filled[-1] in colours
+
+
+def test_resume_inside_a_cycle_of_multi_turn_generations_matches_the_uninterrupted_run(load_tiny, tmp_path):
+    """Two optimizer steps per generation; the run stops after step 3, inside the second cycle: step 4 trains on the
+    buffered multi-turn generations (tool images and tool masks included), steps 5 and 6 on new ones. The tool returns
+    the same image every call, so that the resumed run's tool answers as the uninterrupted one's would."""
+    cycle = {"max_steps": 6, "steps_per_generation": 2, "per_device_train_batch_size": 2}
+    saving = {"save_strategy": "steps", "save_steps": 1}
+    full = tool_trainer(load_tiny, "qwen2_vl", tmp_path / "full", same_image=True, **cycle, **saving)
+    full.train()
+    resumed = tool_trainer(load_tiny, "qwen2_vl", tmp_path / "resumed", same_image=True, **cycle)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    expected = {row["step"]: numbers(row) for row in full.state.log_history if "loss" in row}
+    got = {row["step"]: numbers(row) for row in resumed.state.log_history if "loss" in row}
+    assert sorted(got) == list(range(1, 7)) and "tools/call_frequency" in expected[3]
+    for step in (4, 5, 6):
+        assert got[step] == expected[step], step
+    for key, value in full.model.named_parameters():
+        assert torch.equal(dict(resumed.model.named_parameters())[key], value), key
