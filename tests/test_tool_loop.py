@@ -361,3 +361,23 @@ def test_vllm_colocate_sends_the_tool_images_with_the_next_turn(tiny_dirs, tmp_p
     for row in turns.rows:
         assert [turn["role"] for turn in row["turns"]][:3] == ["assistant", "tool", "assistant"]
     assert any(not torch.equal(before[key], value) for key, value in trainer.model.named_parameters())
+
+
+def test_a_prompts_rows_stay_in_one_micro_batch_whatever_images_their_tools_returned(load_tiny, tmp_path):
+    """With `steps_per_generation > 1` the generation batch is shuffled by prompt before it is cut (so that each
+    micro-batch scores its prompt once): rows of one prompt whose tools returned different images are one prompt."""
+    trainer = tool_trainer(load_tiny, "qwen2_vl", tmp_path, max_steps=6, steps_per_generation=2,
+                           per_device_train_batch_size=2)  # fmt: skip
+    micro_batches, prepare = [], trainer._prepare_inputs
+
+    def recording(generation_batch):
+        inputs = prepare(generation_batch)
+        micro_batches.append(inputs)
+        return inputs
+
+    trainer._prepare_inputs = recording
+    trainer.train()
+    assert len(micro_batches) == 6
+    for inputs in micro_batches:
+        first, second = inputs["prompt_ids"]
+        assert torch.equal(first, second)

@@ -557,18 +557,10 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         `input_ids` / `attention_mask` are the chunk's, `rows` its rows in `split_inputs`.
         """
         keys = [key for key in self.adapter.image_keys if isinstance(split_inputs.get(key), list)]
-        images = [split_inputs[key][rows.start : rows.stop] for key in keys]
-        # Images a tool returned sit in the completion, after the prompt's own: rows are the same prompt when their
-        # prompt images are, and the packed sequence shows each row's completion images in its own segment.
-        image_token_id = getattr(self._unwrapped(model).config, "image_token_id", None)
-        in_completion = image_runs(input_ids[:, -logits_to_keep:], image_token_id) if image_token_id is not None else 0
-        by_part = None
-        if torch.is_tensor(in_completion) and in_completion.any():
-            by_part = self._images_by_part(split_inputs, keys, num_images, rows, in_completion.tolist())
-            if by_part is None:
-                return None
-            images = [[self._cat_images(prompt, key, split_inputs[key][row]) for (prompt, _), row in
-                       zip(by_part, rows, strict=True)] for key in keys]  # fmt: skip
+        parts = self._prompt_images(split_inputs, keys, num_images, rows, input_ids[:, -logits_to_keep:])
+        if parts is None:
+            return None
+        images, by_part = parts
         groups = group_rows(input_ids[:, : input_ids.size(1) - logits_to_keep], images)
         if len(groups) == len(rows):
             return None
@@ -614,6 +606,27 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
                 **inputs,
             )
         return packing.scatter(outputs.log_probs), packing.scatter(outputs.entropy) if compute_entropy else None, None
+
+    def _prompt_images(
+        self, split_inputs: dict[str, Any], keys: list[str], num_images: list[int], rows: range, completion_ids
+    ) -> tuple[list[list[torch.Tensor]], list | None] | None:
+        """Per image input in `keys`, each row's input for its prompt's images (rows are the same prompt when these
+        and their prompt ids are), and each row's images split by `_images_by_part` (None when no completion shows an
+        image); None where that cannot be told.
+
+        The images a tool returned sit in the completion, after the prompt's own (TRL's tool loop appends them).
+        """
+        images = [split_inputs[key][rows.start : rows.stop] for key in keys]
+        image_token_id = getattr(self._unwrapped(self.model).config, "image_token_id", None)
+        in_completion = image_runs(completion_ids, image_token_id) if image_token_id is not None else None
+        if in_completion is None or not in_completion.any():
+            return images, None
+        by_part = self._images_by_part(split_inputs, keys, num_images, rows, in_completion.tolist())
+        if by_part is None:
+            return None
+        images = [[self._cat_images(prompt, key, split_inputs[key][row]) for (prompt, _), row in
+                   zip(by_part, rows, strict=True)] for key in keys]  # fmt: skip
+        return images, by_part
 
     def _images_by_part(
         self,
@@ -715,7 +728,11 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         once for all of its completions instead of once per micro-batch it landed in."""
         if not self._shares_prompts(self.model) or self.args.steps_per_generation == 1:
             return shuffle_sequence_dict(batch)
-        images = [batch[key] for key in self.adapter.image_keys if isinstance(batch.get(key), list)]
+        keys = [key for key in self.adapter.image_keys if isinstance(batch.get(key), list)]
+        rows = range(len(batch["prompt_ids"]))
+        num_images = batch.get("num_images") or [0] * len(rows)
+        parts = self._prompt_images(batch, keys, num_images, rows, batch["completion_ids"])
+        images = parts[0] if parts is not None else [batch[key] for key in keys]
         groups = group_rows(batch["prompt_ids"], images)
         order = torch.cat(
             [torch.tensor(groups[i])[torch.randperm(len(groups[i]))] for i in torch.randperm(len(groups))]
