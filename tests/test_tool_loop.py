@@ -50,6 +50,27 @@ def image_tool(same_image: bool = False):
     return lookup
 
 
+class LookEnvironment:
+    """An `environment_factory` environment whose tool returns an image: its colour counts the environments reset and
+    this one's calls, so that every completion gets an image of its own."""
+
+    rows = 0
+
+    def reset(self, **row) -> None:
+        LookEnvironment.rows += 1
+        self.row, self.calls = LookEnvironment.rows, 0
+
+    def lookup(self) -> list:
+        """Look closer at the image.
+
+        Returns:
+            An image and a caption.
+        """
+        self.calls += 1
+        image = Image.new("RGB", (40, 40), (10 * self.row + self.calls, 100, 200))
+        return [{"type": "image", "image": image}, {"type": "text", "text": TOOL_TEXT}]
+
+
 class TurnLog:
     """A reward (with spread, so the policy changes) that keeps each row's prompt, images and completion turns."""
 
@@ -66,7 +87,7 @@ class TurnLog:
 
 
 def tool_trainer(
-    load_tiny, family: str, output_dir, rewards=None, same_image: bool = False, **overrides
+    load_tiny, family: str, output_dir, rewards=None, same_image: bool = False, environment: bool = False, **overrides
 ) -> VLMGRPOTrainer:
     """A trainer on 4 mixed rows (2 prompts × 2 completions per step, one with an image) whose every completion calls
     the image tool once, then writes a free turn."""
@@ -86,7 +107,7 @@ def tool_trainer(
         args=small_config(output_dir, **{**config, **overrides}),
         train_dataset=make_shapes_dataset(4, text_fraction=0.5, seed=5),
         processing_class=processor,
-        tools=[image_tool(same_image)],
+        **({"environment_factory": LookEnvironment} if environment else {"tools": [image_tool(same_image)]}),
     )
 
 
@@ -126,14 +147,19 @@ def count_vision_images(trainer) -> list[int]:
     return counts
 
 
-@pytest.mark.parametrize(("family", "same_image"), [*((family, False) for family in FAMILIES), ("qwen2_vl", True)])
-def test_image_tool_replies_train_with_both_switches_as_without(family, same_image, load_tiny, tmp_path):
+@pytest.mark.parametrize(
+    ("family", "tool"),
+    [*((family, "tools") for family in FAMILIES), ("qwen2_vl", "same image"), ("qwen2_vl", "environment_factory")],
+)
+def test_image_tool_replies_train_with_both_switches_as_without(family, tool, load_tiny, tmp_path):
     """The same tool image in every completion must still be shown once per completion (stock grouping of rows by all
     their images put it once per prompt: "Image features and image tokens do not match")."""
     logs, weights, images = {}, {}, {}
     for on in (False, True):
         switches = {"share_prompt_prefix": on, "encode_images_once": on}
-        trainer = tool_trainer(load_tiny, family, tmp_path / str(on), same_image=same_image, **switches)
+        LookEnvironment.rows = 0
+        kind = {"same_image": tool == "same image", "environment": tool == "environment_factory"}
+        trainer = tool_trainer(load_tiny, family, tmp_path / str(on), **kind, **switches)
         counts = count_shared_forwards(trainer)
         images[on] = count_vision_images(trainer)
         trainer.train()
@@ -152,7 +178,7 @@ def test_image_tool_replies_train_with_both_switches_as_without(family, same_ima
     # The training forward: one image prompt (2 completions) and one text prompt (2 completions), each completion with
     # a tool image. Plain: the prompt image once per completion; with the switches: each distinct image once (the
     # features are then indexed out to every completion segment that shows it).
-    assert images[False] == [2 + 4] and images[True] == [1 + (1 if same_image else 4)], images
+    assert images[False] == [2 + 4] and images[True] == [1 + (1 if tool == "same image" else 4)], images
 
 
 @pytest.fixture(scope="module")
