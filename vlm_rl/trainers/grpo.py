@@ -557,11 +557,14 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         `input_ids` / `attention_mask` are the chunk's, `rows` its rows in `split_inputs`.
         """
         keys = [key for key in self.adapter.image_keys if isinstance(split_inputs.get(key), list)]
-        parts = self._prompt_images(split_inputs, keys, num_images, rows, input_ids[:, -logits_to_keep:])
+        prompt_length = input_ids.size(1) - logits_to_keep
+        parts = self._prompt_images(
+            split_inputs, keys, num_images, rows, input_ids[:, :prompt_length], input_ids[:, prompt_length:]
+        )
         if parts is None:
             return None
         images, by_part = parts
-        groups = group_rows(input_ids[:, : input_ids.size(1) - logits_to_keep], images)
+        groups = group_rows(input_ids[:, :prompt_length], images)
         if len(groups) == len(rows):
             return None
         packing = pack(groups, input_ids, attention_mask, logits_to_keep)
@@ -608,11 +611,17 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         return packing.scatter(outputs.log_probs), packing.scatter(outputs.entropy) if compute_entropy else None, None
 
     def _prompt_images(
-        self, split_inputs: dict[str, Any], keys: list[str], num_images: list[int], rows: range, completion_ids
+        self,
+        split_inputs: dict[str, Any],
+        keys: list[str],
+        num_images: list[int],
+        rows: range,
+        prompt_ids: torch.Tensor,
+        completion_ids: torch.Tensor,
     ) -> tuple[list[list[torch.Tensor]], list | None] | None:
         """Per image input in `keys`, each row's input for its prompt's images (rows are the same prompt when these
         and their prompt ids are), and each row's images split by `_images_by_part` (None when no completion shows an
-        image); None where that cannot be told.
+        image); None where that cannot be told: where the placeholders are not one run per image.
 
         The images a tool returned sit in the completion, after the prompt's own (TRL's tool loop appends them).
         """
@@ -621,9 +630,10 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         in_completion = image_runs(completion_ids, image_token_id) if image_token_id is not None else None
         if in_completion is None or not in_completion.any():
             return images, None
-        by_part = self._images_by_part(split_inputs, keys, num_images, rows, in_completion.tolist())
-        if by_part is None:
+        runs = image_runs(prompt_ids, image_token_id) + in_completion
+        if runs.tolist() != [num_images[row] for row in rows]:
             return None
+        by_part = self._images_by_part(split_inputs, keys, num_images, rows, in_completion.tolist())
         images = [[self._cat_images(prompt, key, split_inputs[key][row]) for (prompt, _), row in
                    zip(by_part, rows, strict=True)] for key in keys]  # fmt: skip
         return images, by_part
@@ -635,14 +645,12 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         num_images: list[int],
         rows: range,
         in_completion: list[int],
-    ) -> list[tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]] | None:
+    ) -> list[tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]]:
         """Per row of the chunk, its images (each `{key: tensor}`) in the prompt and, the last `in_completion` of
-        them, in the completion; None where a row shows more images in its completion than it has."""
+        them, in the completion."""
         parts = []
         for row, completion_count in zip(rows, in_completion, strict=True):
             count = num_images[row]
-            if completion_count > count:
-                return None
             if not count:
                 parts.append(([], []))
                 continue
@@ -731,7 +739,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, GRPOTrainer):
         keys = [key for key in self.adapter.image_keys if isinstance(batch.get(key), list)]
         rows = range(len(batch["prompt_ids"]))
         num_images = batch.get("num_images") or [0] * len(rows)
-        parts = self._prompt_images(batch, keys, num_images, rows, batch["completion_ids"])
+        parts = self._prompt_images(batch, keys, num_images, rows, batch["prompt_ids"], batch["completion_ids"])
         images = parts[0] if parts is not None else [batch[key] for key in keys]
         groups = group_rows(batch["prompt_ids"], images)
         order = torch.cat(
