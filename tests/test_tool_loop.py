@@ -88,19 +88,29 @@ class TurnLog:
 
 
 def tool_trainer(
-    load_tiny, family: str, output_dir, rewards=None, same_image: bool = False, environment: bool = False, **overrides
+    load_tiny,
+    family: str,
+    output_dir,
+    rewards=None,
+    same_image: bool = False,
+    environment: bool = False,
+    calls: int = 1,
+    **overrides,
 ) -> VLMGRPOTrainer:
     """A trainer on 4 mixed rows (2 prompts × 2 completions per step, one with an image) whose every completion calls
-    the image tool once, then writes a free turn."""
+    the image tool `calls` times, then writes a free turn."""
     model, processor = load_tiny(family)
     # The tiny models' templates cannot render tool calls; TRL parses them for the Qwen3-VL template.
     processor.chat_template = processor.tokenizer.chat_template = qwen3_vl_chat_template
+    bias = tool_call_bias(processor.tokenizer)
+    if calls > 1:  # drop the bias against a call right after a tool's reply: every turn calls, up to the limit
+        bias = [entry for entry in bias if entry[1] > 0]
     config = {
         "max_steps": 1,
         "learning_rate": 1e-4,
-        "max_completion_length": 128,
-        "max_tool_calling_iterations": 1,
-        "generation_kwargs": {"sequence_bias": tool_call_bias(processor.tokenizer)},
+        "max_completion_length": 128 * calls,
+        "max_tool_calling_iterations": calls,
+        "generation_kwargs": {"sequence_bias": bias},
     }
     return VLMGRPOTrainer(
         model=model,
@@ -122,6 +132,20 @@ def capture_loss_inputs(trainer) -> list[dict]:
 
     trainer.compute_loss = recording
     return seen
+
+
+def capture_training_logps(trainer) -> list[torch.Tensor]:
+    """Records the per-token log-probs of each training forward (the ones with gradients)."""
+    scored, logps = [], trainer._get_per_token_logps_and_entropies
+
+    def recording(*args, **kwargs):
+        output = logps(*args, **kwargs)
+        if torch.is_grad_enabled():
+            scored.append(output[0].detach())
+        return output
+
+    trainer._get_per_token_logps_and_entropies = recording
+    return scored
 
 
 def count_vision_images(trainer) -> list[int]:
@@ -150,36 +174,46 @@ def count_vision_images(trainer) -> list[int]:
 
 @pytest.mark.parametrize(
     ("family", "tool"),
-    [*((family, "tools") for family in FAMILIES), ("qwen2_vl", "same image"), ("qwen2_vl", "environment_factory")],
+    [
+        *((family, "tools") for family in FAMILIES),
+        ("qwen2_vl", "same image"),
+        ("qwen2_vl", "environment_factory"),
+        ("qwen2_vl", "two calls"),
+    ],
 )
 def test_image_tool_replies_train_with_both_switches_as_without(family, tool, load_tiny, tmp_path):
     """The same tool image in every completion must still be shown once per completion (stock grouping of rows by all
-    their images put it once per prompt: "Image features and image tokens do not match")."""
-    logs, weights, images = {}, {}, {}
+    their images put it once per prompt: "Image features and image tokens do not match"). With two calls, every turn
+    is the same call, so the advantages are zero: the log-probs of the training forward are compared directly."""
+    logs, weights, images, logps = {}, {}, {}, {}
     for on in (False, True):
         switches = {"share_prompt_prefix": on, "encode_images_once": on}
         LookEnvironment.rows = 0
         kind = {"same_image": tool == "same image", "environment": tool == "environment_factory"}
+        kind["calls"] = 2 if tool == "two calls" else 1
         trainer = tool_trainer(load_tiny, family, tmp_path / str(on), **kind, **switches)
         counts = count_shared_forwards(trainer)
         images[on] = count_vision_images(trainer)
+        logps[on] = capture_training_logps(trainer)
         trainer.train()
         logs[on] = [numbers(row) for row in trainer.state.log_history if "loss" in row]
         weights[on] = {key: value.detach().clone() for key, value in trainer.model.named_parameters()}
         if on:
             assert counts["shared"] > 0 and counts["encoded"] > 0, counts
     row = logs[True][0]
-    assert row["tools/call_frequency"] == 1.0 and row["tools/failure_frequency"] == 0.0
+    assert row["tools/call_frequency"] == kind["calls"] and row["tools/failure_frequency"] == 0.0
     assert all(math.isfinite(value) for value in row.values()), row
     for key, value in logs[False][0].items():
         assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     for key, value in weights[False].items():
         torch.testing.assert_close(weights[True][key], value, atol=1e-5, rtol=0, msg=key)
-    assert logs[False][0]["grad_norm"] > 0
+    torch.testing.assert_close(logps[True], logps[False], atol=1e-5, rtol=0)
+    assert logs[False][0]["grad_norm"] > 0 or kind["calls"] > 1
     # The training forward: one image prompt (2 completions) and one text prompt (2 completions), each completion with
     # a tool image. Plain: the prompt image once per completion; with the switches: each distinct image once (the
     # features are then indexed out to every completion segment that shows it).
-    assert images[False] == [2 + 4] and images[True] == [1 + (1 if tool == "same image" else 4)], images
+    tool_images = 4 * kind["calls"]
+    assert images[False] == [2 + tool_images] and images[True] == [1 + (1 if kind["same_image"] else tool_images)]
 
 
 @pytest.fixture(scope="module")
@@ -194,15 +228,7 @@ def trained(tiny_dirs, tmp_path_factory):
         rewards=[turns],
     )
     inputs = capture_loss_inputs(trainer)
-    scored, logps = [], trainer._get_per_token_logps_and_entropies
-
-    def recording(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        output = logps(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-        if torch.is_grad_enabled():  # the training forward
-            scored.append(output[0].detach())
-        return output
-
-    trainer._get_per_token_logps_and_entropies = recording
+    scored = capture_training_logps(trainer)
     weights = {key: value.detach().clone() for key, value in trainer.model.named_parameters()}
     trainer.train()
     del trainer._get_per_token_logps_and_entropies
