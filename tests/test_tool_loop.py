@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from vlm_rl.data import make_shapes_dataset
 from vlm_rl.models import load_model_and_processor
 from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.completion_logs import with_image_columns
+from vlm_rl.trainers.grpo import images_per_conversation
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 TOOL_TEXT = "a closer look"
@@ -453,3 +455,12 @@ def test_a_prompts_rows_stay_in_one_micro_batch_whatever_images_their_tools_retu
     for inputs in micro_batches:
         first, second = inputs["prompt_ids"]
         assert torch.equal(first, second)
+
+
+def test_vllm_makes_room_for_one_tool_image_per_tool_turn(tmp_path, caplog):
+    data = make_shapes_dataset(4, text_fraction=0.5, seed=5)  # at most one image per row
+    assert images_per_conversation(small_config(tmp_path, max_tool_calling_iterations=3), data, uses_tools=True) == 4
+    assert images_per_conversation(small_config(tmp_path, max_tool_calling_iterations=3), data, uses_tools=False) == 1
+    with caplog.at_level(logging.WARNING):
+        assert images_per_conversation(small_config(tmp_path), data, uses_tools=True) == 1
+    assert "Set max_tool_calling_iterations" in caplog.text and "vllm_limit_mm_per_prompt" in caplog.text
