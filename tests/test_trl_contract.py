@@ -227,6 +227,8 @@ SEAMS: dict[str, Callable[..., None]] = {
         GRPOTrainer._generate_and_score_completions,
         # The image gather for the completion logs we move to every process.
         "if images is not None and self.log_multimodal:",
+        # The tool images of the completion logs are read from the completions TRL gathers for the same logs.
+        'self._logs["completion"].extend(gather_object(completions))',
     ),
     "_get_per_token_logps_and_entropies": all_of(
         # Our override forwards the first of these positionally to TRL's method, one chunk at a time.
@@ -343,6 +345,21 @@ SEAMS: dict[str, Callable[..., None]] = {
             "num_items_in_batch = self.accelerator.gather(loss_mask.sum()).sum()",
         ),
         has_lines(GRPOTrainer.__init__, "data_collator=identity,"),
+    ),
+    # TRL's tool loop puts a tool's images after the row's own, in the completion (`_shared_prompt_logps` shows each
+    # row's last images in its completion segment; the completion tables list them after the prompt's), and sends the
+    # conversation so far with all its images as the next turn's prompt (vLLM makes room for one per turn).
+    "copy: tool images follow the prompt's, one prompt per turn (shared prompts, completion logs, vLLM limit)": all_of(
+        has_lines(
+            GRPOTrainer._generate,
+            "images = [(existing or []) + new for existing, new in zip(images, tool_images, strict=True)]",
+        ),
+        has_lines(
+            GRPOTrainer._tool_call_loop,
+            "content = result if isinstance(result, list) else str(result)",
+            "(existing or []) + new for existing, new in zip(merged_images, tool_images, strict=True)",
+            "while idxs_with_tool and iteration_num < self.max_tool_calling_iterations:",
+        ),
     ),
     # --- private attributes read
     "attributes: GRPOTrainer": lambda stock_trainer: [

@@ -181,8 +181,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def vllm_server(tiny_qwen, tmp_path):
-    """`vlm-rl vllm-serve` started from a recipe, on 127.0.0.1; yields the recipe's settings."""
+def vllm_server(tiny_qwen, tmp_path, request):
+    """`vlm-rl vllm-serve` started from a recipe, on 127.0.0.1; yields the recipe's settings (indirect
+    parametrization overrides some)."""
     import requests  # installed with vLLM (the default suite imports this module without it)
 
     port = free_port()
@@ -197,6 +198,7 @@ def vllm_server(tiny_qwen, tmp_path):
         "output_dir": str(tmp_path / "server"),
         "use_cpu": True,
         "bf16": False,
+        **getattr(request, "param", {}),
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -6,10 +6,15 @@ part next to a text part), so `report_to: wandb` with `log_completions: true` cr
 Here prompts and completions are plain text with an `<image>` marker where each image goes, and each image of a
 row has a column of its own (`image_1`, `image_2`, ...; empty for rows with fewer images), so every cell has one
 type and the tracker shows the images next to the text.
+
+A multi-turn completion (TRL's tool loop) shows one line per turn: the assistant's text and tool calls, each tool's
+reply (an `<image>` marker where it returned an image); the images a tool returned follow the prompt's in the image
+columns, in the order the tools returned them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,38 @@ from typing import Any
 import pandas as pd
 
 from vlm_rl.models.inputs import conversation_text
+
+
+def completion_text(completion: str | Sequence[dict]) -> str:
+    """A completion as `conversation_text`, with each assistant turn's tool calls written out as the model wrote them
+    (TRL's parsed message keeps them apart from the text)."""
+    if isinstance(completion, str):
+        return completion
+    turns = []
+    for message in completion:
+        calls = "".join(
+            f"<tool_call>{json.dumps(call.get('function', call))}</tool_call>"
+            for call in message.get("tool_calls") or []
+        )
+        if calls:
+            content = message.get("content") or ""
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+            message = {**message, "content": [*parts, {"type": "text", "text": calls}]}
+        turns.append(message)
+    return conversation_text(turns)
+
+
+def tool_images(completion: str | Sequence[dict]) -> list[Any]:
+    """The images the tools returned in a multi-turn completion, in order."""
+    if isinstance(completion, str):
+        return []
+    return [
+        part["image"]
+        for message in completion
+        if message.get("role") == "tool" and isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") == "image"
+    ]
 
 
 def completion_frame(logs: dict[str, Any], step: int) -> pd.DataFrame:
@@ -28,7 +65,7 @@ def completion_frame(logs: dict[str, Any], step: int) -> pd.DataFrame:
         {
             "step": [step] * len(prompts),
             "prompt": [conversation_text(p) for p in prompts],
-            "completion": [conversation_text(c) for c in logs["completion"]],
+            "completion": [completion_text(c) for c in logs["completion"]],
             "num_images": [len(row or []) for row in images],
             **{name: list(values) for name, values in logs["rewards"].items()},
             **{name: list(values) for name, values in logs["extra"].items()},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -55,18 +56,38 @@ from vlm_rl.rewards.registry import reward_or_model
 from vlm_rl.rollout.prefill import prompts_prefilled_once
 from vlm_rl.rollout.vllm import VLMRollout
 from vlm_rl.trainers.checkpointing import CheckpointMixin, RescheduleOnResume
+from vlm_rl.trainers.completion_logs import tool_images
 from vlm_rl.trainers.dynamic_sampling import DynamicSampling, GroupFilter, Layout, fresh_rows
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
 from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits
 from vlm_rl.trainers.metrics import MetricsMixin
 from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import install_console
-from vlm_rl.trainers.shared_prefix import pack
+from vlm_rl.trainers.shared_prefix import image_runs, pack
 from vlm_rl.trainers.tool_metrics import ToolMetricsMixin
 from vlm_rl.trainers.vision_once import encode_images_once
 from vlm_rl.trainers.vlm_options import VLMOptions
 
+logger = logging.getLogger(__name__)
+
 _TRL_LOGPS_PARAMETERS = frozenset(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
+
+
+def images_per_conversation(args, train_dataset, uses_tools: bool) -> int:
+    """The most images one vLLM prompt holds: a row's own and, with tools, one per tool-calling turn after it (TRL's
+    tool loop sends the conversation so far, tool images included, as the next turn's prompt)."""
+    most = most_images_per_row(train_dataset)
+    iterations = getattr(args, "max_tool_calling_iterations", None)
+    if not uses_tools:
+        return most
+    if iterations is None:
+        logger.warning(
+            "vLLM makes room for %d image(s) per prompt, the data's most: a tool that returns images needs more. Set "
+            "max_tool_calling_iterations (then one image per tool turn is allowed for) or vllm_limit_mm_per_prompt.",
+            most,
+        )
+        return most
+    return most + iterations
 
 
 def _float_tensors(output: Any) -> list[torch.Tensor]:
@@ -115,7 +136,10 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             # on the right, which misaligns those inputs with the prompt for every row shorter than the
             # longest: left-pad everywhere.
             processing_class.tokenizer.padding_side = "left"
-        with self._vlm_rollout_backend(model, args, options, processing_class, kwargs.get("train_dataset")):
+        uses_tools = bool(kwargs.get("tools") or kwargs.get("environment_factory"))
+        with self._vlm_rollout_backend(
+            model, args, options, processing_class, kwargs.get("train_dataset"), uses_tools
+        ):
             super().__init__(model, reward_funcs, args=args, processing_class=processing_class, **kwargs)
         self.options = options
         if options.dynamic_sampling:
@@ -213,7 +237,9 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
 
     @staticmethod
     @contextlib.contextmanager
-    def _vlm_rollout_backend(model, args, options: VLMOptions, processing_class, train_dataset=None):
+    def _vlm_rollout_backend(
+        model, args, options: VLMOptions, processing_class, train_dataset=None, uses_tools: bool = False
+    ):
         """Have TRL's `__init__` build `VLMRollout` where it builds its vLLM backend, with the VLM's settings.
 
         TRL 1.16 constructs `VLLMGeneration` by its module-level name inside `GRPOTrainer.__init__` and offers no
@@ -233,7 +259,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         backend = functools.partial(
             VLMRollout,
             mm_processor_kwargs=adapter_for(config).engine_processor_kwargs(processing_class),
-            limit_mm_per_prompt=options.vllm_limit_mm_per_prompt or most_images_per_row(train_dataset),
+            limit_mm_per_prompt=options.vllm_limit_mm_per_prompt
+            or images_per_conversation(args, train_dataset, uses_tools),
             banned_tokens=processing_class.tokenizer.convert_ids_to_tokens(media),
             image_token_id=getattr(processing_class, "image_token_id", None),
             weight_transport=options.vllm_weight_transport,
@@ -325,9 +352,18 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             output = super()._generate_and_score_completions(inputs)
         finally:
             self.log_multimodal = log_multimodal
-        if log_multimodal and self.log_completions and any(key in inputs[0] for key in ("images", "image")):
-            rows = [row.get("images") or ([row["image"]] if row.get("image") is not None else []) for row in inputs]
-            self._logs["images"].extend(gather_object(rows))
+        if (
+            log_multimodal
+            and self.log_completions
+            and (self.tools or any(key in inputs[0] for key in ("images", "image")))
+        ):
+            rows = gather_object(
+                [row.get("images") or ([row["image"]] if row.get("image") is not None else []) for row in inputs]
+            )
+            # Each row's images in the order the model saw them: the prompt's, then those its tools returned (in the
+            # completions TRL just gathered for the same logs).
+            completions = list(self._logs["completion"])[-len(rows) :]
+            self._logs["images"].extend(row + tool_images(c) for row, c in zip(rows, completions, strict=True))
         for key, value in self._adapter_fields.items():
             output.setdefault(key, value.to(self.accelerator.device))
         self._adapter_fields = MappingProxyType({})
@@ -522,8 +558,14 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         `input_ids` / `attention_mask` are the chunk's, `rows` its rows in `split_inputs`.
         """
         keys = [key for key in self.adapter.image_keys if isinstance(split_inputs.get(key), list)]
-        images = [split_inputs[key][rows.start : rows.stop] for key in keys]
-        groups = group_rows(input_ids[:, : input_ids.size(1) - logits_to_keep], images)
+        prompt_length = input_ids.size(1) - logits_to_keep
+        parts = self._prompt_images(
+            split_inputs, keys, num_images, rows, input_ids[:, :prompt_length], input_ids[:, prompt_length:]
+        )
+        if parts is None:
+            return None
+        images, by_part = parts
+        groups = group_rows(input_ids[:, :prompt_length], images)
         if len(groups) == len(rows):
             return None
         packing = pack(groups, input_ids, attention_mask, logits_to_keep)
@@ -539,6 +581,12 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         row_inputs = select_rows(self.adapter, split_inputs, num_images, rows)
         positions = self.adapter.position_ids(base, input_ids, attention_mask, row_inputs)
         inputs = select_rows(self.adapter, split_inputs, num_images, [rows[group[0]] for group in groups])
+        if by_part is not None:
+            packed_images = [by_part[group[0]][0] + [i for row in group for i in by_part[row][1]]
+                             for group in groups]  # fmt: skip
+            per_image = [image for group_images in packed_images for image in group_images]
+            inputs |= self.adapter.merge_vision_inputs({key: [image[key] for image in per_image] for key in keys})
+            inputs["num_images"] = [len(group_images) for group_images in packed_images]
         encoded = self._images_encoded_once(model, inputs)
         if encoded is not None:
             inputs = {key: value for key, value in inputs.items() if key not in self.adapter.image_keys} | encoded
@@ -562,6 +610,60 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
                 **inputs,
             )
         return packing.scatter(outputs.log_probs), packing.scatter(outputs.entropy) if compute_entropy else None, None
+
+    def _prompt_images(
+        self,
+        split_inputs: dict[str, Any],
+        keys: list[str],
+        num_images: list[int],
+        rows: range,
+        prompt_ids: torch.Tensor,
+        completion_ids: torch.Tensor,
+    ) -> tuple[list[list[torch.Tensor]], list | None] | None:
+        """Per image input in `keys`, each row's input for its prompt's images (rows are the same prompt when these
+        and their prompt ids are), and each row's images split by `_images_by_part` (None when no completion shows an
+        image); None where that cannot be told: where the placeholders are not one run per image.
+
+        The images a tool returned sit in the completion, after the prompt's own (TRL's tool loop appends them).
+        """
+        images = [split_inputs[key][rows.start : rows.stop] for key in keys]
+        image_token_id = getattr(self._unwrapped(self.model).config, "image_token_id", None)
+        in_completion = image_runs(completion_ids, image_token_id) if image_token_id is not None else None
+        if in_completion is None or not in_completion.any():
+            return images, None
+        runs = image_runs(prompt_ids, image_token_id) + in_completion
+        if runs.tolist() != [num_images[row] for row in rows]:
+            return None
+        by_part = self._images_by_part(split_inputs, keys, num_images, rows, in_completion.tolist())
+        images = [[self._cat_images(prompt, key, split_inputs[key][row]) for (prompt, _), row in
+                   zip(by_part, rows, strict=True)] for key in keys]  # fmt: skip
+        return images, by_part
+
+    def _images_by_part(
+        self,
+        split_inputs: dict[str, Any],
+        keys: list[str],
+        num_images: list[int],
+        rows: range,
+        in_completion: list[int],
+    ) -> list[tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]]:
+        """Per row of the chunk, its images (each `{key: tensor}`) in the prompt and, the last `in_completion` of
+        them, in the completion."""
+        parts = []
+        for row, completion_count in zip(rows, in_completion, strict=True):
+            count = num_images[row]
+            if not count:
+                parts.append(([], []))
+                continue
+            split = self.adapter.split_vision_inputs({key: split_inputs[key][row] for key in keys}, [1] * count)
+            images = [{key: split[key][i] for key in keys} for i in range(count)]
+            parts.append((images[: count - completion_count], images[count - completion_count :]))
+        return parts
+
+    @staticmethod
+    def _cat_images(images: list[dict[str, torch.Tensor]], key: str, row_value: torch.Tensor) -> torch.Tensor:
+        """`key`'s input of `images`, as one tensor (empty, shaped like the row's, for no image)."""
+        return torch.cat([image[key] for image in images]) if images else row_value[:0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # TRL's loss passes a fixed list of vision inputs to the log-prob method; a family's other inputs (the
@@ -635,7 +737,11 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         once for all of its completions instead of once per micro-batch it landed in."""
         if not self._shares_prompts(self.model) or self.args.steps_per_generation == 1:
             return shuffle_sequence_dict(batch)
-        images = [batch[key] for key in self.adapter.image_keys if isinstance(batch.get(key), list)]
+        keys = [key for key in self.adapter.image_keys if isinstance(batch.get(key), list)]
+        rows = range(len(batch["prompt_ids"]))
+        num_images = batch.get("num_images") or [0] * len(rows)
+        parts = self._prompt_images(batch, keys, num_images, rows, batch["prompt_ids"], batch["completion_ids"])
+        images = parts[0] if parts is not None else [batch[key] for key in keys]
         groups = group_rows(batch["prompt_ids"], images)
         order = torch.cat(
             [torch.tensor(groups[i])[torch.randperm(len(groups[i]))] for i in torch.randperm(len(groups))]

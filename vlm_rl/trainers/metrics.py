@@ -20,7 +20,7 @@ from trl.trainer.utils import print_prompt_completions_sample
 
 from vlm_rl.models.inputs import conversation_text
 from vlm_rl.rewards.configured import FAILURE_KINDS, ConfiguredReward
-from vlm_rl.trainers.completion_logs import write_completion_logs
+from vlm_rl.trainers.completion_logs import completion_text, write_completion_logs
 
 
 class MetricsMixin:
@@ -130,7 +130,7 @@ class MetricsMixin:
         if is_rich_available():
             print_prompt_completions_sample(
                 [conversation_text(p) for p in self._logs["prompt"]],
-                [conversation_text(c) for c in self._logs["completion"]],
+                [completion_text(c) for c in self._logs["completion"]],
                 self._logs["rewards"],
                 self._logs["advantages"],
                 self.state.global_step,

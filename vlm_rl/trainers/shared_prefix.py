@@ -133,3 +133,12 @@ def pack(
         scored_at=scored_at.to(device),
         scored=completion_mask.to(device),
     )
+
+
+def image_runs(ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Per row of `ids`, the number of runs of consecutive `image_token_id` tokens: its images, for families that
+    expand each image into one run of placeholders (Qwen-VL)."""
+    is_image = ids == image_token_id
+    starts = is_image.clone()
+    starts[:, 1:] &= ~is_image[:, :-1]
+    return starts.sum(dim=1)
