@@ -211,9 +211,6 @@ def tool_trainer(load_tiny, tmp_path, tools, call: str, again: bool = False, max
         max_steps=1,
         max_completion_length=512,  # two turns of calls (84 tokens each) and replies
         max_tool_turns=max_tool_turns,
-        # Prompt sharing with tool images is the trainer's tool-loop work (issue 18, point 1): in this branch its
-        # scoring forward fails ("Image features and image tokens do not match").
-        share_prompt_prefix=False,
         generation_kwargs={"sequence_bias": tool_call_bias(processor.tokenizer, call, again)},
     )
     return VLMGRPOTrainer(
@@ -282,7 +279,6 @@ def tool_recipe(tmp_path, model: str, **overrides) -> str:
         "reward_funcs": ["accuracy"],
         "tools": ["zoom_in"],
         "max_tool_turns": 1,
-        "share_prompt_prefix": False,  # with tool images: the trainer's tool-loop work (issue 18, point 1)
         "num_generations": 2,
         "per_device_train_batch_size": 4,
         "max_completion_length": 256,
