@@ -191,3 +191,13 @@ def test_sft_rows_show_the_tool_and_its_reply_as_a_rollout_gets_them(load_tiny):
     crop, text = environment.zoom_in(**arguments)
     assert row["completion"][1]["content"][1]["text"] == text["text"]
     assert list(row["images"][1].getdata()) == list(crop["image"].getdata())
+
+
+def test_no_tools_rows_have_the_same_teachers_answer_without_a_call():
+    with_tool = make_zoom_dataset(8, "sft", image_size=SIZE, seed=2)
+    without = make_zoom_dataset(8, "sft_no_tools", image_size=SIZE, seed=2)
+    assert "tools" not in without.column_names
+    for a, b in zip(with_tool, without, strict=True):
+        assert a["prompt"] == b["prompt"] and a["answer"] == b["answer"] and len(b["images"]) == 1
+        (reply,) = b["completion"]
+        assert reply["role"] == "assistant" and reply["content"] == a["completion"][-1]["content"]

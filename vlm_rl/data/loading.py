@@ -25,7 +25,7 @@ from vlm_rl.data.scenes import CELL, COUNTS, make_count_diff_dataset, make_count
 from vlm_rl.data.sources import Source, read_source, resolve_path
 from vlm_rl.data.stats import DataError, SkippedRows
 from vlm_rl.data.synthetic import COLORS, make_grounding_math_dataset, make_shapes_dataset
-from vlm_rl.data.zoom import GRID, MIN_CELL, make_zoom_dataset
+from vlm_rl.data.zoom import GRID, MIN_CELL, NO_TOOLS_SPLIT, make_zoom_dataset
 
 if TYPE_CHECKING:
     from vlm_rl.config import DataArguments
@@ -168,6 +168,8 @@ def _synthetic(args: DataArguments, seed: int) -> TaskData:
         if getattr(args, name) is not None:
             raise DataError(f"{name} applies to data read from files or the Hub, not to {args.dataset}.")
     splits = ("train", "sft") if args.dataset in WITH_SFT_ROWS else ("train",)
+    if args.dataset == "synthetic:zoom":
+        splits = (*splits, NO_TOOLS_SPLIT)
     if args.split not in splits:
         raise DataError(f"split: {args.dataset} trains on {' or '.join(map(repr, splits))}, not {args.split!r}.")
     train_size = 2000 if args.train_size is None else args.train_size

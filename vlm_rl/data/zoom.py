@@ -46,6 +46,12 @@ ZOOM_SFT_FEATURES = Features(
 )
 
 
+ZOOM_NO_TOOLS_FEATURES = Features({key: value for key, value in ZOOM_SFT_FEATURES.items() if key != "tools"})
+NO_TOOLS_SPLIT = "sft_no_tools"
+"""SFT rows for the same budget without the tool (the benchmark's `no_tools` arm): the biased teacher answers."""
+ZOOM_SPLITS = (*SPLITS, NO_TOOLS_SPLIT)
+
+
 def cell_box(column: int, row: int, cell: int) -> list[int]:
     """A cell's box in pixels, `[x1, y1, x2, y2]` with x2, y2 exclusive (as `crop_region` takes it)."""
     return [column * cell, row * cell, (column + 1) * cell, (row + 1) * cell]
@@ -111,19 +117,21 @@ def make_zoom_dataset(
     `answer` is the dot's colour (one of six, uniform: chance 1/6), `box` the dot and `region` its cell (pixels, JSON).
     `sft` rows add the teacher's multi-turn `completion` (see the module docstring); their `images` are the scene and
     then the teacher's crop (`crop_region` within `max_pixels`), in conversation order, and `tools` the tool schema.
+    `sft_no_tools` rows have the same teacher's answer alone, for a run without the tool.
     """
     # lazy: the tools import the model families, whose tiny models import this package
     from vlm_rl.tools.zoom import ZoomEnvironment, zoom_in_schema
 
-    if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r} for synthetic:zoom; use one of {list(SPLITS)}.")
+    if split not in ZOOM_SPLITS:
+        raise ValueError(f"Unknown split {split!r} for synthetic:zoom; use one of {list(ZOOM_SPLITS)}.")
     cell = image_size // grid
     if cell < MIN_CELL:
         raise ValueError(
             f"image_size: synthetic:zoom needs cells of {MIN_CELL} pixels or more, at least {MIN_CELL * grid} pixels."
         )
     size = cell * grid
-    rng = random.Random(f"zoom-{split}-{seed}")
+    # The no-tools rows are the `sft` rows' scenes and questions, so that the two warm starts see the same data.
+    rng = random.Random(f"zoom-{'sft' if split == NO_TOOLS_SPLIT else split}-{seed}")
     names = list(ZOOM_COLORS)
     rows = []
     for _ in range(num_rows):
@@ -141,7 +149,11 @@ def make_zoom_dataset(
             "box": json.dumps(boxes[target]),
             "region": json.dumps(cell_box(column, row, cell)),
         }
-        if split == "sft":
+        if split == NO_TOOLS_SPLIT:  # the same teacher, reading the cell it would have zoomed into, with no call
+            seen = column + (1 if column + 1 < grid else -1) if rng.random() < bias_rate else column
+            color = colors[row * grid + seen]
+            item["completion"] = _structured(think_answer(f"The dot is {color}.", color))
+        elif split == "sft":
             seen = column
             if rng.random() < bias_rate:
                 seen += 1 if column + 1 < grid else -1
@@ -159,7 +171,8 @@ def make_zoom_dataset(
             ]
             item["tools"] = json.dumps([zoom_in_schema()])
         rows.append(item)
-    return Dataset.from_list(rows, features=ZOOM_SFT_FEATURES if split == "sft" else ZOOM_FEATURES)
+    features = {"sft": ZOOM_SFT_FEATURES, NO_TOOLS_SPLIT: ZOOM_NO_TOOLS_FEATURES}.get(split, ZOOM_FEATURES)
+    return Dataset.from_list(rows, features=features)
 
 
 def _structured(messages: list[dict[str, str]]) -> list[dict[str, Any]]:
