@@ -14,6 +14,11 @@ gets a per-answer confusion table (true count × answer given), where a collapse
 runs evaluate on the held-out rows every `eval_steps` (sampled, as TRL evaluates), for one figure per task of
 held-out accuracy against step.
 
+`synthetic:zoom` (`--task zoom`) trains with the `zoom_in` tool (`recipes/zoom_cpu.yaml`), and again from an SFT
+on the same teacher's answers without calls and a GRPO with the tools off, for the same budget: `no_tools`. Its
+entry adds `tool_calls_per_completion` (calls that ran per held-out row, greedy) before and after GRPO, and the
+figure the training tool-call rate.
+
 `--algorithms` trains GRPO, DAPO (clip-higher, dynamic sampling, token-level loss), Dr. GRPO and GSPO from one
 counting SFT start for the same wall time each, and reports final held-out accuracy and the completions generated.
 
@@ -37,6 +42,7 @@ from pathlib import Path
 from statistics import mean
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,6 +54,7 @@ from vlm_rl.config import parse_recipe  # noqa: E402
 from vlm_rl.evaluation import evaluate_policy, mean_reward  # noqa: E402
 from vlm_rl.models import load_model_and_processor  # noqa: E402
 from vlm_rl.prepare import prepare_data, prepare_rewards  # noqa: E402
+from vlm_rl.tools import recipe_toolbox, resolve_tool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -58,12 +65,16 @@ SCORES = ("sft", "grpo", "sft_sampled", "grpo_sampled", "blind_sft", "blind_grpo
 class Task:
     seeds: int  # how many seeds the full benchmark runs
     score: str  # what its accuracy reward measures, for the tables and figures
+    grpo_recipe: str = "{name}_grpo_cpu.yaml"
+    # A task with tools also runs SFT (on this split) + GRPO with the tools off, for the same budget: `no_tools`.
+    no_tools_split: str | None = None
 
 
 TASKS = {
     "counting": Task(seeds=3, score="accuracy"),
     "grounding": Task(seeds=1, score="mean IoU"),
     "count_diff": Task(seeds=1, score="accuracy"),
+    "zoom": Task(seeds=1, score="accuracy", grpo_recipe="zoom_cpu.yaml", no_tools_split="sft_no_tools"),
 }
 # Extra `vlm-rl train` flags per algorithm, on top of the counting GRPO recipe (TRL's names for each).
 ALGORITHMS = {
@@ -112,6 +123,11 @@ def evaluate(model_dir: Path, grpo_recipe: Path, samples: int, seed: int, overri
     name = training_args.eval_accuracy_reward
     model, processor = load_model_and_processor(str(model_dir), dtype=model_args.dtype)
     kwargs = {"max_new_tokens": training_args.max_completion_length, "batch_size": 50}
+    tools = [resolve_tool(spec, grpo_recipe.parent) for spec in training_args.tools]
+    kwargs["environment_factory"] = recipe_toolbox(
+        tools, processor, model.config.model_type, training_args.max_tool_turns
+    )
+    kwargs["max_tool_turns"] = training_args.max_tool_calling_iterations
     greedy = evaluate_policy(model, processor, task.eval, rewards, **kwargs)
     blind = evaluate_policy(model, processor, task.eval, rewards, blind=True, **kwargs)
     torch.manual_seed(seed)
@@ -127,6 +143,7 @@ def evaluate(model_dir: Path, grpo_recipe: Path, samples: int, seed: int, overri
         "mean_completion_tokens": mean(tokens),
         "format": mean(r["rewards"]["think_answer_format"] for r in sampled) if has_format else None,
         "hits": mean(float((r["rewards"][name] or 0.0) >= 0.5) for r in greedy),
+        "tool_calls": mean(r["tool_calls"] for r in greedy) if tools else None,
         "confusion": confusion(greedy),
     }
 
@@ -146,20 +163,48 @@ def curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(entry["step"], entry["eval_accuracy"]) for entry in history if "eval_accuracy" in entry]
 
 
+def tool_call_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, tool turns per completion) from a GRPO run's training logs: the rate at which the policy calls."""
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return [(e["step"], e["tools/turns_per_completion"]) for e in history if "tools/turns_per_completion" in e]
+
+
 def with_start(points: list[tuple[int, float]], start: float) -> list[tuple[int, float]]:
     """The learning curve from step 0: the SFT model's sampled score, where the run did not evaluate before step 1."""
     return points if points and points[0][0] == 0 else [(0, start), *points]
 
 
-def run_seed(name: str, seed: int, output_dir: Path, samples: int, overrides: list[str]) -> dict:
-    """SFT, evaluate, GRPO, evaluate: one task, one seed."""
-    sft_recipe, grpo_recipe = RECIPES / f"{name}_sft_cpu.yaml", RECIPES / f"{name}_grpo_cpu.yaml"
-    run_dir = output_dir / f"{name}-seed{seed}"
-    sft_minutes = run_cli("sft", sft_recipe, run_dir / "sft", seed, *overrides)
+def sft_then_grpo(
+    sft_recipe: Path, grpo_recipe: Path, run_dir: Path, samples: int, seed: int, overrides: list[str], *sft_flags: str
+) -> tuple[dict, dict, float, float]:
+    """`vlm-rl sft`, evaluate, `vlm-rl train` from the SFT output, evaluate: (before, after, SFT and GRPO minutes)."""
+    sft_minutes = run_cli("sft", sft_recipe, run_dir / "sft", seed, *sft_flags, *overrides)
     before = evaluate(run_dir / "sft", grpo_recipe, samples, seed, overrides)
     grpo_args = ["--model_name_or_path", str(run_dir / "sft"), *overrides]
     grpo_minutes = run_cli("train", grpo_recipe, run_dir / "grpo", seed, *grpo_args)
     after = evaluate(run_dir / "grpo", grpo_recipe, samples, seed, overrides)
+    return before, after, sft_minutes, grpo_minutes
+
+
+def without_tools(recipe: Path, run_dir: Path) -> Path:
+    """The GRPO recipe with its tools off (its other settings as they are), written next to the run."""
+    settings = yaml.safe_load(recipe.read_text())
+    settings.pop("tools", None)
+    settings.pop("max_tool_turns", None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / recipe.name
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+def run_seed(name: str, seed: int, output_dir: Path, samples: int, overrides: list[str]) -> dict:
+    """SFT, evaluate, GRPO, evaluate: one task, one seed (and the same without the task's tools, if it has some)."""
+    task = TASKS[name]
+    sft_recipe, grpo_recipe = RECIPES / f"{name}_sft_cpu.yaml", RECIPES / task.grpo_recipe.format(name=name)
+    run_dir = output_dir / f"{name}-seed{seed}"
+    before, after, sft_minutes, grpo_minutes = sft_then_grpo(
+        sft_recipe, grpo_recipe, run_dir, samples, seed, overrides
+    )
     result = {
         "seed": seed,
         "sft": before["greedy"],
@@ -179,6 +224,21 @@ def run_seed(name: str, seed: int, output_dir: Path, samples: int, overrides: li
         "confusion_grpo": after["confusion"],
         "curve": with_start(curve(run_dir / "grpo"), before["sampled"]),
     }
+    if task.no_tools_split is not None:
+        plain_dir = run_dir / "no_tools"
+        plain = without_tools(grpo_recipe, plain_dir)
+        _, plain_after, plain_sft, plain_grpo = sft_then_grpo(
+            sft_recipe, plain, plain_dir, samples, seed, overrides, "--split", task.no_tools_split
+        )
+        result |= {
+            "tool_calls_sft": before["tool_calls"],
+            "tool_calls_per_completion": after["tool_calls"],
+            "tool_calls_curve": tool_call_curve(run_dir / "grpo"),
+            "no_tools": plain_after["greedy"],
+            "no_tools_sampled": plain_after["sampled"],
+            "blind_no_tools": plain_after["blind"],
+            "no_tools_minutes": plain_sft + plain_grpo,
+        }
     print(json.dumps({name: {k: v for k, v in result.items() if not k.startswith(("confusion", "curve"))}}))
     return result
 
@@ -186,8 +246,9 @@ def run_seed(name: str, seed: int, output_dir: Path, samples: int, overrides: li
 def summarize(runs: list[dict]) -> dict:
     """Means over seeds, with the spread (max - min) of each score where several seeds ran."""
     keys = (*SCORES, "chance", "sft_minutes", "grpo_minutes", "completion_tokens_grpo", "format_grpo", "hits_sft")
-    keys += ("hits_grpo",)
-    summary = {key: mean(run[key] for run in runs) for key in keys if runs[0][key] is not None}
+    keys += ("hits_grpo", "tool_calls_sft", "tool_calls_per_completion", "no_tools", "no_tools_sampled")
+    keys += ("blind_no_tools", "no_tools_minutes")
+    summary = {key: mean(run[key] for run in runs) for key in keys if runs[0].get(key) is not None}
     if len(runs) > 1:
         summary |= {f"{key}_spread": max(r[key] for r in runs) - min(r[key] for r in runs) for key in SCORES}
     summary["seeds"] = len(runs)
@@ -201,6 +262,12 @@ def plot(name: str, task: Task, runs: list[dict], path: Path) -> None:
         axes.plot(steps, values, marker="o", markersize=3, label=f"seed {run['seed']}")
     if runs[0]["chance"] is not None:
         axes.axhline(runs[0]["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+    if runs[0].get("tool_calls_curve"):  # the rate at which the policy calls its tool, on a second axis
+        calls = axes.twinx()
+        for run in runs:
+            steps, values = zip(*run["tool_calls_curve"], strict=True)
+            calls.plot(steps, values, color="tab:red", linewidth=1, alpha=0.7)
+        calls.set_ylabel("tool turns per completion (training)", color="tab:red")
     axes.set(xlabel="GRPO step (0: after SFT)", ylabel=f"held-out {task.score} (sampled)", title=name)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -230,6 +297,18 @@ def markdown(results: dict[str, dict], runs: dict[str, list[dict]]) -> str:
             + " | "
             f"{summary['sft_minutes']:.1f} | {summary['grpo_minutes']:.1f} | {summary['seeds']} |"
         )
+    tooled = [name for name, summary in results.items() if "no_tools" in summary]
+    if tooled:
+        header = "| task | GRPO with its tool | GRPO without (same budget) | blind, with the tool "
+        header += "| tool calls per completion, SFT → GRPO | minutes without |"
+        lines += ["", header, "|---|---|---|---|---|---|"]
+        for name in tooled:
+            summary = results[name]
+            calls = f"{summary['tool_calls_sft']:.2f} → {summary['tool_calls_per_completion']:.2f}"
+            lines.append(
+                f"| {name} | {cell(summary, 'grpo')} | {cell(summary, 'no_tools')} | {cell(summary, 'blind_grpo')} "
+                f"| {calls} | {summary['no_tools_minutes']:.1f} |"
+            )
     for name, task_runs in runs.items():
         if name != "counting":
             continue

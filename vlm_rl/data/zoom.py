@@ -46,7 +46,9 @@ ZOOM_SFT_FEATURES = Features(
 )
 
 
-ZOOM_NO_TOOLS_FEATURES = Features({key: value for key, value in ZOOM_SFT_FEATURES.items() if key != "tools"})
+ZOOM_NO_TOOLS_FEATURES = Features(
+    {**ZOOM_FEATURES, "completion": List({"role": Value("string"), "content": Value("string")})}
+)
 NO_TOOLS_SPLIT = "sft_no_tools"
 """SFT rows for the same budget without the tool (the benchmark's `no_tools` arm): the biased teacher answers."""
 ZOOM_SPLITS = (*SPLITS, NO_TOOLS_SPLIT)
@@ -152,7 +154,7 @@ def make_zoom_dataset(
         if split == NO_TOOLS_SPLIT:  # the same teacher, reading the cell it would have zoomed into, with no call
             seen = column + (1 if column + 1 < grid else -1) if rng.random() < bias_rate else column
             color = colors[row * grid + seen]
-            item["completion"] = _structured(think_answer(f"The dot is {color}.", color))
+            item["completion"] = think_answer(f"The dot is {color}.", color)
         elif split == "sft":
             seen = column
             if rng.random() < bias_rate:
