@@ -67,7 +67,7 @@ def test_the_teachers_call_its_crop_and_its_answer_agree():
     """The SFT row: a `zoom_in` call on a cell (0-1000 coordinates), the tool turn with that cell's crop from the
     original image, and the colour that crop shows; the biased teacher zooms one cell off at `bias_rate`."""
     for bias_rate, off in ((0.0, 0), (1.0, 1)):
-        rows = make_zoom_dataset(6, "sft", image_size=SIZE, bias_rate=bias_rate, seed=0)
+        rows = make_zoom_dataset(6, "sft", image_size=SIZE, call_rate=1.0, bias_rate=bias_rate, seed=0)
         for row in rows:
             call, tool, reply = row["completion"]
             (tool_call,) = call["tool_calls"]
@@ -106,7 +106,7 @@ def test_sft_trains_the_assistant_turns_with_the_tool_image_in_place(qwen3_vl):
     text) and the prompt are -100. The crop's pixels follow the scene's in `pixel_values`, as its image tokens
     follow the scene's in the sequence."""
     model, processor = qwen3_vl
-    rows = list(make_zoom_dataset(2, "sft", image_size=SIZE, seed=0))
+    rows = list(make_zoom_dataset(2, "sft", image_size=SIZE, call_rate=1.0, seed=0))
     batch = PromptCompletionCollator(processor, adapter_for(model.config))(rows)
     tokenizer, image_token = processor.tokenizer, model.config.image_token_id
     merge = processor.image_processor.merge_size**2
@@ -182,7 +182,7 @@ def test_sft_rows_show_the_tool_and_its_reply_as_a_rollout_gets_them(load_tiny):
 
     _, processor = load_tiny("qwen3_vl")
     environment = toolbox([ZoomEnvironment], processor=processor, model_type="qwen3_vl")()
-    row = make_zoom_dataset(1, "sft", seed=3)[0]
+    row = make_zoom_dataset(1, "sft", call_rate=1.0, seed=3)[0]
     # The schema in the prompt is the one training renders from the toolbox's `zoom_in`.
     assert json.loads(row["tools"]) == [get_json_schema(tool_methods(environment)["zoom_in"])]
     # The tool turn is what the built-in tool returns for the row's call (the recipe's 224x224 budget).
@@ -193,6 +193,19 @@ def test_sft_rows_show_the_tool_and_its_reply_as_a_rollout_gets_them(load_tiny):
     assert list(row["images"][1].getdata()) == list(crop["image"].getdata())
 
 
+def test_the_reluctant_teacher_calls_on_a_share_of_the_rows_and_always_answers_right(qwen3_vl):
+    model, processor = qwen3_vl
+    rows = make_zoom_dataset(40, "sft", image_size=SIZE, call_rate=0.3, seed=2)
+    calls = [len(row["completion"]) == 3 for row in rows]
+    assert 0 < sum(calls) < len(rows)  # about 30 %
+    for row, called in zip(rows, calls, strict=True):
+        assert len(row["images"]) == 1 + called and json.loads(row["tools"])[0]["function"]["name"] == TOOL_NAME
+        assert row["completion"][-1]["content"][0]["text"].endswith(f"<answer>{row['answer']}</answer>")
+    # A batch mixing both kinds of row trains: the answer-only rows are plain assistant replies.
+    batch = PromptCompletionCollator(processor, adapter_for(model.config))([rows[calls.index(False)], rows[0]])
+    assert torch.isfinite(model(**batch).loss)
+
+
 def test_no_tools_rows_have_the_same_teachers_answer_without_a_call():
     with_tool = make_zoom_dataset(8, "sft", image_size=SIZE, seed=2)
     without = make_zoom_dataset(8, "sft_no_tools", image_size=SIZE, seed=2)
@@ -200,7 +213,4 @@ def test_no_tools_rows_have_the_same_teachers_answer_without_a_call():
     for a, b in zip(with_tool, without, strict=True):
         assert a["prompt"] == b["prompt"] and a["answer"] == b["answer"] and len(b["images"]) == 1
         (reply,) = b["completion"]
-        assert (
-            reply["role"] == "assistant"
-            and [{"type": "text", "text": reply["content"]}] == a["completion"][-1]["content"]
-        )
+        assert reply["role"] == "assistant" and reply["content"].endswith(f"<answer>{a['answer']}</answer>")

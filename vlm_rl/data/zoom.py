@@ -9,11 +9,13 @@ the probe that measures it). The cell, cut from the original image (`vlm_rl.tool
 same budget, shows the dot eight times larger: one call to `zoom_in` with the cell's box makes it a one-glance task.
 
 Rows carry `box` (the dot) and `region` (the named cell), both `[x1, y1, x2, y2]` in original pixels as JSON, so a
-reward or a test can check a call. `split: sft` rows add a multi-turn `completion` from a *biased teacher*:
-assistant `zoom_in` call → tool turn (the crop and a line of text) → assistant answer, with the tool schema in a
-`tools` column. The teacher zooms one cell to the right (left at the right edge) `bias_rate` of the time and then
-answers the colour that crop shows: the SFT policy learns the call format and to read a crop, but zooms wrong about
-half the time, which GRPO with the accuracy reward can correct.
+reward or a test can check a call. `split: sft` rows add a `completion` from a *reluctant teacher*, with the tool
+schema in a `tools` column: on `call_rate` of the rows it calls `zoom_in` on the named cell (assistant call → tool
+turn, the crop and a line of text → assistant answer), and on the others it answers at once. It always answers the
+right colour, which the image alone does not show: the SFT policy learns the call format and to read a crop, calls
+on about `call_rate` of the questions and guesses on the rest, and GRPO with the accuracy reward has to find that
+calling pays. (`bias_rate`: the fraction of calls that zoom one cell to the right, left at the right edge, and then
+answer what that crop shows.) `sft_no_tools` rows are the same questions with the same answers, never a call.
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ def make_zoom_dataset(
     image_size: int = 672,
     grid: int = GRID,
     max_pixels: int = 224 * 224,
-    bias_rate: float = 0.5,
+    call_rate: float = 0.5,
+    bias_rate: float = 0.0,
     seed: int = 0,
 ) -> Dataset:
     """Rows of "What color is the dot in row r, column c?" on a `grid`×`grid` image of `image_size` pixels.
@@ -151,14 +154,15 @@ def make_zoom_dataset(
             "box": json.dumps(boxes[target]),
             "region": json.dumps(cell_box(column, row, cell)),
         }
-        if split == NO_TOOLS_SPLIT:  # the same teacher, reading the cell it would have zoomed into, with no call
-            seen = column + (1 if column + 1 < grid else -1) if rng.random() < bias_rate else column
-            color = colors[row * grid + seen]
-            item["completion"] = think_answer(f"The dot is {color}.", color)
+        # Both draws for every row and split: the `sft` and `sft_no_tools` rows stay the same questions.
+        calls, off = rng.random() < call_rate, rng.random() < bias_rate
+        if split == NO_TOOLS_SPLIT:
+            item["completion"] = think_answer(f"The dot is {colors[target]}.", colors[target])
+        elif split == "sft" and not calls:
+            item["completion"] = _structured(think_answer(f"The dot is {colors[target]}.", colors[target]))
+            item["tools"] = json.dumps([zoom_in_schema()])
         elif split == "sft":
-            seen = column
-            if rng.random() < bias_rate:
-                seen += 1 if column + 1 < grid else -1
+            seen = column + (1 if column + 1 < grid else -1) if off else column
             # The tool's reply is the built-in tool's own, as a GRPO rollout would get it for the same call.
             box = norm1000(cell_box(seen, row, cell), size)
             tool = ZoomEnvironment(box_format="norm1000", max_pixels=max_pixels)

@@ -72,6 +72,12 @@ def completion_messages(completion: str | list[dict]) -> list[dict]:
     if isinstance(completion, str):
         return [{"role": "assistant", "content": completion}]
     if (
+        len(completion) == 1
+        and completion[0].get("role") == "assistant"
+        and _text_blocks(completion[0].get("content"))
+    ):
+        return [{"role": "assistant", "content": "".join(part["text"] for part in completion[0]["content"])}]
+    if (
         not completion
         or not all(isinstance(m, dict) and isinstance(m.get("content"), str | list) for m in completion)
         or completion[-1].get("role") != "assistant"
@@ -83,6 +89,15 @@ def completion_messages(completion: str | list[dict]) -> list[dict]:
             "or as assistant turns with tool_calls and the tool turns that answer them, ending with an assistant turn"
         )
     return completion
+
+
+def _text_blocks(content: Any) -> bool:
+    """Whether a message's content is text only, as content blocks (`[{type: text, text: ...}, ...]`)."""
+    return (
+        isinstance(content, list)
+        and bool(content)
+        and all(isinstance(part, dict) and part.get("type") == "text" for part in content)
+    )
 
 
 def tool_images(completion: list[dict]) -> int:
