@@ -150,25 +150,24 @@ def capture_training_logps(trainer) -> list[torch.Tensor]:
     return scored
 
 
-def count_vision_images(trainer) -> list[int]:
-    """The images each vision-tower call encodes (rows of `grid_thw`), during `compute_loss` only."""
-    counts, active = [], [False]
+def count_vision_images(trainer) -> dict[str, list[int]]:
+    """The images each vision-tower call encodes (rows of `grid_thw`), in generation and in `compute_loss`."""
+    counts, phase = {"generation": [], "loss": []}, ["generation"]
     visual = trainer.model.model.visual
 
     def hook(module, args, kwargs, output):
-        if active[0]:
-            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-            counts.append(int(grid.size(0)))
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        counts[phase[0]].append(int(grid.size(0)))
 
     visual.register_forward_hook(hook, with_kwargs=True)
     compute_loss = trainer.compute_loss
 
     def counting(*args, **kwargs):
-        active[0] = True
+        phase[0] = "loss"
         try:
             return compute_loss(*args, **kwargs)
         finally:
-            active[0] = False
+            phase[0] = "generation"
 
     trainer.compute_loss = counting
     return counts
@@ -211,11 +210,16 @@ def test_image_tool_replies_train_with_both_switches_as_without(family, tool, lo
         torch.testing.assert_close(weights[True][key], value, atol=1e-5, rtol=0, msg=key)
     torch.testing.assert_close(logps[True], logps[False], atol=1e-5, rtol=0)
     assert logs[False][0]["grad_norm"] > 0 or kind["calls"] > 1
-    # The training forward: one image prompt (2 completions) and one text prompt (2 completions), each completion with
-    # a tool image. Plain: the prompt image once per completion; with the switches: each distinct image once (the
-    # features are then indexed out to every completion segment that shows it).
-    tool_images = 4 * kind["calls"]
-    assert images[False] == [2 + tool_images] and images[True] == [1 + (1 if kind["same_image"] else tool_images)]
+    # One image prompt and one text prompt, 2 completions each, every completion with a tool image per call. The
+    # training forward, plain: the prompt image once per completion; with the switches: each distinct image once (the
+    # features are then indexed out to every completion segment that shows it). Generation, plain: each turn encodes
+    # the conversation's images so far, once per completion (the first turn: the prompt's); with the switches: each
+    # distinct image once in the whole step.
+    calls = kind["calls"]
+    distinct = 1 + (1 if kind["same_image"] else 4 * calls)
+    assert images[False]["loss"] == [2 + 4 * calls] and images[True]["loss"] == [distinct], images
+    assert sum(images[False]["generation"]) == 2 + sum(2 + 4 * turn for turn in range(1, calls + 1)), images
+    assert sum(images[True]["generation"]) == distinct, images
 
 
 @pytest.fixture(scope="module")

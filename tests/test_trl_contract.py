@@ -21,7 +21,7 @@ import trl
 from conftest import shapes_trainer, small_config
 from datasets import concatenate_datasets
 from packaging.version import Version
-from transformers import Trainer
+from transformers import Qwen2_5_VLModel, Qwen2VLModel, Qwen3VLModel, Trainer
 from trl import GRPOConfig, GRPOTrainer, SFTTrainer
 from trl.data_utils import prepare_multimodal_messages
 from trl.generation.vllm_client import VLLMClient
@@ -359,6 +359,21 @@ SEAMS: dict[str, Callable[..., None]] = {
             "content = result if isinstance(result, list) else str(result)",
             "(existing or []) + new for existing, new in zip(merged_images, tool_images, strict=True)",
             "while idxs_with_tool and iteration_num < self.max_tool_calling_iterations:",
+        ),
+    ),
+    # `image_features_reused` (vision_once.py) swaps the Qwen-VL models' `get_image_features` while a tool loop's turns
+    # generate: each turn prefills the conversation so far, whose vision inputs the model encodes through that method.
+    "swap: Qwen-VL get_image_features in generation (image_features_reused)": all_of(
+        has_lines(
+            GRPOTrainer._tool_call_loop, "prompt_ids[idx_with_tool] + completion_ids[idx_with_tool] + suffix_ids"
+        ),
+        *(
+            has_lines(model.forward, f"{assignment} = self.get_image_features(", "pixel_values, image_grid_thw,")
+            for model, assignment in (
+                (Qwen2VLModel, 'mm_encoder_outputs["image"]'),
+                (Qwen2_5_VLModel, 'mm_encoder_outputs["image"]'),
+                (Qwen3VLModel, 'mm_encoder_outputs["image"]: BaseModelOutputWithDeepstackFeatures'),
+            )
         ),
     ),
     # --- private attributes read

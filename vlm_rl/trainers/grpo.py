@@ -65,7 +65,7 @@ from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import install_console
 from vlm_rl.trainers.shared_prefix import image_runs, pack
 from vlm_rl.trainers.tool_metrics import ToolMetricsMixin
-from vlm_rl.trainers.vision_once import encode_images_once
+from vlm_rl.trainers.vision_once import encode_images_once, image_features_reused
 from vlm_rl.trainers.vlm_options import VLMOptions
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
     _dummy_vision_inputs: dict[str, torch.Tensor] | None = None
     # `_calculate_rewards` -> `_scored_generation_batch`: the last round's rewards, gathered over processes.
     _round_rewards: torch.Tensor | None = None
+    # `_generate_and_score_completions` -> `_generate_single_turn`: each image's features, encoded once per step.
+    _generation_features: dict | None = None
 
     def __init__(self, model, reward_funcs=None, args=None, processing_class=None, **kwargs):
         options = VLMOptions.from_args(args)
@@ -330,15 +332,29 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         # `generate` on the policy (no vLLM): prefill each distinct prompt once instead of once per generation.
+        # With tools, each turn is generated from the whole conversation so far: each image is encoded once per step.
         args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
-        if self.use_vllm or self.use_transformers_continuous_batching or not self._shares_prompts(self.model, False):
+        if self.use_vllm or self.use_transformers_continuous_batching:
             return super()._generate_single_turn(*args)
         model = self.accelerator.unwrap_model(self.model_wrapped)
         base = model.get_base_model() if is_peft_model(model) else model
+        reused = (
+            image_features_reused(base, self.adapter, self._generation_features)
+            if self._generation_features is not None and self.tools and self._reuses_image_features(base)
+            else contextlib.nullcontext()
+        )
+        if not self._shares_prompts(self.model, False):
+            with reused:
+                return super()._generate_single_turn(*args)
         images = images if images is not None else [[] for _ in prompt_ids]
         tiles = self.adapter.tiles_per_row(self.processing_class, images)
-        with prompts_prefilled_once(model, base, self.adapter, [len(row) for row in images], tiles):
+        with reused, prompts_prefilled_once(model, base, self.adapter, [len(row) for row in images], tiles):
             return super()._generate_single_turn(*args)
+
+    def _reuses_image_features(self, base) -> bool:
+        """Whether generation reuses image features across the turns of a tool loop (`image_features_reused`): with
+        `encode_images_once`, for families with Qwen-VL's vision-input layout."""
+        return self._encodes_images_once(base) and tuple(self.adapter.image_keys) == ("pixel_values", "image_grid_thw")
 
     def _generate_and_score_completions(self, inputs):
         # TRL's output keeps a fixed list of vision inputs; add the family's others, from the same processor call
@@ -348,10 +364,12 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         # process with only text rows skips that collective and the others wait in it forever. Gather here, on
         # every process alike, and only when the completion logs that read them are on.
         log_multimodal, self.log_multimodal = self.log_multimodal, False
+        self._generation_features = {}  # read by `_generate_single_turn`
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self.log_multimodal = log_multimodal
+            self._generation_features = None
         if (
             log_multimodal
             and self.log_completions

@@ -8,7 +8,10 @@ tower gets the summed gradient of all the slots, as it does when each copy is en
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,6 +27,64 @@ def _select(value: Any, index: list[int]) -> Any:
     if all(isinstance(item, torch.Tensor) for item in value):
         return type(value)(value[i] for i in index)
     return [_select(item, index) for item in value]
+
+
+def _join(values: list[Any]) -> Any:
+    """Single images' features (each as `_select` gives them) one after another, in the same layout."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values)
+    if all(isinstance(item, torch.Tensor) for item in first):
+        return type(first)(item for value in values for item in value)
+    return [_join([value[layer] for value in values]) for layer in range(len(first))]
+
+
+@contextlib.contextmanager
+def image_features_reused(base_model, adapter: FamilyAdapter, cache: dict) -> Iterator[None]:
+    """Inside, the model's image encoder (`get_image_features` of a family with Qwen-VL's `pixel_values` /
+    `image_grid_thw` layout) runs only on the images not in `cache`, and adds them to it.
+
+    TRL's tool loop generates each turn from the whole conversation so far, so every turn's prefill would encode the
+    prompt's image and each earlier tool image again, for every completion; with one cache per generation step (the
+    weights do not change within it), each distinct image is encoded once. Images are keyed by their vision inputs.
+    """
+    owner = base_model.model if hasattr(getattr(base_model, "model", None), "get_image_features") else base_model
+    original = owner.get_image_features
+
+    def get_image_features(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs: Any):
+        count = image_grid_thw.size(0)
+        per_image = adapter.split_vision_inputs(
+            {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}, [1] * count
+        )
+        keys = [
+            (tuple(grid.flatten().tolist()), hashlib.sha1(pixels.detach().cpu().numpy().tobytes()).hexdigest())
+            for pixels, grid in zip(per_image["pixel_values"], per_image["image_grid_thw"], strict=True)
+        ]
+        new: dict[tuple, int] = {}
+        for image, key in enumerate(keys):
+            if key not in cache:
+                new.setdefault(key, image)
+        if new:
+            features = original(
+                torch.cat([per_image["pixel_values"][i] for i in new.values()]),
+                torch.cat([per_image["image_grid_thw"][i] for i in new.values()]),
+                **kwargs,
+            )
+            for position, key in enumerate(new):
+                fields = {
+                    field: _select(getattr(features, field), [position]) for field in adapter.image_feature_fields
+                }
+                cache[key] = (type(features), fields)
+        output_type = cache[keys[0]][0]
+        return output_type(
+            **{field: _join([cache[key][1][field] for key in keys]) for field in adapter.image_feature_fields}
+        )
+
+    owner.get_image_features = get_image_features
+    try:
+        yield
+    finally:
+        del owner.get_image_features
 
 
 def encode_images_once(base_model, adapter: FamilyAdapter, inputs: dict[str, Any]) -> dict[str, Any] | None:
