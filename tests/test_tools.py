@@ -334,3 +334,16 @@ def test_tools_doc_examples_run():
         exec(block, {})
     for block in re.findall(r"```yaml\n(.*?)```", doc, flags=re.DOTALL):
         assert set(yaml.safe_load(block)) <= set(VLMGRPOConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize(("tools", "turns", "limit"), [(["zoom_in"], 2, 3), ([], None, 1)])
+def test_vllm_makes_room_for_one_image_per_tool_turn(tools, turns, limit, tmp_path):
+    """A recipe run's vLLM image limit: the data's most (one here) and, with tools, one per tool turn; without it
+    the turn after a zoom fails in vLLM ("At most 1 image(s) may be provided in one prompt")."""
+    from vlm_rl.config import parse_recipe
+    from vlm_rl.prepare import prepare
+
+    recipe = tool_recipe(tmp_path, "tiny:qwen3_vl", tools=tools, max_tool_turns=turns)
+    model_args, data_args, reward_args, training_args, path = parse_recipe(["--config", recipe])
+    prepare(model_args, data_args, reward_args, training_args, path.parent)
+    assert training_args.vllm_limit_mm_per_prompt == limit

@@ -109,7 +109,7 @@ def prepare(
     prepared = prepare_run(model_args, data_args, training_args, recipe_dir, reward_funcs, check_data)
     prepared.tools = tools
     if training_args.vllm_limit_mm_per_prompt is None:
-        training_args.vllm_limit_mm_per_prompt = most_images_per_row(prepared.task.train, prepared.task.eval)
+        training_args.vllm_limit_mm_per_prompt = images_per_prompt(training_args, prepared.task)
     prepared.default_max_prompt_length = default_max_prompt_length(data_args, training_args, prepared.config)
     return prepared
 
@@ -148,6 +148,15 @@ def prepare_run(
         resume=resume,
         recipe_dir=recipe_dir,
     )
+
+
+def images_per_prompt(training_args: VLMGRPOConfig, task: TaskData) -> int:
+    """The most images one vLLM prompt holds: the data's most and, with tools, one per tool turn (TRL's tool loop
+    sends the conversation so far, the tools' images included, as the next turn's prompt)."""
+    most = most_images_per_row(task.train, task.eval)
+    if not training_args.tools:
+        return most
+    return most + (training_args.max_tool_turns or training_args.max_tool_calling_iterations or 0)
 
 
 def evaluates(training_args: TrainingArguments) -> bool:

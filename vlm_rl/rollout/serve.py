@@ -17,9 +17,8 @@ import sys
 import torch
 
 from vlm_rl.config import parse_recipe
-from vlm_rl.data import most_images_per_row
 from vlm_rl.models import load_processor
-from vlm_rl.prepare import prepare_data, prepare_model_path
+from vlm_rl.prepare import images_per_prompt, prepare_data, prepare_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +35,7 @@ def server_args(argv: list[str]) -> list[str]:
     adapter.set_image_size_bounds(processor, model_args.min_pixels, model_args.max_pixels)
     limit = training_args.vllm_limit_mm_per_prompt
     if limit is None:
-        task = prepare_data(data_args, training_args, recipe_dir)
-        limit = most_images_per_row(task.train, task.eval)
+        limit = images_per_prompt(training_args, prepare_data(data_args, training_args, recipe_dir))
     host = training_args.vllm_server_host
     port = training_args.vllm_server_port
     if training_args.vllm_server_base_url:
