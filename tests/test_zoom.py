@@ -76,7 +76,7 @@ def test_the_teachers_call_its_crop_and_its_answer_agree():
             region = json.loads(row["region"])
             assert abs(pixels[0] - region[0]) == off * SIZE // GRID and pixels[1:4:2] == region[1:4:2]
             image, crop = row["images"]
-            assert crop.tobytes() == crop_region(image, tuple(pixels), 224 * 224)[0].tobytes()
+            assert crop.tobytes() == crop_region(image, tuple(pixels), 128 * 128)[0].tobytes()
             (seen,) = colors_in(crop)
             assert reply["content"][0]["text"].endswith(f"<answer>{seen}</answer>")
             if not off:

@@ -2,11 +2,12 @@
 
 A large image is a grid of `grid`×`grid` cells, each with its own pale tint and one small saturated dot of one of six
 colours. The question names a cell ("row 3, column 6"), so where to zoom is in the text, and asks for its dot's
-colour. At the training resolution (the processor's `max_pixels` shrinks a 672-pixel image about 3×) a dot is two or
-three pixels inside one visual token, its colour a faint change to a token the cell's tint already colours more, and
-63 other dots of every colour fill the other cells: the downsampled image does not tell the answer (docs/tools.md has
-the probe that measures it). The cell, cut from the original image (`vlm_rl.tools.zoom.crop_region`) and shown at the
-same budget, shows the dot eight times larger: one call to `zoom_in` with the cell's box makes it a one-glance task.
+colour. At a small visual budget (`max_pixels` 112² or 128²: 16 visual tokens for the whole 672-pixel image) a dot
+is two or three pixels, a faint change to one patch that the cell's tint already colours more, beside 63 other dots
+of every colour. The cell cut from the original image (`vlm_rl.tools.zoom.crop_region`) and shown at the same budget
+shows the dot eight times larger, most of one visual token: one `zoom_in` call on the cell's box makes it a
+one-glance task. The information is not gone from the small image (a linear probe on its raw pixels reads it);
+the tiny models just do not learn to read it there (docs/tools.md has the probes and the runs).
 
 Rows carry `box` (the dot) and `region` (the named cell), both `[x1, y1, x2, y2]` in original pixels as JSON, so a
 reward or a test can check a call. `split: sft` rows add a multi-turn `completion` from a *biased teacher*:
@@ -79,8 +80,8 @@ def norm1000(box: list[int], size: int) -> list[int]:
 def draw_zoom_image(
     colors: list[str], grid: int, cell: int, rng: random.Random
 ) -> tuple[Image.Image, list[list[int]]]:
-    """The grid: each cell a pale random tint with a dot of `colors[row * grid + column]` at a random spot, about a
-    tenth of the cell wide. Returns the image and each dot's box (pixels, edges included), in the same order.
+    """The grid: each cell a pale random tint with a dot of `colors[row * grid + column]` at a random spot, a fifth to
+    a sixth of the cell wide. Returns the image and each dot's box (pixels, edges included), in the same order.
 
     The tints (up to ±24 per channel around a light grey) vary a cell's mean colour much more than its dot does, so
     the downsampled cell's colour does not give the answer; zoomed, the saturated dot stands out from any tint.
@@ -94,7 +95,7 @@ def draw_zoom_image(
         tint = tuple(grey + rng.randint(-24, 24) for _ in range(3))
         x0, y0 = column * cell, row * cell
         pen.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=tint)
-        side = rng.randint(max(1, cell // 12), max(1, cell // 9))
+        side = rng.randint(max(1, cell // 6), max(1, cell // 5))
         margin = cell // 6
         x, y = x0 + rng.randint(margin, cell - margin - side), y0 + rng.randint(margin, cell - margin - side)
         pen.rectangle((x, y, x + side - 1, y + side - 1), fill=ZOOM_COLORS[color])
@@ -122,7 +123,7 @@ def make_zoom_dataset(
     *,
     image_size: int = 672,
     grid: int = GRID,
-    max_pixels: int = 224 * 224,
+    max_pixels: int = 128 * 128,
     bias_rate: float = 0.5,
     seed: int = 0,
 ) -> Dataset:
