@@ -3,11 +3,11 @@
     python benchmarks/zoom_probe.py [--rows 1000] [--test-rows 400] [--max-pixels 12544]
 
 Without the tool the vision tower gets the whole image at `max_pixels` (672 pixels → 112: 16 visual tokens, the
-named cell one 14-pixel patch); with it, the cell cut from the original image and brought to the same budget. For
-each view it fits a softmax-regression probe (held-out rows scored) on: the cell's mean colour, the cell's raw
-pixels as the vision tower receives them, and the tiny Qwen2-VL's (random, untrained) vision-tower output for the
-cell; and it reads the colour of the cell's most saturated pixel, a hand-made nonlinear detector. Prints one JSON
-object; docs/tools.md has the numbers.
+named cell 7 pixels); with it, the cell cut from the original image and brought to the same budget. For each view
+it fits a softmax-regression probe (held-out rows scored) on: the cell's mean colour, the cell's raw pixels as the
+vision tower receives them, and the tiny Qwen2-VL's (random, untrained) vision-tower output (the merged token holding
+the cell; the zoomed cell's mean token); and it reads the colour of the cell's most saturated pixel, a hand-made
+nonlinear detector. Prints one JSON object; docs/tools.md has the numbers.
 """
 
 from __future__ import annotations
