@@ -1,13 +1,13 @@
 """Does `synthetic:zoom` need the zoom? Probes of the answer on what the model sees without and with it.
 
-    python benchmarks/zoom_probe.py [--rows 1500] [--max-pixels 50176]
+    python benchmarks/zoom_probe.py [--rows 1000] [--test-rows 400] [--max-pixels 12544]
 
-Without the tool the vision tower gets the whole image at `max_pixels` (672 pixels → 224, the tiny models'
-default budget), and the named cell is one merged token; with it, the cell cut from the original image at the same
-budget. For each view it fits a softmax-regression probe (held-out rows scored) on: the cell's mean colour, the
-cell's raw pixels as the vision tower receives them, and the tiny Qwen2-VL's (random, untrained) vision-tower
-output for the cell; and it reads the colour of the cell's most saturated pixel, a hand-made nonlinear detector.
-Prints one JSON object; docs/tools.md has the numbers.
+Without the tool the vision tower gets the whole image at `max_pixels` (672 pixels → 112: 16 visual tokens, the
+named cell 7 pixels); with it, the cell cut from the original image and brought to the same budget. For each view
+it fits a softmax-regression probe (held-out rows scored) on: the cell's mean colour, the cell's raw pixels as the
+vision tower receives them, and the tiny Qwen2-VL's (random, untrained) vision-tower output (the merged token holding
+the cell; the zoomed cell's mean token); and it reads the colour of the cell's most saturated pixel, a hand-made
+nonlinear detector. Prints one JSON object; docs/tools.md has the numbers.
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ def pixels(image: Image.Image) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1500)
-    parser.add_argument("--test-rows", type=int, default=500)
-    parser.add_argument("--max-pixels", type=int, default=224 * 224)
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--test-rows", type=int, default=400)
+    parser.add_argument("--max-pixels", type=int, default=112 * 112)
     parser.add_argument("--grid", type=int, default=GRID)
     args = parser.parse_args()
     names = list(ZOOM_COLORS)

@@ -79,7 +79,7 @@ def test_the_teachers_call_its_crop_and_its_answer_agree():
             image, crop = row["images"]
             # The zoom tool's crop: the 0-1000 box to pixels, unrounded (`ZoomEnvironment.zoom_in`).
             exact = tuple(v * SIZE / 1000 for v in box)
-            assert crop.tobytes() == crop_region(image, exact, 224 * 224)[0].tobytes()
+            assert crop.tobytes() == crop_region(image, exact, 128 * 128)[0].tobytes()
             (seen,) = colors_in(crop)
             assert reply["content"][0]["text"].endswith(f"<answer>{seen}</answer>")
             if not off:
@@ -185,7 +185,7 @@ def test_sft_rows_show_the_tool_and_its_reply_as_a_rollout_gets_them(load_tiny):
     row = make_zoom_dataset(1, "sft", call_rate=1.0, seed=3)[0]
     # The schema in the prompt is the one training renders from the toolbox's `zoom_in`.
     assert json.loads(row["tools"]) == [get_json_schema(tool_methods(environment)["zoom_in"])]
-    # The tool turn is what the built-in tool returns for the row's call (the recipe's 224x224 budget).
+    # The tool turn is what the built-in tool returns for the row's call (the recipe's 128x128 budget).
     environment.reset(images=row["images"][:1])
     arguments = json.loads(row["completion"][0]["tool_calls"][0]["function"]["arguments"])
     crop, text = environment.zoom_in(**arguments)

@@ -1,12 +1,13 @@
 """`synthetic:zoom`: a task that needs the `zoom_in` tool ("thinking with images").
 
-A large image is a grid of `grid`×`grid` cells, each with its own pale tint and one small saturated dot of one of six
-colours. The question names a cell ("row 3, column 6"), so where to zoom is in the text, and asks for its dot's
-colour. At the training resolution (the processor's `max_pixels` shrinks a 672-pixel image about 3×) a dot is two or
-three pixels inside one visual token, its colour a faint change to a token the cell's tint already colours more, and
-63 other dots of every colour fill the other cells: the downsampled image does not tell the answer (docs/tools.md has
-the probe that measures it). The cell, cut from the original image (`vlm_rl.tools.zoom.crop_region`) and shown at the
-same budget, shows the dot eight times larger: one call to `zoom_in` with the cell's box makes it a one-glance task.
+A large image is a grid of `grid`×`grid` cells (16×16 cells of 42 pixels in a 672-pixel image), each with its own
+pale tint and one saturated dot, a third of the cell wide, of one of six colours. The question names a cell ("row 3,
+column 6"), so where to zoom is in the text, and asks for its dot's colour. At a small visual budget (`max_pixels`
+112² or 128²: 16 visual tokens for the whole image) a dot is two or three pixels, beside 255 other dots of every
+colour; the cell cut from the original image (`vlm_rl.tools.zoom.crop_region`) and brought to the same budget shows
+it 16 times larger, a third of the crop. The tiny models learn to read the crop in a few hundred SFT steps and do
+not learn to read the whole image in the same budget, though a linear probe on its raw pixels can: the information
+is there, too small for them (docs/tools.md has the probes and the runs).
 
 Rows carry `box` (the dot) and `region` (the named cell), both `[x1, y1, x2, y2]` in original pixels as JSON, so a
 reward or a test can check a call. `split: sft` rows add a `completion` from a *reluctant teacher*, with the tool
@@ -31,7 +32,7 @@ from vlm_rl.data.scenes import FEATURES, SPLITS, think_answer
 from vlm_rl.data.synthetic import COLORS
 
 ZOOM_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, "purple": (150, 40, 190), "cyan": (20, 190, 200)}
-GRID = 8
+GRID = 16
 MIN_CELL = 12  # pixels: a dot of at least one pixel, away from the cell's edges
 TOOL_NAME = "zoom_in"
 ZOOM_FEATURES = Features({**FEATURES, "box": Value("string"), "region": Value("string")})
@@ -69,8 +70,8 @@ def norm1000(box: list[int], size: int) -> list[int]:
 def draw_zoom_image(
     colors: list[str], grid: int, cell: int, rng: random.Random
 ) -> tuple[Image.Image, list[list[int]]]:
-    """The grid: each cell a pale random tint with a dot of `colors[row * grid + column]` at a random spot, about a
-    tenth of the cell wide. Returns the image and each dot's box (pixels, edges included), in the same order.
+    """The grid: each cell a pale random tint with a dot of `colors[row * grid + column]` at a random spot, a third of
+    the cell wide, clear of its edges. Returns the image and each dot's box (pixels, edges included), in that order.
 
     The tints (up to ±24 per channel around a light grey) vary a cell's mean colour much more than its dot does, so
     the downsampled cell's colour does not give the answer; zoomed, the saturated dot stands out from any tint.
@@ -84,8 +85,8 @@ def draw_zoom_image(
         tint = tuple(grey + rng.randint(-24, 24) for _ in range(3))
         x0, y0 = column * cell, row * cell
         pen.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=tint)
-        side = rng.randint(max(1, cell // 12), max(1, cell // 9))
-        margin = cell // 6
+        side = rng.randint(max(1, cell // 3), max(1, cell * 3 // 8))
+        margin = cell // 8
         x, y = x0 + rng.randint(margin, cell - margin - side), y0 + rng.randint(margin, cell - margin - side)
         pen.rectangle((x, y, x + side - 1, y + side - 1), fill=ZOOM_COLORS[color])
         boxes.append([x, y, x + side - 1, y + side - 1])
@@ -112,7 +113,7 @@ def make_zoom_dataset(
     *,
     image_size: int = 672,
     grid: int = GRID,
-    max_pixels: int = 224 * 224,
+    max_pixels: int = 128 * 128,
     call_rate: float = 0.5,
     bias_rate: float = 0.0,
     seed: int = 0,
