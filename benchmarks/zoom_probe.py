@@ -23,7 +23,7 @@ from PIL import Image
 
 from vlm_rl.data.zoom import GRID, ZOOM_COLORS, make_zoom_dataset
 from vlm_rl.models import build_tiny_model, load_model_and_processor
-from vlm_rl.tools.zoom import crop_region
+from vlm_rl.zooming import crop_region
 
 
 def views(row: dict, max_pixels: int) -> dict[str, Image.Image]:

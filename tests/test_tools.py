@@ -13,7 +13,7 @@ from datasets import concatenate_datasets
 from PIL import Image
 from trl.chat_template_utils import qwen3_vl_chat_template, supports_tool_calling
 
-from vlm_rl.config import VLMGRPOConfig
+from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig
 from vlm_rl.data import make_shapes_dataset
 from vlm_rl.recipe_check import RecipeError
 from vlm_rl.rewards import RewardSpecError
@@ -327,13 +327,17 @@ def test_a_family_whose_template_cannot_render_tool_calls_is_refused(tmp_path):
         train_main(["--config", tool_recipe(tmp_path, "tiny:qwen2_vl")])
 
 
+RECIPE_CONFIGS = (ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig)
+
+
 def test_tools_doc_examples_run():
-    """docs/tools.md: its Python example runs, and its recipe snippet's keys are fields of the GRPO config."""
+    """docs/tools.md: its Python example runs, and its recipe snippets' keys are recipe fields."""
     doc = (Path(__file__).resolve().parent.parent / "docs/tools.md").read_text()
     for block in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL):
         exec(block, {})
+    fields = {name for config in RECIPE_CONFIGS for name in config.__dataclass_fields__}
     for block in re.findall(r"```yaml\n(.*?)```", doc, flags=re.DOTALL):
-        assert set(yaml.safe_load(block)) <= set(VLMGRPOConfig.__dataclass_fields__)
+        assert set(yaml.safe_load(block)) <= fields
 
 
 @pytest.mark.parametrize(("tools", "turns", "limit"), [(["zoom_in"], 2, 3), ([], None, 1)])

@@ -21,7 +21,7 @@ from vlm_rl.models.collator import IGNORE_INDEX, PromptCompletionCollator
 from vlm_rl.models.families.qwen_vl import CHAT_TEMPLATE
 from vlm_rl.sft import main as sft_main
 from vlm_rl.tools import ZoomEnvironment
-from vlm_rl.tools.zoom import crop_region
+from vlm_rl.zooming import crop_region
 
 SIZE = 336  # 42-pixel cells: small images, fast tests
 

@@ -4,7 +4,7 @@ A large image is a grid of `grid`×`grid` cells (16×16 cells of 42 pixels in a 
 pale tint and one saturated dot, a third of the cell wide, of one of six colours. The question names a cell ("row 3,
 column 6"), so where to zoom is in the text, and asks for its dot's colour. At a small visual budget (`max_pixels`
 112² or 128²: 16 visual tokens for the whole image) a dot is two or three pixels, beside 255 other dots of every
-colour; the cell cut from the original image (`vlm_rl.tools.zoom.crop_region`) and brought to the same budget shows
+colour; the cell cut from the original image (`vlm_rl.zooming.crop_region`) and brought to the same budget shows
 it 16 times larger, a third of the crop. The tiny models learn to read the crop in a few hundred SFT steps and do
 not learn to read the whole image in the same budget, though a linear probe on its raw pixels can: the information
 is there, too small for them (docs/tools.md has the probes and the runs).
@@ -30,11 +30,41 @@ from PIL import Image, ImageDraw
 
 from vlm_rl.data.scenes import FEATURES, SPLITS, think_answer
 from vlm_rl.data.synthetic import COLORS
+from vlm_rl.zooming import crop_region, zoom_reply_text
 
 ZOOM_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, "purple": (150, 40, 190), "cyan": (20, 190, 200)}
 GRID = 16
 MIN_CELL = 12  # pixels: a dot of at least one pixel, away from the cell's edges
 TOOL_NAME = "zoom_in"
+# The built-in `zoom_in`'s schema as TRL renders it into prompts (transformers' `get_json_schema` of its signature and
+# docstring; tests/test_zoom.py checks that they agree), for the SFT rows' `tools` column.
+ZOOM_IN_SCHEMA = {
+    "type": "function",
+    "function": {
+        "name": TOOL_NAME,
+        "description": "Zoom in on a region of an image, to see its details at a higher resolution.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "bbox_2d": {
+                    "type": "array",
+                    "items": {"type": "number"},
+                    "description": "The region to zoom into, as [x1, y1, x2, y2], in the coordinates you use for "
+                    "boxes in answers.",
+                },
+                "image_index": {
+                    "type": "integer",
+                    "description": "Which image of the question to zoom into, counting from 0.",
+                },
+            },
+            "required": ["bbox_2d"],
+        },
+        "return": {
+            "anyOf": [{"type": "array", "items": {"type": "object", "additionalProperties": {}}}, {"type": "string"}],
+            "description": "The region as an image, and a line saying what was cut.",
+        },
+    },
+}
 ZOOM_FEATURES = Features({**FEATURES, "box": Value("string"), "region": Value("string")})
 _CONTENT = List({"type": Value("string"), "text": Value("string")})
 _TOOL_CALLS = List({"type": Value("string"), "function": {"name": Value("string"), "arguments": Value("string")}})
@@ -125,9 +155,6 @@ def make_zoom_dataset(
     then the teacher's crop (`crop_region` within `max_pixels`), in conversation order, and `tools` the tool schema.
     `sft_no_tools` rows have the same teacher's answer alone, for a run without the tool.
     """
-    # lazy: the tools import the model families, whose tiny models import this package
-    from vlm_rl.tools.zoom import ZoomEnvironment, zoom_in_schema
-
     if split not in ZOOM_SPLITS:
         raise ValueError(f"Unknown split {split!r} for synthetic:zoom; use one of {list(ZOOM_SPLITS)}.")
     cell = image_size // grid
@@ -161,14 +188,16 @@ def make_zoom_dataset(
             item["completion"] = think_answer(f"The dot is {colors[target]}.", colors[target])
         elif split == "sft" and not calls:
             item["completion"] = _structured(think_answer(f"The dot is {colors[target]}.", colors[target]))
-            item["tools"] = json.dumps([zoom_in_schema()])
+            item["tools"] = json.dumps([ZOOM_IN_SCHEMA])
         elif split == "sft":
             seen = column + (1 if column + 1 < grid else -1) if off else column
-            # The tool's reply is the built-in tool's own, as a GRPO rollout would get it for the same call.
+            # The tool turn is the built-in tool's own reply to the call (0-1000 coordinates to pixels as it converts
+            # them), as a GRPO rollout would get it.
             box = norm1000(cell_box(seen, row, cell), size)
-            tool = ZoomEnvironment(box_format="norm1000", max_pixels=max_pixels)
-            tool.reset(images=[image])
-            crop, text = (part.get("image") or part.get("text") for part in tool.zoom_in(bbox_2d=box))
+            scale = image.width / 1000, image.height / 1000
+            pixels = (box[0] * scale[0], box[1] * scale[1], box[2] * scale[0], box[3] * scale[1])
+            crop, shrunk = crop_region(image, pixels, max_pixels)
+            text = zoom_reply_text(tuple(map(float, box)), 0, crop if shrunk else None, max_pixels)
             color = colors[row * grid + seen]
             item["images"] = [image, crop]
             item["completion"] = [
@@ -176,7 +205,7 @@ def make_zoom_dataset(
                 tool_turn(text),
                 *_structured(think_answer(f"The dot is {color}.", color)),
             ]
-            item["tools"] = json.dumps([zoom_in_schema()])
+            item["tools"] = json.dumps([ZOOM_IN_SCHEMA])
         rows.append(item)
     features = {"sft": ZOOM_SFT_FEATURES, NO_TOOLS_SPLIT: ZOOM_NO_TOOLS_FEATURES}.get(split, ZOOM_FEATURES)
     return Dataset.from_list(rows, features=features)

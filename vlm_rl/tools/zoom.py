@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import types
 from typing import Any
 
 from PIL import Image
@@ -11,32 +10,7 @@ from PIL import Image
 from vlm_rl.models.families import family_adapter
 from vlm_rl.rewards.boxes import pixel_scale, resolve_box_format
 from vlm_rl.tools.replies import error_reply
-
-Box = tuple[float, float, float, float]
-
-
-def crop_region(image: Image.Image, box: Box, max_pixels: int) -> tuple[Image.Image, bool]:
-    """The `box` (x1, y1, x2, y2 in original-image pixels, clamped to the image) cut from `image`, resized down with
-    its aspect kept when its area is over `max_pixels`, so a zoom never overflows the visual-token budget.
-
-    Returns the crop and whether it was shrunk. Raises `ValueError` for a box with no area inside the image.
-    """
-    width, height = image.size
-    x1, y1 = max(0.0, min(box[0], box[2])), max(0.0, min(box[1], box[3]))
-    x2, y2 = min(float(width), max(box[0], box[2])), min(float(height), max(box[1], box[3]))
-    # Whole pixels that cover the box; a coordinate within 1e-6 of a pixel edge is on it (0.336 * 750 is
-    # 252.00000000000003 in floating point, which must not add a row of the next cell).
-    left, top = math.floor(x1 + 1e-6), math.floor(y1 + 1e-6)
-    right, bottom = math.ceil(x2 - 1e-6), math.ceil(y2 - 1e-6)
-    if right - left < 1 or bottom - top < 1:
-        raise ValueError(f"the box {list(box)} has no area inside the {width}x{height} image")
-    crop = image.crop((left, top, right, bottom))
-    area = crop.width * crop.height
-    if area <= max_pixels:
-        return crop, False
-    scale = math.sqrt(max_pixels / area)
-    size = (max(1, math.floor(crop.width * scale)), max(1, math.floor(crop.height * scale)))
-    return crop.resize(size, Image.Resampling.BICUBIC), True
+from vlm_rl.zooming import Box, crop_region, zoom_reply_text
 
 
 def crop_budget(processor: Any, model_type: str | None) -> int:
@@ -121,9 +95,7 @@ class ZoomEnvironment:
             crop, shrunk = crop_region(image, pixels, self.max_pixels)
         except ValueError:
             return error_reply(f"bbox_2d {list(box)} ({self.box_format} coordinates) is outside image {image_index}.")
-        text = f"Zoomed into {list(box)} of image {image_index}."
-        if shrunk:
-            text += f" The region was shrunk to {crop.width}x{crop.height} to fit the {self.max_pixels}-pixel budget."
+        text = zoom_reply_text(box, image_index, crop if shrunk else None, self.max_pixels)
         return [{"type": "image", "image": crop}, {"type": "text", "text": text}]
 
 
@@ -134,11 +106,3 @@ def _four_numbers(value: Any) -> Box | None:
     if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value):
         return None
     return tuple(float(v) for v in value)
-
-
-def zoom_in_schema() -> dict[str, Any]:
-    """The JSON schema of the built-in `zoom_in` as TRL renders it into prompts (from its signature and docstring),
-    for data that shows the model the tool outside a rollout (`synthetic:zoom`'s SFT rows)."""
-    from transformers.utils import get_json_schema  # lazy: transformers is slow to import
-
-    return get_json_schema(types.MethodType(ZoomEnvironment.zoom_in, ZoomEnvironment))
