@@ -119,6 +119,7 @@ RECIPE_SETUPS = {
     "grounding_math_cpu.yaml": Setup("qwen2_5_vl", None),
     "local_jsonl_cpu.yaml": Setup("qwen2_vl", shapes_jsonl),
     "grounding_grpo_cpu.yaml": Setup("qwen3_vl", None),
+    "zoom_cpu.yaml": Setup("qwen3_vl", None),
     "qwen2_5_vl_3b_rec_grounding.yaml": Setup("qwen2_5_vl", vlm_r1_refcoco),
     "qwen2_5_vl_7b_geometry.yaml": Setup("qwen2_5_vl", geometry3k),
     "qwen3_vl_counting.yaml": Setup("qwen3_vl", r1v_clevr),
