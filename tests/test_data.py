@@ -403,3 +403,31 @@ def test_data_doc_examples_run_and_its_recipes_parse(tmp_path, monkeypatch, load
     assert len(blocks) >= 4
     for block in blocks:
         DataArguments(**yaml.safe_load(block))  # every key a data field, every value accepted
+
+
+def test_deepeyes_parquet_layout_answer_inside_a_struct_column(tmp_path):
+    """verl / DeepEyes rows: a conversational `prompt` with an `<image>` marker, `images` as encoded bytes and the
+    answer inside the `reward_model` struct, reached with `column_mapping: {reward_model.ground_truth: answer}`."""
+    rows = [
+        {
+            "data_source": "vstar",
+            "prompt": [
+                {"role": "system", "content": "Zoom in when a detail is too small."},
+                {"role": "user", "content": f"<image>\nWhat colour is the cup {i}?"},
+            ],
+            "images": [{"bytes": png_bytes((200, 10 * i, 0)), "path": None}],
+            "reward_model": {"ground_truth": f"colour {i}", "style": "rule"},
+            "extra_info": {"index": i},
+        }
+        for i in range(3)
+    ]
+    Dataset.from_list(rows).to_parquet(tmp_path / "train.parquet")
+    task = load(tmp_path / "train.parquet", column_mapping={"reward_model.ground_truth": "answer"})
+    batch = task.train.__getitems__([0, 1, 2])
+    assert [row["answer"] for row in batch] == ["colour 0", "colour 1", "colour 2"]
+    assert [len(row["images"]) for row in batch] == [1, 1, 1] and batch[1]["images"][0].getpixel((0, 0))[1] == 10
+    system, user = batch[0]["prompt"]
+    assert system["content"] == [{"type": "text", "text": "Zoom in when a detail is too small."}]
+    assert user["content"][0]["type"] == "image"  # where the `<image>` marker was
+    with pytest.raises(DataError, match=r"column_mapping renames 'reward_model.truth'.*reward_model.ground_truth"):
+        load(tmp_path / "train.parquet", column_mapping={"reward_model.truth": "answer"})

@@ -118,9 +118,14 @@ class RowFormat:
 
 
 def rename_columns(dataset: Dataset, mapping: dict[str, str] | None, name: str) -> Dataset:
-    """Apply `column_mapping`, naming a source column the data lacks (and the closest it has)."""
+    """Apply `column_mapping`, naming a source column the data lacks (and the closest it has). A source may name a
+    field of a struct column as `column.field`."""
     if not mapping:
         return dataset
+    if any("." in source and source not in dataset.column_names for source in mapping):
+        # A field inside a struct column (verl / DeepEyes data: `reward_model.ground_truth`): struct columns become
+        # `parent.child` columns, which the mapping can then rename.
+        dataset = dataset.flatten()
     columns = [c for c in dataset.column_names if c != ROW_ID]
     for source, target in mapping.items():
         if source not in columns:
