@@ -8,6 +8,7 @@ evaluation and the rest run as written. The scale suite runs the GPU recipes onc
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from datasets import Dataset
 from PIL import Image
 from test_data import png, write_jsonl
 
@@ -86,6 +88,30 @@ def r1v_clevr(directory: Path) -> None:
     write_jsonl(directory / "data/clevr_count/train.jsonl", rows)
 
 
+def deepeyes_parquet(directory: Path) -> None:
+    """DeepEyes' verl layout: system + user prompt with an `<image>` marker, encoded images, the answer inside the
+    `reward_model` struct, extra columns passed on."""
+    rows = []
+    for i in range(10):
+        buffer = io.BytesIO()
+        Image.new("RGB", (96, 64), (200, 20 * i, 0)).save(buffer, format="PNG")
+        prompt = [
+            {"role": "system", "content": "Think, zoom in if a detail is too small, then answer."},
+            {"role": "user", "content": "<image>\nWhat is the colour of the small flag?"},
+        ]
+        rows.append(
+            {
+                "data_source": "vstar",
+                "prompt": prompt,
+                "images": [{"bytes": buffer.getvalue(), "path": None}],
+                "reward_model": {"ground_truth": "red", "style": "rule"},
+                "extra_info": {"index": i},
+            }
+        )
+    (directory / "data/deepeyes").mkdir(parents=True, exist_ok=True)
+    Dataset.from_list(rows).to_parquet(directory / "data/deepeyes/train-00000.parquet")
+
+
 def multiple_choice(directory: Path) -> None:
     """ScienceQA-style rows, lettered choices; one row without a picture, as the recipe allows."""
     for split in ("train", "val"):
@@ -123,6 +149,7 @@ RECIPE_SETUPS = {
     "qwen2_5_vl_3b_rec_grounding.yaml": Setup("qwen2_5_vl", vlm_r1_refcoco),
     "qwen2_5_vl_7b_geometry.yaml": Setup("qwen2_5_vl", geometry3k),
     "qwen3_vl_counting.yaml": Setup("qwen3_vl", r1v_clevr),
+    "qwen3_vl_8b_zoom_deepeyes.yaml": Setup("qwen3_vl", deepeyes_parquet),
     # SmolVLM-256M-Instruct is `idefics3`. Its tiles are 512 px and the recipe's max_pixels keeps one; the tiny
     # model's tiles are 32 px, so one tile is max_pixels 32 x 32.
     "smolvlm_small_gpu.yaml": Setup("idefics3", multiple_choice, {"max_pixels": "1024"}),
