@@ -50,6 +50,21 @@ def test_multi_turn_completions_are_scored_on_the_models_turns_only():
     assert accuracy(prompts=[None] * 2, completions=completions, answer=["red", "red"]) == [0.0, 1.0]
 
 
+def test_a_parsed_reasoning_block_counts_for_the_format(load_tiny):
+    """With tools, TRL parses completions with the template's response schema; Qwen3's moves `<think>…</think>` into
+    `reasoning_content`. The format reward still sees the block the model wrote."""
+    from trl.chat_template_utils import add_response_schema, parse_response, qwen3_vl_chat_template
+
+    _, processor = load_tiny("qwen3_vl")
+    processor.chat_template = processor.tokenizer.chat_template = qwen3_vl_chat_template
+    tokenizer = add_response_schema(processor).tokenizer
+    ids = tokenizer.encode("<think>a red dot</think><answer>red</answer><|im_end|>", add_special_tokens=False)
+    prefix = tokenizer.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True)
+    message = parse_response(tokenizer, ids, prefix=prefix)
+    assert message["reasoning_content"] == "a red dot" and "<think>" not in message["content"]
+    assert resolve_reward("think_answer_format")(prompts=[None], completions=[[message]]) == [1.0]
+
+
 def test_accuracy_without_answer_column_names_it():
     with pytest.raises(KeyError, match="'answer' column"):
         resolve_reward("accuracy")(prompts=["q"], completions=["x"], solution=["x"])

@@ -12,16 +12,23 @@ _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)
 
 def completion_text(completion: Any) -> str:
     """The text of a completion, whether plain (a string) or conversational (a list of messages). In a multi-turn
-    completion only the model's own turns count: a tool's reply is not the model's answer."""
+    completion only the model's own turns count: a tool's reply is not the model's answer. A message's
+    `reasoning_content` is put back in its `<think>` block: when the run has tools, TRL parses completions with the
+    template's response schema, and Qwen3's moves `<think>…</think>` out of `content` (a format reward would then
+    never see the block the model wrote)."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list):
-        return "".join(
-            completion_text(message.get("content") or "") for message in completion if message.get("role") != "tool"
-        )
+        return "".join(_message_text(message) for message in completion if message.get("role") != "tool")
     if isinstance(completion, dict):  # a content block
         return completion.get("text", "") if completion.get("type", "text") == "text" else ""
     raise TypeError(f"Cannot read the text of a completion of type {type(completion).__name__}.")
+
+
+def _message_text(message: dict) -> str:
+    text = completion_text(message.get("content") or "")
+    reasoning = message.get("reasoning_content")
+    return f"<think>{reasoning}</think>{text}" if isinstance(reasoning, str) else text
 
 
 def tagged_blocks(text: str, tag: str) -> list[str]:
