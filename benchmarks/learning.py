@@ -14,10 +14,10 @@ gets a per-answer confusion table (true count × answer given), where a collapse
 runs evaluate on the held-out rows every `eval_steps` (sampled, as TRL evaluates), for one figure per task of
 held-out accuracy against step.
 
-`synthetic:zoom` (`--task zoom`) trains with the `zoom_in` tool (`recipes/zoom_cpu.yaml`), and again from an SFT
-on the same teacher's answers without calls and a GRPO with the tools off, for the same budget: `no_tools`. Its
-entry adds `tool_calls_per_completion` (calls that ran per held-out row, greedy) before and after GRPO, and the
-figure the training tool-call rate.
+`synthetic:zoom` (`--task zoom`; not in the default run, as it does not learn yet) trains with the `zoom_in` tool
+(`recipes/zoom_cpu.yaml`), and again from an SFT on the same teacher's answers without calls and a GRPO with the
+tools off, for the same budget: `no_tools`. Its entry adds `tool_calls_per_completion` (calls that ran per held-out
+row, greedy) before and after GRPO, and the figure the training tool-call rate.
 
 `--algorithms` trains GRPO, DAPO (clip-higher, dynamic sampling, token-level loss), Dr. GRPO and GSPO from one
 counting SFT start for the same wall time each, and reports final held-out accuracy and the completions generated.
@@ -68,13 +68,16 @@ class Task:
     grpo_recipe: str = "{name}_grpo_cpu.yaml"
     # A task with tools also runs SFT (on this split) + GRPO with the tools off, for the same budget: `no_tools`.
     no_tools_split: str | None = None
+    in_default_run: bool = True  # zoom: only with `--task zoom` until it learns (docs/tools.md)
 
 
 TASKS = {
     "counting": Task(seeds=3, score="accuracy"),
     "grounding": Task(seeds=1, score="mean IoU"),
     "count_diff": Task(seeds=1, score="accuracy"),
-    "zoom": Task(seeds=1, score="accuracy", grpo_recipe="zoom_cpu.yaml", no_tools_split="sft_no_tools"),
+    "zoom": Task(
+        seeds=1, score="accuracy", grpo_recipe="zoom_cpu.yaml", no_tools_split="sft_no_tools", in_default_run=False
+    ),
 }
 # Extra `vlm-rl train` flags per algorithm, on top of the counting GRPO recipe (TRL's names for each).
 ALGORITHMS = {
@@ -390,7 +393,7 @@ def main() -> None:
         print(json.dumps(results))
         return
     results, runs = {}, {}
-    for name in args.task or list(TASKS):
+    for name in args.task or [name for name, task in TASKS.items() if task.in_default_run]:
         seeds = args.seeds or TASKS[name].seeds
         runs[name] = [run_seed(name, seed, output_dir, args.samples, overrides) for seed in range(seeds)]
         results[name] = summarize(runs[name])
