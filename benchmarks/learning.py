@@ -7,8 +7,9 @@
 Per task (`vlm_rl.data.scenes`) and seed: a tiny random Qwen2-VL, `vlm-rl sft` on the task's biased-teacher
 replies (`recipes/<task>_sft_cpu.yaml`), a held-out evaluation, `vlm-rl train` (GRPO, `recipes/<task>_grpo_cpu.yaml`)
 from the SFT output, and the same evaluation again. Both runs are the CLI commands a user runs, in child processes.
-Each evaluation scores the held-out rows greedily, sampled (temperature 1, `--samples` per row) and blind (greedy,
-images swapped between rows: a policy that reads the image drops to about `chance` there). For grounding the scores
+Each evaluation scores the held-out rows greedily, sampled (at the GRPO recipe's temperature: 1, 0.7 for zoom;
+`--samples` per row) and blind (greedy, images swapped between rows: a policy that reads the image drops to about
+`chance` there). For grounding the scores
 are mean IoU, and `hits_*` the fraction of boxes at IoU ≥ 0.5 (for the others: of right answers). Counting also
 gets a per-answer confusion table (true count × answer given), where a collapse onto a few answers shows. The GRPO
 runs evaluate on the held-out rows every `eval_steps` (sampled, as TRL evaluates), for one figure per task of
@@ -135,7 +136,7 @@ def evaluate(model_dir: Path, grpo_recipe: Path, samples: int, seed: int, overri
     blind = evaluate_policy(model, processor, task.eval, rewards, blind=True, **kwargs)
     torch.manual_seed(seed)
     repeated = concatenate_datasets([task.eval] * samples)
-    sampled = evaluate_policy(model, processor, repeated, rewards, temperature=1.0, **kwargs)
+    sampled = evaluate_policy(model, processor, repeated, rewards, temperature=training_args.temperature, **kwargs)
     tokens = [len(processor.tokenizer(r["completion"]).input_ids) for r in sampled]
     has_format = "think_answer_format" in [func.__name__ for func in rewards]
     return {

@@ -322,6 +322,21 @@ def test_only_the_tiny_qwen3_vl_template_renders_tool_calls(family, renders_tool
     assert (processor.chat_template == qwen3_vl_chat_template) is renders_tools
 
 
+def test_the_tiny_qwen3_vl_tokenizer_writes_a_call_in_few_tokens(load_tiny):
+    """As in the real Qwen tokenizers, the tool tags are single tokens that decoding keeps when it skips special
+    tokens, and the call's scaffolding is a few tokens: a zoom call is ~35 tokens, not ~85 one per character (at
+    temperature 1 the tiny policy broke half of its 85-token calls). A number is still one token per digit."""
+    _, processor = load_tiny("qwen3_vl")
+    tokenizer = processor.tokenizer
+    call = '<tool_call>\n{"name": "zoom_in", "arguments": {"bbox_2d": [312, 125, 375, 188]}}\n</tool_call>'
+    ids = tokenizer(call).input_ids
+    assert len(ids) <= 40 and tokenizer.decode(ids, skip_special_tokens=True) == call
+    for tag in ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"):
+        assert len(tokenizer(tag).input_ids) == 1
+    digits = [t for t in tokenizer.tokenize(" [312, 125, 375, 188]") if any(c.isdigit() for c in t)]
+    assert len(digits) == 12 and all(re.fullmatch(r"Ġ?\d", t) for t in digits)  # one token per digit
+
+
 def test_a_family_whose_template_cannot_render_tool_calls_is_refused(tmp_path):
     with pytest.raises(RecipeError, match=r"tools: the chat template of this Qwen2-VL model cannot render tool calls"):
         train_main(["--config", tool_recipe(tmp_path, "tiny:qwen2_vl")])

@@ -32,9 +32,10 @@ def colors_in(image: Image.Image) -> set[str]:
     return {name for name, rgb in ZOOM_COLORS.items() if rgb in pixels}
 
 
-def named_cell(question: str) -> tuple[int, int]:
-    row, column = map(int, re.search(r"row (\d+), column (\d+)", question).groups())
-    return row - 1, column - 1
+def named_cell(question: str, size: int) -> list[int]:
+    """The cell the question names, in 0-1000 coordinates there, back in pixels of a `size`-pixel image."""
+    box = json.loads(re.search(r"the cell (\[[\d, ]+\])", question).group(1))
+    return [round(v * size / 1000) for v in box]
 
 
 def test_rows_are_deterministic_per_seed_and_split():
@@ -54,8 +55,8 @@ def test_the_named_cell_holds_the_dot_of_the_answer_colour():
     cell = SIZE // GRID
     for row in rows:
         image, box, region = row["images"][0], json.loads(row["box"]), json.loads(row["region"])
-        r, c = named_cell(row["prompt"][0]["content"])
-        assert region == [c * cell, r * cell, (c + 1) * cell, (r + 1) * cell]
+        assert region == named_cell(row["prompt"][0]["content"], SIZE)
+        assert region[2] - region[0] == region[3] - region[1] == cell and region[0] % cell == region[1] % cell == 0
         assert region[0] <= box[0] <= box[2] < region[2] and region[1] <= box[1] <= box[3] < region[3]
         assert image.getpixel((box[0], box[1])) == image.getpixel((box[2], box[3])) == ZOOM_COLORS[row["answer"]]
         crop, shrunk = crop_region(image, tuple(region), max_pixels=224 * 224)

@@ -1,8 +1,9 @@
 """`synthetic:zoom`: a task that needs the `zoom_in` tool ("thinking with images").
 
 A large image is a grid of `grid`×`grid` cells (16×16 cells of 42 pixels in a 672-pixel image), each with its own
-pale tint and one saturated dot, a third of the cell wide, of one of six colours. The question names a cell ("row 3,
-column 6"), so where to zoom is in the text, and asks for its dot's colour. At a small visual budget (`max_pixels`
+pale tint and one saturated dot, a third of the cell wide, of one of six colours. The question names a cell by its box
+in 0–1000 coordinates (Qwen2-VL's and Qwen3-VL's convention: "the cell [312, 125, 375, 188]"), so where to zoom is in
+the text, and asks for its dot's colour. At a small visual budget (`max_pixels`
 112² or 128²: 16 visual tokens for the whole image) a dot is two or three pixels, beside 255 other dots of every
 colour; the cell cut from the original image (`vlm_rl.zooming.crop_region`) and brought to the same budget shows
 it 16 times larger, a third of the crop. The tiny models learn to read the crop in a few hundred SFT steps and do
@@ -148,7 +149,8 @@ def make_zoom_dataset(
     bias_rate: float = 0.0,
     seed: int = 0,
 ) -> Dataset:
-    """Rows of "What color is the dot in row r, column c?" on a `grid`×`grid` image of `image_size` pixels.
+    """Rows of "What color is the dot in the cell [x1, y1, x2, y2] of the grid?" on a `grid`×`grid` image of
+    `image_size` pixels, the cell's box in 0–1000 coordinates.
 
     `answer` is the dot's colour (one of six, uniform: chance 1/6), `box` the dot and `region` its cell (pixels, JSON).
     `sft` rows add the teacher's multi-turn `completion` (see the module docstring); their `images` are the scene and
@@ -172,7 +174,7 @@ def make_zoom_dataset(
         image, boxes = draw_zoom_image(colors, grid, cell, rng)
         row, column = rng.randrange(grid), rng.randrange(grid)
         target = row * grid + column
-        question = f"What color is the dot in row {row + 1}, column {column + 1} of the {grid}x{grid} grid? "
+        question = f"What color is the dot in the cell {norm1000(cell_box(column, row, cell), size)} of the grid? "
         question += "Answer with one word."
         item = {
             "prompt": [{"role": "user", "content": question}],

@@ -49,8 +49,10 @@ def build_tokenizer(
     bos_token: str | None = None,
     vocab_size: int = 384,
     padding_side: str = "right",
+    corpus: tuple[str, ...] = (),
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with the family's special tokens (ids 0.. in the given order) and template."""
+    """A byte-level BPE tokenizer with the family's special tokens (ids 0.. in the given order) and template, trained
+    on `tokenizer_corpus()` and the family's own `corpus` lines."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -60,7 +62,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(tokenizer_corpus(), trainer)
+    tokenizer.train_from_iterator(tokenizer_corpus() + list(corpus) * 8, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=bos_token,
@@ -134,6 +136,12 @@ class TinyTokenizer:
     """How the tokenizer wraps one text (`TemplateProcessing`, e.g. "<s> $A" to prepend BOS); None: as trained."""
     pair: str | None = None
     """How it wraps a pair of texts, with `single`."""
+    corpus: tuple[str, ...] = ()
+    """Text of the family's own beyond the shared corpus (e.g. its tool-calling scaffolding), so that it is a few
+    tokens as in the real tokenizer, not one per character."""
+    vocab_size: int = 384
+    added_tokens: tuple[str, ...] = ()
+    """Tokens the real tokenizer adds as single, non-special tokens (kept when decoding skips special tokens)."""
 
     def build(self) -> PreTrainedTokenizerFast:
         """Train the tokenizer (`build_tokenizer`), then name its tokens and set how it wraps texts."""
@@ -143,7 +151,10 @@ class TinyTokenizer:
             eos_token=self.eos_token,
             pad_token=self.pad_token,
             bos_token=self.bos_token,
+            vocab_size=self.vocab_size,
+            corpus=self.corpus,
         )
+        tokenizer.add_tokens(list(self.added_tokens))
         if self.named_tokens or self.settings:
             tokenizer = name_special_tokens(tokenizer, self.named_tokens, **self.settings)
         if self.single is not None:

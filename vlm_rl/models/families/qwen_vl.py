@@ -12,6 +12,8 @@ import torch
 from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model
 
+# Qwen's tool-calling tags: single tokens, not special (decoding that skips special tokens keeps them).
+TOOL_TAGS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 # The Qwen-VL special tokens, in the order the real tokenizers list them.
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -139,6 +141,10 @@ class QwenVLAdapter(GridAdapter):
         """The tiny model's chat template: the generations' shared one, with the family's default system prompt."""
         return CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", json.dumps(self.default_system))
 
+    def tiny_tokenizer_fields(self) -> dict[str, Any]:
+        """`TinyTokenizer` fields beyond the shared ones (none: the template cannot render tools)."""
+        return {}
+
     def build_tiny(self, output_dir: Path, *, hidden_size: int, num_hidden_layers: int, seed: int) -> None:
         num_heads, head_dim = attention_sizes(hidden_size)
         half = head_dim // 2  # M-RoPE splits the rotary half-dimension over (temporal, height, width)
@@ -157,6 +163,7 @@ class QwenVLAdapter(GridAdapter):
                 self.tiny_chat_template(),
                 eos_token="<|im_end|>",
                 pad_token="<|endoftext|>",
+                **self.tiny_tokenizer_fields(),
             ),
             config_class=self.config_class,
             model_class=self.model_class,
@@ -252,6 +259,27 @@ class Qwen3VLAdapter(QwenVLAdapter):
         from trl.chat_template_utils import qwen3_vl_chat_template  # lazy: TRL is slow to import
 
         return qwen3_vl_chat_template
+
+    def tiny_tokenizer_fields(self) -> dict[str, Any]:
+        """Qwen's tool tags as single added tokens, as in the real tokenizer, and the tool-calling scaffolding in the
+        corpus: the template's tool preamble with the built-in `zoom_in`'s schema, a call and a tool reply. A tool
+        prompt is then ~200 tokens and a call ~35, not ~630 and ~85 at one token per character."""
+        from transformers.utils.chat_template_utils import render_jinja_template  # lazy: only to build a tiny model
+
+        from vlm_rl.data.zoom import TOOL_NAME, ZOOM_IN_SCHEMA  # lazy: the data package is not the models' concern
+
+        # No numbers: they stay split as the shared corpus splits them (a box is copied or written digit by digit).
+        call = {"type": "function", "function": {"name": TOOL_NAME, "arguments": {"bbox_2d": []}}}
+        conversation = [
+            {"role": "user", "content": "What color is the dot in the cell of the grid? Answer with one word."},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "Zoomed into the region of image. The region was shrunk to fit the budget."},
+            {"role": "assistant", "content": "<think>The dot is red.</think><answer>red</answer>"},
+        ]
+        rendered, _ = render_jinja_template(
+            [conversation], tools=[ZOOM_IN_SCHEMA], chat_template=self.tiny_chat_template()
+        )
+        return {"corpus": tuple(rendered[0].splitlines()), "vocab_size": 768, "added_tokens": TOOL_TAGS}
 
     image_mean = (0.5, 0.5, 0.5)
     image_std = (0.5, 0.5, 0.5)
