@@ -6,6 +6,7 @@ written to tmp_path; the recipe is the same for every config (CPU settings come 
 says). Every launch runs in its own process group and is killed whole when it runs past its time limit.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import torch
 import yaml
@@ -139,7 +141,11 @@ def run_launchers(commands: list[list[str]], directory: Path, timeout: float) ->
             codes.append(None)
     for process, code in zip(processes, codes, strict=True):
         if code is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the launcher and every rank it started
+            # torch's launcher starts each rank in a session of its own, which killing the launcher's misses.
+            for rank in psutil.Process(process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    rank.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     return codes, "\n".join(path.read_text() for path in log_paths)
 

@@ -83,6 +83,7 @@ class StepTimeout(TrainerCallback):
         if self.world_size > 1:
             with contextlib.suppress(OSError):
                 (self.heartbeats / f"rank-{self.rank}.json").unlink()
+                self.heartbeats.rmdir()  # the last rank to leave: nothing is left in output_dir
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
@@ -117,30 +118,36 @@ class StepTimeout(TrainerCallback):
         record = self._read(EXPIRED)
         return record if record is not None and record["rank"] != self.rank else None
 
-    def _silent_ranks(self) -> list[int]:
-        """The ranks whose heartbeat does not advance over three intervals, while this one keeps beating."""
+    def _silent_ranks(self) -> tuple[list[int], list[int]]:
+        """The ranks whose heartbeat does not advance over three intervals while this one keeps beating, and those
+        whose heartbeat this process cannot see at all (an output directory not shared between nodes)."""
         before = {rank: self._read(f"rank-{rank}.json") for rank in range(self.world_size)}
         for _ in range(3):
             time.sleep(self.interval)
             self._beat()
-        silent = []
-        for rank in range(self.world_size):
-            now = self._read(f"rank-{rank}.json")
-            if rank != self.rank and (now is None or now == before[rank]):
-                silent.append(rank)
+        after = {rank: self._read(f"rank-{rank}.json") for rank in range(self.world_size)}
         gave_up = self._read(EXPIRED)
-        return [rank for rank in silent if gave_up is None or gave_up["rank"] != rank]
+        peers = [rank for rank in range(self.world_size) if rank != self.rank]
+        unseen = [rank for rank in peers if before[rank] is None and after[rank] is None]
+        silent = [
+            rank
+            for rank in peers
+            if rank not in unseen and after[rank] == before[rank] and (gave_up is None or gave_up["rank"] != rank)
+        ]
+        return silent, unseen
 
     def _expire(self) -> None:
         # A backstop if the report below hangs too (its file reads on a stalled file system): dump and exit anyway.
         faulthandler.dump_traceback_later(4 * self.interval + 60, exit=True)
         message = f"step_timeout: {self._what} did not finish within {self.timeout:g} s on rank {self.rank}"
         if self.world_size > 1:
-            silent = self._silent_ranks()
+            silent, unseen = self._silent_ranks()
             if silent:
                 message += f"; ranks that stopped answering: {silent}"
-            else:
+            elif not unseen:
                 message += "; every rank still answers (a step stuck in code on some rank: see the stack dumps)"
+            if unseen:
+                message += f"; ranks with no heartbeat in {self.heartbeats} (output_dir not shared?): {unseen}"
             with contextlib.suppress(OSError):
                 record = {"run": self.run_id, "rank": self.rank, "what": self._what}
                 (self.heartbeats / EXPIRED).write_text(json.dumps(record))
