@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from test_distributed import SMALL_RUN, check_trained, launch, multi_node_comman
 
 from vlm_rl.checkpoints import latest_checkpoint
 from vlm_rl.train import main as train_main
-from vlm_rl.trainers.step_timeout import EXIT_CODE
+from vlm_rl.trainers.step_timeout import EXIT_CODE, StepTimeout
 
 # Scores completions by length; slowed by `slow` (seconds per call, while that file exists, so that a fault lands
 # mid-run) and stuck for good at the call `hang.json` names on the ranks it names (while that file exists).
@@ -131,6 +132,32 @@ def test_a_hung_reward_ends_the_run_with_its_stack_and_auto_resumes(tmp_path):
     assert code == 0, output[-4000:]
     assert f"resuming from {checkpoint}" in output
     assert json.loads((run_dir / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_heartbeats_name_the_ranks_that_stopped_answering(tmp_path):
+    """What a timed-out rank 0 reports of ranks 1-3: one beating, one silent, one writing elsewhere (no shared
+    output_dir). The watchdog threads are not started here (they would end pytest): heartbeats are driven by hand."""
+    ranks = [StepTimeout(60, tmp_path / "run", rank, 4, run_id="run-a") for rank in range(3)]
+    ranks.append(StepTimeout(60, tmp_path / "elsewhere", 3, 4, run_id="run-a"))
+    for watchdog in ranks:
+        watchdog.heartbeats.mkdir(parents=True, exist_ok=True)
+        watchdog._beat()
+    ranks[0].interval = 0.2
+    stop = threading.Event()
+
+    def beat_rank_1() -> None:
+        while not stop.wait(0.05):
+            ranks[1]._beat()
+
+    beating = threading.Thread(target=beat_rank_1)
+    beating.start()
+    try:
+        assert ranks[0]._silent_ranks() == ([2], [3])
+    finally:
+        stop.set()
+        beating.join()
+    # A previous run's heartbeats in the same output_dir count as none.
+    assert StepTimeout(60, tmp_path / "run", 0, 2, run_id="run-b")._read("rank-1.json") is None
 
 
 @pytest.mark.scale
