@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -78,9 +78,10 @@ def hang_at(directory: Path, call: int, ranks: list[int]) -> None:
     (directory / "hang.json").write_text(json.dumps({"call": call, "ranks": ranks}))
 
 
-def run_forked(argv: list[str], log: Path, timeout: float) -> int | None:
-    """`vlm-rl train` in a child forked from this process, whose imports are done (a fresh interpreter spends some
-    15 s importing): its exit status, or None when it was killed at the time limit. Its output goes to `log`."""
+def run_forked(target: Callable[[], object], log: Path, timeout: float) -> int | None:
+    """`target()` (e.g. `vlm-rl train`) in a child forked from this process, whose imports are done (a fresh
+    interpreter spends some 15 s importing): its exit status, or None when it was killed at the time limit. Its
+    output goes to `log`."""
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -90,7 +91,7 @@ def run_forked(argv: list[str], log: Path, timeout: float) -> int | None:
             os.dup2(fd, 2)
             sys.stdout = sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
             logging.root.handlers.clear()  # pytest's capture; `main` sets up logging to stderr
-            train_main(argv)
+            target()
             code = 0
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else 1
@@ -113,7 +114,7 @@ def run_forked(argv: list[str], log: Path, timeout: float) -> int | None:
 def test_a_hung_reward_ends_the_run_with_its_stack_and_auto_resumes(tmp_path):
     recipe, run_dir, log = write_recipe(tmp_path, max_steps=3), tmp_path / "run", tmp_path / "run.log"
     hang_at(tmp_path, call=2, ranks=[0])
-    code = run_forked(["--config", str(recipe), "--step_timeout", "4"], log, timeout=60)
+    code = run_forked(lambda: train_main(["--config", str(recipe), "--step_timeout", "4"]), log, timeout=60)
     ended = time.time()
     output = log.read_text()
     assert code == EXIT_CODE, output[-4000:]
@@ -127,7 +128,7 @@ def test_a_hung_reward_ends_the_run_with_its_stack_and_auto_resumes(tmp_path):
     assert REWARD_FRAME in output, output[-4000:]  # where it is stuck, from the dump of every thread's stack
 
     (tmp_path / "hang.json").unlink()
-    code = run_forked(["--config", str(recipe), "--resume_from_checkpoint", "auto"], log, timeout=60)
+    code = run_forked(lambda: train_main(["--config", str(recipe), "--resume_from_checkpoint", "auto"]), log, 60)
     output = log.read_text()
     assert code == 0, output[-4000:]
     assert f"resuming from {checkpoint}" in output
@@ -158,6 +159,25 @@ def test_heartbeats_name_the_ranks_that_stopped_answering(tmp_path):
         beating.join()
     # A previous run's heartbeats in the same output_dir count as none.
     assert StepTimeout(60, tmp_path / "run", 0, 2, run_id="run-b")._read("rank-1.json") is None
+
+
+def test_a_rank_that_gave_up_stops_the_others(tmp_path):
+    """Rank 1's watchdog, its own deadline far off, sees rank 0's marker: it dumps its stack and exits as well."""
+    heartbeats = tmp_path / "run" / ".step_timeout"
+
+    def rank_1_waiting() -> None:
+        logging.basicConfig(level=logging.INFO)
+        StepTimeout(20, tmp_path / "run", 1, 2, run_id="run-a").start()
+        (heartbeats / "expired.json").write_text(json.dumps({"run": "run-a", "rank": 0, "what": "step 3"}))
+        time.sleep(60)  # the main thread, waiting in a collective for rank 0
+
+    started = time.monotonic()
+    code = run_forked(rank_1_waiting, tmp_path / "rank1.log", timeout=30)
+    output = (tmp_path / "rank1.log").read_text()
+    assert code == EXIT_CODE, output
+    assert time.monotonic() - started < 10  # one heartbeat interval (2 s), not the 20 s deadline
+    assert "step_timeout: rank 0 gave up on step 3; rank 1 stops too" in output
+    assert "in rank_1_waiting" in output  # the stack of the waiting main thread
 
 
 @pytest.mark.scale
