@@ -20,7 +20,9 @@ MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MAIN_PORT=${MAIN_PORT:-29500}
 
 # One task per node; SLURM_NODEID tells each its machine rank. Single quotes: expanded on the node, not here.
-srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 bash -c '
+# --kill-on-bad-exit: a node that fails (its `step_timeout` expired, a peer lost) ends the others' launchers too,
+# a node whose process is stuck and cannot act on its own included (docs/reliability.md#faults).
+srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
   accelerate launch --config_file "$0" \
     --num_machines "$SLURM_NNODES" --num_processes $(( SLURM_NNODES * $1 )) \
     --machine_rank "$SLURM_NODEID" --main_process_ip "$2" --main_process_port "$3" \

@@ -6,6 +6,7 @@ written to tmp_path; the recipe is the same for every config (CPU settings come 
 says). Every launch runs in its own process group and is killed whole when it runs past its time limit.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import torch
 import yaml
@@ -105,8 +107,8 @@ def launch(config: str, recipe: Path, *flags: str, script: Path | None = None, t
     return code[0], output
 
 
-def run_launchers(commands: list[list[str]], directory: Path, timeout: float) -> tuple[list[int | None], str]:
-    """Run launch commands side by side (one per simulated node); exit codes (None: killed at the time limit)."""
+def start_launchers(commands: list[list[str]], directory: Path) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Start launch commands side by side (one per simulated node), each in its own session; their logs."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -124,6 +126,12 @@ def run_launchers(commands: list[list[str]], directory: Path, timeout: float) ->
                     command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
             )
+    return processes, log_paths
+
+
+def run_launchers(commands: list[list[str]], directory: Path, timeout: float) -> tuple[list[int | None], str]:
+    """Run launch commands side by side (one per simulated node); exit codes (None: killed at the time limit)."""
+    processes, log_paths = start_launchers(commands, directory)
     deadline = time.monotonic() + timeout
     codes = []
     for process in processes:
@@ -133,7 +141,11 @@ def run_launchers(commands: list[list[str]], directory: Path, timeout: float) ->
             codes.append(None)
     for process, code in zip(processes, codes, strict=True):
         if code is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the launcher and every rank it started
+            # torch's launcher starts each rank in a session of its own, which killing the launcher's misses.
+            for rank in psutil.Process(process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    rank.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     return codes, "\n".join(path.read_text() for path in log_paths)
 
@@ -272,34 +284,21 @@ def test_zero3_lora_checkpoints_resume_and_export(tmp_path):
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
 
 
+def multi_node_commands(recipe: Path, *flags: str) -> list[list[str]]:
+    """launch/multi_node_zero3.yaml as launch/slurm_multinode.sh runs it: one launcher per "node", one process each,
+    both on this host."""
+    node = [
+        str(ACCELERATE), "launch", "--config_file", str(REPO / "launch" / "multi_node_zero3.yaml"),
+        "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+        "--main_process_port", str(free_port()),
+    ]  # fmt: skip
+    entry = ["-m", "vlm_rl.train", "--config", str(recipe), *DEEPSPEED_FLAGS, *flags]
+    return [[*node, "--machine_rank", str(rank), *entry] for rank in (0, 1)]
+
+
 def test_multi_node_template_as_two_machines_on_one_host(tmp_path):
     # launch/multi_node_zero3.yaml as launch/slurm_multinode.sh runs it, one launcher per "node" (one process each).
-    recipe, port = write_recipe(tmp_path), str(free_port())
-    commands = [
-        [
-            str(ACCELERATE),
-            "launch",
-            "--config_file",
-            str(REPO / "launch" / "multi_node_zero3.yaml"),
-            "--num_machines",
-            "2",
-            "--num_processes",
-            "2",
-            "--machine_rank",
-            str(rank),
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            port,
-            "-m",
-            "vlm_rl.train",
-            "--config",
-            str(recipe),
-            *DEEPSPEED_FLAGS,
-        ]  # fmt: skip
-        for rank in (0, 1)
-    ]
-    codes, output = run_launchers(commands, tmp_path, timeout=300)
+    codes, output = run_launchers(multi_node_commands(write_recipe(tmp_path)), tmp_path, timeout=300)
     assert codes == [0, 0], output[-6000:]
     assert setup_line(output).startswith("2 process(es), distributed type DEEPSPEED, ZeRO stage 3")
     check_trained(tmp_path / "run", 2)

@@ -25,6 +25,25 @@ from vlm_rl.rewards.configured import ERROR_POLICIES
 WEIGHT_TRANSPORTS = ("auto", "nccl", "files")
 
 
+def step_timeout_field() -> Any:
+    """`step_timeout`, the same field in the GRPO and SFT configs (both train in HF's loop).
+
+    The default is HF's `ddp_timeout` default, 1,800 s: a run a stuck collective would have ended then ends no
+    later, now with stack dumps and the stuck ranks named, and a step stuck outside any collective (a reward, a
+    single process) ends too; a healthy step of a large model (long generations, a checkpoint of tens of GB) takes
+    minutes, well under it.
+    """
+    return field(
+        default=1800.0,
+        metadata={
+            "help": "Seconds a training step may take on any process, including the logging, checkpoint saving and "
+            "evaluation after it; past it, every process that can still act dumps its threads' stacks, names the "
+            "ranks that stopped answering and the last complete checkpoint, and exits with status 124 (see "
+            "docs/reliability.md). Raise it for steps longer than half an hour; 0 or null: no limit."
+        },
+    )
+
+
 @dataclass
 class ModelArguments:
     """Which model to train."""
@@ -279,6 +298,7 @@ class VLMGRPOConfig(GRPOConfig):
             "length, KL, entropy and step time against step."
         },
     )
+    step_timeout: float | None = step_timeout_field()
     reward_timeout: float | None = field(
         default=60.0,
         metadata={
@@ -483,6 +503,7 @@ class VLMSFTConfig(SFTConfig):
         default=False,
         metadata={"help": "Keep False: vlm-rl's data loader needs every raw column of the rows it builds."},
     )
+    step_timeout: float | None = step_timeout_field()
 
 
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig)

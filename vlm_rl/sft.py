@@ -31,6 +31,7 @@ from vlm_rl.models.collator import PromptCompletionCollator
 from vlm_rl.prepare import Prepared, RunFinished, evaluates, prepare_run
 from vlm_rl.redaction import redacted_argv
 from vlm_rl.train import check_zero3_saves_full_model, describe_distribution, end_processes, load_policy
+from vlm_rl.trainers.step_timeout import watching
 
 logger = logging.getLogger("vlm_rl")
 
@@ -111,7 +112,8 @@ def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMSFTC
     logger.info("Training setup: %s.", describe_distribution(trainer.accelerator))
     check_zero3_saves_full_model(trainer.accelerator)
     trainer.callback_handler.callbacks.insert(0, SkippedRowsCallback(task.skipped_train))
-    trainer.train(resume_from_checkpoint=prepared.resume)
+    with watching(trainer, training_args.step_timeout):
+        trainer.train(resume_from_checkpoint=prepared.resume)
     return trainer
 
 

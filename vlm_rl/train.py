@@ -36,6 +36,7 @@ from vlm_rl.rewards.boxes import resolve_box_format
 from vlm_rl.tools import recipe_toolbox
 from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.preemption import Preempted
+from vlm_rl.trainers.step_timeout import watching
 
 logger = logging.getLogger("vlm_rl")
 
@@ -197,7 +198,8 @@ def train(prepared: Prepared, model_args: ModelArguments, training_args: VLMGRPO
     check_zero3_saves_full_model(trainer.accelerator)
     # First in line, so that the reporters see `data/skipped_rows` in the logs it adds to.
     trainer.callback_handler.callbacks.insert(0, SkippedRowsCallback(task.skipped_train))
-    trainer.train(resume_from_checkpoint=prepared.resume)
+    with watching(trainer, training_args.step_timeout):
+        trainer.train(resume_from_checkpoint=prepared.resume)
     if trainer.preemption.stopped_by is not None:
         step = trainer.state.global_step
         raise Preempted(trainer.preemption.stopped_by, step, Path(training_args.output_dir) / f"checkpoint-{step}")
