@@ -45,7 +45,7 @@ bench-learning: $(VENV)/.installed
 	$(RUN_ENV) $(PY) benchmarks/learning.py
 
 # The CPU demo for 2,000 steps, uninterrupted and with a SIGTERM + auto-resume every 500 steps: same logged values and
-# weights, RSS growth <= 5 %, no growth in open files or threads (docs/reliability.md#soak). About 10 minutes on 2 cores.
+# weights, RSS growth <= 5 %, no growth in open files or threads (docs/reliability.md#soak). About 17 minutes on 2 shared cores.
 soak: $(VENV)/.installed
 	$(RUN_ENV) $(PY) benchmarks/soak.py
 
