@@ -118,7 +118,7 @@ def run_segment(command: list[str], log: Path, start_step: int, stop_at: int | N
     return segment
 
 
-def trained_to(output_dir: Path, log: Path) -> int:
+def trained_to(log: Path) -> int:
     """The step a stopped run saved its checkpoint at, from its one-line message."""
     found = re.search(r"Stopped by SIGTERM after step (\d+); checkpoint saved in", log.read_text())
     if found is None:
@@ -143,7 +143,7 @@ def soak_run(
         if segment.exit_code != expected:
             tail = log.read_text()[-3000:]
             raise RuntimeError(f"{log}: exit status {segment.exit_code}, expected {expected}:\n{tail}")
-        segment.end_step = steps if stop_at is None else trained_to(output_dir, log)
+        segment.end_step = steps if stop_at is None else trained_to(log)
         start = segment.end_step
     return segments
 
