@@ -140,6 +140,17 @@ def test_resumed_run_matches_the_uninterrupted_one(
     assert same_weights(resumed, full)
 
 
+def test_the_loss_logged_after_resuming_inside_a_logging_window_is_the_uninterrupted_runs(uninterrupted, tmp_path):
+    """HF logs the loss summed since the last logging step over the steps since; on resume it forgot both, and the
+    loss logged at step 6 averaged steps 5 and 6 alone (found by `make soak`, which logs every 10 steps)."""
+    recipe, full = uninterrupted(1, 1, logging_steps=3)
+    resumed = resume_copy(full, 4, tmp_path)
+    train(recipe, "--output_dir", str(resumed), "--resume_from_checkpoint", "auto")
+    expected, got = steps(full), steps(resumed)
+    assert sorted(got) == [3, 6] and expected[6]["loss"] != 0
+    assert got[6] == expected[6]
+
+
 # Dynamic sampling: groups of 2 whose lengths tie are dropped and refilled from prompts drawn by (seed, step, round).
 DYNAMIC = {"dynamic_sampling": True, "max_resample_rounds": 2, "max_completion_length": 1}
 

@@ -382,6 +382,20 @@ SEAMS: dict[str, Callable[..., None]] = {
         for name in TRAINER_ATTRIBUTES
         if not hasattr(stock_trainer, name)
     ],
+    # `rollout_state` saves and restores the loss summed since the last logging step, and that step, which HF's
+    # training loop sets afresh on resume (the first loss logged after it averaged only the steps since).
+    "attributes: Trainer logging": all_of(
+        has_lines(
+            Trainer._inner_training_loop,
+            "self._tr_loss = torch.tensor(0.0, device=args.device)",
+            "self._globalstep_last_logged = self.state.global_step",
+        ),
+        has_lines(
+            Trainer._maybe_log_save_evaluate,
+            "tr_loss -= tr_loss",
+            'logs["loss"] = tr_loss_scalar / (self.state.global_step - self._globalstep_last_logged)',
+        ),
+    ),
     "attributes: VLLMGeneration": all_of(
         has_lines(VLLMGeneration._init_vllm, "self._llm_weights_sleeping = self.enable_sleep_mode"),
         # Methods `VLMRollout` calls but keeps TRL's: ZeRO-3/PEFT-aware parameter walk, feature placement.

@@ -5,6 +5,10 @@ TRL keeps neither the buffer nor its place in the cycle in checkpoints, so a res
 in the middle of a cycle and its steps no longer line up with the stopped run's. Each process saves its buffer,
 its place, the metrics and reward-failure counts not yet logged, and dynamic sampling's count of prompts generated
 for, next to HF's `rng_state_N.pth`; a resumed run then continues exactly where the stopped one was.
+
+HF's trainer also drops, on resume, the loss summed since the last logging step and that step's number
+(`_tr_loss`, `_globalstep_last_logged`): the first loss logged after a stop inside a logging window averaged only the
+steps since the resume. Both are saved here too, so that logged loss is the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ def save_rollout_state(trainer, checkpoint: Path) -> None:
         },
         "seen_routes": sorted(trainer._seen_routes),
         "prompts_consumed": trainer.dynamic_sampling.prompts_consumed if trainer.dynamic_sampling else 0,
+        "unlogged_loss": trainer._tr_loss.detach().clone(),
+        "last_logged_step": trainer._globalstep_last_logged,
     }
     torch.save(state, Path(checkpoint) / STATE_FILE.format(rank=trainer.accelerator.process_index))
 
@@ -84,4 +90,7 @@ def load_rollout_state(trainer, checkpoint: str | Path) -> bool:
         if isinstance(func, ConfiguredReward):
             func.failures = Counter(state["local_failures"].get(func.__name__, {}))
     trainer._seen_routes = set(state["seen_routes"])
+    if "unlogged_loss" in state:  # not in checkpoints of earlier vlm-rl versions
+        trainer._tr_loss.copy_(state["unlogged_loss"])
+        trainer._globalstep_last_logged = state["last_logged_step"]
     return True
