@@ -250,6 +250,35 @@ def test_resumed_sft_run_equals_an_uninterrupted_one(lora, tmp_path):
     assert all(torch.equal(expected[name], t) for name, t in load_file(whole / "run" / "model.safetensors").items())
 
 
+def test_the_loss_logged_after_resuming_inside_a_logging_window_is_the_uninterrupted_runs(tmp_path):
+    """HF logs the loss summed since the last logging step over the steps since, and forgets both on resume: resumed
+    from step 4, the loss logged at step 6 averaged steps 5 and 6 alone. An older checkpoint without the saved window
+    still resumes, as HF would."""
+    fields = {"max_steps": 6, "save_strategy": "steps", "save_steps": 4, "logging_steps": 3}
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    sft_main(["--config", str(write_recipe(whole, **fields))])
+
+    def logged(directory: Path) -> dict[int, float]:
+        history = json.loads((directory / "run" / "trainer_state.json").read_text())["log_history"]
+        return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+    def resume(name: str, window: bool) -> dict[int, float]:
+        run = tmp_path / name / "run"
+        shutil.copytree(whole / "run" / "checkpoint-4", run / "checkpoint-4")
+        shutil.copytree(whole / "run" / "tiny-qwen2_vl", run / "tiny-qwen2_vl")
+        if not window:
+            (run / "checkpoint-4" / "logging_window_0.pt").unlink()
+        sft_main(["--config", str(write_recipe(run.parent, **fields, resume_from_checkpoint="auto"))])
+        return logged(run.parent)
+
+    expected = logged(whole)
+    assert sorted(expected) == [3, 6]
+    assert resume("resumed", window=True) == expected
+    older = resume("older", window=False)
+    assert older[3] == expected[3] and older[6] != expected[6]  # the window of steps 5 and 6 alone
+
+
 def test_documented_sft_commands_parse(monkeypatch):
     monkeypatch.chdir(REPO)
     commands = [line for line in (REPO / "docs/sft.md").read_text().splitlines() if line.startswith("vlm-rl sft")]

@@ -198,6 +198,13 @@ LOGPS_PARAMETERS = [
     "compute_aux_loss",
 ]  # fmt: skip
 
+# HF restores the RNG right before the first resumed step, on every resume path (what GRPO's buffered generations and
+# both trainers' logging window are restored with).
+rng_restored_before_the_first_resumed_step = holds(
+    lambda: inspect.getsource(Trainer._run_epoch).count("self._load_rng_state(resume_from_checkpoint)") == 2,
+    "HF restores the RNG elsewhere now",
+)
+
 SEAMS: dict[str, Callable[..., None]] = {
     # --- VLMGRPOTrainer (grpo.py): methods of GRPOTrainer it overrides
     "__init__": all_of(
@@ -294,11 +301,7 @@ SEAMS: dict[str, Callable[..., None]] = {
         "if adapter_subdirs:",
         "model.load_adapter(peft_id, subdir_name, is_trainable=(subdir_name == active_adapter))",
     ),
-    # The RNG is restored right before the first resumed step, on every resume path: the buffer goes with it.
-    "_load_rng_state": holds(
-        lambda: inspect.getsource(Trainer._run_epoch).count("self._load_rng_state(resume_from_checkpoint)") == 2,
-        "HF restores the RNG elsewhere now",
-    ),
+    "_load_rng_state": rng_restored_before_the_first_resumed_step,
     # --- VLMSFTTrainer (sft.py): methods of TRL's SFTTrainer it overrides
     # TRL's loss asks the fused LM head, which needs the model's backbone; BLIP-2 has none and takes its own loss.
     "SFTTrainer.compute_loss": all_of(
@@ -309,6 +312,17 @@ SEAMS: dict[str, Callable[..., None]] = {
     "SFTTrainer._load_from_checkpoint": has_lines(
         Trainer._load_from_checkpoint, "load_result = model.load_state_dict(state_dict, False)"
     ),
+    # Each process adds its logging window (`logging_window`) to the checkpoint HF's (and TRL's) method wrote there.
+    "SFTTrainer._save_checkpoint": all_of(
+        has_parameters(SFTTrainer._save_checkpoint, ["self", "model", "trial"]),
+        has_lines(
+            Trainer._save_checkpoint,
+            'checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"',
+            "run_dir = self._get_output_dir(trial=trial)",
+        ),
+    ),
+    # The saved logging window is restored with the RNG, after the loop set it afresh.
+    "SFTTrainer._load_rng_state": rng_restored_before_the_first_resumed_step,
     # --- VLMRollout (rollout/vllm.py): methods of TRL's VLLMGeneration it overrides
     "VLLMGeneration.__init__": all_of(
         has_parameters(VLLMGeneration.__init__, ["self", *ROLLOUT_ATTRIBUTES]),
@@ -382,8 +396,9 @@ SEAMS: dict[str, Callable[..., None]] = {
         for name in TRAINER_ATTRIBUTES
         if not hasattr(stock_trainer, name)
     ],
-    # `rollout_state` saves and restores the loss summed since the last logging step, and that step, which HF's
-    # training loop sets afresh on resume (the first loss logged after it averaged only the steps since).
+    # `logging_window` saves and restores (GRPO in `rollout_state`, SFT in its own file) the loss summed since the last
+    # logging step, and that step, which HF's training loop sets afresh on resume (the first loss logged after it
+    # averaged only the steps since); it is restored with the RNG, after the loop set both.
     "attributes: Trainer logging": all_of(
         has_lines(
             Trainer._inner_training_loop,
@@ -394,6 +409,13 @@ SEAMS: dict[str, Callable[..., None]] = {
             Trainer._maybe_log_save_evaluate,
             "tr_loss -= tr_loss",
             'logs["loss"] = tr_loss_scalar / (self.state.global_step - self._globalstep_last_logged)',
+        ),
+        holds(
+            lambda: (
+                inspect.getsource(Trainer._inner_training_loop).index("self._tr_loss = torch.tensor(")
+                < inspect.getsource(Trainer._inner_training_loop).index("self._run_epoch(")
+            ),
+            "HF now sets the logging window once the epochs begin: it would reset the window restored with the RNG",
         ),
     ),
     "attributes: VLLMGeneration": all_of(

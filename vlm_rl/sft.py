@@ -20,6 +20,7 @@ from datasets import Dataset
 from peft import PeftModel
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from vlm_rl.checkpoints import load_renamed_weights
@@ -31,6 +32,7 @@ from vlm_rl.models.collator import PromptCompletionCollator
 from vlm_rl.prepare import Prepared, RunFinished, evaluates, prepare_run
 from vlm_rl.redaction import redacted_argv
 from vlm_rl.train import check_zero3_saves_full_model, describe_distribution, end_processes, load_policy
+from vlm_rl.trainers.logging_window import load_logging_window, save_logging_window
 from vlm_rl.trainers.step_timeout import watching
 
 logger = logging.getLogger("vlm_rl")
@@ -68,7 +70,8 @@ def prepare_sft(
 
 
 class VLMSFTTrainer(SFTTrainer):
-    """TRL's `SFTTrainer` for every model family, resuming checkpoints saved under original weight names.
+    """TRL's `SFTTrainer` for every model family, resuming checkpoints saved under original weight names, and with
+    the loss logged after a resume inside a logging window the uninterrupted run's (`logging_window`).
 
     Each override here has a row in the `SEAMS` table of tests/test_trl_contract.py."""
 
@@ -87,6 +90,20 @@ class VLMSFTTrainer(SFTTrainer):
         model = model if model is not None else self.model
         if is_peft_model(model) or not load_renamed_weights(model, resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """HF's (and TRL's) checkpoint, plus each process's loss summed since the last logging step and that step,
+        which HF's checkpoint lacks (`logging_window`)."""
+        super()._save_checkpoint(model, trial)
+        checkpoint = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        save_logging_window(self, checkpoint)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        """HF restores the RNG right before the first resumed step, after its loop set the logging window afresh:
+        the saved window is put back with it. A checkpoint without the file (an earlier vlm-rl's) resumes as before."""
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None:
+            load_logging_window(self, checkpoint)
 
 
 def build_trainer(

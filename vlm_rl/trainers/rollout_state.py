@@ -6,9 +6,8 @@ in the middle of a cycle and its steps no longer line up with the stopped run's.
 its place, the metrics and reward-failure counts not yet logged, and dynamic sampling's count of prompts generated
 for, next to HF's `rng_state_N.pth`; a resumed run then continues exactly where the stopped one was.
 
-HF's trainer also drops, on resume, the loss summed since the last logging step and that step's number
-(`_tr_loss`, `_globalstep_last_logged`): the first loss logged after a stop inside a logging window averaged only the
-steps since the resume. Both are saved here too, so that logged loss is the uninterrupted run's.
+The loss summed since the last logging step, and that step, which HF's trainer drops on resume, are saved here too
+(`logging_window`).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from vlm_rl.rewards.configured import ConfiguredReward
+from vlm_rl.trainers.logging_window import logging_window, restore_logging_window
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ def save_rollout_state(trainer, checkpoint: Path) -> None:
         },
         "seen_routes": sorted(trainer._seen_routes),
         "prompts_consumed": trainer.dynamic_sampling.prompts_consumed if trainer.dynamic_sampling else 0,
-        "unlogged_loss": trainer._tr_loss.detach().clone(),
-        "last_logged_step": trainer._globalstep_last_logged,
+        **logging_window(trainer),
     }
     torch.save(state, Path(checkpoint) / STATE_FILE.format(rank=trainer.accelerator.process_index))
 
@@ -90,7 +89,5 @@ def load_rollout_state(trainer, checkpoint: str | Path) -> bool:
         if isinstance(func, ConfiguredReward):
             func.failures = Counter(state["local_failures"].get(func.__name__, {}))
     trainer._seen_routes = set(state["seen_routes"])
-    if "unlogged_loss" in state:  # not in checkpoints of earlier vlm-rl versions
-        trainer._tr_loss.copy_(state["unlogged_loss"])
-        trainer._globalstep_last_logged = state["last_logged_step"]
+    restore_logging_window(trainer, state)
     return True
