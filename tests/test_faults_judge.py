@@ -98,8 +98,9 @@ def test_a_judge_down_for_a_step_then_hung_then_back(load_tiny, tmp_path, judge)
     assert means == pytest.approx([0.7, 0.7])  # the judge's 7 of 10
     # Failures are running totals: each sample of step 2 refused (an error), each of step 3 timed out (an error
     # from the judge's own time-out), and none after the server is back.
-    assert [entry["rewards/llm_judge/failures"] for entry in steps] == [0, SAMPLES, 2 * SAMPLES, 2 * SAMPLES]
-    assert [entry.get("rewards/llm_judge/failures_error", 0) for entry in steps] == [0, SAMPLES, 2 * SAMPLES, 2 * SAMPLES]
+    totals = [0, SAMPLES, 2 * SAMPLES, 2 * SAMPLES]
+    assert [entry["rewards/llm_judge/failures"] for entry in steps] == totals
+    assert [entry.get("rewards/llm_judge/failures_error", 0) for entry in steps] == totals
     assert trainer.reward_failures["llm_judge"] == {"error": 2 * SAMPLES, "timeout": 0, "nonfinite": 0}
     # The first server judged step 1's samples; the one started after the outage judged step 4's.
     assert judge.served[0] == SAMPLES and len(judge.server.bodies) == SAMPLES
