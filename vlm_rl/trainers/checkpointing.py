@@ -13,6 +13,7 @@ from pathlib import Path
 from accelerate.utils import gather_object, is_peft_model
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 
 from vlm_rl.checkpoints import (
@@ -28,6 +29,7 @@ from vlm_rl.checkpoints import (
     write_error,
 )
 from vlm_rl.redaction import redacted_secrets
+from vlm_rl.rollout.server_retry import VLLMServerGone
 from vlm_rl.trainers.rollout_state import load_rollout_state, save_rollout_state
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,17 @@ class CheckpointMixin:
         # While a checkpoint is written, HF's `_save_checkpoint` (and TRL's) put it under the staging directory.
         run_dir = super()._get_output_dir(trial)
         return os.path.join(run_dir, STAGING_DIR) if self._writing_checkpoint else run_dir
+
+    def train(self, *args, **kwargs):
+        """HF's training loop. A run stopped because the vLLM server stayed away (`VLLMServerGone`, raised on every
+        process at the same point of a step, before its update) first saves a checkpoint of the last complete step,
+        so that the same command resumes it; HF's loop saves nothing when an exception leaves it."""
+        try:
+            return super().train(*args, **kwargs)
+        except VLLMServerGone as gone:
+            self._save_checkpoint(self.model, trial=None)
+            checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            raise VLLMServerGone(gone.reason, checkpoint) from gone
 
     def _save_checkpoint(self, model, trial) -> None:
         """HF's checkpoint, written whole into a staging directory and then renamed (`vlm_rl.checkpoints`), with each
