@@ -91,21 +91,25 @@ class ServerRetry:
         """`func(*args, **kwargs)`, retried while the server is unreachable; `stand_in` once it is given up on."""
         if self.gone is not None:
             return stand_in
-        outage_start = None
+        outage_start: float | None = None
+        error: BaseException | None = None
         wait = FIRST_WAIT
         while True:
+            if error is not None and self.resync is None and self._answers():
+                # Back, but the weights cannot be sent from here: it would generate from the base weights.
+                return self._give_up(time.monotonic() - outage_start, error, came_back=True, stand_in=stand_in)
             try:
-                if outage_start is not None:
-                    self._resync()
+                if error is not None and self.resync is not None:
+                    self.resync()  # the server may be a new process, holding the model's base weights
+                    self.resyncs += 1
                 result = func(*args, **kwargs)
-            except UNREACHABLE as error:
+            except UNREACHABLE as raised:
+                error = raised
                 now = time.monotonic()
                 outage_start = outage_start if outage_start is not None else now
                 left = outage_start + self.timeout - now
-                if left <= 0 or (self.resync is None and self._answers()):
-                    self.gone = self._gone(now - outage_start, error)
-                    logger.error("%s.", self.gone.reason)
-                    return stand_in
+                if left <= 0:
+                    return self._give_up(now - outage_start, error, came_back=False, stand_in=stand_in)
                 delay = min(wait, left)
                 logger.warning(
                     "vLLM server at %s unreachable (%s: %s); retrying %s in %.0f s (giving up in %.0f s, "
@@ -123,27 +127,22 @@ class ServerRetry:
                 )
             return result
 
-    def _resync(self) -> None:
-        """Send the weights again: the server may be a new process, holding the model's base weights."""
-        if self.resync is None:
-            return
-        self.resync()
-        self.resyncs += 1
+    def _give_up(self, waited: float, error: BaseException, came_back: bool, stand_in: T) -> T:
+        if came_back:
+            why = (
+                "came back after an outage, and the weights cannot be sent to it again from inside a step over "
+                "vllm_weight_transport: nccl"
+            )
+        else:
+            why = f"did not answer for {waited:.0f} s (vllm_server_retry_timeout: {self.timeout:g} s)"
+        self.gone = VLLMServerGone(
+            f"The vLLM server at {self.base_url} {why}; last error: {type(error).__name__}: {first_line(error)[:200]}"
+        )
+        logger.error("%s.", self.gone.reason)
+        return stand_in
 
     def _answers(self) -> bool:
         try:
             return requests.get(f"{self.base_url}/health", timeout=5).status_code == 200
         except UNREACHABLE:
             return False
-
-    def _gone(self, waited: float, error: BaseException) -> VLLMServerGone:
-        if self.resync is None and waited < self.timeout:
-            why = (
-                "came back after an outage, and the weights cannot be sent again from inside a step over "
-                "vllm_weight_transport: nccl"
-            )
-        else:
-            why = f"did not answer for {waited:.0f} s (vllm_server_retry_timeout={self.timeout:g})"
-        return VLLMServerGone(
-            f"The vLLM server at {self.base_url} {why}; last error: {type(error).__name__}: {first_line(error)[:200]}"
-        )
