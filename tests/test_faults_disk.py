@@ -13,12 +13,15 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from test_data_training import TINY_RUN
+from test_distributed import check_ran, launch
+from test_distributed import write_recipe as write_two_process_recipe
 
 from vlm_rl.checkpoints import STAGING_DIR, checkpoint_problem, latest_checkpoint
 from vlm_rl.models import build_tiny_model
@@ -136,3 +139,42 @@ def test_a_real_full_file_system_stops_the_run_and_auto_resumes(tiny_qwen, tmp_p
     recipe = write_recipe(tmp_path, tiny_qwen, run)
     message = message.replace(str(mounted), str(run))
     check_stopped_and_resume(recipe, run, message, "Disk full (No space left on device")
+
+
+# `vlm_rl.train` with torch.save failing with ENOSPC on process 1 alone, in checkpoint-2 (its RNG state).
+ONE_PROCESS_FULL = """
+import errno, os, sys
+import torch
+from vlm_rl.train import main
+
+real_save = torch.save
+
+def fills_the_disk(obj, f, *args, **kwargs):
+    if os.environ["RANK"] == "1" and "checkpoint-2" in str(f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = fills_the_disk
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.scale
+def test_a_write_failing_on_one_of_two_processes_stops_both(tmp_path):
+    """Process 0 writes its part of checkpoint-2 whole, process 1 fails: both stop at that save with the message,
+    and `auto` resumes from checkpoint-1 with two processes."""
+    recipe = write_two_process_recipe(tmp_path, save_strategy="steps", save_steps=1, max_steps=3)
+    script = tmp_path / "one_process_full.py"
+    script.write_text(ONE_PROCESS_FULL)
+    start = time.monotonic()
+    code, output = launch("cpu_ddp.yaml", recipe, script=script, timeout=240)
+    print(f"two processes stopped in {time.monotonic() - start:.0f} s")
+    assert code not in (0, None), output[-4000:]  # stopped, not hung
+    run = tmp_path / "run"
+    lines = [line for line in output.splitlines() if line.startswith("vlm-rl train: error: Disk full")]
+    assert len(lines) == 2, output[-4000:]  # one per process
+    assert f"writing checkpoint-2 in {run}" in lines[0]
+    assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (run / STAGING_DIR).exists()
+    check_ran(*launch("cpu_ddp.yaml", recipe, "--resume_from_checkpoint", "auto", timeout=240))
+    assert logged_steps(run) == [1, 2, 3]
