@@ -11,7 +11,8 @@ What changes (`ServerRetry`, wired into `VLMClient` and the file weight sync in 
 - connection and read failures are not retried by the session; `ServerRetry.call` retries them for
   `vllm_server_retry_timeout` seconds, with a doubling wait (1 s up to 30 s) and one log line per wait;
 - before a request is sent again, the server gets the policy's weights again in full (`resync`: the last synced
-  `model.safetensors` is reloaded), so every generation after an outage comes from the trained weights;
+  `model.safetensors` is reloaded), so every generation after an outage comes from the trained weights; with
+  `vllm_weight_transport: nccl` that cannot be done from inside a step, and a server that comes back is given up on;
 - when the server is not back in time, the call returns a stand-in value instead of raising, so that the main
   process still takes part in the collective the other processes wait in; every process then raises
   `VLLMServerGone`, and the trainer saves a checkpoint before stopping with the message
@@ -43,8 +44,8 @@ UNREACHABLE = (requests.ConnectionError, requests.Timeout)
 
 
 class VLLMServerGone(RunStopped):
-    """The vLLM server did not answer for `vllm_server_retry_timeout` seconds; raised on every process, then again
-    by the trainer with the checkpoint it saved."""
+    """The vLLM server was given up on (`ServerRetry`); raised on every process, then again by the trainer with the
+    checkpoint it saved."""
 
     def __init__(self, reason: str, checkpoint: Path | None = None) -> None:
         self.reason = reason
@@ -66,7 +67,6 @@ def session_without_connection_retries(session: requests.Session, pool_size: int
         status_forcelist=[500, 502, 503],
         backoff_factor=2,
         allowed_methods=["POST", "GET"],
-        raise_on_status=False,  # TRL's client reads the final status and raises with the server's text
     )
     adapter = HTTPAdapter(max_retries=policy, pool_maxsize=pool_size)
     session.mount("http://", adapter)
