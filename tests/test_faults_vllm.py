@@ -209,3 +209,67 @@ def test_a_server_that_stays_away_stops_the_run_with_a_checkpoint_that_auto_resu
     trainer.train(resume_from_checkpoint=resolve_resume("auto", run))
     assert trainer.state.global_step == 4
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4]
+
+
+# A reward that kills the server (SIGKILL to its process group) once step 1's completions are in: from then on,
+# step 2's weight sync and generation find no server.
+KILLING_REWARD = """
+import os, signal, time
+from pathlib import Path
+
+def kill_server_once(completions, **kwargs):
+    marker = Path(os.environ["VLM_RL_TEST_KILLED_AT"])
+    if not marker.exists():
+        try:
+            os.killpg(int(os.environ["VLM_RL_TEST_SERVER_PGID"]), signal.SIGKILL)
+        except ProcessLookupError:  # the other process killed it first
+            pass
+        marker.write_text(str(time.time()))
+    return [float(len(completion[0]["content"])) for completion in completions]
+"""
+
+
+def test_two_processes_both_stop_with_a_checkpoint_when_the_server_stays_away(running_server, tmp_path):
+    """Only the main process talks to the server; the other waits in TRL's broadcast of the completions. Both stop
+    at the same point, with the message, and the checkpoint of step 1 is written by both."""
+    from test_distributed import launch
+    from test_distributed import write_recipe as write_two_process_recipe
+
+    server = running_server
+    (tmp_path / "kill_server.py").write_text(KILLING_REWARD)
+    recipe = write_two_process_recipe(
+        tmp_path,
+        model_name_or_path=str(server.recipe.parent / "qwen2_vl"),
+        max_pixels=MAX_PIXELS,
+        reward_funcs=["accuracy", "kill_server.py:kill_server_once"],
+        max_steps=4,
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_host="127.0.0.1",
+        vllm_server_port=server.port,
+        vllm_weight_transport="files",
+        vllm_max_model_length=512,
+        vllm_server_retry_timeout=GIVE_UP_AFTER,
+    )
+    killed_at = tmp_path / "killed_at"
+    os.environ["VLM_RL_TEST_SERVER_PGID"] = str(server.process.pid)
+    os.environ["VLM_RL_TEST_KILLED_AT"] = str(killed_at)
+    try:
+        code, output = launch("cpu_ddp.yaml", recipe, timeout=240)
+    finally:
+        del os.environ["VLM_RL_TEST_SERVER_PGID"], os.environ["VLM_RL_TEST_KILLED_AT"]
+    ended = time.time()
+    assert code not in (0, None), output[-4000:]  # stopped, not hung
+    server.process.wait(timeout=30)  # killed by the reward
+    took = ended - float(killed_at.read_text())
+    print(f"two processes exited {took:.1f} s after the server was killed (including the launcher's exit)")
+    run = tmp_path / "run"
+    lines = [line for line in output.splitlines() if line.startswith("vlm-rl train: error: The vLLM server")]
+    assert len(lines) == 2, output[-4000:]  # one per process
+    assert f"checkpoint saved in {run / 'checkpoint-1'}" in lines[0] and "did not answer for 8 s" in lines[0]
+    assert latest_checkpoint(run) == run / "checkpoint-1"
+    assert sorted(path.name for path in (run / "checkpoint-1").glob("rollout_state_*.pt")) == [
+        "rollout_state_0.pt",
+        "rollout_state_1.pt",
+    ]
+    assert took < GIVE_UP_AFTER + 2 * STOP_MARGIN
