@@ -68,8 +68,8 @@ class JudgeServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), JudgeHandler)
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), JudgeHandler)
         self.lock = threading.Lock()
         self.bodies: list[bytes] = []
         self.auth_headers: list[str | None] = []

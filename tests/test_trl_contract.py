@@ -291,6 +291,9 @@ SEAMS: dict[str, Callable[..., None]] = {
         has_lines(GRPOTrainer._save_checkpoint, "self._get_output_dir(trial=trial)"),
     ),
     "_save_checkpoint": has_parameters(GRPOTrainer._save_checkpoint, ["self", "model", "trial"]),
+    # A run stopped by an unreachable vLLM server saves a checkpoint before it stops (`VLLMServerGone`): HF's loop
+    # saves nothing when an exception leaves it.
+    "train": has_parameters(Trainer.train, ["self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"]),
     # HF pickles the arguments in `_save` (what `redacted_secrets` wraps).
     "_save": has_lines(Trainer._save, "TRAINING_ARGS_NAME"),
     "_load_from_checkpoint": has_lines(
@@ -336,6 +339,26 @@ SEAMS: dict[str, Callable[..., None]] = {
     ),
     # --- VLMClient (rollout/vllm.py)
     "VLLMClient._post": has_lines(VLLMClient._post, "def _post(self, url: str, **kwargs) -> dict:"),
+    # The two calls a server-mode rollout makes on the main process, retried through a server outage
+    # (`rollout/server_retry.py`); given up on, they return no completions, which TRL broadcasts to every process.
+    "VLLMClient.image_features": all_of(
+        has_parameters(VLLMClient.image_features, ["self", "images", "max_concurrent_requests"]),
+        has_lines(VLLMGeneration.generate, "features = self.vllm_client.image_features("),
+    ),
+    "VLLMClient.generate": all_of(
+        has_parameters(VLLMClient.generate, ["self", "prompts", "features"], prefix=True),
+        has_lines(
+            VLLMGeneration.generate,
+            "output = self.vllm_client.generate(",
+            "broadcast_object_list(obj_list, from_process=0)",
+            "all_prompt_ids = [ids for ids in all_prompt_ids for _ in range(num_generations)]",
+        ),
+    ),
+    # TRL's client sends every request through `self.session`, on which it mounts connection and read retries that
+    # re-send a request as is (`server_retry.session_without_connection_retries` mounts its own instead).
+    "attributes: VLLMClient.session (server_retry)": has_lines(
+        VLLMClient.__init__, "self.session = requests.Session()", 'self.session.mount("http://", adapter)'
+    ),
     # --- the module-level name TRL's `__init__` builds its vLLM backend by (`_vlm_rollout_backend` swaps it)
     "swap: grpo_trainer.VLLMGeneration": all_of(
         holds(lambda: grpo_trainer_module.VLLMGeneration is VLLMGeneration, "the name is no longer TRL's class"),

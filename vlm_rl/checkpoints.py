@@ -10,8 +10,10 @@ saving leaves at most a directory under `.incomplete/`, which nothing resumes fr
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import re
 import shutil
 import struct
@@ -20,6 +22,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from vlm_rl.errors import RunStopped, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +133,67 @@ def write_manifest(path: Path) -> None:
     """Record the size of every file in the checkpoint; the last file written into it."""
     files = {str(file.relative_to(path)): file.stat().st_size for file in sorted(path.rglob("*")) if file.is_file()}
     (path / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+class CheckpointNotSaved(RunStopped, OSError):
+    """A checkpoint could not be written (a full disk, a quota, a read-only or vanished file system): training stops,
+    as it would lose more than the steps since the last checkpoint if it went on without one."""
+
+
+# The write errors that free space, not a fix to the run, cures.
+_SPACE_ERRORS = {errno.ENOSPC: "Disk full", errno.EDQUOT: "Disk quota exceeded"}
+_FULL_BELOW = 1 << 20  # bytes free on a file system that a checkpoint write just failed on
+
+
+def not_saved(error: str, output_dir: str | Path, global_step: int) -> CheckpointNotSaved:
+    """The one-line error for a checkpoint that failed to write: what failed, where, what `auto` resumes from now,
+    and what to do."""
+    last = latest_checkpoint(output_dir)
+    resumes = f"the last complete checkpoint, {last}, is" if last is not None else "no complete checkpoint is"
+    return CheckpointNotSaved(
+        f"{error}, writing {PREFIX_CHECKPOINT_DIR}-{global_step} in {output_dir}: training stopped and the partial "
+        f"checkpoint was removed; {resumes} what --resume_from_checkpoint auto continues from. Free space there (or "
+        "set output_dir to a file system with room), then run the same command with --resume_from_checkpoint auto."
+    )
+
+
+def full_disk(error: BaseException, directory: str | Path) -> int | None:
+    """ENOSPC or EDQUOT when `error`, raised writing into `directory`, came from a full file system; else None.
+
+    A full disk reaches Python in several forms: `OSError` (ENOSPC) from plain writes, a `SafetensorError` ("os
+    error 28") from the weights, and a `RuntimeError` from `torch.save` that names only a file position. So the
+    file system's free space is asked too: less than a megabyte left is a full disk, whatever the error says."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code in _SPACE_ERRORS:
+        return code
+    if "os error 28" in str(error) or 0 <= _free_bytes(directory) < _FULL_BELOW:
+        return errno.ENOSPC
+    return None
+
+
+def write_error(error: BaseException, directory: str | Path) -> str:
+    """A one-line description of a failed checkpoint write, the cause first (`Disk full`)."""
+    code = full_disk(error, directory)
+    if code is not None:
+        return f"{_SPACE_ERRORS[code]} ({os.strerror(code)}; {_free_bytes(directory)} bytes free)"
+    return f"Could not write the checkpoint ({type(error).__name__}: {first_line(error)})"
+
+
+def _free_bytes(directory: str | Path) -> int:
+    """Bytes this user may still write on the file system holding `directory` (-1 if it cannot be asked)."""
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return -1
+    return stat.f_bavail * stat.f_frsize
+
+
+def discard(staging: Path) -> None:
+    """Delete a checkpoint that failed to write, and the staging directory if nothing else is in it: on a full disk,
+    its partial files hold the space the run's logs and the next try need."""
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staging.parent.rmdir()
 
 
 def staging_path(output_dir: str | Path, global_step: int) -> Path:

@@ -355,6 +355,15 @@ class VLMGRPOConfig(GRPOConfig):
             "Unset: `<output_dir>/vllm_weights`."
         },
     )
+    vllm_server_retry_timeout: float = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds the trainer waits for a vLLM server (`vllm_mode: server`) that stopped answering, "
+            "retrying with a doubling wait (1 s up to 30 s) and logging each; a server that comes back gets the "
+            "policy's weights again (`vllm_weight_transport: files`) before the next generation. When it does not, "
+            "the run saves a checkpoint and stops, naming the server. 0: stop at the first failed request."
+        },
+    )
     vllm_limit_mm_per_prompt: int | None = field(
         default=None,
         metadata={
@@ -417,6 +426,8 @@ class VLMGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"vllm_weight_transport must be one of {list(WEIGHT_TRANSPORTS)}, got {self.vllm_weight_transport!r}."
             )
+        if self.vllm_server_retry_timeout < 0:
+            raise ValueError(f"vllm_server_retry_timeout must be >= 0 seconds, got {self.vllm_server_retry_timeout}.")
         self._check_dynamic_sampling()
         if self.max_tool_turns is not None:
             if self.max_tool_turns < 1:

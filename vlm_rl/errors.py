@@ -23,3 +23,8 @@ def first_line(error: BaseException) -> str:
     """The first line of a library's error message (the Hub client's run to a dozen lines), for a one-line error."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+class RunStopped(Exception):
+    """Training stopped on a fault outside the program (a full disk, a server gone), after doing what it could to
+    make the same command resume; the message names the fault and what to do, and is printed as one line."""

@@ -24,6 +24,7 @@ import vlm_rl
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig, parse_recipe, recipe_as_run
 from vlm_rl.data import SkippedRowsCallback, image_counts
 from vlm_rl.data.sources import resolve_path
+from vlm_rl.errors import RunStopped
 from vlm_rl.evaluation import evaluate_and_write, image_rows
 from vlm_rl.model_card import write_model_card
 from vlm_rl.models import apply_freezing, load_model_and_processor
@@ -355,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     except Preempted as stop:
         logger.warning("%s", stop)
         sys.exit(stop.exit_code)
+    except RunStopped as stop:  # a full disk, a vLLM server gone: what to do is in the one line
+        sys.exit(f"vlm-rl train: error: {stop}")
     end_processes(trainer.accelerator)
 
 

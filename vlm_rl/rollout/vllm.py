@@ -12,7 +12,9 @@ ZeRO-3/PEFT-aware parameter iteration, broadcasting the results); this subclass 
   once (TRL sends every copy with `n=1`), and text-only rows in a mixed batch carry no image;
 - weights are synced with vLLM's in-place `reload_weights` (TRL's `load_weights` path fails on CPU, where linear
   weights are repacked), and the encoder cache is reset with the prefix cache, so no stale image encoding survives an
-  update; a server can take the weights through files (`vllm_weight_transport: files`) where NCCL is not available.
+  update; a server can take the weights through files (`vllm_weight_transport: files`) where NCCL is not available;
+- a server that stops answering is waited for, given the weights again when it is back, or given up on with a
+  checkpoint (`vlm_rl.rollout.server_retry`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import broadcast_object_list
 from PIL import Image
 from trl.generation.vllm_client import VLLMClient
 from trl.generation.vllm_generation import VLLMGeneration, extract_logprobs
 
 from vlm_rl.config import WEIGHT_TRANSPORTS
+from vlm_rl.rollout.server_retry import ServerRetry, VLLMServerGone, session_without_connection_retries
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +82,27 @@ def trainer_visual_tokens(processor, image_token_id: int, image: Image.Image) ->
 
 
 class VLMClient(VLLMClient):
-    """TRL's vLLM client, reading vLLM 0.32's token-id logprobs.
+    """TRL's vLLM client, reading vLLM 0.32's token-id logprobs, and riding out a server outage.
 
     `/inference/v1/generate` (prompts with images) reports each logprob entry's token as an integer `token_id`;
     TRL 1.16 (tested against vLLM <= 0.31) reads a `"token_id:<id>"` string under `token` and fails with KeyError.
+    With `retry` set, the requests a rollout makes are retried through an outage (`vlm_rl.rollout.server_retry`).
     """
+
+    retry: ServerRetry | None = None
+
+    def image_features(self, images: list[list | None], *args, **kwargs) -> list[dict | None]:
+        if self.retry is None:
+            return super().image_features(images, *args, **kwargs)
+        stand_in = [None] * len(images)
+        return self.retry.call("image processing", super().image_features, images, *args, stand_in=stand_in, **kwargs)
+
+    def generate(self, *args, **kwargs) -> dict:
+        if self.retry is None:
+            return super().generate(*args, **kwargs)
+        # Given up on: no completions, which every process sees after TRL's broadcast (`VLMRollout.generate`).
+        stand_in = {"prompt_ids": [], "completion_ids": [], "logprobs": None, "logprob_token_ids": None}
+        return self.retry.call("generation", super().generate, *args, stand_in=stand_in, **kwargs)
 
     def _post(self, url: str, **kwargs) -> dict:
         body = super()._post(url, **kwargs)
@@ -107,6 +127,7 @@ class VLMRollout(VLLMGeneration):
         weight_transport: str = "auto",
         weights_dir: str | None = None,
         dtype: str = "auto",
+        server_retry_timeout: float = 300.0,
         **kwargs: Any,
     ):
         if weight_transport not in WEIGHT_TRANSPORTS:
@@ -116,6 +137,7 @@ class VLMRollout(VLLMGeneration):
         self.image_token_id = image_token_id
         self.dtype = dtype
         self.weights_dir = weights_dir
+        self.server_retry_timeout = server_retry_timeout
         accelerator = kwargs.get("accelerator") or args[1]
         if weight_transport == "auto":
             weight_transport = "nccl" if accelerator.device.type == "cuda" else "files"
@@ -131,11 +153,16 @@ class VLMRollout(VLLMGeneration):
     # ----------------------------------------------------------------------------------------------- start-up
     def _init_vllm(self):
         if self.mode == "server":
+            base_url = self.server_base_url or f"http://{self.server_host}:{self.server_port}"
+            # Over NCCL the weights cannot be sent by the main process alone, from inside a step.
+            resync = self._reload_synced_weights if self.weight_transport == "files" else None
+            self.server_retry = ServerRetry(base_url, self.server_retry_timeout, resync)
             if self.accelerator.is_main_process:
-                base_url = self.server_base_url or f"http://{self.server_host}:{self.server_port}"
                 self.vllm_client = VLMClient(
                     base_url=base_url, group_port=self.group_port, connection_timeout=self.server_timeout
                 )
+                session_without_connection_retries(self.vllm_client.session, pool_size=64)
+                self.vllm_client.retry = self.server_retry
                 if self.weight_transport == "nccl":
                     self.vllm_client.init_communicator(device=self.accelerator.device)
             self.accelerator.wait_for_everyone()
@@ -243,19 +270,35 @@ class VLMRollout(VLLMGeneration):
             if main:
                 state[name] = param.detach().to("cpu", copy=True).contiguous()
         if main:
-            directory = Path(self.weights_dir or "vllm_weights").resolve()
+            directory = self._weights_directory()
             directory.mkdir(parents=True, exist_ok=True)
             partial = directory / "model.safetensors.partial"
             save_file(state, str(partial))
             partial.replace(directory / "model.safetensors")
-            base_url = self.vllm_client.base_url
-            self._post(
-                f"{base_url}/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(directory)}}
-            )
-            self._post(f"{base_url}/reset_prefix_cache")
-            self._post(f"{base_url}/reset_encoder_cache")
+            self.server_retry.call("weight sync", self._reload_synced_weights, stand_in=None)
         del state
-        self.accelerator.wait_for_everyone()
+        self._stop_if_server_gone()  # every process waits here for the main one's sync
+
+    def _weights_directory(self) -> Path:
+        return Path(self.weights_dir or "vllm_weights").resolve()
+
+    def _reload_synced_weights(self) -> None:
+        """Have the server load the weights last written to the weights directory, and forget what it cached."""
+        base_url = self.vllm_client.base_url
+        directory = self._weights_directory()
+        self._post(
+            f"{base_url}/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(directory)}}
+        )
+        self._post(f"{base_url}/reset_prefix_cache")
+        self._post(f"{base_url}/reset_encoder_cache")
+
+    def _stop_if_server_gone(self) -> None:
+        """Raise `VLLMServerGone` on every process if the main one gave up on the server (a collective)."""
+        gone = self.server_retry.gone if self.accelerator.is_main_process else None
+        reason = [gone.reason if gone is not None else None]
+        broadcast_object_list(reason, from_process=0)
+        if reason[0] is not None:
+            raise VLLMServerGone(reason[0])
 
     @staticmethod
     def _post(url: str, body: dict | None = None) -> None:
@@ -275,7 +318,10 @@ class VLMRollout(VLLMGeneration):
         # The trainer marks image-less rows with an empty list; TRL's backend expects None there.
         images = [row or None for row in images] if images is not None else None
         if self.mode == "server":
-            return super().generate(prompts, images, num_generations, profiler)
+            result = super().generate(prompts, images, num_generations, profiler)
+            if prompts and not result[1]:  # no completions: the main process gave up on the server
+                self._stop_if_server_gone()
+            return result
         return self._generate_colocated(prompts, images or [None] * len(prompts), profiler)
 
     def _generate_colocated(self, prompts: list[list[int]], images: list, profiler: Callable | None):

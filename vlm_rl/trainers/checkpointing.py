@@ -6,24 +6,33 @@ named in `tests/test_trl_contract.py`.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
-from accelerate.utils import is_peft_model
+from accelerate.utils import gather_object, is_peft_model
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 
 from vlm_rl.checkpoints import (
     STAGING_DIR,
+    discard,
+    full_disk,
     load_renamed_weights,
+    not_saved,
     publish,
     remove_incomplete,
     rotate_checkpoints,
     staging_path,
+    write_error,
 )
 from vlm_rl.redaction import redacted_secrets
+from vlm_rl.rollout.server_retry import VLLMServerGone
 from vlm_rl.trainers.rollout_state import load_rollout_state, save_rollout_state
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointMixin:
@@ -37,29 +46,66 @@ class CheckpointMixin:
         run_dir = super()._get_output_dir(trial)
         return os.path.join(run_dir, STAGING_DIR) if self._writing_checkpoint else run_dir
 
+    def train(self, *args, **kwargs):
+        """HF's training loop. A run stopped because the vLLM server stayed away (`VLLMServerGone`, raised on every
+        process at the same point of a step, before its update) first saves a checkpoint of the last complete step,
+        so that the same command resumes it; HF's loop saves nothing when an exception leaves it."""
+        try:
+            return super().train(*args, **kwargs)
+        except VLLMServerGone as gone:
+            self._save_checkpoint(self.model, trial=None)
+            checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            raise VLLMServerGone(gone.reason, checkpoint) from gone
+
     def _save_checkpoint(self, model, trial) -> None:
         """HF's checkpoint, written whole into a staging directory and then renamed (`vlm_rl.checkpoints`), with each
-        process's buffered generations (`rollout_state`), and rotated so that a good checkpoint always remains."""
+        process's buffered generations (`rollout_state`), and rotated so that a good checkpoint always remains.
+
+        A write that fails on any process (a full disk) stops training on every process with `CheckpointNotSaved`:
+        the partial checkpoint is deleted and the last complete one stays the one `auto` resumes from. HF lets the
+        `OSError` escape from the failing process alone, and the others wait for it in the next collective."""
         run_dir = self._get_output_dir(trial)
         staging = staging_path(run_dir, self.state.global_step)
         if self.args.should_save:
             remove_incomplete(run_dir)  # left by a run killed while saving
         self.accelerator.wait_for_everyone()
+        error = None
         self._writing_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
+            save_rollout_state(self, staging)
+        except Exception as raised:  # a full disk is not always an `OSError` (`vlm_rl.checkpoints.write_error`)
+            error = raised
         finally:
             self._writing_checkpoint = False
-        save_rollout_state(self, staging)
-        self.accelerator.wait_for_everyone()  # every process's files are written
+        self._agree_on_write(run_dir, staging, error)  # every process's files are written
         if self.args.should_save:
-            best = self.state.best_model_checkpoint
-            if best is not None and Path(best).parent == staging.parent:
-                self.state.best_model_checkpoint = str(Path(run_dir) / Path(best).name)
-                self.state.save_to_json(str(staging / "trainer_state.json"))
-            publish(staging, run_dir)
+            try:
+                best = self.state.best_model_checkpoint
+                if best is not None and Path(best).parent == staging.parent:
+                    self.state.best_model_checkpoint = str(Path(run_dir) / Path(best).name)
+                    self.state.save_to_json(str(staging / "trainer_state.json"))
+                publish(staging, run_dir)
+            except Exception as raised:
+                error = raised
+        self._agree_on_write(run_dir, staging, error)
+        if self.args.should_save:
             rotate_checkpoints(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+    def _agree_on_write(self, run_dir: str, staging: Path, error: Exception | None) -> None:
+        """Raise `CheckpointNotSaved` on every process if writing failed on any (a collective: every process calls
+        it at the same point, failed or not)."""
+        description = write_error(error, run_dir) if error is not None else None
+        if error is not None and full_disk(error, run_dir) is None:
+            logger.error("Writing %s failed:", staging, exc_info=error)  # not the disk: the traceback says where
+        errors = gather_object([description])
+        failed = next((text for text in errors if text is not None), None)
+        if failed is None:
+            return
+        if self.args.should_save:
+            discard(staging)
+        raise not_saved(failed, run_dir, self.state.global_step) from error
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # HF pickles the arguments into `training_args.bin` here (every checkpoint, the output dir): no tokens.

@@ -267,6 +267,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             image_token_id=getattr(processing_class, "image_token_id", None),
             weight_transport=options.vllm_weight_transport,
             weights_dir=options.vllm_weights_dir or str(Path(args.output_dir) / "vllm_weights"),
+            server_retry_timeout=options.vllm_server_retry_timeout,
             dtype=str(model.dtype).removeprefix("torch.") if isinstance(model, nn.Module) else "auto",
         )
         original = grpo_trainer_module.VLLMGeneration

@@ -27,6 +27,7 @@ class VLMOptions:
     eval_accuracy_reward: str = _DEFAULTS["eval_accuracy_reward"]
     vllm_weight_transport: str = _DEFAULTS["vllm_weight_transport"]
     vllm_weights_dir: str | None = _DEFAULTS["vllm_weights_dir"]
+    vllm_server_retry_timeout: float = _DEFAULTS["vllm_server_retry_timeout"]
     vllm_limit_mm_per_prompt: int | None = _DEFAULTS["vllm_limit_mm_per_prompt"]
     dynamic_sampling: bool = _DEFAULTS["dynamic_sampling"]
     max_resample_rounds: int = _DEFAULTS["max_resample_rounds"]
