@@ -15,9 +15,9 @@ gets a per-answer confusion table (true count × answer given), where a collapse
 runs evaluate on the held-out rows every `eval_steps` (sampled, as TRL evaluates), for one figure per task of
 held-out accuracy against step.
 
-`synthetic:zoom` (`--task zoom`; not in the default run, as it does not learn yet) trains with the `zoom_in` tool
-(`recipes/zoom_cpu.yaml`), and again from an SFT on the same teacher's answers without calls and a GRPO with the
-tools off, for the same budget: `no_tools`. Its entry adds `tool_calls_per_completion` (calls that ran per held-out
+`synthetic:zoom` (`--task zoom`; not in the default run, which it would lengthen by half an hour) trains with the
+`zoom_in` tool (`recipes/zoom_cpu.yaml`), and again from an SFT on the same teacher's answers without calls and a
+GRPO with the tools off, for the same budget: `no_tools`. Its entry adds `tool_calls_per_completion` (calls that ran per held-out
 row, greedy) before and after GRPO, and the figure the training tool-call rate.
 
 `--algorithms` trains GRPO, DAPO (clip-higher, dynamic sampling, token-level loss), Dr. GRPO and GSPO from one
@@ -69,7 +69,7 @@ class Task:
     grpo_recipe: str = "{name}_grpo_cpu.yaml"
     # A task with tools also runs SFT (on this split) + GRPO with the tools off, for the same budget: `no_tools`.
     no_tools_split: str | None = None
-    in_default_run: bool = True  # zoom: only with `--task zoom` until it learns (docs/tools.md)
+    in_default_run: bool = True  # zoom: only with `--task zoom` (about 30 minutes of its own)
 
 
 TASKS = {
