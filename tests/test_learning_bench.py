@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,3 +34,26 @@ def test_the_learning_benchmark_runs_sft_then_grpo_and_reports_every_score(tmp_p
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]["counting"]
     assert sum(sum(row.values()) for row in runs[0]["confusion_grpo"].values()) == 8  # every held-out row
     assert [step for step, _ in runs[0]["curve"]] == [0, 1, 2]  # `eval_on_start`, then each in-loop evaluation
+
+
+@pytest.mark.slow
+def test_the_zoom_task_runs_with_and_without_its_tool(tmp_path):
+    """`--task zoom`: SFT + GRPO with the `zoom_in` tool, and the same budget with tools off (`no_tools`)."""
+    process = subprocess.run(
+        [sys.executable, "benchmarks/learning.py", "--smoke", "--task", "zoom", "--samples", "1",
+         "--output_dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    summary = json.loads(process.stdout.strip().splitlines()[-1])["zoom"]
+    for key in ("sft", "grpo", "no_tools", "blind_grpo", "tool_calls_sft", "tool_calls_per_completion"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["no_tools_minutes"] > 0
+    # The tool run logged its calls; the run without tools is the same recipe with `tools` and `max_tool_turns` off.
+    logged = (tmp_path / "zoom-seed0" / "grpo" / "metrics.jsonl").read_text()
+    assert '"tools/zoom_in/calls"' in logged
+    assert '"tools/' not in (tmp_path / "zoom-seed0" / "no_tools" / "grpo" / "metrics.jsonl").read_text()
+    plain = yaml.safe_load((tmp_path / "zoom-seed0" / "no_tools" / "zoom_cpu.yaml").read_text())
+    recipe = yaml.safe_load((ROOT / "recipes" / "zoom_cpu.yaml").read_text())
+    assert "tools" not in plain and plain == {k: v for k, v in recipe.items() if k not in ("tools", "max_tool_turns")}
+    assert "| zoom |" in (tmp_path / "results.md").read_text()
