@@ -1,0 +1,64 @@
+"""The flex attention block mask of the packed layout is the dense mask SDPA takes (`trainers/block_mask.py`)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from vlm_rl.trainers.block_mask import packed_block_mask
+from vlm_rl.trainers.shared_prefix import pack
+
+
+def _packed_layout(seed: int):
+    """A TRL-style scoring batch of 3 prompts (left-padded, of uneven lengths) × 3 completions of uneven lengths
+    (right-padded, one empty), packed: groups of different lengths, so the shorter ones end in padding."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt_lengths, completion_length = [150, 90, 201], 180
+    rows, prompt_length = 9, max(prompt_lengths)
+    input_ids = torch.randint(1, 100, (rows, prompt_length + completion_length), generator=generator)
+    attention_mask = torch.zeros_like(input_ids)
+    lengths = torch.randint(0, completion_length + 1, (rows,), generator=generator)
+    lengths[4] = 0
+    for row in range(rows):
+        prompt = prompt_lengths[row // 3]
+        input_ids[row, :prompt_length] = input_ids[3 * (row // 3), :prompt_length]
+        attention_mask[row, prompt_length - prompt : prompt_length + int(lengths[row])] = 1
+    return pack([[0, 1, 2], [3, 4, 5], [6, 7, 8]], input_ids, attention_mask, completion_length)
+
+
+def test_block_mask_is_the_dense_mask():
+    packing = _packed_layout(0)
+    block_mask = packed_block_mask(packing.segment)
+    groups, length = packing.segment.shape
+    assert block_mask.shape == (groups, 1, length, length)
+    # Its mask_mod is `Packing.attention_mask`, position by position ...
+    batch, positions = torch.arange(groups)[:, None, None], torch.arange(length)
+    dense = block_mask.mask_mod(batch, None, positions[None, :, None], positions[None, None, :])
+    assert torch.equal(dense[:, None], packing.attention_mask(None))
+    # ... and its tile tables are torch's own construction from that mask_mod.
+    reference = create_block_mask(block_mask.mask_mod, groups, None, length, length, device="cpu")
+    assert torch.equal(block_mask.to_dense(), reference.to_dense())
+    assert torch.equal(block_mask.full_kv_num_blocks, reference.full_kv_num_blocks)
+    assert block_mask.sparsity() > 40  # the completions never see each other: most tiles are skipped
+
+
+def test_flex_attention_with_the_block_mask_equals_sdpa_with_the_dense_mask():
+    packing = _packed_layout(1)
+    groups, length = packing.segment.shape
+    generator = torch.Generator().manual_seed(2)
+    query, key, value = (torch.randn(groups, 2, length, 16, generator=generator) for _ in range(3))
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=packing.attention_mask(None))
+    got = flex_attention(query, key, value, block_mask=packed_block_mask(packing.segment))
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.slow  # compiling flex attention takes ~10 s on one CPU thread
+def test_compiled_flex_attention_skips_only_tiles_nothing_sees():
+    """Compiled, flex runs only the tiles the tables list (and the mask only in partial ones): a wrong table shows."""
+    packing = _packed_layout(3)
+    groups, length = packing.segment.shape
+    generator = torch.Generator().manual_seed(4)
+    query, key, value = (torch.randn(groups, 2, length, 16, generator=generator) for _ in range(3))
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=packing.attention_mask(None))
+    got = torch.compile(flex_attention)(query, key, value, block_mask=packed_block_mask(packing.segment))
+    assert (got - expected).abs().max() <= 1e-5
