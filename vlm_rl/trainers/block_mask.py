@@ -7,9 +7,9 @@ SDPA computes every (query, key) pair of the square, the cost the packed forward
 another, anything against padding) are skipped, tiles that are wholly visible (a completion against the prompt) run
 without evaluating the mask. Attention then costs about `P² / 2 + Σ (P·Cᵢ + Cᵢ² / 2)` pairs, not `(P + Σ Cᵢ)²`.
 
-The tile tables are computed here from the segment ids with plain tensor ops, one row of query tiles at a time,
-rather than by `create_block_mask`, which evaluates the mask through `vmap` over the whole square (about 1.2 s for
-a 3k-token sequence on one CPU thread) or compiles it (about 8 s the first time).
+The tile tables are computed here from the segment ids, in `O(tiles²)`, rather than by `create_block_mask`, which
+evaluates the mask over the whole square through `vmap` (about 1.2 s for a 3k-token sequence on one CPU thread) or
+compiles it (about 8 s the first time).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 BLOCK_SIZE = 128
@@ -26,42 +27,59 @@ BLOCK_SIZE = 128
 def segment_mask_mod(segment: torch.Tensor) -> Callable[..., torch.Tensor]:
     """flex's `mask_mod(batch, head, query, key)` for `segment` `(groups, L)`: the mask of `Packing.attention_mask`.
 
-    A query sees a key at or before it that is the shared prompt (segment 0) or in its own segment; a padding
-    position sees only itself, so that no softmax runs over nothing.
+    A query sees a key at or before it that is the shared prompt (segment 0) or in its own segment. A padding
+    position sees only itself (so that no softmax runs over nothing), where the dense mask also lets it see the
+    prompt: its output is never read, and this way no tile is computed for it.
     """
 
     def mask_mod(batch: torch.Tensor, head: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         query_segment, key_segment = segment[batch, query], segment[batch, key]
-        visible = (key <= query) & (key_segment >= 0) & ((key_segment == 0) | (key_segment == query_segment))
+        visible = (key <= query) & (query_segment >= 0) & ((key_segment == 0) | (key_segment == query_segment))
         return visible | ((key == query) & (query_segment < 0))
 
     return mask_mod
 
 
 def packed_block_mask(segment: torch.Tensor) -> BlockMask:
-    """The flex `BlockMask` `(groups, 1, L, L)` of the packed layout with segment ids `segment` `(groups, L)`."""
+    """The flex `BlockMask` `(groups, 1, L, L)` of the packed layout with segment ids `segment` `(groups, L)`.
+
+    The tile tables follow from each tile's lowest and highest segment id, because along a packed row the ids never
+    decrease (prompt, completions in order, then padding): a key tile before a query tile holds a visible pair where
+    it holds prompt keys or shares a completion with the query tile, and is wholly visible where all its keys are
+    prompt or both tiles lie inside one completion. That is `O(tiles²)` work, never the `L × L` square.
+    """
     groups, length = segment.shape
-    mask_mod = segment_mask_mod(segment)
     tiles = -(-length // BLOCK_SIZE)
-    padded = tiles * BLOCK_SIZE
-    positions = torch.arange(padded, device=segment.device)
-    # Positions past the end take part in no pair (flex pads the last tile the same way).
-    in_range = positions < length
-    clamped = positions.clamp(max=length - 1)
-    batch = torch.arange(groups, device=segment.device)[:, None, None]
-    partial, full = [], []
-    for start in range(0, padded, BLOCK_SIZE):
-        query = clamped[start : start + BLOCK_SIZE]
-        visible = mask_mod(batch, None, query[None, :, None], clamped[None, None, :])
-        visible &= in_range[start : start + BLOCK_SIZE, None] & in_range[None, :]
-        counts = visible.view(groups, BLOCK_SIZE, tiles, BLOCK_SIZE).sum(dim=(1, 3))
-        full.append(counts == BLOCK_SIZE * BLOCK_SIZE)
-        partial.append((counts > 0) & ~full[-1])
+    pad = (0, tiles * BLOCK_SIZE - length)
+    above = int(segment.max()) + 1
+
+    def per_tile(ids: torch.Tensor, fill: int) -> torch.Tensor:
+        return F.pad(ids, pad, value=fill).view(groups, tiles, BLOCK_SIZE)
+
+    # Per tile: its lowest id and lowest completion id, padding (and the positions past the end) counted above every
+    # segment; its highest id, padding counted as -1 (an all-padding tile has lowest > highest); whether all is real.
+    lowest = per_tile(segment.masked_fill(segment < 0, above), above).amin(dim=-1)
+    lowest_completion = per_tile(segment.masked_fill(segment <= 0, above), above).amin(dim=-1)
+    highest = per_tile(segment, -1).amax(dim=-1)
+    real = per_tile(segment >= 0, False).all(dim=-1)
+    query, key = (slice(None), slice(None), None), (slice(None), None, slice(None))
+    index = torch.arange(tiles, device=segment.device)
+    before = index[None, None, :] < index[None, :, None]
+    # A key tile before the query tile: some pair is visible where it holds prompt keys and the query tile a real
+    # query, or both hold one completion (ids are contiguous, so overlapping ranges share one) ...
+    first_shared = torch.maximum(torch.maximum(lowest[query], lowest[key]), torch.ones_like(lowest[key]))
+    some = (lowest[key] == 0) & (lowest[query] < above) | (first_shared <= torch.minimum(highest[query], highest[key]))
+    # ... and every pair where all its keys are prompt, or the query tile is inside one completion and the key tile
+    # holds only the prompt and that completion.
+    inside = (lowest == highest)[query] & (lowest_completion[key] == lowest[query]) & (highest[key] == lowest[query])
+    full = before & real[query] & real[key] & ((highest[key] == 0) | inside)
+    # The diagonal tile always holds a visible pair: each position sees itself.
+    partial = ((before & some) | torch.eye(tiles, dtype=torch.bool, device=segment.device)) & ~full
     return BlockMask.from_kv_blocks(
-        *_ordered(torch.stack(partial, dim=1)),
-        *_ordered(torch.stack(full, dim=1)),
+        *_ordered(partial),
+        *_ordered(full),
         BLOCK_SIZE=BLOCK_SIZE,
-        mask_mod=mask_mod,
+        mask_mod=segment_mask_mod(segment),
         seq_lengths=(length, length),
     )
 
