@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from vlm_rl.trainers.block_mask import packed_block_mask
+from vlm_rl.trainers.block_mask import KERNEL, packed_block_mask
 from vlm_rl.trainers.shared_prefix import pack
 
 
@@ -69,3 +69,24 @@ def test_compiled_flex_attention_skips_only_tiles_nothing_sees():
     got = torch.compile(flex_attention)(query, key, value, block_mask=packed_block_mask(packing.segment))
     real = packing.segment >= 0
     assert (got - expected).transpose(1, 2)[real].abs().max() <= 1e-5
+
+
+@pytest.mark.slow  # transformers compiles flex attention on its first call: ~15 s on one CPU thread
+def test_language_model_with_the_block_mask_equals_sdpa_with_the_dense_mask(load_tiny):
+    """A tiny Qwen2-VL on `KERNEL`: the packed forward with the block mask gives SDPA's logits with the dense mask,
+    and the plain forward (a 2D mask) SDPA's own."""
+    model, _ = load_tiny("qwen2_vl")
+    model.eval()
+    packing = _packed_layout(5)
+    groups, length = packing.segment.shape
+    input_ids = torch.randint(1, 100, (groups, length), generator=torch.Generator().manual_seed(6))
+    positions = torch.arange(length).expand(groups, length)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=packing.attention_mask(None), position_ids=positions)
+        plain = model(input_ids=input_ids[:, :64], attention_mask=torch.ones(groups, 64, dtype=torch.long))
+        model.set_attn_implementation({"text_config": KERNEL})
+        got = model(input_ids=input_ids, attention_mask=packed_block_mask(packing.segment), position_ids=positions)
+        plain_got = model(input_ids=input_ids[:, :64], attention_mask=torch.ones(groups, 64, dtype=torch.long))
+    real = packing.segment >= 0
+    assert (got.logits - expected.logits)[real].abs().max() <= 1e-5
+    assert torch.equal(plain_got.logits, plain.logits)

@@ -19,9 +19,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
+from transformers import AttentionInterface
+from transformers.integrations.flex_attention import flex_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 BLOCK_SIZE = 128
 """flex attention's default tile size, in queries and keys."""
+
+KERNEL = "sdpa_or_block_sparse"
+"""The attention implementation (`config._attn_implementation`) that runs SDPA, or flex attention for a `BlockMask`."""
 
 
 def segment_mask_mod(segment: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -90,3 +97,25 @@ def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tiles = tiles[:, None].to(torch.int32)
     indices = torch.argsort(tiles, dim=-1, descending=True, stable=True).to(torch.int32)
     return tiles.sum(dim=-1, dtype=torch.int32), indices
+
+
+def sdpa_or_flex_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | BlockMask | None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' flex attention for the packed forward's `BlockMask`, its SDPA for every other mask.
+
+    transformers 5.19 refuses `attn_implementation="flex_attention"` for the Qwen-VL families (no
+    `_supports_flex_attn`), and one kernel per model must serve both the plain and the packed forward, including the
+    packed forward's recomputation under gradient checkpointing: so the mask, not the config, picks the kernel.
+    """
+    attention = flex_attention_forward if isinstance(attention_mask, BlockMask) else sdpa_attention_forward
+    return attention(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(KERNEL, sdpa_or_flex_attention)
+AttentionMaskInterface.register(KERNEL, sdpa_mask)
