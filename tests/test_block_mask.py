@@ -47,27 +47,21 @@ def test_block_mask_is_the_dense_mask(seed):
     assert block_mask.sparsity() > 40  # the completions never see each other: most tiles are skipped
 
 
-def test_flex_attention_with_the_block_mask_equals_sdpa_with_the_dense_mask():
-    packing = _packed_layout(1)
+@pytest.mark.parametrize(
+    "compiled",
+    # Compiled (~10 s on one CPU thread), flex runs only the tiles the tables list, and evaluates the mask only in the
+    # partial ones: a wrong table shows there, not in eager mode, which computes the whole square.
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+)
+def test_flex_attention_with_the_block_mask_equals_sdpa_with_the_dense_mask(compiled):
+    packing = _packed_layout(3 if compiled else 1)
     groups, length = packing.segment.shape
     generator = torch.Generator().manual_seed(2)
     query, key, value = (torch.randn(groups, 2, length, 16, generator=generator) for _ in range(3))
     expected = F.scaled_dot_product_attention(query, key, value, attn_mask=packing.attention_mask(None))
-    got = flex_attention(query, key, value, block_mask=packed_block_mask(packing.segment))
+    attend = torch.compile(flex_attention) if compiled else flex_attention
+    got = attend(query, key, value, block_mask=packed_block_mask(packing.segment))
     real = packing.segment >= 0  # padding's outputs are never read (and see less here)
-    assert (got - expected).transpose(1, 2)[real].abs().max() <= 1e-5
-
-
-@pytest.mark.slow  # compiling flex attention takes ~10 s on one CPU thread
-def test_compiled_flex_attention_skips_only_tiles_nothing_sees():
-    """Compiled, flex runs only the tiles the tables list (and the mask only in partial ones): a wrong table shows."""
-    packing = _packed_layout(3)
-    groups, length = packing.segment.shape
-    generator = torch.Generator().manual_seed(4)
-    query, key, value = (torch.randn(groups, 2, length, 16, generator=generator) for _ in range(3))
-    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=packing.attention_mask(None))
-    got = torch.compile(flex_attention)(query, key, value, block_mask=packed_block_mask(packing.segment))
-    real = packing.segment >= 0
     assert (got - expected).transpose(1, 2)[real].abs().max() <= 1e-5
 
 

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 from conftest import no_hang, shapes_trainer
-from test_rewards_judge import KEY, KEY_ENV, JudgeServer
+from test_rewards_judge import KEY_ENV, JudgeServer, use_local_judge
 from transformers import TrainerCallback
 
 from vlm_rl.rewards import ConfiguredReward
@@ -66,9 +66,7 @@ class Outage(TrainerCallback):
 
 @pytest.fixture
 def judge(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, KEY)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    use_local_judge(monkeypatch)
     judge = Judge()
     yield judge
     judge.stop()

@@ -131,11 +131,16 @@ class JudgeHandler(BaseHTTPRequestHandler):
             self.send_json(status, answer)
 
 
-@pytest.fixture
-def server(monkeypatch):
+def use_local_judge(monkeypatch) -> None:
+    """The judge's key in the environment, and no proxy between the client and a server on 127.0.0.1."""
     monkeypatch.setenv(KEY_ENV, KEY)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+
+@pytest.fixture
+def server(monkeypatch):
+    use_local_judge(monkeypatch)
     judge_server = JudgeServer()
     thread = threading.Thread(target=judge_server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
