@@ -98,3 +98,21 @@ def test_lognormal_lengths_are_long_tailed_within_their_bounds_and_seeded():
     assert min(lengths) == 16 and max(lengths) == 512
     median, mean = sorted(lengths)[1000], sum(lengths) / len(lengths)
     assert 80 <= median <= 100 < mean  # median near √(16 · 512) ≈ 90.5; the long tail pulls the mean above it
+
+
+DOCUMENTED = [
+    line.split("step_bench.py", 1)[1].split("#")[0].split()
+    for line in (SCRIPT.parents[1] / "docs" / "benchmarks.md").read_text().splitlines()
+    if "python benchmarks/step_bench.py" in line  # the commands of its code blocks
+]
+
+
+def test_documented_commands_parse_and_shapes_fill_in_their_flags():
+    assert len(DOCUMENTED) >= 4
+    shapes = {step_bench.parse_args(argv).shape for argv in DOCUMENTED}  # exits on an unknown flag or value
+    assert shapes == {"short", "grounding", "reasoning"}
+    grounding = step_bench.parse_args(["--shape", "grounding"])
+    assert (grounding.image_size, grounding.images_per_prompt, grounding.lengths) == (896, 2, "uniform")
+    reasoning = step_bench.parse_args(["--shape", "reasoning", "--generations", "16", "--max_length", "256"])
+    assert (reasoning.prompts, reasoning.generations, reasoning.min_length, reasoning.max_length) == (2, 16, 16, 256)
+    assert step_bench.parse_args([]).lengths == "fixed"
