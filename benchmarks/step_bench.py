@@ -72,7 +72,7 @@ SHAPES = {
     "grounding": {"image_size": 896, "images_per_prompt": 2, "lengths": "uniform", "min_length": 20, "max_length": 60},
     "reasoning": {"prompts": 2, "lengths": "lognormal", "min_length": 16, "max_length": 512},
 }
-GROUNDING_QUESTION = "Which of the two images shows the larger shape? Give its box as [x1, y1, x2, y2]."
+GROUNDING_QUESTION = "Which of these images shows the larger shape? Give its box as [x1, y1, x2, y2]."
 
 
 def rss_kib(field: str = "VmRSS") -> int:
