@@ -2,10 +2,20 @@
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_bench.py            # G = 8
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_bench.py --sweep    # G = 2, 4, 8, 16
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_bench.py --shape reasoning
 
-The model is a Qwen2-VL with random weights built locally (`--hidden_size`, `--layers`, `--vision_*`), each prompt
-one synthetic image resized to `--image_size`² pixels (448 → 256 visual tokens) and a short question, each completion
-exactly `--completion_length` tokens (EOS held off with `min_new_tokens`), so both trainers process the same tokens.
+The model is a Qwen2-VL with random weights built locally (`--hidden_size`, `--layers`, `--vision_*`). `--shape`
+picks the data (flags given explicitly override it):
+
+- `short` (default): one synthetic image per prompt resized to `--image_size`² pixels (448 → 256 visual tokens) and a
+  short question, each completion exactly `--completion_length` tokens (EOS held off with `min_new_tokens`).
+- `grounding`: two 896² images per prompt (1,024 visual tokens each after merging, 4,096 patches into the vision
+  tower), answers of 20–60 tokens (uniform).
+- `reasoning`: one 448² image, 2 prompts per step, completions of 16–512 tokens from a log-normal whose median is the
+  geometric mean of the bounds and whose bounds lie at ±2σ, clipped to them.
+
+Drawn lengths come from a seeded stream, one draw per completion in the order `generate` sees its rows, and a logits
+processor forces EOS at the drawn length (and forbids it before): both trainers get the same lengths.
 Each trainer runs in its own child process (so neither inherits the other's allocator state), `--warmup` steps then
 `--steps` timed steps of `--prompts` prompts × G completions (one micro-batch, plain `generate` rollouts).
 
@@ -14,23 +24,27 @@ the child frees large tensors straight back to the OS (`MALLOC_MMAP_THRESHOLD_`)
 before the timed steps and reports that peak minus the RSS before the model was loaded: weights, gradients, optimizer
 state and the step's activations, as `max_memory_allocated` counts them, without the interpreter and libraries.
 
-Token counts are what entered the vision tower (patches) and the language model (rows × positions) per step, in
-generation and in the log-prob/training forwards; "generation" time is the step's time inside the rollout
-(`_generate_single_turn`: `generate`, and our prompt prefill), the rest of the step is scoring and training. The
-last line of output is one JSON object: `step_time_ratio` and `peak_mem_ratio` (ours / stock) at the default G, with
-`--sweep` the same per G, and every run's measurements.
+Token counts are read by forward hooks from what entered the vision tower (images and patches) and the language model
+(rows × positions, padding included) per step, in generation and in the log-prob/training forwards, next to the real
+prompt and completion tokens of the step's rows (without padding); "generation" time is the step's time inside the
+rollout (`_generate_single_turn`: `generate`, and our prompt prefill), the rest of the step is scoring and training.
+The last line of output is one JSON object: the `shape`, `step_time_ratio` and `peak_mem_ratio` (ours / stock) at
+the default G, with `--sweep` the same per G, and every run's measurements.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PRESETS = {
@@ -53,8 +67,69 @@ PRESETS = {
 }
 
 
+SHAPES = {
+    "short": {},
+    "grounding": {"image_size": 896, "images_per_prompt": 2, "lengths": "uniform", "min_length": 20, "max_length": 60},
+    "reasoning": {"prompts": 2, "lengths": "lognormal", "min_length": 16, "max_length": 512},
+}
+GROUNDING_QUESTION = "Which of these images shows the larger shape? Give its box as [x1, y1, x2, y2]."
+
+
 def rss_kib(field: str = "VmRSS") -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def length_stream(kind: str, low: int, high: int, seed: int = 0) -> Callable[[], int]:
+    """Completion lengths in [low, high], drawn one per call from a stream fixed by `seed`.
+
+    `uniform`: every length equally likely. `lognormal`: the long tail of reasoning completions, with the median at
+    the geometric mean of the bounds and the bounds at ±2σ (clipped to them: about 2 % of draws at each bound).
+    """
+    rng = random.Random(f"step-bench-lengths-{seed}")
+    if kind == "uniform":
+        return lambda: rng.randint(low, high)
+    mu, sigma = (math.log(low) + math.log(high)) / 2, (math.log(high) - math.log(low)) / 4
+    return lambda: min(high, max(low, round(rng.lognormvariate(mu, sigma))))
+
+
+class ForcedLengths:
+    """A logits processor that ends each row's completion with EOS at its drawn length: EOS is ruled out before that
+    token and is the only choice at it, so the rollout's lengths are the draws whatever the (random) weights say."""
+
+    def __init__(self, prompt_length: int, lengths, eos_token_ids: list[int]):
+        self.prompt_length, self.lengths, self.eos_token_ids = prompt_length, lengths, eos_token_ids
+
+    def __call__(self, input_ids, scores):
+        position = input_ids.size(1) - self.prompt_length  # the completion token being chosen, from 0
+        eos, first_eos = scores.new_zeros(scores.size(1)).bool(), scores.new_zeros(scores.size(1)).bool()
+        eos[self.eos_token_ids] = True
+        first_eos[self.eos_token_ids[0]] = True
+        scores.masked_fill_((position < self.lengths - 1)[:, None] & eos, -math.inf)
+        return scores.masked_fill_((position == self.lengths - 1)[:, None] & ~first_eos, -math.inf)
+
+
+def make_dataset(args, num_rows: int):
+    """`num_rows` prompts of `args.images_per_prompt` synthetic `args.image_size`² images each (the shapes task's
+    images; with one image its rows as they are)."""
+    from datasets import Dataset
+
+    from vlm_rl.data import make_shapes_dataset
+    from vlm_rl.data.synthetic import FEATURES
+
+    per_prompt = args.images_per_prompt
+    single = make_shapes_dataset(num_rows * per_prompt, image_size=args.image_size, seed=0)
+    if per_prompt == 1:
+        return single
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": GROUNDING_QUESTION}],
+            "images": [image for row in single.select(range(i, i + per_prompt)) for image in row["images"]],
+            "answer": "[0, 0, 0, 0]",
+            "task": "image",
+        }
+        for i in range(0, len(single), per_prompt)
+    ]
+    return Dataset.from_list(rows, features=FEATURES)
 
 
 def build_model(args, directory: Path) -> None:
@@ -97,11 +172,10 @@ def child(args) -> dict:
 
     torch.set_num_threads(1)
     import trl
-    from transformers import TrainerCallback
+    from transformers import LogitsProcessorList, TrainerCallback
 
     import vlm_rl  # noqa: F401  (before transformers: makes torchvision's Python side importable, see docs/vllm.md)
     from vlm_rl.config import VLMGRPOConfig
-    from vlm_rl.data import make_shapes_dataset
     from vlm_rl.models.loading import load_model_and_processor
     from vlm_rl.trainers import VLMGRPOTrainer
 
@@ -112,7 +186,8 @@ def child(args) -> dict:
     model.to(args.device)
     side = args.image_size
     processor.image_processor.size = {"shortest_edge": side * side, "longest_edge": side * side}
-    dataset = make_shapes_dataset(args.prompts * (args.warmup + args.steps), image_size=side, seed=0)
+    dataset = make_dataset(args, args.prompts * (args.warmup + args.steps))
+    fixed = args.lengths == "fixed"
 
     def reward(completions, **kwargs):  # cheap and varied, so that advantages are not all zero
         return [float(len(str(completion)) % 3) for completion in completions]
@@ -121,8 +196,8 @@ def child(args) -> dict:
         "output_dir": tempfile.mkdtemp(),
         "num_generations": args.generations,
         "per_device_train_batch_size": args.prompts * args.generations,
-        "max_completion_length": args.completion_length,
-        "generation_kwargs": {"min_new_tokens": args.completion_length},
+        "max_completion_length": args.completion_length if fixed else args.max_length,
+        "generation_kwargs": {"min_new_tokens": args.completion_length} if fixed else {},
         "max_steps": args.warmup + args.steps,
         "learning_rate": 1e-5,
         "bf16": cuda and dtype == "bfloat16",
@@ -143,7 +218,9 @@ def child(args) -> dict:
         )
         trainer_class = VLMGRPOTrainer
 
-    counts = {"generation": {"vision": 0, "language": 0}, "scoring": {"vision": 0, "language": 0}}
+    counts = {phase: {"images": 0, "vision": 0, "language": 0} for phase in ("generation", "scoring")}
+    real = {"prompt": 0, "completion": 0}  # the rows' tokens without padding, prompts counted once per completion
+    completion_lengths: list[int] = []
     phase = ["scoring"]
     generation_seconds = [0.0]  # the timed steps' time inside `_generate_single_turn` (rollouts, prefill included)
 
@@ -154,7 +231,9 @@ def child(args) -> dict:
         def on_step_begin(self, train_args, state, control, **kwargs):
             if state.global_step == args.warmup:  # the timed steps start: reset the peak marks and counts
                 for value in counts.values():
-                    value.update(vision=0, language=0)
+                    value.update(images=0, vision=0, language=0)
+                real.update(prompt=0, completion=0)
+                completion_lengths.clear()
                 generation_seconds[0] = 0.0
                 if cuda:
                     torch.cuda.synchronize()
@@ -178,17 +257,39 @@ def child(args) -> dict:
         callbacks=[timer],
     )
 
-    def count(kind):
-        def hook(module, hook_args, kwargs):
-            first = kwargs.get("inputs_embeds")
-            if first is None:
-                first = hook_args[0] if hook_args else kwargs.get("hidden_states")
-            counts[phase[0]][kind] += first.size(0) if kind == "vision" else first.shape[:2].numel()
+    def count_vision(module, hook_args, kwargs):
+        patches = hook_args[0] if hook_args else kwargs["hidden_states"]
+        grid = hook_args[1] if len(hook_args) > 1 else kwargs["grid_thw"]
+        counts[phase[0]]["vision"] += patches.size(0)
+        counts[phase[0]]["images"] += grid.size(0)
 
-        return hook
+    def count_language(module, hook_args, kwargs):
+        first = kwargs.get("inputs_embeds")
+        if first is None:
+            first = hook_args[0] if hook_args else kwargs["input_ids"]
+        counts[phase[0]]["language"] += first.shape[:2].numel()  # rows × positions: padding counts
 
-    model.model.visual.register_forward_pre_hook(count("vision"), with_kwargs=True)
-    model.model.language_model.register_forward_pre_hook(count("language"), with_kwargs=True)
+    model.model.visual.register_forward_pre_hook(count_vision, with_kwargs=True)
+    model.model.language_model.register_forward_pre_hook(count_language, with_kwargs=True)
+    draw = None if fixed else length_stream(args.lengths, args.min_length, args.max_length)
+    eos_token_ids = trainer.eos_token_ids
+    plain_generate = model.generate  # both trainers end in it (ours after its prefill), with keyword arguments
+
+    def generate_with_lengths(**kwargs):
+        input_ids, prompt_length = kwargs["input_ids"], kwargs["input_ids"].size(1)
+        if draw is not None:
+            lengths = torch.tensor([draw() for _ in range(input_ids.size(0))], device=input_ids.device)
+            kwargs["logits_processor"] = LogitsProcessorList([ForcedLengths(prompt_length, lengths, eos_token_ids)])
+        output = plain_generate(**kwargs)
+        completions = output[:, prompt_length:]
+        is_eos = torch.isin(completions, torch.tensor(eos_token_ids, device=completions.device))
+        ends = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, completions.size(1))
+        real["prompt"] += int(kwargs["attention_mask"].sum())
+        real["completion"] += int(ends.sum())
+        completion_lengths.extend(ends.tolist())
+        return output
+
+    model.generate = generate_with_lengths
     generate = trainer._generate_single_turn
 
     def generate_counted(*generate_args, **kwargs):
@@ -206,21 +307,24 @@ def child(args) -> dict:
     trainer.train()
     timed = timer.times[args.warmup :]
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (rss_kib("VmHWM") - baseline) / 1024
-    tokens_per_step = args.prompts * args.generations * args.completion_length
     return {
         "trainer": args.trainer,
         "generations": args.generations,
         "step_time_s": sum(timed) / len(timed),
         "generation_time_s": generation_seconds[0] / len(timed),
+        "generation_share": generation_seconds[0] / sum(timed),
         "peak_mem_mib": peak,
-        "completion_tokens_per_s": tokens_per_step * len(timed) / sum(timed),
+        "completion_tokens_per_s": real["completion"] / sum(timed),
         "tokens_per_step": {phase: {k: v // args.steps for k, v in c.items()} for phase, c in counts.items()},
+        "real_tokens_per_step": {k: v // args.steps for k, v in real.items()},
+        "completion_lengths": completion_lengths,
     }
 
 
 def run_child(args, trainer: str, generations: int) -> dict:
     command = [sys.executable, __file__, "--child", "--trainer", trainer, "--generations", str(generations)]
-    for key in ("model_dir", "device", "dtype", "image_size", "prompts", "completion_length", "warmup", "steps"):
+    keys = ("model_dir", "device", "dtype", "image_size", "images_per_prompt", "prompts", "completion_length")
+    for key in (*keys, "lengths", "min_length", "max_length", "warmup", "steps"):
         command += [f"--{key}", str(getattr(args, key))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large tensors come from mmap and go back to the OS when freed
@@ -230,8 +334,10 @@ def run_child(args, trainer: str, generations: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `--preset` and `--shape` filling in the flags not given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="short", choices=list(SHAPES), help="The data of a step (see above).")
     parser.add_argument("--generations", type=int, default=8, help="G, completions per prompt.")
     parser.add_argument("--sweep", action="store_true", help="Also G = 2, 4, 8, 16.")
     parser.add_argument("--ablation", action="store_true", help="Also our trainer with both switches off.")
@@ -249,8 +355,17 @@ def main() -> None:
     parser.add_argument("--vision_window", type=int, default=112, help="Qwen2.5-VL window attention size.")
     parser.add_argument("--vision_full_attention_blocks", default="", help="Qwen2.5-VL: e.g. 7,15,23,31 (all).")
     parser.add_argument("--image_size", type=int, default=448, help="Image side in pixels (448: 256 visual tokens).")
+    parser.add_argument("--images_per_prompt", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=1, help="Distinct prompts per step.")
-    parser.add_argument("--completion_length", type=int, default=32)
+    parser.add_argument("--completion_length", type=int, default=32, help="With --lengths fixed.")
+    parser.add_argument(
+        "--lengths",
+        default="fixed",
+        choices=["fixed", "uniform", "lognormal"],
+        help="fixed: every completion --completion_length tokens; else drawn in [--min_length, --max_length].",
+    )
+    parser.add_argument("--min_length", type=int, default=16)
+    parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -258,20 +373,51 @@ def main() -> None:
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     parser.add_argument("--trainer", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not args.child:
+        parser.set_defaults(**PRESETS.get(args.preset, {}), **SHAPES[args.shape])
+        args = parser.parse_args(argv)
+    return args
+
+
+def ratios(results: dict, generations: int) -> dict[str, float]:
+    """Ours / stock at `generations`."""
+    ours, stock = results["ours", generations], results["stock", generations]
+    return {
+        "step_time_ratio": round(ours["step_time_s"] / stock["step_time_s"], 3),
+        "peak_mem_ratio": round(ours["peak_mem_mib"] / stock["peak_mem_mib"], 3),
+    }
+
+
+def summarize(args, results: dict) -> dict:
+    """The last line's JSON object from the runs, keyed by (trainer, G)."""
+    sweep = sorted({generations for _, generations in results})
+    default = args.generations if args.generations in sweep else sweep[-1]
+    summary = {"shape": args.shape, "generations": default, **ratios(results, default)}
+    if args.sweep:
+        summary["by_generations"] = {str(g): ratios(results, g) for g in sweep}
+    summary["runs"] = [results[key] for key in sorted(results, key=lambda key: (key[1], key[0]))]
+    return summary
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         args.model_dir = directory
         build_model(args, Path(directory))
+        lengths = (
+            f"of {args.completion_length} tokens"
+            if args.lengths == "fixed"
+            else f"of {args.min_length}–{args.max_length} tokens ({args.lengths})"
+        )
         print(
-            f"{args.family}: LM hidden {args.hidden_size} × {args.layers} layers, vision {args.vision_width} × "
-            f"{args.vision_depth}, {args.image_size}² images, {args.prompts} prompt(s) × G completions of "
-            f"{args.completion_length} tokens, {args.device}, {args.steps} timed steps after {args.warmup}",
+            f"{args.shape} shape, {args.family}: LM hidden {args.hidden_size} × {args.layers} layers, vision "
+            f"{args.vision_width} × {args.vision_depth}, {args.images_per_prompt} × {args.image_size}² image(s) per "
+            f"prompt, {args.prompts} prompt(s) × G completions {lengths}, {args.device}, {args.steps} timed steps "
+            f"after {args.warmup}",
             flush=True,
         )
         trainers = ["stock", "ours"] + ["ours_off"] * args.ablation
@@ -279,32 +425,21 @@ def main() -> None:
         for generations in [2, 4, 8, 16] if args.sweep else [args.generations]:
             for trainer in trainers:
                 results[trainer, generations] = run = run_child(args, trainer, generations)
-                tokens = run["tokens_per_step"]
+                tokens, real = run["tokens_per_step"], run["real_tokens_per_step"]
                 print(
                     f"G={generations:2d} {trainer:8s} step {run['step_time_s']:7.3f} s "
-                    f"(generation {run['generation_time_s']:7.3f} s)   "
+                    f"(generation {run['generation_time_s']:7.3f} s, {run['generation_share']:.0%})   "
                     f"peak {run['peak_mem_mib']:8.1f} MiB   {run['completion_tokens_per_s']:8.1f} completion tok/s   "
-                    "vision patches gen/score "
-                    f"{tokens['generation']['vision']}/{tokens['scoring']['vision']}   LM tokens gen/score "
-                    f"{tokens['generation']['language']}/{tokens['scoring']['language']}",
+                    "images/patches gen/score "
+                    f"{tokens['generation']['images']}/{tokens['generation']['vision']} "
+                    f"{tokens['scoring']['images']}/{tokens['scoring']['vision']}   LM tokens gen/score "
+                    f"{tokens['generation']['language']}/{tokens['scoring']['language']}   real prompt/completion "
+                    f"{real['prompt']}/{real['completion']}",
                     flush=True,
                 )
-
-    def ratios(generations: int) -> dict[str, float]:
-        ours, stock = results["ours", generations], results["stock", generations]
-        return {
-            "step_time_ratio": round(ours["step_time_s"] / stock["step_time_s"], 3),
-            "peak_mem_ratio": round(ours["peak_mem_mib"] / stock["peak_mem_mib"], 3),
-        }
-
-    sweep = sorted({generations for _, generations in results})
-    for generations in sweep:
-        print(f"G={generations:2d} ours/stock: {ratios(generations)}")
-    default = args.generations if args.generations in sweep else sweep[-1]
-    summary = {"generations": default, **ratios(default)}
-    if args.sweep:
-        summary["by_generations"] = {str(g): ratios(g) for g in sweep}
-    summary["runs"] = [results[key] for key in sorted(results, key=lambda key: (key[1], key[0]))]
+    summary = summarize(args, results)
+    for generations in sorted({generations for _, generations in results}):
+        print(f"G={generations:2d} ours/stock: {ratios(results, generations)}")
     print(json.dumps(summary))
 
 
