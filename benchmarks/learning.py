@@ -17,8 +17,8 @@ held-out accuracy against step.
 
 `synthetic:zoom` (`--task zoom`; not in the default run, which it would lengthen by half an hour) trains with the
 `zoom_in` tool (`recipes/zoom_cpu.yaml`), and again from an SFT on the same teacher's answers without calls and a
-GRPO with the tools off, for the same budget: `no_tools`. Its entry adds `tool_calls_per_completion` (calls that ran per held-out
-row, greedy) before and after GRPO, and the figure the training tool-call rate.
+GRPO with the tools off, for the same budget: `no_tools`. Its entry adds `tool_calls_per_completion` (calls that
+ran per held-out row, greedy) before and after GRPO, and the figure the training tool-call rate.
 
 `--algorithms` trains GRPO, DAPO (clip-higher, dynamic sampling, token-level loss), Dr. GRPO and GSPO from one
 counting SFT start for the same wall time each, and reports final held-out accuracy and the completions generated.
