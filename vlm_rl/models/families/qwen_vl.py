@@ -263,7 +263,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     def tiny_tokenizer_fields(self) -> dict[str, Any]:
         """Qwen's tool tags as single added tokens, as in the real tokenizer, and the tool-calling scaffolding in the
         corpus: the template's tool preamble with the built-in `zoom_in`'s schema, a call and a tool reply. A tool
-        prompt is then ~200 tokens and a call ~35, not ~630 and ~85 at one token per character."""
+        prompt is then ~300 tokens and a call ~35, not ~630 and ~85 at one token per character."""
         from transformers.utils.chat_template_utils import render_jinja_template  # lazy: only to build a tiny model
 
         from vlm_rl.data.zoom import TOOL_NAME, ZOOM_IN_SCHEMA  # lazy: the data package is not the models' concern
