@@ -61,11 +61,8 @@ def test_generation_prefills_each_prompt_once_with_the_same_completions(family, 
     assert calls[True][1] == (len(rows), 1)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
-def test_prefilled_generation_has_the_logits_of_stock_generate(family, load_tiny, tmp_path):
-    """M-RoPE offsets (Qwen-VL) and left-padding positions (LLaVA) carry over from the prefill exactly."""
-    model, processor = load_tiny(family)
-    trainer = shapes_trainer(model, processor, tmp_path)
+def generate_inputs(trainer, processor) -> tuple[dict, list]:
+    """`generate`'s inputs for the family's repeated mixed rows, left-padded as TRL pads them; and the rows' images."""
     _, prompts = repeated_prompts(trainer)
     prompt_ids, images, fields = trainer._tokenize_prompts(prompts)
     inputs = {
@@ -78,6 +75,15 @@ def test_prefilled_generation_has_the_logits_of_stock_generate(family, load_tiny
             inputs[key] = pad([torch.tensor(row) for row in value], 0, "left")
         elif key in trainer.adapter.image_keys:
             inputs[key] = value if isinstance(value, torch.Tensor) else torch.tensor(np.array(value))
+    return inputs, images
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_prefilled_generation_has_the_logits_of_stock_generate(family, load_tiny, tmp_path):
+    """M-RoPE offsets (Qwen-VL) and left-padding positions (LLaVA) carry over from the prefill exactly."""
+    model, processor = load_tiny(family)
+    trainer = shapes_trainer(model, processor, tmp_path)
+    inputs, images = generate_inputs(trainer, processor)
     settings = {"do_sample": False, "max_new_tokens": 4, "output_logits": True, "return_dict_in_generate": True}
     stock = model.generate(**inputs, **settings)
     with prompts_prefilled_once(model, model, trainer.adapter, [len(row) for row in images]):

@@ -53,6 +53,7 @@ from vlm_rl.models.processing import continuing_final_message, load_processor
 from vlm_rl.rewards.columns import check_reward_columns
 from vlm_rl.rewards.configured import ConfiguredReward, bind_context
 from vlm_rl.rewards.registry import reward_or_model
+from vlm_rl.rollout.finished_rows import finished_rows_left_out
 from vlm_rl.rollout.prefill import prompts_prefilled_once
 from vlm_rl.rollout.vllm import VLMRollout
 from vlm_rl.trainers.checkpointing import CheckpointMixin, RescheduleOnResume
@@ -344,12 +345,15 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             if self._generation_features is not None and self.tools and self._reuses_image_features(base)
             else contextlib.nullcontext()
         )
+        # Rows that have emitted EOS leave the decoding forwards (exact: the other rows' logits are unchanged).
+        ended_left_out = finished_rows_left_out(model, base, self.adapter)
         if not self._shares_prompts(self.model, False):
-            with reused:
+            with reused, ended_left_out:
                 return super()._generate_single_turn(*args)
         images = images if images is not None else [[] for _ in prompt_ids]
         tiles = self.adapter.tiles_per_row(self.processing_class, images)
-        with reused, prompts_prefilled_once(model, base, self.adapter, [len(row) for row in images], tiles):
+        prefilled = prompts_prefilled_once(model, base, self.adapter, [len(row) for row in images], tiles)
+        with reused, ended_left_out, prefilled:
             return super()._generate_single_turn(*args)
 
     def _reuses_image_features(self, base) -> bool:
