@@ -15,12 +15,14 @@ from conftest import ALL_FAMILIES, shapes_trainer, small_config
 from vlm_rl.data import make_shapes_dataset
 from vlm_rl.data.synthetic import draw_shape
 from vlm_rl.models import tiny_families
+from vlm_rl.models.inputs import group_rows
 from vlm_rl.trainers import VLMGRPOTrainer
 from vlm_rl.trainers.shared_prefix import pack
 
 COPIES = 3
 SHARED_FAMILIES = [name for name in ALL_FAMILIES if tiny_families()[name].shares_prompts]
 ENCODED_FAMILIES = [name for name in ALL_FAMILIES if tiny_families()[name].image_feature_fields]
+TEXT_MIX = [name for name in ALL_FAMILIES if tiny_families()[name].text_only]
 MODES = {"shared prompt": (True, False), "images once": (False, True), "both": (True, True)}
 
 
@@ -242,6 +244,33 @@ def test_eager_attention_takes_the_additive_mask(load_tiny, tmp_path):
     assert counts["language"] < plain[3]["language"]
     torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0)
     assert_grads_close(grads, plain[2], "eager attention")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_the_packed_forward_processes_no_padding(family, load_tiny, tmp_path):
+    """Prompts of different lengths and completions of different lengths: each prompt's group is scored in a forward
+    of its own length, so the language model runs exactly each prompt once (but its last token) and each completion
+    with one token more; the log-probs and gradients stay the plain forward's."""
+    model, processor = load_tiny(family)
+    trainer = shapes_trainer(
+        model, processor, tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6
+    )
+    batch = scoring_batch(trainer, "mixed" if family in TEXT_MIX else "image")
+    input_ids, attention_mask, completion_mask, inputs = batch
+    split = trainer.adapter.split_vision_inputs(inputs, inputs["num_images"])
+    images = [split[key] for key in trainer.adapter.image_keys if isinstance(split.get(key), list)]
+    groups = group_rows(input_ids[:, : -completion_mask.size(1)], images)
+    prompt_lengths = attention_mask[:, : -completion_mask.size(1)].sum(dim=1)
+    completion_lengths = completion_mask.sum(dim=1)
+    # Each prompt's packed length: the prompt but its last token, then each completion with one token more.
+    packed = [int(prompt_lengths[group[0]]) - 1 + sum(int(completion_lengths[row]) + 1 for row in group)
+              for group in groups]  # fmt: skip
+    assert len(groups) == 3 and len(set(packed)) > 1, "one forward for all prompts would pad the shorter ones"
+    plain = score(trainer, model, batch, (False, False), None)
+    logps, _, grads, counts = score(trainer, model, batch, (True, True), None)
+    assert counts["language"] == sum(packed)
+    torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0)
+    assert_grads_close(grads, plain[2], "one forward per prompt")
 
 
 @pytest.mark.parametrize(

@@ -64,9 +64,9 @@ from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits
 from vlm_rl.trainers.metrics import MetricsMixin
 from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import install_console
-from vlm_rl.trainers.shared_prefix import image_runs, pack
+from vlm_rl.trainers.shared_prefix import Packing, forward_flops, image_runs, pack
 from vlm_rl.trainers.tool_metrics import ToolMetricsMixin
-from vlm_rl.trainers.vision_once import encode_images_once, image_features_reused
+from vlm_rl.trainers.vision_once import encode_images_once, encoded_slots, image_features_reused
 from vlm_rl.trainers.vlm_options import VLMOptions
 
 logger = logging.getLogger(__name__)
@@ -591,18 +591,73 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         groups = group_rows(input_ids[:, :prompt_length], images)
         if len(groups) == len(rows):
             return None
-        packing = pack(groups, input_ids, attention_mask, logits_to_keep)
         base = self._unwrapped(model)
         text_config = base.config.get_text_config()
         sizes = (text_config.hidden_size, getattr(text_config, "intermediate_size", 4 * text_config.hidden_size))
         window = self._attention_window(text_config)
-        if packing is None or not packing.cheaper_than_plain(*input_ids.shape, *sizes):
-            return None
         if window is not None and input_ids.size(1) > window:
+            return None
+        packings = self._packings(groups, input_ids, attention_mask, logits_to_keep, sizes)
+        if packings is None:
             return None
         # The plain forward's positions of every row, gathered into the packed layout below.
         row_inputs = select_rows(self.adapter, split_inputs, num_images, rows)
         positions = self.adapter.position_ids(base, input_ids, attention_mask, row_inputs)
+        every = self._packed_inputs(groups, split_inputs, keys, num_images, rows, by_part)
+        forwards = [every] if len(packings) == 1 else [
+            self._packed_inputs(packed_groups, split_inputs, keys, num_images, rows, by_part)
+            for packed_groups, _ in packings
+        ]  # fmt: skip
+        forwards = self._images_encoded_once_across(model, every, forwards)
+        logps, entropies = 0, 0
+        for (_, packing), inputs in zip(packings, forwards, strict=True):
+            for key in BOOKKEEPING_KEYS:
+                inputs.pop(key, None)
+            for key in self.adapter.row_keys:
+                if key in split_inputs:
+                    inputs[key] = packing.gather(split_inputs[key][rows.start : rows.stop])
+            outputs = self._packed_forward(model, packing, input_ids, positions, inputs)
+            logps = logps + packing.scatter(outputs.log_probs)
+            if compute_entropy:
+                entropies = entropies + packing.scatter(outputs.entropy)
+        return logps, entropies if compute_entropy else None, None
+
+    def _packings(
+        self,
+        groups: list[list[int]],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        sizes: tuple[int, int],
+    ) -> list[tuple[list[list[int]], Packing]] | None:
+        """The packed forwards of a chunk, each with its groups; None where the plain forward costs less.
+
+        One forward holds every group, each padded to the longest. Where groups differ in length and this process
+        trains alone, each group gets a forward of its own instead: no padding, and fewer FLOPs (a forward's cost
+        grows with its length squared). Processes training together run one forward per chunk each, as the plain
+        path does, so that their collectives (ZeRO-3's parameter gathers, DDP's hooks) stay in step.
+        """
+        together = pack(groups, input_ids, attention_mask, logits_to_keep)
+        if together is None:
+            return None
+        packings = [(groups, together)]
+        if self.accelerator.num_processes == 1 and (together.segment < 0).any():
+            packings = [([group], pack([group], input_ids, attention_mask, logits_to_keep)) for group in groups]
+        if sum(packing.flops(*sizes) for _, packing in packings) >= forward_flops(*input_ids.shape, *sizes):
+            return None
+        return packings
+
+    def _packed_inputs(
+        self,
+        groups: list[list[int]],
+        split_inputs: dict[str, Any],
+        keys: list[str],
+        num_images: list[int],
+        rows: range,
+        by_part: list | None,
+    ) -> dict[str, Any]:
+        """The model inputs of the packed sequences of `groups` (rows of the chunk): their prompts' images, then
+        the images tools returned in their completions."""
         inputs = select_rows(self.adapter, split_inputs, num_images, [rows[group[0]] for group in groups])
         if by_part is not None:
             packed_images = [by_part[group[0]][0] + [i for row in group for i in by_part[row][1]]
@@ -610,21 +665,37 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             per_image = [image for group_images in packed_images for image in group_images]
             inputs |= self.adapter.merge_vision_inputs({key: [image[key] for image in per_image] for key in keys})
             inputs["num_images"] = [len(group_images) for group_images in packed_images]
-        encoded = self._images_encoded_once(model, inputs)
-        if encoded is not None:
-            inputs = {key: value for key, value in inputs.items() if key not in self.adapter.image_keys} | encoded
-        for key in BOOKKEEPING_KEYS:
-            inputs.pop(key, None)
-        for key in self.adapter.row_keys:
-            if key in split_inputs:
-                inputs[key] = packing.gather(split_inputs[key][rows.start : rows.stop])
+        return inputs
+
+    def _images_encoded_once_across(
+        self, model, every: dict[str, Any], forwards: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The inputs of the `forwards` that together hold the images of `every`, with each distinct image encoded
+        once for all of them (`vision_once.py`): also an image that two prompts scored in separate forwards show."""
+        encoded = self._images_encoded_once(model, every)
+        if encoded is None:
+            return forwards
+        result, first = [], 0
+        for inputs in forwards:
+            count = sum(inputs.get("num_images") or [])
+            if count:
+                own = encoded if len(forwards) == 1 else encoded_slots(self.adapter, encoded, inputs, first, count)
+                inputs = {key: value for key, value in inputs.items() if key not in self.adapter.image_keys} | own
+            result.append(inputs)
+            first += count
+        return result
+
+    def _packed_forward(self, model, packing: Packing, input_ids, positions, inputs: dict[str, Any]):
+        """The model's forward on `packing`'s sequences, with their model inputs `inputs`."""
+        base = self._unwrapped(model)
+        text_config = base.config.get_text_config()
         kernel = getattr(text_config, "_attn_implementation", None)
         dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
         if hasattr(text_config, "output_router_logits"):
             # TRL's fused head asks an MoE model for its router logits, whose load-balancing loss reads a 2D mask.
             inputs["output_router_logits"] = False
         with self.accelerator.autocast():
-            outputs = model(
+            return model(
                 input_ids=packing.gather(input_ids),
                 attention_mask=packing.attention_mask(None if kernel == "sdpa" else dtype),
                 position_ids=packing.gather(positions),
@@ -632,7 +703,6 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
                 fused_lm_head=True,
                 **inputs,
             )
-        return packing.scatter(outputs.log_probs), packing.scatter(outputs.entropy) if compute_entropy else None, None
 
     def _prompt_images(
         self,

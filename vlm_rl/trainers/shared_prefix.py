@@ -47,17 +47,19 @@ class Packing:
         """Packed per-position outputs `(groups, packed_length)` as `(rows, completion_length)`; 0 where unscored."""
         return packed.flatten()[self.scored_at].masked_fill(~self.scored, 0)
 
+    def flops(self, hidden_size: int, intermediate_size: int) -> int:
+        """The FLOPs per layer of this packing's forward (`forward_flops`), padding included."""
+        return forward_flops(*self.segment.shape, hidden_size, intermediate_size)
+
     def cheaper_than_plain(self, rows: int, length: int, hidden_size: int, intermediate_size: int) -> bool:
         """Whether this packing costs fewer FLOPs per layer than the plain forward of `rows` × `length` tokens.
 
-        Per token, the projections and the MLP cost about `hidden · (4·hidden + 3·intermediate)`; per (query, key)
-        pair, attention costs about `2·hidden`, and with a custom mask every pair of the square is computed. Packing
-        saves the first (the prompt once) and pays in the second (all completions of a prompt in one square): with
-        long completions and many of them (say 16 of 4k tokens after a 1k prompt) the square outgrows the saving.
+        Packing saves tokens (the prompt once) and pays in attention pairs (all completions of a prompt in one
+        square): with long completions and many of them (say 16 of 4k tokens after a 1k prompt) the square outgrows
+        the saving.
         """
-        token, pair = hidden_size * (4 * hidden_size + 3 * intermediate_size), 2 * hidden_size
-        groups, packed = self.segment.shape
-        return groups * (packed * token + packed**2 * pair) < rows * (length * token + length**2 * pair)
+        sizes = (hidden_size, intermediate_size)
+        return self.flops(*sizes) < forward_flops(rows, length, *sizes)
 
     def attention_mask(self, dtype: torch.dtype | None) -> torch.Tensor:
         """`(groups, 1, L, L)` mask: boolean (True = attend) for `dtype=None`, else additive in `dtype`."""
@@ -76,13 +78,22 @@ class Packing:
         )
 
 
+def forward_flops(rows: int, length: int, hidden_size: int, intermediate_size: int) -> int:
+    """About the FLOPs per layer of a forward of `rows` × `length` positions under a custom mask. Per position, the
+    projections and the MLP cost about `hidden · (4·hidden + 3·intermediate)`; per (query, key) pair, attention costs
+    about `2·hidden`, and with a custom mask every pair of the square is computed."""
+    token, pair = hidden_size * (4 * hidden_size + 3 * intermediate_size), 2 * hidden_size
+    return rows * (length * token + length**2 * pair)
+
+
 def pack(
     groups: Sequence[Sequence[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int
 ) -> Packing | None:
     """The packing of `groups` (row indices into `input_ids`), or None where a row's completion mask has a gap.
 
     `input_ids` / `attention_mask` are TRL's scoring batch: left-padded prompts, then right-padded completions of
-    `completion_length` tokens.
+    `completion_length` tokens. Rows in no group are not scored by this packing (`scored` is False for them): several
+    packings of one batch, one per group, score it without padding.
     """
     num_rows, length = input_ids.shape
     prompt_length = length - completion_length
@@ -126,12 +137,14 @@ def pack(
     labels = torch.full_like(tokens, IGNORE_INDEX)
     labels[:, :-1] = tokens[:, 1:].masked_fill(~continues, IGNORE_INDEX)
     device = input_ids.device
+    in_groups = torch.zeros(num_rows, dtype=torch.bool)
+    in_groups[[row for group in groups for row in group]] = True
     return Packing(
         source=source.to(device),
         segment=segment.to(device),
         labels=labels.to(device),
         scored_at=scored_at.to(device),
-        scored=completion_mask.to(device),
+        scored=(completion_mask & in_groups[:, None]).to(device),
     )
 
 

@@ -127,3 +127,16 @@ def encode_images_once(base_model, adapter: FamilyAdapter, inputs: dict[str, Any
     )
     replaced = {key: value for key, value in image_inputs.items() if key != "pixel_values"}
     return {**replaced, "mm_encoder_outputs": {"image": reused}}
+
+
+def encoded_slots(adapter: FamilyAdapter, encoded: dict[str, Any], inputs: dict[str, Any], first: int, count: int):
+    """`encode_images_once`'s output for the image slots `first` to `first + count` of the forward it encoded, given
+    as their own forward's model inputs `inputs`: another forward's share of the same encoding."""
+    features = encoded["mm_encoder_outputs"]["image"]
+    slots = list(range(first, first + count))
+    kept = type(features)(
+        **{field: _select(getattr(features, field), slots) for field in adapter.image_feature_fields}
+    )
+    keys = [key for key in adapter.image_keys if key != "pixel_values" and inputs.get(key) is not None]
+    replaced = {key: inputs[key] for key in keys}
+    return {**replaced, "mm_encoder_outputs": {"image": kept}}
