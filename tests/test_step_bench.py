@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_bench.py"
@@ -116,3 +117,52 @@ def test_documented_commands_parse_and_shapes_fill_in_their_flags():
     reasoning = step_bench.parse_args(["--shape", "reasoning", "--generations", "16", "--max_length", "256"])
     assert (reasoning.prompts, reasoning.generations, reasoning.min_length, reasoning.max_length) == (2, 16, 16, 256)
     assert step_bench.parse_args([]).lengths == "fixed"
+
+
+GPU_CHECK = SCRIPT.parent / "gpu_check.sh"
+
+
+def test_the_gpu_check_says_plainly_when_there_is_no_gpu():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "check": "gpu_check",
+        "device": "cuda",
+        "error": "no CUDA device: nothing to check here",
+    }
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_unattended_and_ends_with_one_json_line():
+    """The same steps at tiny sizes on the CPU (about 2 minutes): the equivalence of the packed forward, then the
+    three shapes for both trainers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        ["bash", str(GPU_CHECK), "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["equivalence"]["kernels"]["sdpa"]["ok"], report["equivalence"]
+    assert report["shapes"].keys() == {"short", "grounding", "reasoning"}
+    for shape, measured in report["shapes"].items():
+        assert measured["step_time_ratio"] > 0, (shape, measured)
+        for run in measured["runs"].values():
+            assert run["step_time_s"] > 0 and run["completion_tokens_per_s"] > 0 and run["mfu"] is None, shape
+
+
+def test_the_mfu_estimate_counts_six_flops_per_parameter_per_trained_token():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.parent / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    run = {
+        "step_time_s": 2.0,
+        "parameters": {"language": 1000, "vision": 100},
+        "tokens_per_step": {
+            "generation": {"images": 1, "vision": 10, "language": 50},
+            "scoring": {"images": 1, "vision": 10, "language": 40},
+        },
+    }
+    # language 1000 × (2·50 + 6·40) + vision 100 × (2·10 + 6·10) = 348,000 FLOPs per 2 s step, over a 1e5 peak.
+    assert gpu_check.mfu(run, 1e5) == 1.74
+    assert gpu_check.mfu(run, None) is None
