@@ -110,3 +110,33 @@ def test_the_trainer_decodes_only_the_rows_still_going(load_tiny, tmp_path):
     half = int((lengths > 3).sum())
     # The prefill of the distinct prompts, each prompt's last token for every row, then rows as they go on.
     assert [batch for batch, _ in calls[1:]] == [len(rows)] * 3 + [half] * 4
+
+
+def test_steps_per_generation_prefill_once_and_long_completions_end_early(load_tiny, tmp_path):
+    """With `steps_per_generation = 2` one rollout serves two steps: it prefills each of its distinct prompts once,
+    and with completions of up to 24 tokens, rows leave the decoding forwards as they end."""
+    model, processor = load_tiny("qwen2_vl")
+    eos = processor.tokenizer.eos_token_id
+    trainer = shapes_trainer(model, processor, tmp_path, steps_per_generation=2, max_completion_length=24, max_steps=2)
+    trainer.generation_config.eos_token_id = eos
+    original, rollouts = model.generate, []
+
+    def generate(*args, **kwargs):
+        rows, prompt_length = kwargs["input_ids"].shape
+        lengths = torch.tensor([2 + 7 * (row % 4) for row in range(rows)])  # 2, 9, 16 and 23 tokens
+        rollouts.append(rows)
+        return original(*args, logits_processor=LogitsProcessorList([EndsAt(prompt_length, lengths, eos)]), **kwargs)
+
+    model.generate = generate
+    calls, hook = language_model_calls(model)
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+    # One rollout of 2 steps × 4 rows = 4 prompts × G = 2; generation's calls are the ones before the first scoring.
+    assert rollouts == [8]
+    prefill, *decoding = calls[: calls.index(next(call for call in calls[1:] if call[1] > 1))]
+    assert prefill[0] == 4 and prefill[1] > 1
+    assert [rows for rows, _ in decoding] == [8] * 2 + [6] * 7 + [4] * 7 + [
+        2
+    ] * 7  # a row runs as many forwards as it has tokens
