@@ -36,9 +36,12 @@ test-scale: $(VENV)/.installed-scale
 test-slow: $(VENV)/.installed
 	$(RUN_ENV) $(PY) -m pytest -q -m slow
 
-# Step time and peak memory against stock TRL at G = 2, 4, 8, 16 (docs/benchmarks.md): about 15 minutes on 2 cores.
+# Step time and peak memory against stock TRL (docs/benchmarks.md): the `short` shape at G = 2, 4, 8, 16, then the
+# `reasoning` and `grounding` shapes at G = 8; each run ends with its JSON line. About 45 minutes on 2 cores.
 bench: $(VENV)/.installed
 	$(RUN_ENV) $(PY) benchmarks/step_bench.py --sweep --ablation
+	$(RUN_ENV) $(PY) benchmarks/step_bench.py --shape reasoning
+	$(RUN_ENV) $(PY) benchmarks/step_bench.py --shape grounding
 
 # SFT warm start + GRPO on the synthetic scene tasks, held-out before and after (docs/learning.md).
 bench-learning: $(VENV)/.installed
