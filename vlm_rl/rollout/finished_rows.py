@@ -20,9 +20,12 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from vlm_rl.models.adapters import FamilyAdapter
+from vlm_rl.rollout.in_place_cache import InPlaceLayer
 
 # Inputs of a decoding forward with the batch in their first dimension; `position_ids` has it second to last
 # ([batch, tokens] or [3 or 4, batch, tokens] for M-RoPE). A forward with any other tensor input runs every row.
+# Cache layers whose rows `batch_select_indices` selects (a quantized or offloaded layer keeps more than `keys`).
+SELECTABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, InPlaceLayer)
 BATCH_FIRST = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
@@ -45,7 +48,7 @@ class _Decoding:
             known = (*BATCH_FIRST, "position_ids", "cache_position", "past_key_values")
             self.selects = (
                 type(cache) is DynamicCache
-                and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers)
+                and all(type(layer) in SELECTABLE_LAYERS for layer in cache.layers)
                 and kwargs.get("inputs_embeds") is None
                 and not any(isinstance(value, torch.Tensor) and key not in known for key, value in kwargs.items())
             )

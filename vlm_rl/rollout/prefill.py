@@ -19,6 +19,7 @@ import torch
 
 from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.inputs import BOOKKEEPING_KEYS, group_rows, select_rows
+from vlm_rl.rollout.in_place_cache import append_in_place
 
 
 @contextlib.contextmanager
@@ -73,6 +74,7 @@ def prompts_prefilled_once(
             index[group] = position
         index = index.to(input_ids.device)
         cache.batch_select_indices(index)
+        append_in_place(cache)
         adapter.select_generation_rows(base_model, index)
         return original(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **per_token, **kwargs
