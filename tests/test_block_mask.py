@@ -144,7 +144,7 @@ def test_packed_attention_dense_keeps_sdpa_and_says_so(load_tiny, tmp_path, capl
             model, processor, tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES,
             max_completion_length=6, packed_attention="dense",
         )  # fmt: skip
-    assert "Packed forward: SDPA with the dense mask (packed_attention: dense)." in caplog.text
+    assert "Packed forward: sdpa attention with the dense mask (packed_attention: dense)." in caplog.text
     assert model.config.get_text_config()._attn_implementation == "sdpa"
     batch = scoring_batch(trainer, "image")
     input_ids, attention_mask, completion_mask, inputs = batch

@@ -549,13 +549,12 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         kernels = sorted({model.config.get_text_config()._attn_implementation for model in models})
         device = self.accelerator.device
         choice = self.options.packed_attention
-        why_not = (
-            "packed_attention: dense"
-            if choice == "dense"
-            else f"the text attention is {'/'.join(kernels)}, not sdpa"
-            if kernels != ["sdpa"]
-            else block_sparse_unavailable(device)
-        )
+        if choice == "dense":
+            why_not = "packed_attention: dense"
+        elif kernels != ["sdpa"]:
+            why_not = f"the text attention is {'/'.join(kernels)}, not sdpa"
+        else:
+            why_not = block_sparse_unavailable(device)
         if why_not is None:
             for model in models:
                 model.set_attn_implementation({"text_config": KERNEL})
@@ -570,7 +569,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         elif choice == "block_sparse":
             raise ValueError(f"packed_attention: block_sparse cannot run here: {why_not}. Set packed_attention: auto.")
         else:
-            logger.info("Packed forward: SDPA with the dense mask (%s).", why_not)
+            logger.info("Packed forward: %s attention with the dense mask (%s).", "/".join(kernels), why_not)
 
     def _block_sparse(self, base, device: torch.device) -> bool:
         """Whether the packed forward of `base` (unwrapped) runs now under the block mask: on `KERNEL`, where flex
