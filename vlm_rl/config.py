@@ -23,6 +23,7 @@ from vlm_rl.recipe_check import RecipeError as RecipeError
 from vlm_rl.rewards.configured import ERROR_POLICIES
 
 WEIGHT_TRANSPORTS = ("auto", "nccl", "files")
+PACKED_ATTENTIONS = ("auto", "block_sparse", "dense")
 
 
 def step_timeout_field() -> Any:
@@ -379,6 +380,15 @@ class VLMGRPOConfig(GRPOConfig):
             "gradients. Families or attention kernels that cannot take it use the plain forward."
         },
     )
+    packed_attention: str = field(
+        default="auto",
+        metadata={
+            "help": "The attention of the shared-prompt forward (`share_prompt_prefix`): `block_sparse` runs compiled "
+            "flex attention over only the tiles each completion sees, `dense` SDPA over the whole packed square; "
+            "`auto` takes `block_sparse` where torch can compile it (Triton on CUDA, a C++ compiler on CPU). On CPU "
+            "flex attention has no backward: there the training forward stays dense. The trainer logs its choice."
+        },
+    )
     encode_images_once: bool = field(
         default=True,
         metadata={
@@ -425,6 +435,10 @@ class VLMGRPOConfig(GRPOConfig):
         if self.vllm_weight_transport not in WEIGHT_TRANSPORTS:
             raise ValueError(
                 f"vllm_weight_transport must be one of {list(WEIGHT_TRANSPORTS)}, got {self.vllm_weight_transport!r}."
+            )
+        if self.packed_attention not in PACKED_ATTENTIONS:
+            raise ValueError(
+                f"packed_attention must be one of {list(PACKED_ATTENTIONS)}, got {self.packed_attention!r}."
             )
         if self.vllm_server_retry_timeout < 0:
             raise ValueError(f"vllm_server_retry_timeout must be >= 0 seconds, got {self.vllm_server_retry_timeout}.")

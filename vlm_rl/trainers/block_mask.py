@@ -11,18 +11,19 @@ The tile tables are computed here from the segment ids, in `O(tiles²)` (23 ms f
 `create_block_mask`, which evaluates the mask over the whole square (4 GB of booleans at 66k tokens) or compiles it.
 
 torch 2.13 has no flex attention backward on CPU (`NotImplementedError`): there the block mask serves only the
-forwards without gradients (old and reference log-probs); CUDA has both.
+forwards without gradients (old and reference log-probs); CUDA has both. Flex attention runs compiled (eager, it
+computes the whole square), which needs Triton on CUDA and a C++ compiler on CPU (`block_sparse_unavailable`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
-from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -101,6 +102,51 @@ def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tiles.sum(dim=-1, dtype=torch.int32), indices
 
 
+def block_sparse_unavailable(device: torch.device) -> str | None:
+    """Why compiled flex attention cannot run on `device`, or None where it can. A check of what the compile needs,
+    not a compile: a test compile costs ~13 s on a CPU and does not spare the first real one."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton  # lazy: CUDA only
+
+        return None if has_triton() else "Triton is not installed"
+    if device.type != "cpu":
+        return f"torch compiles flex attention for CPU and CUDA only, not {device.type}"
+    from torch._inductor.cpp_builder import get_cpp_compiler  # lazy: inductor loads only where it is asked
+
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # torch raises RuntimeError, or a subprocess error, when no compiler runs
+        return f"no C++ compiler for torch.compile ({error})"
+    return None
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """flex attention compiled once for every sequence length (`dynamic=True`): transformers' compiled copy
+    specializes on the first shapes and recompiles for each new packed length, ~8 s each on a CPU."""
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def block_sparse_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_mask: BlockMask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """One layer's attention under the packed forward's `block_mask`, laid out as transformers' kernels return it
+    (`batch, length, heads, head_dim`)."""
+    if dropout > 0:
+        raise ValueError("The block-sparse packed forward has no attention dropout: set packed_attention: dense.")
+    output = _compiled_flex_attention()(
+        query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.size(1) != key.size(1)
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
 def sdpa_or_flex_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -109,14 +155,20 @@ def sdpa_or_flex_attention(
     attention_mask: torch.Tensor | BlockMask | None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' flex attention for the packed forward's `BlockMask`, its SDPA for every other mask.
+    """Block-sparse flex attention for the packed forward's `BlockMask`, transformers' SDPA for every other mask.
 
     transformers 5.19 refuses `attn_implementation="flex_attention"` for the Qwen-VL families (no
     `_supports_flex_attn`), and one kernel per model must serve both the plain and the packed forward, including the
     packed forward's recomputation under gradient checkpointing: so the mask, not the config, picks the kernel.
     """
-    attention = flex_attention_forward if isinstance(attention_mask, BlockMask) else sdpa_attention_forward
+    attention = block_sparse_attention if isinstance(attention_mask, BlockMask) else sdpa_attention_forward
     return attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def visited_tiles(segment: torch.Tensor) -> int:
+    """How many 128 × 128 tiles flex attention computes for the packed layout `segment`, over all its groups."""
+    block_mask = packed_block_mask(segment)
+    return int(block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum())
 
 
 AttentionInterface.register(KERNEL, sdpa_or_flex_attention)

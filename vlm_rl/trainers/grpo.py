@@ -56,6 +56,7 @@ from vlm_rl.rewards.registry import reward_or_model
 from vlm_rl.rollout.finished_rows import finished_rows_left_out
 from vlm_rl.rollout.prefill import prompts_prefilled_once
 from vlm_rl.rollout.vllm import VLMRollout
+from vlm_rl.trainers.block_mask import KERNEL, block_sparse_unavailable, packed_block_mask
 from vlm_rl.trainers.checkpointing import CheckpointMixin, RescheduleOnResume
 from vlm_rl.trainers.completion_logs import tool_images
 from vlm_rl.trainers.dynamic_sampling import DynamicSampling, GroupFilter, Layout, fresh_rows
@@ -153,6 +154,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         for scored in (self.model.get_base_model() if is_peft_model(self.model) else self.model, self.ref_model):
             if scored is not None and scored.base_model is scored:
                 score_from_logits(scored, self.temperature)
+        self._choose_packed_attention()
         if self._is_vlm and not self.use_vllm:
             # TRL suppresses only the image token. A sampled video or vision start/end token makes the next
             # forward fail ("Image features and image tokens do not match") or misplaces M-RoPE positions.
@@ -537,6 +539,44 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         with self.accelerator.autocast():  # the vision tower runs as it would inside the model's forward
             return encode_images_once(base, self.adapter, inputs)
 
+    def _choose_packed_attention(self) -> None:
+        """Put the text attention of the policy and the reference model on `block_mask.KERNEL` (SDPA, and block-sparse
+        flex attention for the packed forward's block mask) where `packed_attention` allows it and torch can compile
+        flex attention on this device, else leave SDPA and the dense mask; log which, once."""
+        if not self._shares_prompts(self.model):
+            return
+        models = [self._unwrapped(model) for model in (self.model, self.ref_model) if model is not None]
+        kernels = sorted({model.config.get_text_config()._attn_implementation for model in models})
+        device = self.accelerator.device
+        choice = self.options.packed_attention
+        if choice == "dense":
+            why_not = "packed_attention: dense"
+        elif kernels != ["sdpa"]:
+            why_not = f"the text attention is {'/'.join(kernels)}, not sdpa"
+        else:
+            why_not = block_sparse_unavailable(device)
+        if why_not is None:
+            for model in models:
+                model.set_attn_implementation({"text_config": KERNEL})
+            scope = "every log-prob pass" if device.type == "cuda" else "log-prob passes without gradients"
+            logger.info(
+                "Packed forward: block-sparse flex attention (%s, compiled) on %s for %s; SDPA with the dense mask "
+                "for the rest.",
+                KERNEL,
+                device.type,
+                scope,
+            )
+        elif choice == "block_sparse":
+            raise ValueError(f"packed_attention: block_sparse cannot run here: {why_not}. Set packed_attention: auto.")
+        else:
+            logger.info("Packed forward: %s attention with the dense mask (%s).", "/".join(kernels), why_not)
+
+    def _block_sparse(self, base, device: torch.device) -> bool:
+        """Whether the packed forward of `base` (unwrapped) runs now under the block mask: on `KERNEL`, where flex
+        attention has a backward (CUDA) or none is taken."""
+        kernel = getattr(base.config.get_text_config(), "_attn_implementation", None)
+        return kernel == KERNEL and (device.type == "cuda" or not torch.is_grad_enabled())
+
     def _shares_prompts(self, model, packed: bool = True) -> bool:
         """Whether prompts are run once per group for this model: in generation (`packed=False`) or in the packed
         log-prob forward, which also needs an attention kernel that takes a custom mask (else the plain one runs)."""
@@ -546,11 +586,12 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             return True
         base = self._unwrapped(model)
         text_config = base.config.get_text_config()
-        # A custom 4D mask works with the eager and SDPA kernels only (a sliding window is checked per chunk).
+        # A custom 4D mask works with the eager and SDPA kernels only, and `KERNEL`, which runs SDPA for it (a sliding
+        # window is checked per chunk).
         kernels = {getattr(config, "_attn_implementation", None) for config in (base.config, text_config)}
         layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
         return (
-            kernels <= {"eager", "sdpa"}
+            kernels <= {"eager", "sdpa", KERNEL}
             and layer_types <= {"full_attention", "sliding_attention"}
             and base.base_model is not base
         )
@@ -597,7 +638,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         window = self._attention_window(text_config)
         if window is not None and input_ids.size(1) > window:
             return None
-        packings = self._packings(groups, input_ids, attention_mask, logits_to_keep, sizes)
+        block_sparse = self._block_sparse(base, input_ids.device)
+        packings = self._packings(groups, input_ids, attention_mask, logits_to_keep, sizes, block_sparse)
         if packings is None:
             return None
         # The plain forward's positions of every row, gathered into the packed layout below.
@@ -616,7 +658,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             for key in self.adapter.row_keys:
                 if key in split_inputs:
                     inputs[key] = packing.gather(split_inputs[key][rows.start : rows.stop])
-            outputs = self._packed_forward(model, packing, input_ids, positions, inputs)
+            outputs = self._packed_forward(model, packing, input_ids, positions, inputs, block_sparse)
             logps = logps + packing.scatter(outputs.log_probs)
             if compute_entropy:
                 entropies = entropies + packing.scatter(outputs.entropy)
@@ -629,13 +671,15 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         attention_mask: torch.Tensor,
         logits_to_keep: int,
         sizes: tuple[int, int],
+        block_sparse: bool = False,
     ) -> list[tuple[list[list[int]], Packing]] | None:
         """The packed forwards of a chunk, each with its groups; None where the plain forward costs less.
 
         One forward holds every group, each padded to the longest. Where groups differ in length and this process
         trains alone, each group gets a forward of its own instead: no padding, and fewer FLOPs (a forward's cost
         grows with its length squared). Processes training together run one forward per chunk each, as the plain
-        path does, so that their collectives (ZeRO-3's parameter gathers, DDP's hooks) stay in step.
+        path does, so that their collectives (ZeRO-3's parameter gathers, DDP's hooks) stay in step. Under the block
+        mask (`block_sparse`) attention costs the tiles it visits, not the square (`Packing.flops`).
         """
         together = pack(groups, input_ids, attention_mask, logits_to_keep)
         if together is None:
@@ -643,7 +687,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         packings = [(groups, together)]
         if self.accelerator.num_processes == 1 and (together.segment < 0).any():
             packings = [([group], pack([group], input_ids, attention_mask, logits_to_keep)) for group in groups]
-        if sum(packing.flops(*sizes) for _, packing in packings) >= forward_flops(*input_ids.shape, *sizes):
+        packed_flops = sum(packing.flops(*sizes, block_sparse) for _, packing in packings)
+        if packed_flops >= forward_flops(*input_ids.shape, *sizes):
             return None
         return packings
 
@@ -685,8 +730,11 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             first += count
         return result
 
-    def _packed_forward(self, model, packing: Packing, input_ids, positions, inputs: dict[str, Any]):
-        """The model's forward on `packing`'s sequences, with their model inputs `inputs`."""
+    def _packed_forward(
+        self, model, packing: Packing, input_ids, positions, inputs: dict[str, Any], block_sparse: bool = False
+    ):
+        """The model's forward on `packing`'s sequences, with their model inputs `inputs`, under the block mask
+        (`block_sparse`, for `KERNEL`) or the dense one."""
         base = self._unwrapped(model)
         text_config = base.config.get_text_config()
         kernel = getattr(text_config, "_attn_implementation", None)
@@ -697,7 +745,9 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         with self.accelerator.autocast():
             return model(
                 input_ids=packing.gather(input_ids),
-                attention_mask=packing.attention_mask(None if kernel == "sdpa" else dtype),
+                attention_mask=packed_block_mask(packing.segment)
+                if block_sparse
+                else packing.attention_mask(None if kernel in ("sdpa", KERNEL) else dtype),
                 position_ids=packing.gather(positions),
                 shift_labels=packing.labels,
                 fused_lm_head=True,

@@ -47,19 +47,29 @@ class Packing:
         """Packed per-position outputs `(groups, packed_length)` as `(rows, completion_length)`; 0 where unscored."""
         return packed.flatten()[self.scored_at].masked_fill(~self.scored, 0)
 
-    def flops(self, hidden_size: int, intermediate_size: int) -> int:
-        """The FLOPs per layer of this packing's forward (`forward_flops`), padding included."""
-        return forward_flops(*self.segment.shape, hidden_size, intermediate_size)
+    def flops(self, hidden_size: int, intermediate_size: int, block_sparse: bool = False) -> int:
+        """The FLOPs per layer of this packing's forward (`forward_flops`), padding included: under the dense mask
+        attention computes the whole square, under the block mask (`block_sparse`) only the tiles it visits."""
+        groups, length = self.segment.shape
+        if not block_sparse:
+            return forward_flops(groups, length, hidden_size, intermediate_size)
+        from vlm_rl.trainers.block_mask import BLOCK_SIZE, visited_tiles  # lazy: flex and inductor load on first use
 
-    def cheaper_than_plain(self, rows: int, length: int, hidden_size: int, intermediate_size: int) -> bool:
+        pairs = visited_tiles(self.segment) * BLOCK_SIZE**2
+        return forward_flops(groups, length, hidden_size, intermediate_size, pairs=pairs)
+
+    def cheaper_than_plain(
+        self, rows: int, length: int, hidden_size: int, intermediate_size: int, block_sparse: bool = False
+    ) -> bool:
         """Whether this packing costs fewer FLOPs per layer than the plain forward of `rows` × `length` tokens.
 
-        Packing saves tokens (the prompt once) and pays in attention pairs (all completions of a prompt in one
-        square): with long completions and many of them (say 16 of 4k tokens after a 1k prompt) the square outgrows
-        the saving.
+        Packing saves tokens (the prompt once) and, under the dense mask, pays in attention pairs (all completions
+        of a prompt in one square): with long completions and many of them (say 16 of 4k tokens after a 1k prompt)
+        the square outgrows the saving. Under the block mask (`block_sparse`) the completions' tiles against each
+        other are skipped, and that shape packs.
         """
         sizes = (hidden_size, intermediate_size)
-        return self.flops(*sizes) < forward_flops(rows, length, *sizes)
+        return self.flops(*sizes, block_sparse) < forward_flops(rows, length, *sizes)
 
     def attention_mask(self, dtype: torch.dtype | None) -> torch.Tensor:
         """`(groups, 1, L, L)` mask: boolean (True = attend) for `dtype=None`, else additive in `dtype`."""
@@ -78,12 +88,14 @@ class Packing:
         )
 
 
-def forward_flops(rows: int, length: int, hidden_size: int, intermediate_size: int) -> int:
+def forward_flops(rows: int, length: int, hidden_size: int, intermediate_size: int, pairs: int | None = None) -> int:
     """About the FLOPs per layer of a forward of `rows` × `length` positions under a custom mask. Per position, the
     projections and the MLP cost about `hidden · (4·hidden + 3·intermediate)`; per (query, key) pair, attention costs
-    about `2·hidden`, and with a custom mask every pair of the square is computed."""
+    about `2·hidden`. `pairs`, over all rows, are the pairs attention computes: with a dense mask (the default) every
+    pair of each row's square."""
     token, pair = hidden_size * (4 * hidden_size + 3 * intermediate_size), 2 * hidden_size
-    return rows * (length * token + length**2 * pair)
+    pairs = rows * length**2 if pairs is None else pairs
+    return rows * length * token + pairs * pair
 
 
 def pack(

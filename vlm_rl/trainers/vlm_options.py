@@ -20,6 +20,7 @@ class VLMOptions:
     """The `VLMGRPOConfig` fields the trainer itself reads (see their help in `vlm_rl/config.py`)."""
 
     share_prompt_prefix: bool = _DEFAULTS["share_prompt_prefix"]
+    packed_attention: str = _DEFAULTS["packed_attention"]
     encode_images_once: bool = _DEFAULTS["encode_images_once"]
     reward_timeout: float | None = _DEFAULTS["reward_timeout"]
     reward_error_policy: str = _DEFAULTS["reward_error_policy"]
