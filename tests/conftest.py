@@ -53,6 +53,9 @@ def small_config(output_dir, **overrides) -> VLMGRPOConfig:
         "logging_steps": 1,
         "disable_tqdm": True,
         "seed": 0,
+        # No flex compile (~10 s a process) in every test that scores without gradients: the block-sparse kernel
+        # has its own tests (tests/test_block_mask.py, with `packed_attention: auto`).
+        "packed_attention": "dense",
     }
     settings.update(overrides)
     return VLMGRPOConfig(**settings)

@@ -111,7 +111,7 @@ def test_trainer_scores_without_gradients_under_the_block_mask_and_with_them_und
     with caplog.at_level("INFO", logger="vlm_rl"):
         trainer = shapes_trainer(
             model, processor, tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES,
-            max_completion_length=6,
+            max_completion_length=6, packed_attention="auto",
         )  # fmt: skip
     assert "Packed forward: block-sparse flex attention (sdpa_or_block_sparse, compiled) on cpu" in caplog.text
     assert model.config.get_text_config()._attn_implementation == KERNEL

@@ -143,7 +143,9 @@ def test_the_gpu_check_runs_unattended_and_ends_with_one_json_line():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["equivalence"]["kernels"]["sdpa"]["ok"], report["equivalence"]
+    settings = report["equivalence"]["packed_attention"]
+    assert settings["dense"]["kernel"] == "sdpa" and settings["auto"]["kernel"] == "sdpa_or_block_sparse", settings
+    assert all(measured["ok"] for measured in settings.values()), settings
     assert report["shapes"].keys() == {"short", "grounding", "reasoning"}
     for shape, measured in report["shapes"].items():
         assert measured["step_time_ratio"] > 0, (shape, measured)
