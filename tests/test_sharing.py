@@ -305,3 +305,25 @@ def test_images_encoded_once_run_under_the_trainers_autocast(load_tiny, tmp_path
         hook.remove()
     assert set(dtypes) == {torch.bfloat16}
     torch.testing.assert_close(encoded[0], plain[0], atol=1e-5, rtol=0)
+
+
+def test_distinct_prompts_of_uneven_length_are_scored_without_padding(load_tiny, tmp_path):
+    """No prompt repeats: each row is scored in a forward of its own length, with the plain forward's numbers."""
+    model, processor = load_tiny("qwen2_vl")
+    trainer = shapes_trainer(model, processor, tmp_path, max_completion_length=6)
+    rows = prompts(trainer.adapter, "multi")  # two images, then one: two different prompts, as one "group" of G = 2
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(rows)
+    width = batch["completion_ids"].size(1)
+    lengths = torch.tensor([width, 1])
+    completion_mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], completion_mask], dim=1)
+    keys = (*trainer.adapter.image_keys, *trainer.adapter.row_keys, "num_images")
+    inputs = {key: batch[key] for key in keys if batch.get(key) is not None}
+    scored = (input_ids, attention_mask, completion_mask, inputs)
+    plain = score(trainer, model, scored, (False, False), None)
+    logps, _, grads, counts = score(trainer, model, scored, (True, True), None)
+    assert counts["language"] == int(attention_mask.sum()) < input_ids.numel() == plain[3]["language"]
+    torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0)
+    assert_grads_close(grads, plain[2], "one forward per row")

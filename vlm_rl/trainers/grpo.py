@@ -617,7 +617,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         num_images: list[int],
         rows: range,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-        """One chunk's log-prob forward with each prompt once (`shared_prefix.py`); None where no prompt repeats.
+        """One chunk's log-prob forward with each prompt once (`shared_prefix.py`); None where that costs no less.
 
         `input_ids` / `attention_mask` are the chunk's, `rows` its rows in `split_inputs`.
         """
@@ -629,9 +629,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         if parts is None:
             return None
         images, by_part = parts
+        # Rows of their own prompt are groups of one: scored at their own length too (`_packings`).
         groups = group_rows(input_ids[:, :prompt_length], images)
-        if len(groups) == len(rows):
-            return None
         base = self._unwrapped(model)
         text_config = base.config.get_text_config()
         sizes = (text_config.hidden_size, getattr(text_config, "intermediate_size", 4 * text_config.hidden_size))
