@@ -10,6 +10,7 @@ import json
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlm_rl.config import DataArguments
@@ -147,3 +148,143 @@ def test_bad_clips_name_the_file_and_row_or_are_skipped_and_counted(tmp_path, lo
     skipping.attach_processor(qwen_processor(load_tiny))
     assert [row["prompt"][0]["content"] for row in skipping.train.__getitems__([0, 1, 2, 2])] == ["a", "a", "a", "a"]
     assert skipping.skipped_train.counts == {"missing_video": 1, "corrupt_video": 1, "bad_video": 1}
+
+
+# ----- models -------------------------------------------------------------------------------------------------------
+
+QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+GENERATIONS = 2
+
+
+def clip(frames: int = 4, rate: float = RATE) -> Clip:
+    """The test clip's first `frames` frames as the loader would hand them over."""
+    from transformers.video_utils import VideoMetadata
+
+    metadata = VideoMetadata(total_num_frames=FRAMES, fps=rate, width=SIDE, height=SIDE, duration=FRAMES / rate,
+                             video_backend="pyav", frames_indices=list(range(frames)))  # fmt: skip
+    return Clip(np.stack([frame(i) for i in range(frames)]), metadata)
+
+
+def mixed_video_rows():
+    """Text-only, image, video, and image-plus-video rows of different prompt lengths, each repeated per generation."""
+    import random
+
+    from vlm_rl.data.synthetic import draw_shape
+
+    image = draw_shape("circle", "red", 56, random.Random(0))
+    rows = [
+        {"prompt": [{"role": "user", "content": "Which way does the bar grow?"}], "images": [], "videos": [clip()]},
+        {"prompt": [{"role": "user", "content": "Say red."}], "images": [], "videos": []},
+        {"prompt": [{"role": "user", "content": "Color?"}], "images": [image], "videos": []},
+        {"prompt": [{"role": "user", "content": "Same color as the bar?"}], "images": [image], "videos": [clip(6)]},
+    ]
+    return [{**row, "answer": "red", "task": "video"} for row in rows for _ in range(GENERATIONS)]
+
+
+def varied(completions, **kwargs) -> list[float]:
+    """A reward that differs between completions, so that every step has a learning signal."""
+    return [float(len(str(completion))) for completion in completions]
+
+
+def video_trainer(model, processor, tmp_path, rows, dataset=None, reward=None, **overrides):
+    from conftest import small_config
+    from datasets import Dataset
+
+    from vlm_rl.rewards.accuracy import accuracy
+    from vlm_rl.trainers import VLMGRPOTrainer
+
+    settings = {"num_generations": GENERATIONS, "per_device_train_batch_size": len(rows), "video_max_pixels": 3136}
+    args = small_config(tmp_path, **(settings | overrides))
+    if dataset is None:
+        dataset = Dataset.from_list([{"prompt": row["prompt"], "answer": "red"} for row in rows])
+    return VLMGRPOTrainer(model=model, reward_funcs=[reward or accuracy], args=args, train_dataset=dataset,
+                          processing_class=processor)  # fmt: skip
+
+
+def single_sample_logps(model, processor, row, completion_ids):
+    """Log-probs of `completion_ids` after `row`'s prompt (its image and video included), from one unpadded forward
+    of that sample alone, through the processor directly."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    from vlm_rl.data.video import with_video
+
+    conversation = prepare_multimodal_messages(with_video(row["prompt"], row["videos"], len(row["images"])),
+                                               images=row["images"])  # fmt: skip
+    encoded = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    prompt_ids = encoded.pop("input_ids")
+    encoded.pop("attention_mask")
+    input_ids = torch.cat([prompt_ids, completion_ids[None]], dim=1)
+    encoded["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], torch.zeros_like(completion_ids)[None]], 1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **encoded).logits
+    logits = logits[0, prompt_ids.size(1) - 1 : -1].float()
+    return prompt_ids[0], torch.log_softmax(logits, dim=-1).gather(-1, completion_ids[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_video_rows_logprobs_match_a_single_sample_forward_in_every_chunking_and_in_trls_scoring(family, load_tiny, tmp_path):
+    model, processor = load_tiny(family)
+    rows = mixed_video_rows()
+    # Two iterations per generation: TRL's own scoring forward (its "old" log-probs) runs inside the batch's scoring.
+    trainer = video_trainer(model, processor, tmp_path, rows, num_iterations=2)
+    batch = trainer._generate_and_score_completions(rows)
+    assert batch["num_videos"] == [len(row["videos"]) for row in rows]
+    assert batch["num_images"] == [len(row["images"]) for row in rows]
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    keys = (*trainer.adapter.image_keys, *trainer.adapter.video_keys, *trainer.adapter.row_keys, "num_images",
+            "num_videos")  # fmt: skip
+    inputs = {key: batch[key] for key in keys if key in batch}
+    video_tokens = (input_ids == model.config.video_token_id).sum(dim=1)
+    assert [bool(n) for n in video_tokens] == [bool(row["videos"]) for row in rows]
+    # The whole batch at once, and chunks of 2 and 3: some hold no video, some no image, some neither.
+    for chunk_size in (None, 2, 3):
+        with torch.no_grad():
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_ids.size(1), batch_size=chunk_size, **inputs
+            )
+        for i, row in enumerate(rows):
+            row_completion = completion_ids[i][completion_mask[i].bool()]
+            ref_prompt, ref_logps = single_sample_logps(model, processor, row, row_completion)
+            assert torch.equal(prompt_ids[i][prompt_mask[i].bool()], ref_prompt)
+            ours = logps[i][completion_mask[i].bool()]
+            torch.testing.assert_close(ours, ref_logps, atol=1e-5, rtol=0, msg=f"row {i}, chunk size {chunk_size}")
+    mask = completion_mask.bool()
+    torch.testing.assert_close(batch["old_per_token_logps"][mask], logps[mask], atol=1e-5, rtol=0)
+
+
+def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path, load_tiny):
+    write_video(tmp_path / "clip.mp4")
+    Image.fromarray(frame(3)).save(tmp_path / "still.png")
+    rows = [
+        {"prompt": "Which way does the bar grow?", "videos": ["clip.mp4"], "answer": "right"},
+        {"prompt": "Say right.", "answer": "right"},
+        {"prompt": "Where is the bar?", "images": ["still.png"], "answer": "left"},
+        {"prompt": "Same bar?", "images": ["still.png"], "videos": ["clip.mp4"], "answer": "yes"},
+    ]
+    task = load(write_jsonl(tmp_path / "d.jsonl", rows))
+    model, processor = load_tiny("qwen2_5_vl")
+    settings = {"video_num_frames": 4, "per_device_train_batch_size": 4, "steps_per_generation": 2, "max_steps": 2}
+    trainer = video_trainer(model, processor, tmp_path, [], dataset=task.train, reward=varied, **settings)
+    task.attach_processor(processor)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert processor.video_processor.num_frames == 4 and processor.video_processor.size["longest_edge"] == 3136
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert any(name.startswith("model.visual") for name in changed)  # the vision tower saw the video (or image)
+
+
+def test_a_family_without_video_refuses_a_video_row_naming_the_family_and_row(load_tiny, tmp_path):
+    model, processor = load_tiny("llava")
+    rows = mixed_video_rows()[2:]  # the first video row is row 4
+    with pytest.raises(ValueError, match=r"^LlavaProcessor has no video processor, so video_max_pixels cannot apply"):
+        video_trainer(model, processor, tmp_path, rows)
+    trainer = video_trainer(model, processor, tmp_path, rows, video_max_pixels=None)
+    with pytest.raises(ValueError, match=r"^LLaVA.* does not take video, but row 4 of this batch has one"):
+        trainer._generate_and_score_completions(rows)

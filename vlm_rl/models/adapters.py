@@ -44,6 +44,8 @@ class FamilyAdapter:
     """Parameter-name prefixes of the language model, its embeddings and its head."""
     image_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Model inputs with one entry per image (or per tile, per grid row: see `split_vision_inputs`)."""
+    video_keys: ClassVar[tuple[str, ...]] = ()
+    """Model inputs of videos (split per row by `num_videos`); empty: the family refuses rows with a video."""
     row_keys: ClassVar[tuple[str, ...]] = PER_TOKEN_KEYS
     """Model inputs with one row per sample, needed with or without images (e.g. per-token type ids)."""
     multi_image: ClassVar[bool] = True
@@ -82,7 +84,7 @@ class FamilyAdapter:
     def merge_vision_inputs(self, split: dict[str, Any]) -> dict[str, Any]:
         """The inverse of `split_vision_inputs`: batched tensors again, for a forward pass."""
         merged = dict(split)
-        for key in self.image_keys:
+        for key in (*self.image_keys, *self.video_keys):
             if isinstance(split.get(key), list):
                 merged[key] = torch.cat(split[key], dim=0)
         return merged
