@@ -224,7 +224,9 @@ def single_sample_logps(model, processor, row, completion_ids):
 
 
 @pytest.mark.parametrize("family", QWEN_FAMILIES)
-def test_video_rows_logprobs_match_a_single_sample_forward_in_every_chunking_and_in_trls_scoring(family, load_tiny, tmp_path):
+def test_video_rows_logprobs_match_a_single_sample_forward_in_any_chunking_and_in_trls_scoring(
+    family, load_tiny, tmp_path
+):
     model, processor = load_tiny(family)
     rows = mixed_video_rows()
     # Two iterations per generation: TRL's own scoring forward (its "old" log-probs) runs inside the batch's scoring.
