@@ -290,3 +290,26 @@ def test_a_family_without_video_refuses_a_video_row_naming_the_family_and_row(lo
     trainer = video_trainer(model, processor, tmp_path, rows, video_max_pixels=None)
     with pytest.raises(ValueError, match=r"^LLaVA.* does not take video, but row 4 of this batch has one"):
         trainer._generate_and_score_completions(rows)
+
+
+def test_the_evaluation_shows_each_row_its_video_and_refuses_video_for_a_family_without(tmp_path, load_tiny):
+    from vlm_rl.evaluation import evaluate_policy
+
+    write_video(tmp_path / "clip.mp4")
+    rows = [{"prompt": "Which way?", "videos": ["clip.mp4"]}, {"prompt": "Say hi."}]
+    task = load(write_jsonl(tmp_path / "d.jsonl", rows))
+    model, processor = load_tiny("qwen2_vl")
+    configure_video(processor, num_frames=2, max_pixels=SIDE * SIDE)
+    task.attach_processor(processor)
+    seen = []
+
+    def video_blocks(prompts, completions, **kwargs) -> list[float]:
+        seen.extend(sum(part.get("type") == "video" for m in p for part in m["content"] if isinstance(part, dict))
+                    for p in prompts)  # fmt: skip
+        return [0.0] * len(prompts)
+
+    records = evaluate_policy(model, processor, task.train, [video_blocks], max_new_tokens=2, batch_size=2)
+    assert len(records) == 2 and seen == [1, 0]
+    llava, llava_processor = load_tiny("llava")
+    with pytest.raises(ValueError, match=r"^LLaVA.* does not take video, but row 0 of this batch has one"):
+        evaluate_policy(llava, llava_processor, task.train, [video_blocks], max_new_tokens=2, batch_size=2)

@@ -108,6 +108,20 @@ class FamilyAdapter:
                 "rows). Filter the dataset, or choose a family that supports it (docs/models.md)."
             )
 
+    def check_videos_per_row(
+        self, num_videos: Sequence[int], where: Callable[[int], str] = "row {} of this batch".format
+    ) -> None:
+        """Refuse video rows where the family takes no video, and rows with several videos (one per row for now)."""
+        rows = [i for i, n in enumerate(num_videos) if n]
+        if rows and not self.video_keys:
+            raise ValueError(
+                f"{self.label} does not take video, but {where(rows[0])} has one ({len(rows)} such rows); drop the "
+                "`videos` column or use a family that supports video (docs/models.md)."
+            )
+        several = [i for i, n in enumerate(num_videos) if n > 1]
+        if several:
+            raise ValueError(f"{where(several[0])} has {num_videos[several[0]]} videos; a row holds one for now.")
+
     def repad_prompt_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """A left-padded batch of prompt inputs (one processor call), with any input that must pad elsewhere fixed.
 

@@ -33,19 +33,13 @@ def prompts_with_videos(rows: list[dict], adapter: FamilyAdapter, processor, *, 
     first = next((i for i, row in enumerate(rows) if row.get(VIDEOS)), None)
     if first is None:
         return None
-    if not adapter.video_keys:
-        raise ValueError(
-            f"{adapter.label} does not take video, but row {first} of this batch has one; drop the `videos` column "
-            "or use a family that supports video (docs/models.md)."
-        )
+    adapter.check_videos_per_row([len(row.get(VIDEOS) or []) for row in rows])
     if uses_tools or use_vllm:
         what = "tools" if uses_tools else "vLLM generation"
         raise ValueError(f"Video rows (row {first} of this batch) do not work with {what} yet; see docs/data.md.")
     converted = []
     for index, row in enumerate(rows):
         videos = [_clip(value, processor, index) for value in row.get(VIDEOS) or []]
-        if len(videos) > 1:
-            raise ValueError(f"row {index} of this batch has {len(videos)} videos; a row holds one video for now.")
         prompt = with_video(row["prompt"], videos, len(row.get("images") or []))
         converted.append({**row, "prompt": prompt, VIDEOS: videos})
     return converted
