@@ -16,6 +16,7 @@ from PIL import Image
 from vlm_rl.config import DataArguments
 from vlm_rl.data import DataError, load_task
 from vlm_rl.data.video import Clip
+from vlm_rl.models.families import registered_adapters
 from vlm_rl.models.video import configure_video
 
 SIDE, FRAMES, RATE = 56, 8, 4  # a 2-second clip
@@ -152,7 +153,8 @@ def test_bad_clips_name_the_file_and_row_or_are_skipped_and_counted(tmp_path, lo
 
 # ----- models -------------------------------------------------------------------------------------------------------
 
-QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+# The families whose adapters declare video inputs: the support table's "Video rows" column (docs/models.md).
+QWEN_FAMILIES = sorted(name for name, adapter in registered_adapters().items() if adapter.video_keys)
 GENERATIONS = 2
 
 
@@ -221,6 +223,10 @@ def single_sample_logps(model, processor, row, completion_ids):
         logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **encoded).logits
     logits = logits[0, prompt_ids.size(1) - 1 : -1].float()
     return prompt_ids[0], torch.log_softmax(logits, dim=-1).gather(-1, completion_ids[:, None])[:, 0]
+
+
+def test_the_video_families_are_the_qwen_vl_generations():
+    assert QWEN_FAMILIES == ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
 
 
 @pytest.mark.parametrize("family", QWEN_FAMILIES)
