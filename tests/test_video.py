@@ -126,6 +126,16 @@ def test_video_fps_samples_by_rate_and_a_list_of_frames_is_one_video(tmp_path, l
     assert np.array_equal(frames_clip[0][1], frame(1)) and none == []
 
 
+def test_video_paths_under_another_column_name_are_refused_naming_the_column_and_the_mapping(tmp_path, load_tiny):
+    write_video(tmp_path / "clip.mp4")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Which way?", "clip": "clip.mp4"}])
+    with pytest.raises(DataError, match=r"column 'clip' holds video paths .*column_mapping: \{clip: videos\}"):
+        load(path)
+    task = load(path, column_mapping={"clip": "videos"})
+    task.attach_processor(qwen_processor(load_tiny))
+    assert task.train[0]["videos"][0].shape[0] == FRAMES
+
+
 def test_bad_clips_name_the_file_and_row_or_are_skipped_and_counted(tmp_path, load_tiny):
     write_video(tmp_path / "good.mp4")
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")

@@ -95,6 +95,8 @@ class RowFormat:
         video_column = video_columns[0] if video_columns else None
         if video_column is not None:
             _check_image_type(dataset.data.schema.field(video_column).type, name, video_column)
+        else:
+            _refuse_unnamed_videos(dataset, [c for c in columns if c not in IMAGE_COLUMNS], name)
         if image_column is not None:
             _check_image_type(dataset.data.schema.field(image_column).type, name, image_column)
         else:
@@ -587,6 +589,22 @@ def _refuse_unnamed_images(dataset: Dataset, columns: list[str], name: str) -> N
             f"{name}: no `image` or `images` column, but column {column!r} holds {looks}; training would ignore them. "
             f"Make it the image column with column_mapping: {{{column}: image}}, or drop it for text-only rows."
         )
+
+
+def _refuse_unnamed_videos(dataset: Dataset, columns: list[str], name: str) -> None:
+    """With no `video`/`videos` column, a text column of video file paths would silently train without them."""
+    for column in columns:
+        data_type = dataset.data.schema.field(column).type
+        leaf = data_type.value_type if _is_list(data_type) else data_type
+        if not (pa.types.is_string(leaf) or pa.types.is_large_string(leaf)):
+            continue
+        values = dataset.data.column(column).slice(0, IMAGE_SAMPLE)
+        paths = [p for p in (pc.list_flatten(values) if _is_list(data_type) else values).drop_null().to_pylist() if p]
+        if paths and all(is_video_file(path) and not path.lower().endswith(".gif") for path in paths):
+            raise DataError(
+                f"{name}: no `video` or `videos` column, but column {column!r} holds video paths (e.g. {paths[0]!r}); "
+                f"training would ignore them. Make it the video column with column_mapping: {{{column}: videos}}."
+            )
 
 
 def _is_image_bytes(sample: pa.Array) -> bool:
