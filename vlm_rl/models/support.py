@@ -22,8 +22,8 @@ def support_table() -> str:
     """Markdown table: one row per registered family."""
     lines = [
         "| Family (`tiny:<name>`) | Model types | Image rows | Text-only rows mixed in | Several images per row "
-        "| Video rows | Freezing (vision / projector / LM) | Image-size bounds | Prompt once per group | Image once per forward "
-        "| Notes |",
+        "| Video rows | Freezing (vision / projector / LM) | Image-size bounds | Prompt once per group "
+        "| Image once per forward | Notes |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, adapter in sorted(registered_adapters().items()):
