@@ -329,3 +329,30 @@ def test_the_evaluation_shows_each_row_its_video_and_refuses_video_for_a_family_
     llava, llava_processor = load_tiny("llava")
     with pytest.raises(ValueError, match=r"^LLaVA.* does not take video, but row 0 of this batch has one"):
         evaluate_policy(llava, llava_processor, task.train, [video_blocks], max_new_tokens=2, batch_size=2)
+
+
+def test_video_settings_are_saved_with_the_processor_and_read_back(tmp_path, load_tiny):
+    from vlm_rl.models.processing import load_processor
+
+    processor = qwen_processor(load_tiny, "qwen3_vl", num_frames=6, total_pixels=20 * SIDE * SIDE)
+    processor.save_pretrained(tmp_path)
+    loaded = load_processor(str(tmp_path))
+    for name in ("num_frames", "fps", "do_sample_frames", "size", "cap_pixels_per_frame", "max_video_tokens"):
+        assert getattr(loaded.video_processor, name) == getattr(processor.video_processor, name), name
+    assert loaded.video_processor.num_frames == 6 and loaded.video_processor.do_sample_frames is False
+    assert loaded.video_processor.reads_clip_metadata
+
+
+def test_video_total_pixels_shrinks_the_frames_of_a_clip_over_its_budget(load_tiny):
+    large = Clip(np.zeros((4, 448, 448, 3), np.uint8), clip().metadata)
+
+    def patches(**settings) -> int:
+        _, processor = load_tiny("qwen2_vl")
+        configure_video(processor, **settings)
+        conversation = [{"role": "user", "content": [{"type": "video", "video": large}]}]
+        inputs = processor.apply_chat_template([conversation], tokenize=True, return_dict=True)
+        return int(inputs["video_grid_thw"].prod())
+
+    unbounded, budgeted = patches(), patches(total_pixels=2 * 150_000)
+    # Counted as Qwen-VL's reference code counts it: frame area times temporal patches (2 frames each).
+    assert budgeted < unbounded and budgeted * 14 * 14 <= 2 * 150_000

@@ -409,8 +409,8 @@ class VLMGRPOConfig(GRPOConfig):
     video_total_pixels: int | None = field(
         default=None,
         metadata={
-            "help": "Pixel budget of a whole clip (frames × area), as Qwen-VL's reference video code applies it "
-            "(`cap_pixels_per_frame`): long clips get smaller frames. Unset: no budget."
+            "help": "Pixel budget of a whole clip, as Qwen-VL's reference video code counts it (frame area × "
+            "temporal patches of 2 frames; `cap_pixels_per_frame`): long clips get smaller frames. Unset: no budget."
         },
     )
 

@@ -67,8 +67,9 @@ def configure_video(
     """Set the video settings on `processor`'s video processor (None keeps the processor's own).
 
     `fps` / `num_frames` say how the loader samples frames (one of them); `max_pixels` bounds each frame's area
-    (its smallest area is lowered to it when above); `total_pixels` bounds the pixels of a whole clip, frames
-    times area, as Qwen-VL's reference video code does (`cap_pixels_per_frame`, which spends 90% of a token budget).
+    (its smallest area is lowered to it when above); `total_pixels` bounds the pixels of a whole clip as Qwen-VL's
+    reference video code counts them, frame area times temporal patches (`cap_pixels_per_frame`, which spends 90% of
+    a token budget).
     """
     video_processor = getattr(processor, "video_processor", None)
     wanted = {"video_fps": fps, "video_num_frames": num_frames, "video_max_pixels": max_pixels,
