@@ -93,6 +93,9 @@ def configure_video(
         size["longest_edge"] = int(max_pixels)
         size["shortest_edge"] = min(size.get("shortest_edge") or 0, int(max_pixels))
         video_processor.size = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
+    if total_pixels is None and getattr(video_processor, "cap_pixels_per_frame", False) is None:
+        # transformers 5.19 warns on every call while unset, and its default changes in 5.22: keep today's.
+        video_processor.cap_pixels_per_frame = False
     if total_pixels is not None:
         if not hasattr(video_processor, "max_video_tokens"):
             raise ValueError(f"video_total_pixels: {type(video_processor).__name__} has no per-clip pixel budget.")
