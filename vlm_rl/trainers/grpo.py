@@ -386,7 +386,11 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         log_multimodal, self.log_multimodal = self.log_multimodal, False
         self._generation_features = {}  # read by `_generate_single_turn`
         video_rows = prompts_with_videos(
-            inputs, self.adapter, self.processing_class, uses_tools=bool(self.tools), use_vllm=self.use_vllm
+            inputs,
+            self.adapter,
+            getattr(self, "processing_class", None),
+            uses_tools=bool(getattr(self, "tools", None)),
+            use_vllm=getattr(self, "use_vllm", False),
         )
         self._video_fields = None  # `_tokenize_prompts` sets it for a batch with videos
         try:
