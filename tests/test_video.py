@@ -370,3 +370,21 @@ def test_video_rows_with_tools_or_vllm_are_refused_naming_the_row(load_tiny):
             prompts_with_videos(rows, adapter_for(model.config), processor, **flags)
     converted = prompts_with_videos(rows, adapter_for(model.config), processor, uses_tools=False, use_vllm=False)
     assert [part["type"] for part in converted[4]["prompt"][0]["content"]] == ["image", "video", "text"]
+
+
+def test_the_python_api_takes_a_video_file_path_or_pil_frames_per_row(tmp_path, load_tiny):
+    model, processor = load_tiny("qwen2_vl")
+    path = str(write_video(tmp_path / "clip.mp4"))
+    frames = [Image.fromarray(frame(index)) for index in range(4)]
+    rows = [
+        {"prompt": [{"role": "user", "content": "Which way?"}], "videos": path},
+        {"prompt": [{"role": "user", "content": "And here?"}], "videos": frames},
+        {"prompt": [{"role": "user", "content": "Say hi."}], "videos": None},
+    ]
+    rows = [{**row, "answer": "right"} for row in rows for _ in range(GENERATIONS)]
+    trainer = video_trainer(model, processor, tmp_path, rows, video_num_frames=2)
+    batch = trainer._generate_and_score_completions(rows)
+    assert batch["num_videos"] == [1, 1, 1, 1, 0, 0]
+    assert batch["video_grid_thw"][:, 0].tolist() == [1, 1, 2, 2]  # 2 sampled frames; the 4 frames as given
+    with pytest.raises(ValueError, match=r"^row 0 of this batch: video '.*gone\.mp4' not found"):
+        trainer._generate_and_score_completions([{**rows[0], "videos": str(tmp_path / "gone.mp4")}])

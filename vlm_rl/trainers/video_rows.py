@@ -15,9 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from trl.trainer.utils import pad
 
-from vlm_rl.data.video import Clip, clip_from_frames, decode_file, decode_settings, is_video_file, with_video
+from vlm_rl.data.video import (
+    Clip,
+    ClipError,
+    clip_from_frames,
+    decode_file,
+    decode_settings,
+    is_video_file,
+    with_video,
+)
 from vlm_rl.models.adapters import FamilyAdapter
 
 VIDEOS = "videos"
@@ -27,33 +36,43 @@ NUM_VIDEOS = "num_videos"  # bookkeeping, like `num_images`: each row's video co
 def prompts_with_videos(rows: list[dict], adapter: FamilyAdapter, processor, *, uses_tools: bool, use_vllm: bool):
     """`rows` with each video row's clip in its prompt (None when no row has a video); refuses what cannot train.
 
-    Rows built by vlm-rl's data loading hold decoded `Clip`s; a `videos` value given directly (a file path, or a
-    list of frames) is decoded here, at the processor's settings.
+    Rows built by vlm-rl's data loading hold decoded `Clip`s; a `videos` value given directly (a video file path,
+    alone or in a one-item list, or a list of PIL frames) is decoded here, at the processor's settings.
     """
     first = next((i for i, row in enumerate(rows) if row.get(VIDEOS)), None)
     if first is None:
         return None
-    adapter.check_videos_per_row([len(row.get(VIDEOS) or []) for row in rows])
+    adapter.check_videos_per_row([int(bool(row.get(VIDEOS))) for row in rows])  # before decoding anything
     if uses_tools or use_vllm:
         what = "tools" if uses_tools else "vLLM generation"
         raise ValueError(f"Video rows (row {first} of this batch) do not work with {what} yet; see docs/data.md.")
+    clips = [_clips(row.get(VIDEOS), processor, index) for index, row in enumerate(rows)]
+    adapter.check_videos_per_row([len(row_clips) for row_clips in clips])  # one video per row
     converted = []
-    for index, row in enumerate(rows):
-        videos = [_clip(value, processor, index) for value in row.get(VIDEOS) or []]
+    for row, videos in zip(rows, clips, strict=True):
         prompt = with_video(row["prompt"], videos, len(row.get("images") or []))
         converted.append({**row, "prompt": prompt, VIDEOS: videos})
     return converted
 
 
-def _clip(value: Any, processor, row: int) -> Clip:
-    if isinstance(value, Clip):
-        return value
+def _clips(value: Any, processor, row: int) -> list[Clip]:
+    """A row's `videos` value as clips, read as the data loader reads the column (`LazyRows._videos`)."""
+    if value is None or value == []:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if all(isinstance(clip, Clip) for clip in values):
+        return values
     settings = decode_settings(processor)
-    if is_video_file(value):
-        return decode_file(value, repr(value), **settings)
-    if isinstance(value, list):
-        return clip_from_frames(value, f"of row {row}", fps=settings.get("fps"))
-    raise ValueError(f"row {row}'s video is {type(value).__name__}; give a video file path or a list of frames.")
+    try:
+        if len(values) == 1 and is_video_file(values[0]):
+            return [decode_file(values[0], repr(values[0]), **settings)]
+        if all(isinstance(frame, Image.Image) for frame in values):
+            frames = [frame.convert("RGB") for frame in values]
+            return [clip_from_frames(frames, f"of row {row}", fps=settings.get("fps"))]
+    except ClipError as error:
+        raise ValueError(f"row {row} of this batch: {error.detail}.") from error
+    shown = repr(value)[:80]
+    raise ValueError(f"row {row} of this batch: its `videos` value is not a video file or PIL frames ({shown}).")
 
 
 def count_videos(prompts: list) -> list[int]:
