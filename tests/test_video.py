@@ -109,6 +109,14 @@ def test_a_video_file_decodes_lazily_with_pyav_at_the_processors_frame_settings(
     assert path.exists()
 
 
+def test_a_clip_keeps_its_timing_through_pickling_as_data_loader_workers_hand_it_over():
+    import pickle
+
+    copied = pickle.loads(pickle.dumps(clip(6)))
+    assert isinstance(copied, Clip) and np.array_equal(copied, clip(6))
+    assert copied.metadata.fps == RATE and list(copied.metadata.frames_indices) == list(range(6))
+
+
 def test_video_fps_samples_by_rate_and_a_list_of_frames_is_one_video(tmp_path, load_tiny):
     write_video(tmp_path / "clip.mp4")
     for index in range(3):

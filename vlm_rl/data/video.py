@@ -30,6 +30,15 @@ class Clip(np.ndarray):
     def __array_finalize__(self, source) -> None:
         self.metadata = getattr(source, "metadata", None)
 
+    def __reduce__(self):
+        # ndarray pickles its data only: data-loader workers and gathers between processes would drop the timing.
+        reconstruct, arguments, state = super().__reduce__()
+        return reconstruct, arguments, (state, self.metadata)
+
+    def __setstate__(self, state) -> None:
+        array_state, self.metadata = state
+        super().__setstate__(array_state)
+
 
 def decode_settings(processor) -> dict[str, Any]:
     """How the loader samples a clip's frames for `processor` (set by `vlm_rl.models.video.configure_video`): `fps`
