@@ -396,3 +396,14 @@ def test_the_python_api_takes_a_video_file_path_or_pil_frames_per_row(tmp_path, 
     assert batch["video_grid_thw"][:, 0].tolist() == [1, 1, 2, 2]  # 2 sampled frames; the 4 frames as given
     with pytest.raises(ValueError, match=r"^row 0 of this batch: video '.*gone\.mp4' not found"):
         trainer._generate_and_score_completions([{**rows[0], "videos": str(tmp_path / "gone.mp4")}])
+
+
+def test_sft_refuses_a_video_row_instead_of_training_without_its_video(load_tiny):
+    from vlm_rl.models import adapter_for
+    from vlm_rl.models.collator import PromptCompletionCollator
+
+    model, processor = load_tiny("qwen2_vl")
+    answer = [{"role": "assistant", "content": "right"}]
+    rows = [{"prompt": row["prompt"], "completion": answer, "videos": row["videos"]} for row in mixed_video_rows()[2:]]
+    with pytest.raises(ValueError, match=r"^vlm-rl sft does not take video rows yet \(row 4 of this batch has one\)"):
+        PromptCompletionCollator(processor, adapter_for(model.config))(rows)

@@ -7,7 +7,7 @@ checkpoint all apply the same ones.
 
 A processor given bare frames knows nothing of their timing: Qwen2.5-VL's `second_per_grid_ts` and Qwen3-VL's
 timestamps then assume 24 frames per second. `Clip` carries the metadata `load_video` returned, and the video
-processor reads it (`ClipMetadataVideoProcessor`): transformers' chat template passes only the frames on.
+processor reads it (`clip_metadata_class`): transformers' chat template passes only the frames on.
 """
 
 from __future__ import annotations
