@@ -294,13 +294,16 @@ def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path
     ]
     task = load(write_jsonl(tmp_path / "d.jsonl", rows))
     model, processor = load_tiny("qwen2_5_vl")
-    settings = {"video_num_frames": 4, "per_device_train_batch_size": 4, "steps_per_generation": 2, "max_steps": 2}
+    # beta > 0: TRL's scoring also runs the reference model on the video rows.
+    settings = {"video_num_frames": 4, "per_device_train_batch_size": 4, "steps_per_generation": 2, "max_steps": 2,
+                "beta": 0.04}  # fmt: skip
     trainer = video_trainer(model, processor, tmp_path, [], dataset=task.train, reward=varied, **settings)
     task.attach_processor(processor)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(np.isfinite(losses))
+    assert all(np.isfinite(entry["kl"]) for entry in trainer.state.log_history if "kl" in entry)
     assert processor.video_processor.num_frames == 4 and processor.video_processor.size["longest_edge"] == 3136
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
     assert any(name.startswith("model.visual") for name in changed)  # the vision tower saw the video (or image)
