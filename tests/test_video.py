@@ -411,3 +411,15 @@ def test_sft_refuses_a_video_row_instead_of_training_without_its_video(load_tiny
     rows = [{"prompt": row["prompt"], "completion": answer, "videos": row["videos"]} for row in mixed_video_rows()[2:]]
     with pytest.raises(ValueError, match=r"^vlm-rl sft does not take video rows yet \(row 4 of this batch has one\)"):
         PromptCompletionCollator(processor, adapter_for(model.config))(rows)
+
+
+def test_a_recipe_with_video_rows_for_a_family_without_video_fails_before_the_model_loads(tmp_path, tiny_dirs):
+    from test_data_training import run_recipe
+
+    write_video(tmp_path / "clip.mp4")
+    rows = [{"question": "Colour?", "answer": "red"}, {"question": "Which way?", "videos": "clip.mp4", "answer": "r"}]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    fields = {"model_name_or_path": str(tiny_dirs["llava"]), "prompt_template": "{question}", "final_eval": False}
+    with pytest.raises(ValueError, match=r"^LLaVA.* does not take video, but .*train\.jsonl line 2 has one"):
+        run_recipe(tmp_path, dataset=str(tmp_path / "train.jsonl"), **fields)
+    assert not (tmp_path / "run" / "trainer_state.json").exists()

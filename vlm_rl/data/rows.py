@@ -648,11 +648,23 @@ def _image_paths(column: pa.ChunkedArray) -> list[tuple[int, str]]:
 
 def image_counts(dataset: Dataset) -> tuple[np.ndarray, Callable[[int], str]]:
     """Images per row, read from the raw image column without decoding any, and a function naming a row."""
+    return _value_counts(dataset, IMAGES, "image_column")
+
+
+def video_counts(dataset: Dataset) -> tuple[np.ndarray, Callable[[int], str]]:
+    """Whether each row has a video (1) or not (0), read from the raw video column without decoding, and a function
+    naming a row. (A row's video is one value, or one list of frames.)"""
+    counts, where = _value_counts(dataset, VIDEOS, "video_column")
+    return np.minimum(counts, 1), where
+
+
+def _value_counts(dataset: Dataset, name: str, format_column: str) -> tuple[np.ndarray, Callable[[int], str]]:
+    """Values per row of the image or video column (`name` in memory, the loader's `format_column` when lazy)."""
     loader = lazy_rows(dataset)
-    if loader is None:  # an in-memory dataset (the synthetic tasks): an `images` list column, if any
-        raw, column, where = dataset, IMAGES if IMAGES in dataset.column_names else None, "row {}".format
+    if loader is None:  # an in-memory dataset (the synthetic tasks): an `images` (`videos`) list column, if any
+        raw, column, where = dataset, name if name in dataset.column_names else None, "row {}".format
     else:
-        raw, column = loader.raw, loader.fmt.image_column
+        raw, column = loader.raw, getattr(loader.fmt, format_column)
         row_ids = raw.with_format("arrow")[ROW_ID].to_numpy()
 
         def where(position: int) -> str:
