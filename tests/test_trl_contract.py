@@ -21,7 +21,8 @@ import trl
 from conftest import shapes_trainer, small_config
 from datasets import concatenate_datasets
 from packaging.version import Version
-from transformers import Qwen2_5_VLModel, Qwen2VLModel, Qwen3VLModel, Trainer
+from transformers import ProcessorMixin, Qwen2_5_VLModel, Qwen2VLModel, Qwen3VLModel, Trainer
+from transformers.video_processing_utils import BaseVideoProcessor
 from trl import GRPOConfig, GRPOTrainer, SFTTrainer
 from trl.data_utils import prepare_multimodal_messages
 from trl.generation.vllm_client import VLLMClient
@@ -411,6 +412,30 @@ SEAMS: dict[str, Callable[..., None]] = {
                 (Qwen2_5_VLModel, 'mm_encoder_outputs["image"]'),
                 (Qwen3VLModel, 'mm_encoder_outputs["image"]: BaseModelOutputWithDeepstackFeatures'),
             )
+        ),
+    ),
+    # `read_clip_metadata` (models/video.py) gives the video processor a subclass whose `preprocess` fills
+    # `video_metadata` from the `Clip`s it is handed: the chat template passes on each video block's frames alone.
+    "swap: video processor preprocess reads Clip metadata (models/video.py)": all_of(
+        has_lines(
+            BaseVideoProcessor.preprocess,
+            'do_sample_frames = kwargs.pop("do_sample_frames")',
+            'video_metadata = kwargs.pop("video_metadata")',
+        ),
+        has_lines(ProcessorMixin.apply_chat_template, 'for key in ["video", "url", "path"]'),
+    ),
+    # `video_rows.py`: TRL builds the scoring forward's vision inputs with a processor call that passes images only
+    # (none at all without images), so the video inputs and `mm_token_type_ids` come from the prompt tokenization
+    # (`_tokenize_prompts`), and reach TRL's own scoring forwards through our log-prob method.
+    "copy: video inputs from the prompt tokenization (video_rows.py)": all_of(
+        has_lines(
+            GRPOTrainer._generate_and_score_completions,
+            "prompt_inputs = self.processing_class(images=images, text=prompts_text, padding=True,",
+            'self._logs["prompt"].extend(gather_object(prompts))',
+        ),
+        has_lines(
+            GRPOTrainer._tokenize_prompts,
+            'multimodal_fields = {k: v for k, v in tokenized.items() if k not in ("input_ids", "attention_mask")}',
         ),
     ),
     # --- private attributes read

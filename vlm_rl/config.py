@@ -396,6 +396,33 @@ class VLMGRPOConfig(GRPOConfig):
             "features for every row that shows it (same log-probs and gradients)."
         },
     )
+    video_fps: float | None = field(
+        default=None,
+        metadata={
+            "help": "Frames per second sampled from each video file as it is decoded (a `videos` column, "
+            "docs/data.md); or set `video_num_frames`. Set on the processor, so generation, training, evaluation "
+            "and saved checkpoints agree. Unset: the processor's own setting (Qwen3-VL: 2; Qwen2/2.5-VL: every "
+            "frame). A video given as frames plays at this rate (default 2)."
+        },
+    )
+    video_num_frames: int | None = field(
+        default=None,
+        metadata={"help": "Frames sampled evenly from each video file instead of a rate; see `video_fps`."},
+    )
+    video_max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Largest area (pixels) the processor resizes each video frame to (its smallest area is lowered "
+            "to this when above). Unset: the processor's own setting."
+        },
+    )
+    video_total_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pixel budget of a whole clip, as Qwen-VL's reference video code counts it (frame area × "
+            "temporal patches of 2 frames; `cap_pixels_per_frame`): long clips get smaller frames. Unset: no budget."
+        },
+    )
 
     dynamic_sampling: bool = field(
         default=False,

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from vlm_rl.config import parse_recipe
 from vlm_rl.data import image_counts, load_rows
+from vlm_rl.data.video import with_video
 from vlm_rl.errors import InvalidValueError, MissingPathError
 from vlm_rl.export import ADAPTER_CONFIG, load_merged
 from vlm_rl.models import adapter_for, load_model_and_processor
@@ -124,7 +125,16 @@ def evaluate_policy(
         else:
             lent = dict(load_rows(dataset, [partners[index] for index, _ in indexed if index in partners]))
             images = [list(lent[partners[index]]["images"]) if index in partners else [] for index, _ in indexed]
-        prompts = [row["prompt"] for row in batch]
+        # A row's video stays its own (a blind evaluation swaps images only).
+        videos = [row.get("videos") or [] for row in batch]
+        if any(videos):
+            adapter_for(model.config).check_videos_per_row([len(clips) for clips in videos])
+            if environment_factory is not None:
+                raise InvalidValueError("Video rows cannot be evaluated with tools yet; see docs/data.md.")
+        prompts = [
+            with_video(row["prompt"], clips, len(shown))
+            for row, clips, shown in zip(batch, videos, images, strict=True)
+        ]
         if environment_factory is None:
             texts, completion_ids = _generate(model, processor, prompts, images, max_new_tokens, temperature)
             completions = [[{"role": "assistant", "content": text}] for text in texts]

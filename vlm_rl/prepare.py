@@ -22,7 +22,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deeps
 
 from vlm_rl.checkpoints import resolve_resume
 from vlm_rl.config import DataArguments, ModelArguments, RewardArguments, VLMGRPOConfig
-from vlm_rl.data import TaskData, image_counts, load_task, most_images_per_row
+from vlm_rl.data import TaskData, image_counts, load_task, most_images_per_row, video_counts
 from vlm_rl.errors import InvalidValueError
 from vlm_rl.models import FamilyAdapter, adapter_for, resolve_model_path
 from vlm_rl.models.loading import load_config
@@ -139,6 +139,7 @@ def prepare_run(
     for dataset in (task.train, task.eval):
         if dataset is not None:
             adapter.check_images_per_row(*image_counts(dataset))
+            adapter.check_videos_per_row(*video_counts(dataset))
     warn_if_schedule_changes(training_args, resume)
     return Prepared(
         reward_funcs=reward_funcs,

@@ -25,6 +25,7 @@ from vlm_rl.data.scenes import CELL, COUNTS, make_count_diff_dataset, make_count
 from vlm_rl.data.sources import Source, read_source, resolve_path
 from vlm_rl.data.stats import DataError, SkippedRows
 from vlm_rl.data.synthetic import COLORS, make_grounding_math_dataset, make_shapes_dataset
+from vlm_rl.data.video import VIDEO_COLUMNS
 from vlm_rl.data.zoom import GRID, MIN_CELL, NO_TOOLS_SPLIT, make_zoom_dataset
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ class _Split:
             loader.output_columns(self.rows.column_names),
         )
         dataset = self.rows.with_transform(loader)
-        if not image_counts(dataset)[0].any():
+        if self.fmt.video_column is None and not image_counts(dataset)[0].any():
             # Loud, not an error: text-only data is legitimate, but with a VLM it is more often a mistake.
             logger.warning(
                 "%s data: NONE of the %d rows has an image, so the model sees text only. If the data has images, "
@@ -238,6 +239,9 @@ def _read(
     mapping = args.column_mapping or {}
     image_sources = {src for src, dst in mapping.items() if dst in IMAGE_COLUMNS}
     image_sources |= {column for column in IMAGE_COLUMNS if column not in mapping}
+    # Video columns, like image columns, hold a list per row in text formats (a file, or its frames).
+    image_sources |= {src for src, dst in mapping.items() if dst in VIDEO_COLUMNS}
+    image_sources |= {column for column in VIDEO_COLUMNS if column not in mapping}
     dataset, source = read_source(
         spec,
         split=split,
@@ -254,5 +258,6 @@ def _read(
         raise DataError(f"{source.name}: no rows.{detail}")
     dataset = rename_columns(dataset, mapping, source.name)
     fmt = RowFormat.for_dataset(dataset, args.prompt_template, args.system_prompt, source.name)
-    dataset = check_rows(undecoded(dataset, fmt.image_column), fmt, source, bad_rows=args.bad_rows, skipped=skipped)
+    dataset = undecoded(dataset, fmt.image_column, fmt.video_column)
+    dataset = check_rows(dataset, fmt, source, bad_rows=args.bad_rows, skipped=skipped)
     return _Split(dataset, source, fmt, skipped)

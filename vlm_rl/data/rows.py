@@ -27,8 +27,18 @@ from trl.data_utils import prepare_multimodal_messages
 
 from vlm_rl.data.sources import ROW_ID, SKIP_HINT, Source
 from vlm_rl.data.stats import DataError, SkippedRows
+from vlm_rl.data.video import (
+    VIDEO_COLUMNS,
+    Clip,
+    ClipError,
+    clip_from_frames,
+    decode_file,
+    decode_settings,
+    is_video_file,
+    with_video,
+)
 
-PROMPT, IMAGES = "prompt", "images"
+PROMPT, IMAGES, VIDEOS = "prompt", "images", "videos"
 IMAGE_COLUMNS = ("image", "images")
 IMAGE_MARKER = "<image>"  # where EasyR1 / LLaVA-style prompt text puts an image
 # A text column whose first values all end in one of these holds image paths (unless it is the image column).
@@ -60,6 +70,7 @@ class RowFormat:
     template: str | None
     system_prompt: str | None
     image_column: str | None
+    video_column: str | None  # one video per row: a file, or a list of frames
     conversational: bool  # the `prompt` column holds conversations; otherwise strings, or the template builds it
     placeholders: tuple[str, ...]
 
@@ -78,10 +89,18 @@ class RowFormat:
         if len(image_columns) > 1:
             raise DataError(f"{name}: has both an `image` and an `images` column; rename one with column_mapping.")
         image_column = image_columns[0] if image_columns else None
+        video_columns = [c for c in VIDEO_COLUMNS if c in columns]
+        if len(video_columns) > 1:
+            raise DataError(f"{name}: has both a `video` and a `videos` column; rename one with column_mapping.")
+        video_column = video_columns[0] if video_columns else None
+        if video_column is not None:
+            _check_image_type(dataset.data.schema.field(video_column).type, name, video_column)
+        else:
+            _refuse_unnamed_videos(dataset, [c for c in columns if c not in IMAGE_COLUMNS], name)
         if image_column is not None:
             _check_image_type(dataset.data.schema.field(image_column).type, name, image_column)
         else:
-            _refuse_unnamed_images(dataset, columns, name)
+            _refuse_unnamed_images(dataset, [c for c in columns if c != video_column], name)
 
         conversational = False
         if PROMPT in columns:
@@ -109,7 +128,7 @@ class RowFormat:
                     f"{name}: prompt_template uses {{{placeholder}}}, but there is no column {placeholder!r} "
                     f"(after column_mapping). {listing}{closest(placeholder, columns)}"
                 )
-        return cls(template, system_prompt, image_column, conversational, placeholders)
+        return cls(template, system_prompt, image_column, video_column, conversational, placeholders)
 
     @property
     def required(self) -> list[str]:
@@ -152,13 +171,16 @@ def check_rows(dataset: Dataset, fmt: RowFormat, source: Source, *, bad_rows: st
     for column in fmt.required:
         for position in np.flatnonzero(table[column].is_null().to_numpy(zero_copy_only=False)):
             bad.setdefault(int(position), ("missing_value", f"column {column!r} is empty"))
-    if fmt.image_column is not None:
-        for position, path in _image_paths(table[fmt.image_column]):
+    for column, kind in ((fmt.image_column, "image"), (fmt.video_column, "video")):
+        if column is None:
+            continue
+        for position, path in _image_paths(table[column]):
             if position in bad:
                 continue
             full = source.image_path(path, int(row_ids[position]))
             if not os.path.isfile(full):
-                bad[position] = ("missing_image", f"image {path!r} not found (looked for {full})")
+                what = "video" if kind == "video" and is_video_file(path) else "image" if kind == "image" else "frame"
+                bad[position] = (f"missing_{kind}", f"{what} {path!r} not found (looked for {full})")
     for position in sorted(bad):
         reason, detail = bad[position]
         where = source.where(int(row_ids[position]))
@@ -179,22 +201,21 @@ def check_rows(dataset: Dataset, fmt: RowFormat, source: Source, *, bad_rows: st
     return dataset
 
 
-def undecoded(dataset: Dataset, column: str | None) -> Dataset:
-    """The same table with `column`'s image features handing over bytes and paths: decoding is the loader's.
+def undecoded(dataset: Dataset, *columns: str | None) -> Dataset:
+    """The same table with `columns`' image features handing over bytes and paths: decoding is the loader's.
 
     Called before any `select`, on a dataset without an indices mapping.
     """
-    if column is None:
+    features = dict(dataset.features)
+    for column in columns:
+        feature = features.get(column) if column is not None else None
+        if isinstance(feature, Image):
+            features[column] = Image(decode=False)
+        elif isinstance(feature, List | LargeList) and isinstance(feature.feature, Image):
+            features[column] = type(feature)(Image(decode=False))
+    if features == dict(dataset.features):
         return dataset
-    feature = dataset.features[column]
-    if isinstance(feature, Image):
-        feature = Image(decode=False)
-    elif isinstance(feature, List | LargeList) and isinstance(feature.feature, Image):
-        feature = type(feature)(Image(decode=False))
-    else:
-        return dataset
-    features = Features({**dataset.features, column: feature})
-    return Dataset(dataset.data, info=DatasetInfo(features=features))
+    return Dataset(dataset.data, info=DatasetInfo(features=Features(features)))
 
 
 class LazyRows:
@@ -258,8 +279,9 @@ class LazyRows:
 
     def output_columns(self, raw_columns: Iterable[str]) -> list[str]:
         """The columns of the rows built from raw rows with `raw_columns`."""
-        dropped = {ROW_ID, PROMPT, self.fmt.image_column}
-        return [PROMPT, IMAGES, *(key for key in raw_columns if key not in dropped)]
+        dropped = {ROW_ID, PROMPT, self.fmt.image_column, self.fmt.video_column}
+        videos = [VIDEOS] if self.fmt.video_column is not None else []
+        return [PROMPT, IMAGES, *videos, *(key for key in raw_columns if key not in dropped)]
 
     def _load_or_replace(self, row: dict, cache: dict) -> dict:
         row_id = row[ROW_ID]
@@ -305,12 +327,15 @@ class LazyRows:
         refs = row.get(self.fmt.image_column) if self.fmt.image_column is not None else None
         refs = [] if refs is None else refs if isinstance(refs, list) else [refs]
         images = [self._image(ref, index, row_id, cache) for index, ref in enumerate(refs)]
-        prompt = place_images(self._prompt(row, has_images=bool(images)), len(images))
+        videos = self._videos(row, row_id, cache)
+        prompt = place_images(self._prompt(row, has_images=bool(images or videos)), len(images))
         if (self.processor is not None or self.max_prompt_length is not None) and row_id not in self._fits:
-            self._check_length(prompt, images)
+            self._check_length(prompt, images, videos)
             self._fits.add(row_id)
-        dropped = {ROW_ID, PROMPT, self.fmt.image_column}
+        dropped = {ROW_ID, PROMPT, self.fmt.image_column, self.fmt.video_column}
         loaded = {PROMPT: prompt, IMAGES: images, **{k: v for k, v in row.items() if k not in dropped}}
+        if self.fmt.video_column is not None:
+            loaded[VIDEOS] = videos
         cache["row", row_id] = loaded
         return dict(loaded)
 
@@ -340,6 +365,34 @@ class LazyRows:
             messages.insert(0, {"role": "system", "content": fmt.system_prompt})
         return messages
 
+    def _videos(self, row: dict, row_id: int, cache: dict) -> list[Clip]:
+        """The row's video, decoded (frames sampled at the processor's settings), as a list of none or one."""
+        refs = row.get(self.fmt.video_column) if self.fmt.video_column is not None else None
+        refs = [] if refs is None or refs == "" else refs if isinstance(refs, list) else [refs]
+        if not refs:
+            return []
+        settings = decode_settings(self.processor)
+        files = [ref for ref in refs if is_video_file(ref)]
+        if len(files) > 1 or (files and len(refs) > 1):
+            raise BadRow(
+                "bad_video",
+                f"the row has {len(refs)} videos or a video among frames; a row holds one video for now (a file, "
+                "or a list of frames)",
+            )
+        key = ("video", self.source.image_path(files[0], row_id) if files else row_id, tuple(settings.items()))
+        if key not in cache:
+            try:
+                if files:
+                    cache[key] = decode_file(key[1], repr(files[0]), **settings)
+                else:
+                    frames = [self._image(ref, index, row_id, cache) for index, ref in enumerate(refs)]
+                    cache[key] = clip_from_frames(frames, f"of {len(frames)} frames", fps=settings.get("fps"))
+            except ClipError as error:
+                cache[key] = BadRow(error.reason, error.detail)
+        if isinstance(cache[key], BadRow):
+            raise cache[key]
+        return [cache[key]]
+
     def _image(self, ref: Any, index: int, row_id: int, cache: dict) -> PILImage.Image:
         if isinstance(ref, dict):  # an `Image` feature's storage
             ref = ref.get("bytes") or ref.get("path")
@@ -365,7 +418,7 @@ class LazyRows:
             raise cache[key]
         return cache[key]
 
-    def _check_length(self, prompt: list[dict], images: list) -> None:
+    def _check_length(self, prompt: list[dict], images: list, videos: list) -> None:
         """Run the row through the processor as TRL will: a row it rejects (Qwen-VL refuses images more than 200
         times wider than tall) would otherwise fail a training step without a name. Once per row per run."""
         if self.processor is None:
@@ -374,9 +427,11 @@ class LazyRows:
                 "`TaskData.attach_processor(processor)` before training."
             )
         try:
-            length = prompt_length(self.processor, prompt, images)
+            length = prompt_length(self.processor, prompt, images, videos)
         except Exception as error:  # processors raise many types; the row is what the user can fix
             size = f" with images of sizes {[image.size for image in images]}" if images else ""
+            if videos:
+                size += f" with a video of {len(videos[0])} frames of {videos[0].shape[2]}×{videos[0].shape[1]}"
             raise BadRow(
                 "processor_error", f"the processor cannot take this row{size} ({type(error).__name__}: {error})"
             ) from error
@@ -419,9 +474,9 @@ def place_images(messages: list[dict], num_images: int) -> list[dict]:
     return placed
 
 
-def prompt_length(processor, prompt: list[dict], images: list) -> int:
-    """Tokens of the prompt as the trainer tokenizes it: chat template, generation prompt and image tokens."""
-    conversation = prepare_multimodal_messages(prompt, images=images)
+def prompt_length(processor, prompt: list[dict], images: list, videos: list = ()) -> int:
+    """Tokens of the prompt as the trainer tokenizes it: chat template, generation prompt, image and video tokens."""
+    conversation = prepare_multimodal_messages(with_video(prompt, videos, len(images)), images=images)
     tokenized = processor.apply_chat_template(
         conversation=[conversation], **generation_prompt([prompt]), tokenize=True, return_dict=True
     )
@@ -536,6 +591,22 @@ def _refuse_unnamed_images(dataset: Dataset, columns: list[str], name: str) -> N
         )
 
 
+def _refuse_unnamed_videos(dataset: Dataset, columns: list[str], name: str) -> None:
+    """With no `video`/`videos` column, a text column of video file paths would silently train without them."""
+    for column in columns:
+        data_type = dataset.data.schema.field(column).type
+        leaf = data_type.value_type if _is_list(data_type) else data_type
+        if not (pa.types.is_string(leaf) or pa.types.is_large_string(leaf)):
+            continue
+        values = dataset.data.column(column).slice(0, IMAGE_SAMPLE)
+        paths = [p for p in (pc.list_flatten(values) if _is_list(data_type) else values).drop_null().to_pylist() if p]
+        if paths and all(is_video_file(path) and not path.lower().endswith(".gif") for path in paths):
+            raise DataError(
+                f"{name}: no `video` or `videos` column, but column {column!r} holds video paths (e.g. {paths[0]!r}); "
+                f"training would ignore them. Make it the video column with column_mapping: {{{column}: videos}}."
+            )
+
+
 def _is_image_bytes(sample: pa.Array) -> bool:
     """The first value is an encoded image Pillow recognises (its header is read, nothing decoded)."""
     if not len(sample):
@@ -577,11 +648,23 @@ def _image_paths(column: pa.ChunkedArray) -> list[tuple[int, str]]:
 
 def image_counts(dataset: Dataset) -> tuple[np.ndarray, Callable[[int], str]]:
     """Images per row, read from the raw image column without decoding any, and a function naming a row."""
+    return _value_counts(dataset, IMAGES, "image_column")
+
+
+def video_counts(dataset: Dataset) -> tuple[np.ndarray, Callable[[int], str]]:
+    """Whether each row has a video (1) or not (0), read from the raw video column without decoding, and a function
+    naming a row. (A row's video is one value, or one list of frames.)"""
+    counts, where = _value_counts(dataset, VIDEOS, "video_column")
+    return np.minimum(counts, 1), where
+
+
+def _value_counts(dataset: Dataset, name: str, format_column: str) -> tuple[np.ndarray, Callable[[int], str]]:
+    """Values per row of the image or video column (`name` in memory, the loader's `format_column` when lazy)."""
     loader = lazy_rows(dataset)
-    if loader is None:  # an in-memory dataset (the synthetic tasks): an `images` list column, if any
-        raw, column, where = dataset, IMAGES if IMAGES in dataset.column_names else None, "row {}".format
+    if loader is None:  # an in-memory dataset (the synthetic tasks): an `images` (`videos`) list column, if any
+        raw, column, where = dataset, name if name in dataset.column_names else None, "row {}".format
     else:
-        raw, column = loader.raw, loader.fmt.image_column
+        raw, column = loader.raw, getattr(loader.fmt, format_column)
         row_ids = raw.with_format("arrow")[ROW_ID].to_numpy()
 
         def where(position: int) -> str:

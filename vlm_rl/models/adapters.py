@@ -44,6 +44,8 @@ class FamilyAdapter:
     """Parameter-name prefixes of the language model, its embeddings and its head."""
     image_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Model inputs with one entry per image (or per tile, per grid row: see `split_vision_inputs`)."""
+    video_keys: ClassVar[tuple[str, ...]] = ()
+    """Model inputs of videos (split per row by `num_videos`); empty: the family refuses rows with a video."""
     row_keys: ClassVar[tuple[str, ...]] = PER_TOKEN_KEYS
     """Model inputs with one row per sample, needed with or without images (e.g. per-token type ids)."""
     multi_image: ClassVar[bool] = True
@@ -82,7 +84,7 @@ class FamilyAdapter:
     def merge_vision_inputs(self, split: dict[str, Any]) -> dict[str, Any]:
         """The inverse of `split_vision_inputs`: batched tensors again, for a forward pass."""
         merged = dict(split)
-        for key in self.image_keys:
+        for key in (*self.image_keys, *self.video_keys):
             if isinstance(split.get(key), list):
                 merged[key] = torch.cat(split[key], dim=0)
         return merged
@@ -105,6 +107,20 @@ class FamilyAdapter:
                 f"{self.label} rows take {allowed}; {where(row)} has {count} image(s) ({len(unsupported)} such "
                 "rows). Filter the dataset, or choose a family that supports it (docs/models.md)."
             )
+
+    def check_videos_per_row(
+        self, num_videos: Sequence[int], where: Callable[[int], str] = "row {} of this batch".format
+    ) -> None:
+        """Refuse video rows where the family takes no video, and rows with several videos (one per row for now)."""
+        rows = [i for i, n in enumerate(num_videos) if n]
+        if rows and not self.video_keys:
+            raise ValueError(
+                f"{self.label} does not take video, but {where(rows[0])} has one ({len(rows)} such rows); drop the "
+                "`videos` column or use a family that supports video (docs/models.md)."
+            )
+        several = [i for i, n in enumerate(num_videos) if n > 1]
+        if several:
+            raise ValueError(f"{where(several[0])} has {num_videos[several[0]]} videos; a row holds one for now.")
 
     def repad_prompt_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """A left-padded batch of prompt inputs (one processor call), with any input that must pad elsewhere fixed.

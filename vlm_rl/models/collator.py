@@ -158,6 +158,9 @@ class PromptCompletionCollator:
     max_length: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> BatchFeature:
+        video_row = next((i for i, example in enumerate(examples) if example.get("videos")), None)
+        if video_row is not None:  # they would train without their video
+            raise ValueError(f"vlm-rl sft does not take video rows yet (row {video_row} of this batch has one).")
         prompts = [example["prompt"] for example in examples]
         completions = [completion_messages(example["completion"]) for example in examples]
         row_images = [list(example.get("images") or []) for example in examples]

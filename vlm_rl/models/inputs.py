@@ -17,7 +17,7 @@ from vlm_rl.data.rows import IMAGE_MARKER, generation_prompt
 from vlm_rl.models.adapters import FamilyAdapter
 
 # Inputs that tell which vision inputs belong to which row, for TRL and the adapters; the model takes none of them.
-BOOKKEEPING_KEYS = ("num_images", "num_tiles")
+BOOKKEEPING_KEYS = ("num_images", "num_tiles", "num_videos")
 
 
 def media_token_ids(config) -> list[int]:
@@ -60,15 +60,19 @@ def select_rows(
     """
     rows = list(rows)
     has_images = any(num_images[row] for row in rows)
+    num_videos = split_inputs.get("num_videos")
+    has_videos = num_videos is not None and any(num_videos[row] for row in rows)
     row_keys = adapter.row_keys
     selected: dict[str, Any] = {}
     for key, value in split_inputs.items():
-        if key in row_keys or (has_images and isinstance(value, list | torch.Tensor)):
+        wanted = has_videos if key in adapter.video_keys else has_images and key != "num_videos"
+        if key in row_keys or (wanted and isinstance(value, list | torch.Tensor)):
             selected[key] = [value[row] for row in rows] if isinstance(value, list) else value[rows]
-    if not has_images:
-        return selected
-    selected["num_images"] = [num_images[row] for row in rows]
-    return adapter.merge_vision_inputs(selected)
+    if has_images:
+        selected["num_images"] = [num_images[row] for row in rows]
+    if has_videos:
+        selected["num_videos"] = [num_videos[row] for row in rows]
+    return adapter.merge_vision_inputs(selected) if has_images or has_videos else selected
 
 
 def group_rows(prompt_ids: torch.Tensor, images: Sequence[Sequence[torch.Tensor]] = ()) -> list[list[int]]:

@@ -2,7 +2,7 @@
 
 Each column is a claim that the per-family tests check for exactly these families and flags
 (tests/test_training.py, tests/test_logprobs.py, tests/test_freezing.py, tests/test_models.py,
-tests/test_sharing.py, tests/test_prefill.py), and
+tests/test_sharing.py, tests/test_prefill.py, tests/test_video.py), and
 tests/test_docs.py checks the table in the docs equals this one: python -m vlm_rl.models.support --write
 """
 
@@ -22,14 +22,15 @@ def support_table() -> str:
     """Markdown table: one row per registered family."""
     lines = [
         "| Family (`tiny:<name>`) | Model types | Image rows | Text-only rows mixed in | Several images per row "
-        "| Freezing (vision / projector / LM) | Image-size bounds | Prompt once per group | Image once per forward "
-        "| Notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| Video rows | Freezing (vision / projector / LM) | Image-size bounds | Prompt once per group "
+        "| Image once per forward | Notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, adapter in sorted(registered_adapters().items()):
         lines.append(
             f"| {adapter.label} (`{name}`) | {', '.join(f'`{t}`' for t in adapter.model_types)} | ✅ "
-            f"| {'✅' if adapter.text_only else '—'} | {'✅' if adapter.multi_image else '—'} | ✅ "
+            f"| {'✅' if adapter.text_only else '—'} | {'✅' if adapter.multi_image else '—'} "
+            f"| {'✅' if adapter.video_keys else '—'} | ✅ "
             f"| {' / '.join(f'`{b}`' for b in adapter.image_size_bounds) or '—'} "
             f"| {'✅' if adapter.shares_prompts else '—'} | {'✅' if adapter.image_feature_fields else '—'} "
             f"| {adapter.notes} |"

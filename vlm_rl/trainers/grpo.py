@@ -50,6 +50,7 @@ from vlm_rl.models.inputs import (
 )
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.models.processing import continuing_final_message, load_processor
+from vlm_rl.models.video import configure_video
 from vlm_rl.rewards.columns import check_reward_columns
 from vlm_rl.rewards.configured import ConfiguredReward, bind_context
 from vlm_rl.rewards.registry import reward_or_model
@@ -67,6 +68,7 @@ from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import install_console
 from vlm_rl.trainers.shared_prefix import Packing, forward_flops, image_runs, pack
 from vlm_rl.trainers.tool_metrics import ToolMetricsMixin
+from vlm_rl.trainers.video_rows import NUM_VIDEOS, VideoFields, prompts_with_videos, without_clips
 from vlm_rl.trainers.vision_once import encode_images_once, encoded_slots, image_features_reused
 from vlm_rl.trainers.vlm_options import VLMOptions
 
@@ -122,6 +124,9 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
     _round_rewards: torch.Tensor | None = None
     # `_generate_and_score_completions` -> `_generate_single_turn`: each image's features, encoded once per step.
     _generation_features: dict | None = None
+    # `_tokenize_prompts` -> `_generate_and_score_completions` and the scoring forwards inside it: the batch's video
+    # inputs (`video_rows.py`); None outside a batch with videos.
+    _video_fields: VideoFields | None = None
 
     def __init__(self, model, reward_funcs=None, args=None, processing_class=None, **kwargs):
         options = VLMOptions.from_args(args)
@@ -140,6 +145,13 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             # on the right, which misaligns those inputs with the prompt for every row shorter than the
             # longest: left-pad everywhere.
             processing_class.tokenizer.padding_side = "left"
+            configure_video(
+                processing_class,
+                fps=options.video_fps,
+                num_frames=options.video_num_frames,
+                max_pixels=options.video_max_pixels,
+                total_pixels=options.video_total_pixels,
+            )
         uses_tools = bool(kwargs.get("tools") or kwargs.get("environment_factory"))
         with self._vlm_rollout_backend(
             model, args, options, processing_class, kwargs.get("train_dataset"), uses_tools
@@ -323,6 +335,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             multimodal_fields[key] = pad([torch.tensor(row) for row in value], padding_value=0, padding_side="right")
             adapter_fields[key] = multimodal_fields[key]
         self._adapter_fields = adapter_fields  # read by `_generate_and_score_completions`
+        if "pixel_values_videos" in multimodal_fields and self._video_fields is None:  # the batch's first call
+            self._video_fields = VideoFields.from_processor_output(multimodal_fields, self.adapter, prompts)
         # The processor returns vision inputs as NumPy arrays (with `environment_factory`, TRL's per-prompt calls make
         # them lists of arrays). TRL's generation converts them to tensors, but its tool-calling loop splits them per
         # row first (`split_pixel_values_by_grid`), which needs tensors: in TRL 1.16 every tool call in a batch with an
@@ -349,7 +363,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         )
         # Rows that have emitted EOS leave the decoding forwards (exact: the other rows' logits are unchanged).
         ended_left_out = finished_rows_left_out(model, base, self.adapter)
-        if not self._shares_prompts(self.model, False):
+        # Sharing each prompt's prefill covers image inputs only: a batch with videos generates plainly.
+        if not self._shares_prompts(self.model, False) or "pixel_values_videos" in multimodal_fields:
             with reused, ended_left_out:
                 return super()._generate_single_turn(*args)
         images = images if images is not None else [[] for _ in prompt_ids]
@@ -372,11 +387,22 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         # every process alike, and only when the completion logs that read them are on.
         log_multimodal, self.log_multimodal = self.log_multimodal, False
         self._generation_features = {}  # read by `_generate_single_turn`
+        video_rows = prompts_with_videos(
+            inputs,
+            self.adapter,
+            getattr(self, "processing_class", None),
+            uses_tools=bool(getattr(self, "tools", None)),
+            use_vllm=getattr(self, "use_vllm", False),
+        )
+        self._video_fields = None  # `_tokenize_prompts` sets it for a batch with videos
         try:
-            output = super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(video_rows or inputs)
+            if self._video_fields is not None:
+                self._add_video_inputs(output, len(inputs))
         finally:
             self.log_multimodal = log_multimodal
             self._generation_features = None
+            self._video_fields = None
         if (
             log_multimodal
             and self.log_completions
@@ -393,6 +419,17 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             output.setdefault(key, value.to(self.accelerator.device))
         self._adapter_fields = MappingProxyType({})
         return output
+
+    def _add_video_inputs(self, output: dict[str, Any], num_rows: int) -> None:
+        """The batch's video inputs into TRL's output, whose `mm_token_type_ids` (from a processor call without the
+        videos) they replace; the completion logs get the prompts without the frames."""
+        prompt_width = output["prompt_ids"].size(1)
+        width = prompt_width + output["completion_ids"].size(1)
+        output.update(self._video_fields.model_inputs(width, prompt_width, self.accelerator.device))
+        output["num_images"] = output.get("num_images") or [0] * num_rows
+        logged = self._logs["prompt"]
+        for index in range(max(0, len(logged) - num_rows), len(logged)):
+            logged[index] = without_clips(logged[index])
 
     @contextlib.contextmanager
     def _vision_forward_without_images(self, model):
@@ -458,6 +495,10 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         **model_inputs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         model_inputs = {**self._loss_only_inputs, **{k: v for k, v in model_inputs.items() if v is not None}}
+        if self._video_fields is not None and "pixel_values_videos" not in model_inputs:
+            # TRL's scoring forwards of a batch with videos (`_generate_and_score_completions`) get none.
+            prompt_width = input_ids.size(1) - logits_to_keep
+            model_inputs |= self._video_fields.model_inputs(input_ids.size(1), prompt_width, input_ids.device)
         model_inputs = align_per_token_inputs(model_inputs, input_ids.size(1))
         if num_images is None:
             if any(key in model_inputs for key in self.adapter.image_keys):
@@ -470,7 +511,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         split_inputs = self.adapter.split_vision_inputs(model_inputs, num_images)
         batch_size = batch_size or input_ids.size(0)
         # An MoE router's load-balancing loss counts every token it routes: with each prompt once it would change.
-        shares_prompts = self._shares_prompts(model) and not compute_aux_loss
+        # Sharing prompts covers image inputs only: a batch with videos is scored plainly.
+        shares_prompts = self._shares_prompts(model) and not compute_aux_loss and NUM_VIDEOS not in model_inputs
         logps, entropies, aux_losses = [], [], []
         for start in range(0, input_ids.size(0), batch_size):
             rows = range(start, min(start + batch_size, input_ids.size(0)))
@@ -502,8 +544,10 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
     ):
         """TRL's log-prob forward of one chunk, with the chunk's own model inputs."""
         # Inputs TRL's method has no parameter for (a family's extra inputs) go straight to the model call.
+        has_videos = inputs.pop(NUM_VIDEOS, None) is not None
         extra = {key: inputs.pop(key) for key in list(inputs) if key not in _TRL_LOGPS_PARAMETERS}
-        encoded = self._images_encoded_once(model, inputs)
+        # Encode-once covers images only: a forward with videos runs its vision tower as the model does.
+        encoded = None if has_videos else self._images_encoded_once(model, inputs)
         if encoded is not None:  # TRL's method passes vision inputs only along with `pixel_values`
             extra.update(encoded)
             inputs = {key: value for key, value in inputs.items() if key not in self.adapter.image_keys}
@@ -810,7 +854,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # TRL's loss passes a fixed list of vision inputs to the log-prob method; a family's other inputs (the
         # adapter's keys outside that list) reach it through `_loss_only_inputs`.
-        keys = (*self.adapter.image_keys, *self.adapter.row_keys)
+        keys = (*self.adapter.image_keys, *self.adapter.video_keys, NUM_VIDEOS, *self.adapter.row_keys)
         self._loss_only_inputs = {k: inputs[k] for k in keys if k in inputs and k not in _TRL_LOGPS_PARAMETERS}
         try:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -899,6 +943,11 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
     def _merge_micro_batch(self, micro_batch: dict[str, Any]) -> dict[str, Any]:
         if micro_batch.get("num_images") is None:
             return micro_batch
-        if sum(micro_batch["num_images"]) == 0:  # no image in this micro-batch: no vision inputs at all
-            return {k: v for k, v in micro_batch.items() if k not in self.adapter.image_keys}
+        if not sum(micro_batch.get(NUM_VIDEOS) or []):  # no video in this micro-batch: no video inputs
+            drop = (*self.adapter.video_keys, NUM_VIDEOS)
+            micro_batch = {k: v for k, v in micro_batch.items() if k not in drop}
+        if sum(micro_batch["num_images"]) == 0:  # no image in this micro-batch: no image inputs
+            micro_batch = {k: v for k, v in micro_batch.items() if k not in self.adapter.image_keys}
+            if NUM_VIDEOS not in micro_batch:
+                return micro_batch
         return self.adapter.merge_vision_inputs(micro_batch)

@@ -34,6 +34,10 @@ class VLMOptions:
     max_resample_rounds: int = _DEFAULTS["max_resample_rounds"]
     dynamic_sampling_accuracy_band: list[float] | None = _DEFAULTS["dynamic_sampling_accuracy_band"]
     dynamic_sampling_accuracy_reward: str | None = _DEFAULTS["dynamic_sampling_accuracy_reward"]
+    video_fps: float | None = _DEFAULTS["video_fps"]
+    video_num_frames: int | None = _DEFAULTS["video_num_frames"]
+    video_max_pixels: int | None = _DEFAULTS["video_max_pixels"]
+    video_total_pixels: int | None = _DEFAULTS["video_total_pixels"]
 
     @classmethod
     def from_args(cls, args: Any) -> VLMOptions:

@@ -62,6 +62,8 @@ class GridAdapter(FamilyAdapter):
     """
 
     image_keys = ("pixel_values", "image_grid_thw")
+    # `second_per_grid_ts`: Qwen2.5-VL's time between temporal patches, one per video.
+    video_keys = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
     image_size_bounds = ("min_pixels", "max_pixels")
     shares_prompts = True
     image_feature_fields = ("pooler_output",)
@@ -87,15 +89,25 @@ class GridAdapter(FamilyAdapter):
 
     def split_vision_inputs(self, inputs: dict[str, Any], num_images: list[int]) -> dict[str, Any]:
         split = dict(inputs)
+        if inputs.get("pixel_values_videos") is not None:
+            split |= self._split_grid(inputs, "pixel_values_videos", "video_grid_thw", inputs["num_videos"])
+            if inputs.get("second_per_grid_ts") is not None:
+                timing = torch.as_tensor(inputs["second_per_grid_ts"])
+                split["second_per_grid_ts"] = self._split_by_counts("second_per_grid_ts", timing, inputs["num_videos"])
         if inputs.get("pixel_values") is None:
             return split
-        grid = inputs["image_grid_thw"]
+        return split | self._split_grid(inputs, "pixel_values", "image_grid_thw", num_images)
+
+    def _split_grid(self, inputs: dict[str, Any], pixels: str, grid_key: str, counts: list[int]) -> dict[str, Any]:
+        """`pixels` (one row per patch) and `grid_key` (one (t, h, w) per image or video) split per sample."""
+        grid = inputs[grid_key]
         patches = grid.prod(dim=-1).tolist()
-        bounds = [0, *accumulate(num_images)]
-        per_sample = [sum(patches[bounds[i] : bounds[i + 1]]) for i in range(len(num_images))]
-        split["pixel_values"] = self._split_by_counts("pixel_values", inputs["pixel_values"], per_sample)
-        split["image_grid_thw"] = self._split_by_counts("image_grid_thw", grid, num_images)
-        return split
+        bounds = [0, *accumulate(counts)]
+        per_sample = [sum(patches[bounds[i] : bounds[i + 1]]) for i in range(len(counts))]
+        return {
+            pixels: self._split_by_counts(pixels, inputs[pixels], per_sample),
+            grid_key: self._split_by_counts(grid_key, grid, counts),
+        }
 
     def set_image_size_bounds(self, processor, min_pixels: int | None, max_pixels: int | None) -> None:
         image_processor = processor.image_processor

@@ -1,0 +1,425 @@
+"""Video rows: the default install decodes and processes them, the loader decodes a row's clip lazily (a file through
+transformers' `load_video` with PyAV, or a list of frames), bad clips are named or skipped and counted, and the
+Qwen-VL families train on batches mixing text-only, image and video rows.
+
+Clips are tiny and written by each test: 8 frames of 56×56, a bar growing left to right.
+"""
+
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlm_rl.config import DataArguments
+from vlm_rl.data import DataError, load_task
+from vlm_rl.data.video import Clip
+from vlm_rl.models.families import registered_adapters
+from vlm_rl.models.video import configure_video
+
+SIDE, FRAMES, RATE = 56, 8, 4  # a 2-second clip
+
+
+def frame(index: int) -> np.ndarray:
+    """Frame `index` of the test clip: red up to its column, so each frame differs and order shows."""
+    array = np.zeros((SIDE, SIDE, 3), np.uint8)
+    array[:, : (index + 1) * SIDE // FRAMES] = (255, 0, 0)
+    return array
+
+
+def write_video(path, codec: str = "libx264"):
+    """An mp4 (or webm, with `libvpx-vp9`) of the test clip, written with PyAV."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=RATE)
+        stream.width = stream.height = SIDE
+        stream.pix_fmt = "yuv420p"
+        for index in range(FRAMES):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame(index), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_gif(path):
+    images = [Image.fromarray(frame(index)) for index in range(FRAMES)]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // RATE, loop=0)
+    return path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def load(path, **fields):
+    return load_task(DataArguments(dataset=str(path), **fields), seed=0)
+
+
+def qwen_processor(load_tiny, family="qwen2_5_vl", **settings):
+    _, processor = load_tiny(family)
+    configure_video(processor, max_pixels=SIDE * SIDE, **settings)
+    return processor
+
+
+# ----- install ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_the_default_install_loads_qwen_processors_with_their_video_processor_and_builds_video_inputs(
+    tmp_path, load_tiny, family
+):
+    _, processor = load_tiny(family)  # vlm-rl's processor loader, as training loads it
+    assert processor.video_processor is not None
+    rows = [{"prompt": "Which way?", "videos": [str(write_video(tmp_path / "c.mp4"))]}]
+    task = load(write_jsonl(tmp_path / "d.jsonl", rows))
+    configure_video(processor, num_frames=4, max_pixels=SIDE * SIDE)
+    task.attach_processor(processor)
+    row = task.train[0]
+    inputs = processor.apply_chat_template(
+        [row["prompt"][:0] + [{"role": "user", "content": [{"type": "video", "video": row["videos"][0]}]}]],
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=True,
+    )
+    temporal = processor.video_processor.temporal_patch_size
+    assert inputs["video_grid_thw"].tolist()[0][0] == 4 // temporal
+    assert inputs["pixel_values_videos"].shape[0] == int(inputs["video_grid_thw"].prod())
+    if family == "qwen2_5_vl":  # the sampled clip's timing, not the processor's 24 fps guess
+        assert inputs["second_per_grid_ts"] == pytest.approx([temporal * 2 / RATE])
+
+
+# ----- data ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mp4", "webm", "gif"])
+def test_a_video_file_decodes_lazily_with_pyav_at_the_processors_frame_settings(tmp_path, load_tiny, kind):
+    writers = {"mp4": write_video, "webm": lambda p: write_video(p, "libvpx-vp9"), "gif": write_gif}
+    path = writers[kind](tmp_path / f"clip.{kind}")
+    task = load(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Which way?", "videos": f"clip.{kind}"}]))
+    task.attach_processor(qwen_processor(load_tiny, num_frames=4))
+    (clip,) = task.train[0]["videos"]
+    assert isinstance(clip, Clip) and clip.shape[0] == 4 and clip.metadata.fps == pytest.approx(RATE)
+    assert list(clip.metadata.frames_indices) == [0, 2, 4, 6]
+    # The frames are the file's, in order: the red bar grows (lossy codecs: compare coarsely).
+    red = [(np.asarray(f)[SIDE // 2, :, 0] > 128).sum() for f in clip]
+    assert red == sorted(red) and red[0] < red[-1]
+    assert path.exists()
+
+
+def test_a_clip_keeps_its_timing_through_pickling_as_data_loader_workers_hand_it_over():
+    import pickle
+
+    copied = pickle.loads(pickle.dumps(clip(6)))
+    assert isinstance(copied, Clip) and np.array_equal(copied, clip(6))
+    assert copied.metadata.fps == RATE and list(copied.metadata.frames_indices) == list(range(6))
+
+
+def test_video_fps_samples_by_rate_and_a_list_of_frames_is_one_video(tmp_path, load_tiny):
+    write_video(tmp_path / "clip.mp4")
+    for index in range(3):
+        Image.fromarray(frame(index)).save(tmp_path / f"f{index}.png")
+    rows = [
+        {"prompt": "a", "videos": ["clip.mp4"]},
+        {"prompt": "b", "videos": ["f0.png", "f1.png", "f2.png"]},
+        {"prompt": "c", "videos": None},
+    ]
+    task = load(write_jsonl(tmp_path / "d.jsonl", rows))
+    task.attach_processor(qwen_processor(load_tiny, fps=1))
+    file_clip, frames_clip, none = (row["videos"] for row in task.train.__getitems__([0, 1, 2]))
+    assert file_clip[0].shape[0] == 2 and list(file_clip[0].metadata.frames_indices) == [0, 4]  # 2 s at 1 fps
+    assert frames_clip[0].shape == (3, SIDE, SIDE, 3) and frames_clip[0].metadata.fps == 1
+    assert np.array_equal(frames_clip[0][1], frame(1)) and none == []
+
+
+def test_video_paths_under_another_column_name_are_refused_naming_the_column_and_the_mapping(tmp_path, load_tiny):
+    write_video(tmp_path / "clip.mp4")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Which way?", "clip": "clip.mp4"}])
+    with pytest.raises(DataError, match=r"column 'clip' holds video paths .*column_mapping: \{clip: videos\}"):
+        load(path)
+    task = load(path, column_mapping={"clip": "videos"})
+    task.attach_processor(qwen_processor(load_tiny))
+    assert task.train[0]["videos"][0].shape[0] == FRAMES
+
+
+def test_bad_clips_name_the_file_and_row_or_are_skipped_and_counted(tmp_path, load_tiny):
+    write_video(tmp_path / "good.mp4")
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+    rows = [
+        {"prompt": "a", "videos": ["good.mp4"]},
+        {"prompt": "b", "videos": ["gone.mp4"]},
+        {"prompt": "c", "videos": ["broken.mp4"]},
+        {"prompt": "d", "videos": ["good.mp4", "good.mp4"]},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d\.jsonl line 2: video 'gone\.mp4' not found \(looked for .*gone\.mp4\)"):
+        load(path)
+    task = load(write_jsonl(tmp_path / "present.jsonl", rows[:1] + rows[2:]))
+    task.attach_processor(qwen_processor(load_tiny))
+    assert task.train[0]["videos"][0].shape[0] == FRAMES
+    with pytest.raises(DataError, match=r"line 2: video 'broken\.mp4' cannot be decoded \(.*bad_rows: skip"):
+        task.train[1]
+    with pytest.raises(DataError, match=r"line 3: the row has 2 videos .* one video for now"):
+        task.train[2]
+    skipping = load(path, bad_rows="skip")
+    skipping.attach_processor(qwen_processor(load_tiny))
+    assert [row["prompt"][0]["content"] for row in skipping.train.__getitems__([0, 1, 2, 2])] == ["a", "a", "a", "a"]
+    assert skipping.skipped_train.counts == {"missing_video": 1, "corrupt_video": 1, "bad_video": 1}
+
+
+# ----- models -------------------------------------------------------------------------------------------------------
+
+# The families whose adapters declare video inputs: the support table's "Video rows" column (docs/models.md).
+QWEN_FAMILIES = sorted(name for name, adapter in registered_adapters().items() if adapter.video_keys)
+GENERATIONS = 2
+
+
+def clip(frames: int = 4, rate: float = RATE) -> Clip:
+    """The test clip's first `frames` frames as the loader would hand them over."""
+    from transformers.video_utils import VideoMetadata
+
+    metadata = VideoMetadata(total_num_frames=FRAMES, fps=rate, width=SIDE, height=SIDE, duration=FRAMES / rate,
+                             video_backend="pyav", frames_indices=list(range(frames)))  # fmt: skip
+    return Clip(np.stack([frame(i) for i in range(frames)]), metadata)
+
+
+def mixed_video_rows():
+    """Text-only, image, video, and image-plus-video rows of different prompt lengths, each repeated per generation."""
+    import random
+
+    from vlm_rl.data.synthetic import draw_shape
+
+    image = draw_shape("circle", "red", 56, random.Random(0))
+    rows = [
+        {"prompt": [{"role": "user", "content": "Which way does the bar grow?"}], "images": [], "videos": [clip()]},
+        {"prompt": [{"role": "user", "content": "Say red."}], "images": [], "videos": []},
+        {"prompt": [{"role": "user", "content": "Color?"}], "images": [image], "videos": []},
+        {"prompt": [{"role": "user", "content": "Same color as the bar?"}], "images": [image], "videos": [clip(6)]},
+    ]
+    return [{**row, "answer": "red", "task": "video"} for row in rows for _ in range(GENERATIONS)]
+
+
+def varied(completions, **kwargs) -> list[float]:
+    """A reward that differs between completions, so that every step has a learning signal."""
+    return [float(len(str(completion))) for completion in completions]
+
+
+def video_trainer(model, processor, tmp_path, rows, dataset=None, reward=None, **overrides):
+    from conftest import small_config
+    from datasets import Dataset
+
+    from vlm_rl.rewards.accuracy import accuracy
+    from vlm_rl.trainers import VLMGRPOTrainer
+
+    settings = {"num_generations": GENERATIONS, "per_device_train_batch_size": len(rows), "video_max_pixels": 3136}
+    args = small_config(tmp_path, **(settings | overrides))
+    if dataset is None:
+        dataset = Dataset.from_list([{"prompt": row["prompt"], "answer": "red"} for row in rows])
+    return VLMGRPOTrainer(model=model, reward_funcs=[reward or accuracy], args=args, train_dataset=dataset,
+                          processing_class=processor)  # fmt: skip
+
+
+def single_sample_logps(model, processor, row, completion_ids):
+    """Log-probs of `completion_ids` after `row`'s prompt (its image and video included), from one unpadded forward
+    of that sample alone, through the processor directly."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    from vlm_rl.data.video import with_video
+
+    conversation = prepare_multimodal_messages(with_video(row["prompt"], row["videos"], len(row["images"])),
+                                               images=row["images"])  # fmt: skip
+    encoded = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    prompt_ids = encoded.pop("input_ids")
+    encoded.pop("attention_mask")
+    input_ids = torch.cat([prompt_ids, completion_ids[None]], dim=1)
+    encoded["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], torch.zeros_like(completion_ids)[None]], 1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **encoded).logits
+    logits = logits[0, prompt_ids.size(1) - 1 : -1].float()
+    return prompt_ids[0], torch.log_softmax(logits, dim=-1).gather(-1, completion_ids[:, None])[:, 0]
+
+
+def test_the_video_families_are_the_qwen_vl_generations():
+    assert QWEN_FAMILIES == ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_video_rows_logprobs_match_a_single_sample_forward_in_any_chunking_and_in_trls_scoring(
+    family, load_tiny, tmp_path
+):
+    model, processor = load_tiny(family)
+    rows = mixed_video_rows()
+    # Two iterations per generation: TRL's own scoring forward (its "old" log-probs) runs inside the batch's scoring.
+    trainer = video_trainer(model, processor, tmp_path, rows, num_iterations=2)
+    batch = trainer._generate_and_score_completions(rows)
+    assert batch["num_videos"] == [len(row["videos"]) for row in rows]
+    assert batch["num_images"] == [len(row["images"]) for row in rows]
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    keys = (*trainer.adapter.image_keys, *trainer.adapter.video_keys, *trainer.adapter.row_keys, "num_images",
+            "num_videos")  # fmt: skip
+    inputs = {key: batch[key] for key in keys if key in batch}
+    video_tokens = (input_ids == model.config.video_token_id).sum(dim=1)
+    assert [bool(n) for n in video_tokens] == [bool(row["videos"]) for row in rows]
+    # The whole batch at once, and chunks of 2 and 3: some hold no video, some no image, some neither.
+    for chunk_size in (None, 2, 3):
+        with torch.no_grad():
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_ids.size(1), batch_size=chunk_size, **inputs
+            )
+        for i, row in enumerate(rows):
+            row_completion = completion_ids[i][completion_mask[i].bool()]
+            ref_prompt, ref_logps = single_sample_logps(model, processor, row, row_completion)
+            assert torch.equal(prompt_ids[i][prompt_mask[i].bool()], ref_prompt)
+            ours = logps[i][completion_mask[i].bool()]
+            torch.testing.assert_close(ours, ref_logps, atol=1e-5, rtol=0, msg=f"row {i}, chunk size {chunk_size}")
+    mask = completion_mask.bool()
+    torch.testing.assert_close(batch["old_per_token_logps"][mask], logps[mask], atol=1e-5, rtol=0)
+
+
+def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path, load_tiny):
+    write_video(tmp_path / "clip.mp4")
+    Image.fromarray(frame(3)).save(tmp_path / "still.png")
+    rows = [
+        {"prompt": "Which way does the bar grow?", "videos": ["clip.mp4"], "answer": "right"},
+        {"prompt": "Say right.", "answer": "right"},
+        {"prompt": "Where is the bar?", "images": ["still.png"], "answer": "left"},
+        {"prompt": "Same bar?", "images": ["still.png"], "videos": ["clip.mp4"], "answer": "yes"},
+    ]
+    task = load(write_jsonl(tmp_path / "d.jsonl", rows))
+    model, processor = load_tiny("qwen2_5_vl")
+    # beta > 0: TRL's scoring also runs the reference model on the video rows.
+    settings = {"video_num_frames": 4, "per_device_train_batch_size": 4, "steps_per_generation": 2, "max_steps": 2,
+                "beta": 0.04}  # fmt: skip
+    trainer = video_trainer(model, processor, tmp_path, [], dataset=task.train, reward=varied, **settings)
+    task.attach_processor(processor)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
+    assert kls and all(np.isfinite(kls))
+    assert processor.video_processor.num_frames == 4 and processor.video_processor.size["longest_edge"] == 3136
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert any(name.startswith("model.visual") for name in changed)  # the vision tower saw the video (or image)
+
+
+def test_a_family_without_video_refuses_a_video_row_naming_the_family_and_row(load_tiny, tmp_path):
+    model, processor = load_tiny("llava")
+    rows = mixed_video_rows()[2:]  # the first video row is row 4
+    with pytest.raises(ValueError, match=r"^LlavaProcessor has no video processor, so video_max_pixels cannot apply"):
+        video_trainer(model, processor, tmp_path, rows)
+    trainer = video_trainer(model, processor, tmp_path, rows, video_max_pixels=None)
+    with pytest.raises(ValueError, match=r"^LLaVA.* does not take video, but row 4 of this batch has one"):
+        trainer._generate_and_score_completions(rows)
+
+
+def test_the_evaluation_shows_each_row_its_video_and_refuses_video_for_a_family_without(tmp_path, load_tiny):
+    from vlm_rl.evaluation import evaluate_policy
+
+    write_video(tmp_path / "clip.mp4")
+    rows = [{"prompt": "Which way?", "videos": ["clip.mp4"]}, {"prompt": "Say hi."}]
+    task = load(write_jsonl(tmp_path / "d.jsonl", rows))
+    model, processor = load_tiny("qwen2_vl")
+    configure_video(processor, num_frames=2, max_pixels=SIDE * SIDE)
+    task.attach_processor(processor)
+    seen = []
+
+    def video_blocks(prompts, completions, **kwargs) -> list[float]:
+        seen.extend(sum(part.get("type") == "video" for m in p for part in m["content"] if isinstance(part, dict))
+                    for p in prompts)  # fmt: skip
+        return [0.0] * len(prompts)
+
+    records = evaluate_policy(model, processor, task.train, [video_blocks], max_new_tokens=2, batch_size=2)
+    assert len(records) == 2 and seen == [1, 0]
+    llava, llava_processor = load_tiny("llava")
+    with pytest.raises(ValueError, match=r"^LLaVA.* does not take video, but row 0 of this batch has one"):
+        evaluate_policy(llava, llava_processor, task.train, [video_blocks], max_new_tokens=2, batch_size=2)
+
+
+def test_video_settings_are_saved_with_the_processor_and_read_back(tmp_path, load_tiny):
+    from vlm_rl.models.processing import load_processor
+
+    processor = qwen_processor(load_tiny, "qwen3_vl", num_frames=6, total_pixels=20 * SIDE * SIDE)
+    processor.save_pretrained(tmp_path)
+    loaded = load_processor(str(tmp_path))
+    for name in ("num_frames", "fps", "do_sample_frames", "size", "cap_pixels_per_frame", "max_video_tokens"):
+        assert getattr(loaded.video_processor, name) == getattr(processor.video_processor, name), name
+    assert loaded.video_processor.num_frames == 6 and loaded.video_processor.do_sample_frames is False
+    assert loaded.video_processor.reads_clip_metadata
+
+
+def test_video_total_pixels_shrinks_the_frames_of_a_clip_over_its_budget(load_tiny):
+    large = Clip(np.zeros((4, 448, 448, 3), np.uint8), clip().metadata)
+
+    def patches(**settings) -> int:
+        _, processor = load_tiny("qwen2_vl")
+        configure_video(processor, **settings)
+        conversation = [{"role": "user", "content": [{"type": "video", "video": large}]}]
+        inputs = processor.apply_chat_template([conversation], tokenize=True, return_dict=True)
+        return int(inputs["video_grid_thw"].prod())
+
+    unbounded, budgeted = patches(), patches(total_pixels=2 * 150_000)
+    # Counted as Qwen-VL's reference code counts it: frame area times temporal patches (2 frames each).
+    assert budgeted < unbounded and budgeted * 14 * 14 <= 2 * 150_000
+
+
+def test_video_rows_with_tools_or_vllm_are_refused_naming_the_row(load_tiny):
+    from vlm_rl.models import adapter_for
+    from vlm_rl.trainers.video_rows import prompts_with_videos
+
+    model, processor = load_tiny("qwen2_vl")
+    rows = mixed_video_rows()[2:]  # the first video row is row 4
+    for flags, what in (({"uses_tools": True, "use_vllm": False}, "tools"), ({"uses_tools": False, "use_vllm": True},
+                                                                               "vLLM generation")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^Video rows \(row 4 of this batch\) do not work with {what} yet"):
+            prompts_with_videos(rows, adapter_for(model.config), processor, **flags)
+    converted = prompts_with_videos(rows, adapter_for(model.config), processor, uses_tools=False, use_vllm=False)
+    assert [part["type"] for part in converted[4]["prompt"][0]["content"]] == ["image", "video", "text"]
+
+
+def test_the_python_api_takes_a_video_file_path_or_pil_frames_per_row(tmp_path, load_tiny):
+    model, processor = load_tiny("qwen2_vl")
+    path = str(write_video(tmp_path / "clip.mp4"))
+    frames = [Image.fromarray(frame(index)) for index in range(4)]
+    rows = [
+        {"prompt": [{"role": "user", "content": "Which way?"}], "videos": path},
+        {"prompt": [{"role": "user", "content": "And here?"}], "videos": frames},
+        {"prompt": [{"role": "user", "content": "Say hi."}], "videos": None},
+    ]
+    rows = [{**row, "answer": "right"} for row in rows for _ in range(GENERATIONS)]
+    trainer = video_trainer(model, processor, tmp_path, rows, video_num_frames=2)
+    batch = trainer._generate_and_score_completions(rows)
+    assert batch["num_videos"] == [1, 1, 1, 1, 0, 0]
+    assert batch["video_grid_thw"][:, 0].tolist() == [1, 1, 2, 2]  # 2 sampled frames; the 4 frames as given
+    with pytest.raises(ValueError, match=r"^row 0 of this batch: video '.*gone\.mp4' not found"):
+        trainer._generate_and_score_completions([{**rows[0], "videos": str(tmp_path / "gone.mp4")}])
+
+
+def test_sft_refuses_a_video_row_instead_of_training_without_its_video(load_tiny):
+    from vlm_rl.models import adapter_for
+    from vlm_rl.models.collator import PromptCompletionCollator
+
+    model, processor = load_tiny("qwen2_vl")
+    answer = [{"role": "assistant", "content": "right"}]
+    rows = [{"prompt": row["prompt"], "completion": answer, "videos": row["videos"]} for row in mixed_video_rows()[2:]]
+    with pytest.raises(ValueError, match=r"^vlm-rl sft does not take video rows yet \(row 4 of this batch has one\)"):
+        PromptCompletionCollator(processor, adapter_for(model.config))(rows)
+
+
+def test_a_recipe_with_video_rows_for_a_family_without_video_fails_before_the_model_loads(tmp_path, tiny_dirs):
+    from test_data_training import run_recipe
+
+    write_video(tmp_path / "clip.mp4")
+    rows = [{"question": "Colour?", "answer": "red"}, {"question": "Which way?", "videos": "clip.mp4", "answer": "r"}]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    fields = {"model_name_or_path": str(tiny_dirs["llava"]), "prompt_template": "{question}", "final_eval": False}
+    with pytest.raises(ValueError, match=r"^LLaVA.* does not take video, but .*train\.jsonl line 2 has one"):
+        run_recipe(tmp_path, dataset=str(tmp_path / "train.jsonl"), **fields)
+    assert not (tmp_path / "run" / "trainer_state.json").exists()

@@ -1,0 +1,136 @@
+"""Decoding a row's video: a file (mp4, webm, gif...) through transformers' `load_video` with PyAV, or frames.
+
+One video per row for now. The frames are sampled while decoding, at the processor's settings
+(`vlm_rl.models.video.decode_settings`), and come back as a `Clip` that carries its timing to the processor.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from transformers.video_utils import VideoMetadata, default_sample_indices_fn, load_video
+
+VIDEO_COLUMNS = ("video", "videos")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".avi", ".mov", ".mkv", ".m4v", ".mpeg", ".mpg", ".ogv")
+FRAMES_FPS = 2.0  # the rate of a video given as frames when no `video_fps` says otherwise (Qwen-VL's default)
+
+
+class Clip(np.ndarray):
+    """A decoded video's sampled frames, `(frames, height, width, 3)` uint8 RGB, with its `VideoMetadata`."""
+
+    metadata: VideoMetadata | None
+
+    def __new__(cls, frames: np.ndarray, metadata: VideoMetadata) -> Clip:
+        clip = np.asarray(frames).view(cls)
+        clip.metadata = metadata
+        return clip
+
+    def __array_finalize__(self, source) -> None:
+        self.metadata = getattr(source, "metadata", None)
+
+    def __reduce__(self):
+        # ndarray pickles its data only: data-loader workers and gathers between processes would drop the timing.
+        reconstruct, arguments, state = super().__reduce__()
+        return reconstruct, arguments, (state, self.metadata)
+
+    def __setstate__(self, state) -> None:
+        array_state, self.metadata = state
+        super().__setstate__(array_state)
+
+
+def decode_settings(processor) -> dict[str, Any]:
+    """How the loader samples a clip's frames for `processor` (set by `vlm_rl.models.video.configure_video`): `fps`
+    or `num_frames` (neither: every frame)."""
+    video_processor = getattr(processor, "video_processor", None)
+    fps = getattr(video_processor, "fps", None)
+    num_frames = getattr(video_processor, "num_frames", None)
+    return {"num_frames": num_frames} if num_frames is not None else {"fps": fps} if fps is not None else {}
+
+
+class ClipError(Exception):
+    """A clip that cannot be used; `reason` is its kind, as in `data/skipped_rows_<reason>`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def is_video_file(ref: object) -> bool:
+    return isinstance(ref, str) and ref.lower().endswith(VIDEO_SUFFIXES)
+
+
+def decode_file(path: str, name: str, *, fps: float | None = None, num_frames: int | None = None) -> Clip:
+    """The frames of the video file at `path` (named `name` in errors), sampled at `fps` or as `num_frames`."""
+    import av  # lazy: only video rows need PyAV
+
+    if not os.path.isfile(path):
+        raise ClipError("missing_video", f"video {name} not found (looked for {path})")
+    try:
+        # Some containers (webm) do not record their frame count, and `load_video`'s PyAV reader then samples
+        # nothing: count from the duration instead.
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or 0)
+            total = stream.frames or int(round((container.duration or 0) / av.time_base * rate))
+
+        def sample(metadata: VideoMetadata, **kwargs) -> np.ndarray:
+            metadata.total_num_frames = metadata.total_num_frames or total
+            wanted = min(num_frames, metadata.total_num_frames) if num_frames is not None else None
+            return default_sample_indices_fn(metadata, num_frames=wanted, fps=fps if wanted is None else None)
+
+        frames, metadata = load_video(path, backend="pyav", sample_indices_fn=sample)
+    except Exception as error:  # decoders raise many types on a damaged or foreign file
+        problem = f"{type(error).__name__}: {error}"
+        raise ClipError("corrupt_video", f"video {name} cannot be decoded ({problem})") from error
+    if len(frames) == 0:
+        raise ClipError("corrupt_video", f"video {name} has no frames")
+    metadata.total_num_frames = metadata.total_num_frames or total
+    metadata.duration = metadata.total_num_frames / metadata.fps if metadata.fps else None
+    metadata.frames_indices = list(metadata.frames_indices)[: len(frames)]
+    return Clip(frames, metadata)
+
+
+def clip_from_frames(frames: list, name: str, *, fps: float | None = None) -> Clip:
+    """A clip of decoded RGB frames (PIL images), all of one size, played at `fps` (default `FRAMES_FPS`)."""
+    if not frames:
+        raise ClipError("corrupt_video", f"video {name} has no frames")
+    sizes = {frame.size for frame in frames}
+    if len(sizes) > 1:
+        raise ClipError("corrupt_video", f"the frames of video {name} differ in size ({sorted(sizes)}); resize them")
+    rate = float(fps or FRAMES_FPS)
+    metadata = VideoMetadata(
+        total_num_frames=len(frames),
+        fps=rate,
+        width=frames[0].width,
+        height=frames[0].height,
+        duration=len(frames) / rate,
+        video_backend="frames",
+        frames_indices=list(range(len(frames))),
+    )
+    return Clip(np.stack([np.asarray(frame) for frame in frames]), metadata)
+
+
+def with_video(prompt: list[dict], videos: list, num_images: int) -> list[dict]:
+    """`prompt` with its row's video (if any) at the start of the first user message, after the row's images.
+
+    The images stay placeholders that TRL's `prepare_multimodal_messages` fills (it places them the same way only in
+    a message whose content is still text, so they are placed here too).
+    """
+    if not videos:
+        return prompt
+    messages = list(prompt)
+    for index, message in enumerate(messages):
+        if message["role"] != "user":
+            continue
+        content = message["content"]
+        video = [{"type": "video", "video": clip} for clip in videos]
+        if isinstance(content, str):
+            content = [*({"type": "image"} for _ in range(num_images)), *video, {"type": "text", "text": content}]
+        else:
+            content = [*video, *content]
+        messages[index] = {**message, "content": content}
+        return messages
+    raise ClipError("bad_prompt", "the row has a video but its prompt has no user message to put it in")

@@ -1,0 +1,125 @@
+"""Video rows in a GRPO batch: their prompts carry the clip, and their video inputs reach every forward.
+
+TRL 1.16 knows only images: it builds the training forward's vision inputs with a second processor call that passes
+`images` alone (and makes none for a batch without images), and returns a fixed list of vision inputs. The processor
+call that tokenizes the prompts for generation (`_tokenize_prompts`, through the chat template) does take the
+videos in the prompts; its video inputs, and its per-token `mm_token_type_ids`, which mark the video tokens the
+second call does not expand, are kept (`VideoFields`) and given to every log-prob forward of the batch.
+
+Prompt sharing and encode-once cover images only: a forward with video inputs takes the plain path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from trl.trainer.utils import pad
+
+from vlm_rl.data.video import (
+    Clip,
+    ClipError,
+    clip_from_frames,
+    decode_file,
+    decode_settings,
+    is_video_file,
+    with_video,
+)
+from vlm_rl.models.adapters import FamilyAdapter
+
+VIDEOS = "videos"
+NUM_VIDEOS = "num_videos"  # bookkeeping, like `num_images`: each row's video count
+
+
+def prompts_with_videos(rows: list[dict], adapter: FamilyAdapter, processor, *, uses_tools: bool, use_vllm: bool):
+    """`rows` with each video row's clip in its prompt (None when no row has a video); refuses what cannot train.
+
+    Rows built by vlm-rl's data loading hold decoded `Clip`s; a `videos` value given directly (a video file path,
+    alone or in a one-item list, or a list of PIL frames) is decoded here, at the processor's settings.
+    """
+    first = next((i for i, row in enumerate(rows) if row.get(VIDEOS)), None)
+    if first is None:
+        return None
+    adapter.check_videos_per_row([int(bool(row.get(VIDEOS))) for row in rows])  # before decoding anything
+    if uses_tools or use_vllm:
+        what = "tools" if uses_tools else "vLLM generation"
+        raise ValueError(f"Video rows (row {first} of this batch) do not work with {what} yet; see docs/data.md.")
+    clips = [_clips(row.get(VIDEOS), processor, index) for index, row in enumerate(rows)]
+    adapter.check_videos_per_row([len(row_clips) for row_clips in clips])  # one video per row
+    converted = []
+    for row, videos in zip(rows, clips, strict=True):
+        prompt = with_video(row["prompt"], videos, len(row.get("images") or []))
+        converted.append({**row, "prompt": prompt, VIDEOS: videos})
+    return converted
+
+
+def _clips(value: Any, processor, row: int) -> list[Clip]:
+    """A row's `videos` value as clips, read as the data loader reads the column (`LazyRows._videos`)."""
+    if value is None or value == []:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if all(isinstance(clip, Clip) for clip in values):
+        return values
+    settings = decode_settings(processor)
+    try:
+        if len(values) == 1 and is_video_file(values[0]):
+            return [decode_file(values[0], repr(values[0]), **settings)]
+        if all(isinstance(frame, Image.Image) for frame in values):
+            frames = [frame.convert("RGB") for frame in values]
+            return [clip_from_frames(frames, f"of row {row}", fps=settings.get("fps"))]
+    except ClipError as error:
+        raise ValueError(f"row {row} of this batch: {error.detail}.") from error
+    shown = repr(value)[:80]
+    raise ValueError(f"row {row} of this batch: its `videos` value is not a video file or PIL frames ({shown}).")
+
+
+def count_videos(prompts: list) -> list[int]:
+    """Each prompt's video blocks."""
+    return [
+        sum(1 for message in prompt if isinstance(message["content"], list) for part in message["content"]
+            if part.get("type") == "video")
+        for prompt in prompts
+    ]  # fmt: skip
+
+
+@dataclass
+class VideoFields:
+    """A batch's video inputs from the prompt tokenization (one processor call, the generation's)."""
+
+    inputs: dict[str, torch.Tensor]  # the adapter's video keys, batched
+    num_videos: list[int]
+    mm_token_type_ids: list[list[int]] | None  # per prompt, unpadded
+
+    @classmethod
+    def from_processor_output(cls, fields: dict[str, Any], adapter: FamilyAdapter, prompts: list) -> VideoFields:
+        inputs = {key: torch.as_tensor(fields[key]) for key in adapter.video_keys if key in fields}
+        types = fields.get("mm_token_type_ids")
+        types = [list(map(int, row)) for row in types] if types is not None else None
+        return cls(inputs, count_videos(prompts), types)
+
+    def model_inputs(self, width: int, prompt_width: int, device: torch.device) -> dict[str, Any]:
+        """The video inputs of a forward over `width` columns whose first `prompt_width` are the (left-padded)
+        prompts, with `mm_token_type_ids` marking the video tokens."""
+        inputs: dict[str, Any] = {key: value.to(device) for key, value in self.inputs.items()}
+        inputs[NUM_VIDEOS] = list(self.num_videos)
+        if self.mm_token_type_ids is not None:
+            prompt = pad([torch.tensor(row) for row in self.mm_token_type_ids], padding_value=0, padding_side="left")
+            prompt = torch.cat([prompt.new_zeros(prompt.size(0), prompt_width - prompt.size(1)), prompt], dim=1)
+            inputs["mm_token_type_ids"] = torch.cat(
+                [prompt, prompt.new_zeros(prompt.size(0), width - prompt_width)], dim=1
+            ).to(device)
+        return inputs
+
+
+def without_clips(prompt: Any) -> Any:
+    """A prompt for the completion logs: video blocks without their frames."""
+    if not isinstance(prompt, list):
+        return prompt
+    return [
+        {**message, "content": [{"type": "video"} if part.get("type") == "video" else part
+                                for part in message["content"]]}
+        if isinstance(message.get("content"), list) else message
+        for message in prompt
+    ]  # fmt: skip
