@@ -66,7 +66,7 @@ from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits
 from vlm_rl.trainers.metrics import MetricsMixin
 from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import install_console
-from vlm_rl.trainers.shared_prefix import Packing, forward_flops, image_runs, pack
+from vlm_rl.trainers.shared_prefix import Packing, balanced_by_tokens, forward_flops, image_runs, pack
 from vlm_rl.trainers.tool_metrics import ToolMetricsMixin
 from vlm_rl.trainers.video_rows import NUM_VIDEOS, VideoFields, prompts_with_videos, without_clips
 from vlm_rl.trainers.vision_once import encode_images_once, encoded_slots, image_features_reused
@@ -920,7 +920,9 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
     def _shuffle_rows(self, batch: dict[str, Any]) -> dict[str, Any]:
         """TRL's shuffle of the generation batch before it is cut into micro-batches; with prompts shared, the
         prompts are shuffled and each prompt's rows stay together, so that a micro-batch scores each of its prompts
-        once for all of its completions instead of once per micro-batch it landed in."""
+        once for all of its completions instead of once per micro-batch it landed in. Where every micro-batch holds
+        whole groups, the groups are also dealt so that the micro-batches hold about as many tokens each
+        (`balanced_by_tokens`): with uneven completions, no micro-batch gets all the long ones."""
         if not self._shares_prompts(self.model) or self.args.steps_per_generation == 1:
             return shuffle_sequence_dict(batch)
         keys = [key for key in self.adapter.image_keys if isinstance(batch.get(key), list)]
@@ -929,9 +931,14 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         parts = self._prompt_images(batch, keys, num_images, rows, batch["prompt_ids"], batch["completion_ids"])
         images = parts[0] if parts is not None else [batch[key] for key in keys]
         groups = group_rows(batch["prompt_ids"], images)
-        order = torch.cat(
-            [torch.tensor(groups[i])[torch.randperm(len(groups[i]))] for i in torch.randperm(len(groups))]
-        )
+        groups = [groups[i] for i in torch.randperm(len(groups))]
+        micro_batch = self.args.per_device_train_batch_size
+        if all(len(group) == len(groups[0]) for group in groups) and micro_batch % len(groups[0]) == 0:
+            # A group's packed length: its prompt once, then each completion and one token more.
+            prompts, completions = batch["prompt_mask"].sum(dim=1), batch["completion_mask"].sum(dim=1)
+            tokens = [int(prompts[group[0]]) + int((completions[group] + 1).sum()) for group in groups]
+            groups = balanced_by_tokens(groups, tokens, micro_batch // len(groups[0]))
+        order = torch.cat([torch.tensor(group)[torch.randperm(len(group))] for group in groups])
 
         def permute(value):
             if isinstance(value, torch.Tensor) and value.ndim >= 1:
