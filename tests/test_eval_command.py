@@ -4,6 +4,8 @@ import json
 
 import pytest
 import yaml
+from PIL import Image
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from vlm_rl.cli import main as cli_main
 from vlm_rl.data import make_shapes_dataset
@@ -92,6 +94,8 @@ def test_eval_errors_name_what_to_fix(tmp_path, saved_model):
     with pytest.raises(SystemExit, match="at least two rows with images"):
         text_only = write_recipe(tmp_path, text_fraction=1.0)
         cli_main(["eval", "--model", str(saved_model), "--config", text_only, "--ablate-images"])
+    with pytest.raises(SystemExit, match="--ablate-frames needs a row with a video, but none of the 8 evaluated rows"):
+        cli_main(["eval", "--model", str(saved_model), "--config", write_recipe(tmp_path), "--ablate-frames"])
     with pytest.raises(SystemExit, match="holds no model"):
         cli_main(["eval", "--model", str(tmp_path), "--config", write_recipe(tmp_path)])
     with pytest.raises(SystemExit):  # an unknown flag of a command without recipe overrides
@@ -101,9 +105,6 @@ def test_eval_errors_name_what_to_fix(tmp_path, saved_model):
 def test_eval_ablate_frames_shows_each_video_its_own_frames_out_of_order_and_reports_order_reliance(
     tmp_path, saved_model, monkeypatch
 ):
-    from PIL import Image
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
     shades = (0, 80, 160, 240)  # each frame one grey level, so the order a clip reaches the processor in shows
     for k, shade in enumerate(shades):
         Image.new("RGB", (56, 56), (shade,) * 3).save(tmp_path / f"frame{k}.png")

@@ -296,11 +296,14 @@ def evaluate_and_write(
         )
     shuffled_records = None
     if ablate_frames:
+        if not any(record["num_videos"] for record in records):
+            raise InvalidValueError(
+                f"--ablate-frames needs a row with a video, but none of the {len(records)} evaluated rows has one: "
+                "evaluate a split with video rows, or leave the flag off."
+            )
         shuffled_records = evaluate_policy(
             model, processor, dataset, reward_funcs, shuffle_frames=True, progress="eval, frames shuffled", **kwargs
         )
-        if not any("frame_order" in record for record in shuffled_records):
-            raise InvalidValueError("--ablate-frames needs at least one evaluated row with a video.")
     summary = summarize(records, blind_records, names, accuracy_reward, chance, shuffled_records)
     results = {**summary, **(extra or {})}
     if environment_factory is not None:
