@@ -4,6 +4,8 @@ import json
 
 import pytest
 import yaml
+from PIL import Image
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from vlm_rl.cli import main as cli_main
 from vlm_rl.data import make_shapes_dataset
@@ -92,7 +94,55 @@ def test_eval_errors_name_what_to_fix(tmp_path, saved_model):
     with pytest.raises(SystemExit, match="at least two rows with images"):
         text_only = write_recipe(tmp_path, text_fraction=1.0)
         cli_main(["eval", "--model", str(saved_model), "--config", text_only, "--ablate-images"])
+    with pytest.raises(SystemExit, match="--ablate-frames needs a row with a video, but none of the 8 evaluated rows"):
+        cli_main(["eval", "--model", str(saved_model), "--config", write_recipe(tmp_path), "--ablate-frames"])
     with pytest.raises(SystemExit, match="holds no model"):
         cli_main(["eval", "--model", str(tmp_path), "--config", write_recipe(tmp_path)])
     with pytest.raises(SystemExit):  # an unknown flag of a command without recipe overrides
         cli_main(["plot", str(tmp_path), "--learning_rate", "1"])
+
+
+def test_eval_ablate_frames_shows_each_video_its_own_frames_out_of_order_and_reports_order_reliance(
+    tmp_path, saved_model, monkeypatch
+):
+    shades = (0, 80, 160, 240)  # each frame one grey level, so the order a clip reaches the processor in shows
+    for k, shade in enumerate(shades):
+        Image.new("RGB", (56, 56), (shade,) * 3).save(tmp_path / f"frame{k}.png")
+    video = [f"frame{k}.png" for k in range(len(shades))]
+    rows = [
+        {"prompt": "Lighter or darker?", "videos": video, "answer": "lighter"},
+        {"prompt": "Say red.", "answer": "red"},
+        {"prompt": "Which way?", "videos": video, "answer": "lighter"},
+        {"prompt": "And now?", "videos": video, "answer": "lighter"},
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = write_recipe(tmp_path, dataset=str(tmp_path / "rows.jsonl"), eval_size=None, train_size=None,
+                          text_fraction=0.0, video_max_pixels=56 * 56, per_device_eval_batch_size=4)  # fmt: skip
+    seen = []  # per processor call: each clip's frames, as their grey levels
+
+    def recording(self, videos, **kwargs):
+        seen.append([[round(float(frame.mean())) for frame in clip] for clip in videos])
+        return preprocess(self, videos, **kwargs)
+
+    preprocess = Qwen2VLVideoProcessor.preprocess
+    monkeypatch.setattr(Qwen2VLVideoProcessor, "preprocess", recording)
+    cli_main(["eval", "--model", str(saved_model), "--config", recipe, "--split", "train", "--ablate-frames",
+              "--output_dir", str(tmp_path / "eval")])  # fmt: skip
+
+    *loading, in_order, shuffled = seen  # rows measured as they load; the batch; the batch with frames shuffled
+    assert in_order == [list(shades)] * 3 and all(call == [list(shades)] for call in loading)
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "eval_samples.jsonl").read_text().splitlines()]
+    orders = [sample["shuffled_frame_order"] for sample in samples]
+    assert orders[1] is None and [sample["num_videos"] for sample in samples] == [1, 0, 1, 1]
+    for clip, order in zip(shuffled, [orders[0], orders[2], orders[3]], strict=True):
+        assert clip == [shades[k] for k in order]  # what the sample reports is what the model saw
+        assert all(shades[position] != shade for position, shade in enumerate(clip))  # no frame in its own place
+    assert len({tuple(order) for order in orders if order}) > 1  # rows are shuffled apart, seeded per row
+
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    video_samples = [samples[k] for k in (0, 2, 3)]
+    assert results["num_video_rows"] == 3 and "blind_accuracy" not in results
+    shuffled_accuracy = sum(s["shuffled_rewards"]["accuracy"] for s in video_samples) / 3
+    assert results["frames_shuffled_accuracy"] == pytest.approx(shuffled_accuracy)
+    assert results["order_reliance"] == pytest.approx(results["video_accuracy"] - shuffled_accuracy)
+    assert set(results["frames_shuffled_rewards"]) == {"accuracy", "think_answer_format"}

@@ -157,3 +157,50 @@ def test_console_bar_shows_step_reward_and_eta_and_the_logs_time_each_phase(tmp_
         assert all(seconds > 0 for seconds in phases), entry
         # The three phases are the step: TRL's own step_time measures the same span.
         assert sum(phases) == pytest.approx(entry["step_time"], rel=0.05)
+
+
+FRAME_SHADES = (0, 80, 160, 240)  # a video row's frames, in order: grey levels a frame strip must show left to right
+
+
+def test_wandb_tables_show_a_video_row_as_a_frame_strip_beside_its_images(tmp_path, offline_wandb):
+    frames = [
+        png(tmp_path / f"clip/{k}.png", (shade,) * 3, size=(56, 56)).name for k, shade in enumerate(FRAME_SHADES)
+    ]
+    still = png(tmp_path / "still.png", "red", size=(24, 16)).name
+    rows = [
+        {"question": "Which way?", "answer": "red", "videos": [f"clip/{name}" for name in frames]},
+        {"question": "Same?", "answer": "red", "images": [still], "videos": [f"clip/{name}" for name in frames]},
+        {"question": "Color?", "answer": "red", "images": [still]},
+        {"question": "Say red.", "answer": "red"},
+    ]
+    recipe = {
+        **TINY_RUN,
+        "model_name_or_path": "tiny:qwen2_vl",
+        "dataset": str(write_jsonl(tmp_path / "train.jsonl", rows)),
+        "prompt_template": "{question}",
+        "per_device_train_batch_size": 8,  # every row, twice
+        "video_max_pixels": 56 * 56,
+        "report_to": ["wandb"],
+        "log_completions": True,
+        "final_eval": False,
+        "output_dir": str(tmp_path / "run"),
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    train_main(["--config", str(tmp_path / "recipe.yaml")])
+    offline_wandb.finish()
+
+    ((table, files),) = tables(tmp_path, "completions")
+    logged = [dict(zip(table["columns"], values, strict=True)) for values in table["data"]]
+    assert len(logged) == 8 and "image_3" not in table["columns"]
+    for row in logged:
+        videos, images = row["prompt"].count("<video>"), row["prompt"].count("<image>")
+        assert (row["num_videos"], row["num_images"]) == (videos, images)
+        assert videos == int(row["prompt"].endswith(("Which way?", "Same?"))), row["prompt"]
+        cells = [row[f"image_{k}"] for k in (1, 2)]
+        assert [cell is not None for cell in cells] == [k < images + videos for k in range(2)], row
+        if not videos:
+            continue
+        with Image.open(files[cells[images]["path"]]) as strip:  # after the row's images: the video, frames in order
+            assert strip.size == (4 * 56, 56)
+            shades = [strip.convert("L").getpixel((56 * k + 28, 28)) for k in range(4)]
+        assert shades == pytest.approx(FRAME_SHADES, abs=2)

@@ -423,3 +423,16 @@ def test_a_recipe_with_video_rows_for_a_family_without_video_fails_before_the_mo
     with pytest.raises(ValueError, match=r"^LLaVA.* does not take video, but .*train\.jsonl line 2 has one"):
         run_recipe(tmp_path, dataset=str(tmp_path / "train.jsonl"), **fields)
     assert not (tmp_path / "run" / "trainer_state.json").exists()
+
+
+def test_a_frame_strip_keeps_at_most_eight_frames_first_to_last_scaled_down_to_96_pixels():
+    from vlm_rl.data.video import clip_from_frames, frame_strip
+
+    shades = range(0, 240, 20)  # 12 frames, each one grey level
+    clip = clip_from_frames([Image.new("RGB", (300, 192), (shade,) * 3) for shade in shades], "test")
+    strip = frame_strip(clip)
+    assert strip.size == (8 * 150, 96)
+    picked = [strip.convert("L").getpixel((150 * k + 75, 48)) for k in range(8)]
+    assert picked[0] == 0 and picked[-1] == 220 and picked == sorted(picked)
+    small = clip_from_frames([Image.new("RGB", (40, 30))] * 2, "test")
+    assert frame_strip(small).size == (2 * 40, 30)  # never scaled up

@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Evaluate a saved model on a recipe's held-out data with the recipe's rewards.",
         description="Generate greedily with a saved model on a recipe's held-out data, score every completion with "
         "the recipe's rewards, and write OUTPUT_DIR/eval_samples.jsonl (one line per row) and "
-        "OUTPUT_DIR/eval_results.json (each reward's mean, accuracy; with --ablate-images the blind accuracy). Any "
+        "OUTPUT_DIR/eval_results.json (each reward's mean, accuracy; with --ablate-images the blind accuracy, with "
+        "--ablate-frames the accuracy with each video's frames shuffled). Any "
         "other --field value overrides the recipe, e.g. --eval_dataset data/test.jsonl.",
     )
     evaluate.add_argument("--model", required=True, help="A run's output_dir, a checkpoint-N, or a LoRA adapter dir.")
@@ -185,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Evaluate again with each row's images swapped for another row's (none keeps its own); report "
         "blind_accuracy and image_reliance = image_accuracy - blind_accuracy: how much the policy uses the image.",
+    )
+    evaluate.add_argument(
+        "--ablate-frames",
+        "--ablate_frames",
+        dest="ablate_frames",
+        action="store_true",
+        help="Evaluate again with each video's frames shuffled within its clip (no frame keeps its place); report "
+        "frames_shuffled_accuracy and order_reliance = video_accuracy - frames_shuffled_accuracy: how much the "
+        "policy uses the order of the frames.",
     )
     evaluate.add_argument(
         "--split", choices=["eval", "train"], default="eval", help="Which split of the recipe's data."

@@ -2,6 +2,9 @@
 
 The blind run gives every image row another row's images (a derangement, so no row keeps its own). A
 policy that reads the image scores near chance there; one that guesses from the text does not drop.
+The frames-shuffled run shows every video row its own frames out of order (a derangement of the frames, so none
+keeps its place): a policy that uses the order (which way something moves) drops; one that reads single frames
+does not.
 """
 
 from __future__ import annotations
@@ -68,13 +71,27 @@ def _generate(
     return texts, ids, prompt_ids
 
 
+def derangement(items: Sequence[int], rng: random.Random) -> dict[int, int]:
+    """A random map of `items` onto themselves in which none maps to itself (one cycle through all of them)."""
+    order = list(items)
+    rng.shuffle(order)
+    return {item: order[(position + 1) % len(order)] for position, item in enumerate(order)}
+
+
 def deranged_rows(image_rows: Sequence[int], seed: int = 0) -> dict[int, int]:
     """For each image row, the other image row whose images it gets in a blind evaluation (none keeps its own)."""
     if len(image_rows) < 2:
         raise InvalidValueError("A blind evaluation needs at least two rows with images.")
-    order = list(image_rows)
-    random.Random(seed).shuffle(order)
-    return {row: order[(position + 1) % len(order)] for position, row in enumerate(order)}
+    return derangement(image_rows, random.Random(seed))
+
+
+def shuffled_frame_order(num_frames: int, row: int, seed: int = 0) -> list[int]:
+    """The order in which row `row`'s clip shows its frames in a frames-shuffled evaluation: position k shows frame
+    `order[k]`, no frame in its own place (one frame: unchanged). Seeded per row, so a rerun shows the same order."""
+    if num_frames < 2:
+        return list(range(num_frames))
+    moved = derangement(range(num_frames), random.Random(f"frames:{seed}:{row}"))
+    return [moved[position] for position in range(num_frames)]
 
 
 def _batches(dataset: Dataset, batch_size: int) -> Iterator[list[tuple[int, dict]]]:
@@ -93,6 +110,7 @@ def evaluate_policy(
     max_new_tokens: int,
     batch_size: int = 32,
     blind: bool = False,
+    shuffle_frames: bool = False,
     seed: int = 0,
     progress: str | None = None,
     temperature: float | None = None,
@@ -105,7 +123,9 @@ def evaluate_policy(
 
     Returns one record per row: its index, prompt (as text), number of images, `answer` if it has one, the
     completion (as text: with tools, every turn and tool reply), `rewards` by function name and, with tools,
-    `tool_calls`; with `blind`, `image_from`, the row whose images it was shown (its tools see those images too).
+    `tool_calls`; with `blind`, `image_from`, the row whose images it was shown (its tools see those images too);
+    with `shuffle_frames`, `frame_order` for each video row: the order its clip's frames were shown in
+    (`shuffled_frame_order`).
     Rows load a batch at a time; a lazily loaded dataset's bad rows are left out under `bad_rows: skip`.
     `progress`: the label of a progress bar over the batches (None: no bar).
     """
@@ -125,8 +145,13 @@ def evaluate_policy(
         else:
             lent = dict(load_rows(dataset, [partners[index] for index, _ in indexed if index in partners]))
             images = [list(lent[partners[index]]["images"]) if index in partners else [] for index, _ in indexed]
-        # A row's video stays its own (a blind evaluation swaps images only).
+        # A row's video stays its own (a blind evaluation swaps images only); shuffling reorders its frames.
         videos = [row.get("videos") or [] for row in batch]
+        if shuffle_frames:
+            videos = [
+                [clip[shuffled_frame_order(len(clip), index, seed)] for clip in clips]
+                for (index, _), clips in zip(indexed, videos, strict=True)
+            ]
         if any(videos):
             adapter_for(model.config).check_videos_per_row([len(clips) for clips in videos])
             if environment_factory is not None:
@@ -158,8 +183,11 @@ def evaluate_policy(
         scores = {func.__name__: func(prompts=prompts, completions=completions, **columns) for func in reward_funcs}
         for i, (index, row) in enumerate(indexed):
             record = {"index": index, "prompt": conversation_text(row["prompt"]), "num_images": len(images[i])}
+            record["num_videos"] = len(videos[i])
             if partners is not None and index in partners:
                 record["image_from"] = partners[index]
+            if shuffle_frames and videos[i]:  # one video per row
+                record["frame_order"] = shuffled_frame_order(len(videos[i][0]), index, seed)
             if isinstance(row.get("answer"), str | int | float | list):
                 record["answer"] = row["answer"]
             record["completion"] = texts[i]
@@ -176,12 +204,16 @@ def image_rows(dataset: Dataset, batch_size: int = 32) -> list[int]:
     return [index for batch in _batches(dataset, batch_size) for index, row in batch if row.get("images")]
 
 
-def mean_reward(records: list[dict[str, Any]], name: str, *, has_images: bool | None = None) -> float | None:
-    """Mean of reward `name` over the records (only those with/without images, if asked); None if empty."""
+def mean_reward(
+    records: list[dict[str, Any]], name: str, *, has_images: bool | None = None, has_videos: bool | None = None
+) -> float | None:
+    """Mean of reward `name` over the records (only those with/without images or videos, if asked); None if empty."""
     values = [
         r["rewards"][name]
         for r in records
-        if (has_images is None or (r["num_images"] > 0) == has_images) and r["rewards"][name] is not None
+        if (has_images is None or (r["num_images"] > 0) == has_images)
+        and (has_videos is None or (r.get("num_videos", 0) > 0) == has_videos)
+        and r["rewards"][name] is not None
     ]
     return sum(values) / len(values) if values else None
 
@@ -192,10 +224,13 @@ def summarize(
     reward_names: list[str],
     accuracy_reward: str,
     chance: float | None = None,
+    shuffled_records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Each reward's mean and the accuracy, over all rows, rows with images, rows without; and, from the run with
-    images swapped between rows (`blind_records`), the same over the rows with images, and how much the policy
-    relies on the image: `image_reliance` = `image_accuracy` - `blind_accuracy`."""
+    """Each reward's mean and the accuracy, over all rows, rows with images, rows without, rows with a video; and,
+    from the run with images swapped between rows (`blind_records`), the same over the rows with images, and how much
+    the policy relies on the image: `image_reliance` = `image_accuracy` - `blind_accuracy`; from the run with each
+    clip's frames shuffled (`shuffled_records`), the same over the rows with a video, and how much it relies on the
+    frames' order: `order_reliance` = `video_accuracy` - `frames_shuffled_accuracy`."""
     summary = {
         "num_rows": len(records),
         "num_image_rows": sum(r["num_images"] > 0 for r in records),
@@ -203,6 +238,8 @@ def summarize(
         "accuracy": mean_reward(records, accuracy_reward),
         "image_accuracy": mean_reward(records, accuracy_reward, has_images=True),
         "text_only_accuracy": mean_reward(records, accuracy_reward, has_images=False),
+        "num_video_rows": sum(r.get("num_videos", 0) > 0 for r in records),
+        "video_accuracy": mean_reward(records, accuracy_reward, has_videos=True),
         "chance": chance,
         "rewards": {name: mean_reward(records, name) for name in reward_names},
     }
@@ -212,6 +249,14 @@ def summarize(
         image = summary["image_accuracy"]
         summary["image_reliance"] = image - blind if image is not None and blind is not None else None
         summary["blind_rewards"] = {name: mean_reward(blind_records, name, has_images=True) for name in reward_names}
+    if shuffled_records is not None:
+        shuffled = mean_reward(shuffled_records, accuracy_reward, has_videos=True)
+        summary["frames_shuffled_accuracy"] = shuffled
+        video = summary["video_accuracy"]
+        summary["order_reliance"] = video - shuffled if video is not None and shuffled is not None else None
+        summary["frames_shuffled_rewards"] = {
+            name: mean_reward(shuffled_records, name, has_videos=True) for name in reward_names
+        }
     return summary
 
 
@@ -226,13 +271,15 @@ def evaluate_and_write(
     max_new_tokens: int,
     batch_size: int = 32,
     ablate_images: bool = True,
+    ablate_frames: bool = False,
     chance: float | None = None,
     extra: dict[str, Any] | None = None,
     environment_factory: Callable[[], Any] | None = None,
     max_tool_turns: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate (and, with `ablate_images`, again with images swapped between rows); write
-    `eval_samples.jsonl` (one line per row) and `eval_results.json` (the summary, plus `extra`) to `output_dir`.
+    """Evaluate (and, with `ablate_images`, again with images swapped between rows; with `ablate_frames`, again with
+    each clip's frames shuffled); write `eval_samples.jsonl` (one line per row) and `eval_results.json` (the summary,
+    plus `extra`) to `output_dir`.
     With an `environment_factory` (the run's tools), the summary adds `tool_calls_per_completion`."""
     names = [func.__name__ for func in reward_funcs]
     if accuracy_reward not in names:
@@ -247,7 +294,18 @@ def evaluate_and_write(
         blind_records = evaluate_policy(
             model, processor, dataset, reward_funcs, blind=True, progress="eval, images swapped", **kwargs
         )
-    results = {**summarize(records, blind_records, names, accuracy_reward, chance), **(extra or {})}
+    shuffled_records = None
+    if ablate_frames:
+        if not any(record["num_videos"] for record in records):
+            raise InvalidValueError(
+                f"--ablate-frames needs a row with a video, but none of the {len(records)} evaluated rows has one: "
+                "evaluate a split with video rows, or leave the flag off."
+            )
+        shuffled_records = evaluate_policy(
+            model, processor, dataset, reward_funcs, shuffle_frames=True, progress="eval, frames shuffled", **kwargs
+        )
+    summary = summarize(records, blind_records, names, accuracy_reward, chance, shuffled_records)
+    results = {**summary, **(extra or {})}
     if environment_factory is not None:
         results["tool_calls_per_completion"] = sum(r["tool_calls"] for r in records) / max(len(records), 1)
     output_dir = Path(output_dir)
@@ -257,6 +315,9 @@ def evaluate_and_write(
             if blind_records is not None:  # rows without images keep them (none) in the blind run
                 blind = blind_records[i]
                 record |= {f"blind_{key}": blind.get(key) for key in ("image_from", "completion", "rewards")}
+            if shuffled_records is not None:  # rows without a video are shown the same in the shuffled run
+                shuffled = shuffled_records[i]
+                record |= {f"shuffled_{key}": shuffled.get(key) for key in ("frame_order", "completion", "rewards")}
             f.write(json.dumps(record, default=str) + "\n")
     (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -314,6 +375,7 @@ def evaluate_saved_model(args: argparse.Namespace, overrides: list[str]) -> dict
         max_new_tokens=max_new_tokens,
         batch_size=args.batch_size or training_args.per_device_eval_batch_size,
         ablate_images=args.ablate_images,
+        ablate_frames=args.ablate_frames,
         chance=task.chance,
         extra={"model": str(args.model), "recipe": str(args.config), "split": args.split},
         environment_factory=recipe_toolbox(
@@ -324,7 +386,8 @@ def evaluate_saved_model(args: argparse.Namespace, overrides: list[str]) -> dict
         ),
         max_tool_turns=training_args.max_tool_calling_iterations,
     )
-    shown = ("accuracy", "image_accuracy", "blind_accuracy", "image_reliance", "chance", "tool_calls_per_completion")
+    shown = ("accuracy", "image_accuracy", "blind_accuracy", "image_reliance", "video_accuracy",
+             "frames_shuffled_accuracy", "order_reliance", "chance", "tool_calls_per_completion")  # fmt: skip
     print(json.dumps({key: results[key] for key in shown if key in results}))
     print(f"Wrote {output_dir / 'eval_results.json'} and {output_dir / 'eval_samples.jsonl'}")
     return results

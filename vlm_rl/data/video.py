@@ -10,11 +10,13 @@ import os
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn, load_video
 
 VIDEO_COLUMNS = ("video", "videos")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".avi", ".mov", ".mkv", ".m4v", ".mpeg", ".mpg", ".ogv")
 FRAMES_FPS = 2.0  # the rate of a video given as frames when no `video_fps` says otherwise (Qwen-VL's default)
+STRIP_FRAMES, STRIP_HEIGHT = 8, 96  # a frame strip's most frames and height: small enough for a table cell
 
 
 class Clip(np.ndarray):
@@ -111,6 +113,20 @@ def clip_from_frames(frames: list, name: str, *, fps: float | None = None) -> Cl
         frames_indices=list(range(len(frames))),
     )
     return Clip(np.stack([np.asarray(frame) for frame in frames]), metadata)
+
+
+def frame_strip(clip: np.ndarray, max_frames: int = STRIP_FRAMES, height: int = STRIP_HEIGHT) -> Image.Image:
+    """A clip's frames side by side in one image, so that a completion table shows a video in an image cell: at most
+    `max_frames` of them, evenly spaced, first to last, each scaled down (never up) to at most `height` pixels."""
+    frames = np.asarray(clip)
+    picked = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+    first = Image.fromarray(frames[0])
+    scale = min(1.0, height / first.height)
+    size = (max(1, round(first.width * scale)), max(1, round(first.height * scale)))
+    strip = Image.new("RGB", (size[0] * len(picked), size[1]))
+    for position, index in enumerate(picked):
+        strip.paste(Image.fromarray(frames[index]).resize(size, Image.Resampling.BILINEAR), (position * size[0], 0))
+    return strip
 
 
 def with_video(prompt: list[dict], videos: list, num_images: int) -> list[dict]:

@@ -16,6 +16,8 @@ from trl.data_utils import prepare_multimodal_messages
 from vlm_rl.data.rows import IMAGE_MARKER, generation_prompt
 from vlm_rl.models.adapters import FamilyAdapter
 
+VIDEO_MARKER = "<video>"  # where `conversation_text` shows a video
+
 # Inputs that tell which vision inputs belong to which row, for TRL and the adapters; the model takes none of them.
 BOOKKEEPING_KEYS = ("num_images", "num_tiles", "num_videos")
 
@@ -100,7 +102,8 @@ def group_rows(prompt_ids: torch.Tensor, images: Sequence[Sequence[torch.Tensor]
 
 
 def conversation_text(messages: str | Sequence[dict]) -> str:
-    """A prompt or completion as readable text: one `role: content` line per message, images as `<image>`."""
+    """A prompt or completion as readable text: one `role: content` line per message, images as `<image>`, videos as
+    `<video>`."""
     if isinstance(messages, str):
         return messages
     lines = []
@@ -108,7 +111,9 @@ def conversation_text(messages: str | Sequence[dict]) -> str:
         content = message.get("content", "")
         if not isinstance(content, str):
             content = "".join(
-                part.get("text") or "" if part.get("type") == "text" else IMAGE_MARKER
+                part.get("text") or ""
+                if part.get("type") == "text"
+                else (VIDEO_MARKER if part.get("type") == "video" else IMAGE_MARKER)
                 for part in content
                 if isinstance(part, dict)
             )

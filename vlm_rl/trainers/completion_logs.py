@@ -10,6 +10,9 @@ type and the tracker shows the images next to the text.
 A multi-turn completion (TRL's tool loop) shows one line per turn: the assistant's text and tool calls, each tool's
 reply (an `<image>` marker where it returned an image); the images a tool returned follow the prompt's in the image
 columns, in the order the tools returned them.
+
+A video row's video is a frame strip (its sampled frames side by side, `vlm_rl.data.video.frame_strip`, made when
+the batch's prompts are logged) in the image column after the row's images, and a `<video>` marker in the prompt.
 """
 
 from __future__ import annotations
@@ -56,9 +59,29 @@ def tool_images(completion: str | Sequence[dict]) -> list[Any]:
     ]
 
 
+def video_strips(prompt: str | Sequence[dict]) -> list[Any]:
+    """The frame strips of a logged prompt's videos, in order."""
+    if isinstance(prompt, str):
+        return []
+    return [
+        part["strip"]
+        for message in prompt
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") == "video" and part.get("strip") is not None
+    ]
+
+
+def media_of_rows(logs: dict[str, Any]) -> list[list[Any]]:
+    """Each logged row's images, then its videos' frame strips: what its `image_k` columns show."""
+    prompts = list(logs["prompt"])
+    images = list(logs["images"]) or [[] for _ in prompts]
+    return [list(row or []) + video_strips(prompt) for row, prompt in zip(images, prompts, strict=True)]
+
+
 def completion_frame(logs: dict[str, Any], step: int) -> pd.DataFrame:
-    """The text columns of one logging step's table: step, prompt, completion, number of images, each reward,
-    each extra column a reward logged, and the advantage."""
+    """The text columns of one logging step's table: step, prompt, completion, number of images and of videos, each
+    reward, each extra column a reward logged, and the advantage."""
     prompts = list(logs["prompt"])
     images = list(logs["images"]) or [[] for _ in prompts]
     return pd.DataFrame(
@@ -67,6 +90,7 @@ def completion_frame(logs: dict[str, Any], step: int) -> pd.DataFrame:
             "prompt": [conversation_text(p) for p in prompts],
             "completion": [completion_text(c) for c in logs["completion"]],
             "num_images": [len(row or []) for row in images],
+            "num_videos": [len(video_strips(prompt)) for prompt in prompts],
             **{name: list(values) for name, values in logs["rewards"].items()},
             **{name: list(values) for name, values in logs["extra"].items()},
             "advantage": list(logs["advantages"]),
@@ -75,7 +99,9 @@ def completion_frame(logs: dict[str, Any], step: int) -> pd.DataFrame:
 
 
 def with_image_columns(frame: pd.DataFrame, images: Sequence[Sequence[Any] | None], to_media) -> pd.DataFrame:
-    """`frame` plus `image_1` .. `image_K` (K: the most images in a row), each image converted by `to_media`."""
+    """`frame` plus `image_1` .. `image_K` (K: the most images in a row), each image converted by `to_media`.
+
+    `images`: each row's images and video frame strips (`media_of_rows`)."""
     most = max((len(row or []) for row in images), default=0)
     columns = {
         f"image_{k + 1}": [to_media(row[k]) if row is not None and k < len(row) else None for row in images]
@@ -97,7 +123,7 @@ def write_completion_logs(
     directory = Path(output_dir) / "completions"
     directory.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(directory / f"completions_{step:05d}.parquet")
-    images = list(logs["images"]) or [[] for _ in range(len(frame))]
+    images = media_of_rows(logs)
     keep = ~frame["prompt"].duplicated() if unique_prompts else pd.Series(True, index=frame.index)
     for backend in backends:
         table = with_image_columns(frame, images, backend.Image)[keep]

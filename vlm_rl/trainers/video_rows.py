@@ -24,6 +24,7 @@ from vlm_rl.data.video import (
     clip_from_frames,
     decode_file,
     decode_settings,
+    frame_strip,
     is_video_file,
     with_video,
 )
@@ -114,12 +115,13 @@ class VideoFields:
 
 
 def without_clips(prompt: Any) -> Any:
-    """A prompt for the completion logs: video blocks without their frames."""
+    """A prompt for the completion logs: each video block's frames as one small frame strip (`strip`), so the logs
+    hold no clip and the table shows the video (`completion_logs.media_of_rows`)."""
     if not isinstance(prompt, list):
         return prompt
     return [
-        {**message, "content": [{"type": "video"} if part.get("type") == "video" else part
-                                for part in message["content"]]}
+        {**message, "content": [{"type": "video", "strip": frame_strip(part["video"])} if part.get("type") == "video"
+                                else part for part in message["content"]]}
         if isinstance(message.get("content"), list) else message
         for message in prompt
     ]  # fmt: skip
