@@ -54,6 +54,8 @@ def offline_wandb(tmp_path, monkeypatch):
     yield wandb
     if wandb.run is not None:
         wandb.finish()
+    # wandb keeps its settings (the run directory among them) for the process: the next test's run must get its own.
+    wandb.teardown()
 
 
 def write_recipe(tmp_path, report_to: list[str]):
