@@ -751,8 +751,9 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             packed_images = [by_part[group[0]][0] + [i for row in group for i in by_part[row][1]]
                              for group in groups]  # fmt: skip
             per_image = [image for group_images in packed_images for image in group_images]
-            inputs |= self.adapter.merge_vision_inputs({key: [image[key] for image in per_image] for key in keys})
-            inputs["num_images"] = [len(group_images) for group_images in packed_images]
+            if per_image:  # groups without any image (text-only prompts, no tool images) take no image inputs
+                inputs |= self.adapter.merge_vision_inputs({key: [image[key] for image in per_image] for key in keys})
+                inputs["num_images"] = [len(group_images) for group_images in packed_images]
         return inputs
 
     def _images_encoded_once_across(
