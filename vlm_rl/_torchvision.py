@@ -4,13 +4,18 @@ On PyPI, torchvision is built against CUDA torch; with the CPU torch its `_C` ex
 torchvision then fails in its fake-tensor registrations for `torchvision::nms` / `qnms`, whose schemas live in that
 extension. vLLM's Qwen-VL models import transformers' torchvision image processors, so nothing multimodal runs.
 Declaring the two schemas before torchvision is imported lets its pure-Python transforms (all image preprocessing
-uses) import; calling the compiled detection ops still fails, as it would anyway. Subprocesses get the same through
-`vlm_rl/_startup/sitecustomize.py`.
+uses) import; calling the compiled detection ops still fails, as it would anyway.
+
+The install registers `on_torch_import` in torch's `torch.backends` entry-point group, which `import torch` runs (see
+torch's `_import_device_backends`; `TORCH_DEVICE_BACKEND_AUTOLOAD=0` turns it off): so a script that imports
+transformers or TRL before vlm_rl works too. `import vlm_rl` declares them as well, and subprocesses get the same
+through `vlm_rl/_startup/sitecustomize.py` (for environments where the autoload is off).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,3 +57,12 @@ def declare_missing_ops() -> bool:
     if startup not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [startup, *paths] if p)
     return True
+
+
+def on_torch_import() -> None:
+    """`declare_missing_ops`, run by `import torch` itself (the `torch.backends` entry point). It must never make
+    `import torch` fail: a failure is logged and leaves torchvision as it was."""
+    try:
+        declare_missing_ops()
+    except Exception as error:  # an entry point that raises aborts `import torch` for the whole environment
+        logging.getLogger(__name__).warning("vlm-rl could not make torchvision importable: %s", error)
