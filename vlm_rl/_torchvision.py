@@ -41,6 +41,9 @@ def declare_missing_ops() -> bool:
         return False
     import torch  # only with torchvision installed: `import vlm_rl` alone (the CLI's parsing) stays light
 
+    if _library is not None:  # the first `import torch` ran `on_torch_import`, which declared them
+        return False
+
     package = Path(next(iter(spec.submodule_search_locations)))
     for extension in package.glob("_C*.so"):
         try:
