@@ -12,6 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # about 50 s: the whole pipeline in subprocesses (`make bench-learning` runs it for real)
 def test_the_learning_benchmark_runs_sft_then_grpo_and_reports_every_score(tmp_path):
     process = subprocess.run(
         [sys.executable, "benchmarks/learning.py", "--smoke", "--task", "counting", "--seeds", "1", "--samples", "2",

@@ -20,6 +20,7 @@ TINY = ["--hidden_size", "64", "--layers", "2", "--vision_width", "32", "--visio
 TINY += ["--image_size", "56", "--generations", "2", "--warmup", "0", "--steps", "1"]
 
 
+@pytest.mark.slow  # about 30 s: both trainers in child processes (the in-process shape tests below are the fast ones)
 def test_step_bench_runs_and_ends_with_the_ratios():
     tiny = ["--hidden_size", "64", "--layers", "2", "--vision_width", "32", "--vision_depth", "1"]
     tiny += ["--vision_heads", "2", "--image_size", "112", "--generations", "2", "--steps", "1"]
