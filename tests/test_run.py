@@ -184,6 +184,7 @@ def test_cli_run_writes_checkpoints_state_plot_and_eval(tmp_path):
     assert model.config.model_type == "qwen2_vl" and processor.tokenizer is not None
 
 
+@pytest.mark.scale  # `accelerate launch` (about 18 s): with the launcher and multi-process tests
 def test_accelerate_launch_runs_the_module_entry_point(tmp_path):
     recipe = write_recipe(tmp_path, final_eval=False, plot=False, save_strategy="no", max_steps=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -308,6 +309,7 @@ def test_mixed_recipe_scores_each_row_only_with_its_own_rewards(tmp_path):
     assert set(results["rewards"]) == {"iou", "math_accuracy", "answer_format"}
 
 
+@pytest.mark.scale  # two processes under `accelerate launch` (about 20 s): with the other multi-process tests
 def test_per_task_reward_counts_over_two_processes(tmp_path):
     """Two CPU processes over gloo: counts cover the gathered batch once, not once per process."""
     recipe = write_recipe(
