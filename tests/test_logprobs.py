@@ -64,25 +64,37 @@ def test_logprobs_match_single_sample_forward(family, load_tiny, tmp_path):
     rows = mixed_rows(trainer.adapter)
     batch = trainer._generate_and_score_completions(rows)
 
-    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
-    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    prompt_mask = batch["prompt_mask"]
     assert (prompt_mask[:, 0] == 0).any() and (prompt_mask[:, -1] == 1).all(), "prompts must be left-padded"
     assert batch["num_images"] == [len(row["images"]) for row in rows]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     adapter = trainer.adapter
     vision_inputs = {key: batch[key] for key in (*adapter.image_keys, *adapter.row_keys, "num_images", "num_tiles")
                      if key in batch}  # fmt: skip
 
     # One chunk for the whole batch, chunks of two (some without any image) and chunks of three.
+    assert_chunks_match_single_samples(trainer, model, processor, rows, batch, vision_inputs)
+
+
+def assert_chunks_match_single_samples(
+    trainer, model, processor, rows, batch, inputs, single_sample=None
+) -> torch.Tensor:
+    """The batch's log-probs, in one chunk and in chunks of 2 and 3, equal each row's single-sample forward (1e-5;
+    `single_sample(model, processor, row, completion)`, by default `single_sample_logps`); returns the last
+    chunking's log-probs."""
+    single_sample = single_sample or single_sample_logps
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     for chunk_size in (None, 2, 3):
         with torch.no_grad():
             logps, _, _ = trainer._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, completion_ids.size(1), batch_size=chunk_size, **vision_inputs
+                model, input_ids, attention_mask, completion_ids.size(1), batch_size=chunk_size, **inputs
             )
         for i, row in enumerate(rows):
             row_completion = completion_ids[i][completion_mask[i].bool()]
-            ref_prompt, ref_logps = single_sample_logps(model, processor, row, row_completion)
+            ref_prompt, ref_logps = single_sample(model, processor, row, row_completion)
             assert torch.equal(prompt_ids[i][prompt_mask[i].bool()], ref_prompt)
             ours = logps[i][completion_mask[i].bool()]
             torch.testing.assert_close(ours, ref_logps, atol=1e-5, rtol=0, msg=f"row {i}, chunk size {chunk_size}")
+    return logps

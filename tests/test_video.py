@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_logprobs import assert_chunks_match_single_samples
 
 from vlm_rl.config import DataArguments
 from vlm_rl.data import DataError, load_task
@@ -258,28 +259,14 @@ def test_video_rows_logprobs_match_a_single_sample_forward_in_any_chunking_and_i
     batch = trainer._generate_and_score_completions(rows)
     assert batch["num_videos"] == [len(row["videos"]) for row in rows]
     assert batch["num_images"] == [len(row["images"]) for row in rows]
-    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
-    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     keys = (*trainer.adapter.image_keys, *trainer.adapter.video_keys, *trainer.adapter.row_keys, "num_images",
             "num_videos")  # fmt: skip
     inputs = {key: batch[key] for key in keys if key in batch}
-    video_tokens = (input_ids == model.config.video_token_id).sum(dim=1)
+    video_tokens = (batch["prompt_ids"] == model.config.video_token_id).sum(dim=1)
     assert [bool(n) for n in video_tokens] == [bool(row["videos"]) for row in rows]
     # The whole batch at once, and chunks of 2 and 3: some hold no video, some no image, some neither.
-    for chunk_size in (None, 2, 3):
-        with torch.no_grad():
-            logps, _, _ = trainer._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, completion_ids.size(1), batch_size=chunk_size, **inputs
-            )
-        for i, row in enumerate(rows):
-            row_completion = completion_ids[i][completion_mask[i].bool()]
-            ref_prompt, ref_logps = single_sample_logps(model, processor, row, row_completion)
-            assert torch.equal(prompt_ids[i][prompt_mask[i].bool()], ref_prompt)
-            ours = logps[i][completion_mask[i].bool()]
-            torch.testing.assert_close(ours, ref_logps, atol=1e-5, rtol=0, msg=f"row {i}, chunk size {chunk_size}")
-    mask = completion_mask.bool()
+    logps = assert_chunks_match_single_samples(trainer, model, processor, rows, batch, inputs, single_sample_logps)
+    mask = batch["completion_mask"].bool()
     torch.testing.assert_close(batch["old_per_token_logps"][mask], logps[mask], atol=1e-5, rtol=0)
 
 
