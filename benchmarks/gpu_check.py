@@ -19,6 +19,7 @@ runs at tiny sizes (the test suite checks the script that way).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -66,7 +67,7 @@ def packed_against_plain(device: str, packed_attention: str) -> dict:
     directory = Path(tempfile.mkdtemp())
     build_tiny_model("qwen2_vl", directory)
     model, processor = load_model_and_processor(str(directory), dtype="float32")
-    rows = [row for row in make_shapes_dataset(3, seed=3)]
+    rows = list(make_shapes_dataset(3, seed=3))
     config = VLMGRPOConfig(
         output_dir=tempfile.mkdtemp(),
         num_generations=3,
@@ -99,9 +100,7 @@ def packed_against_plain(device: str, packed_attention: str) -> dict:
     inputs = {key: batch[key] for key in keys if batch.get(key) is not None}
 
     def score(shared: bool) -> tuple[torch.Tensor, dict]:
-        trainer.options = trainer.options.__class__(
-            **{**trainer.options.__dict__, "share_prompt_prefix": shared, "encode_images_once": shared}
-        )
+        trainer.options = dataclasses.replace(trainer.options, share_prompt_prefix=shared, encode_images_once=shared)
         model.zero_grad()
         logps, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, width, **inputs)
         (logps * completion_mask).sum().backward()
