@@ -231,12 +231,18 @@ SEAMS: dict[str, Callable[..., None]] = {
         # ToolMetricsMixin: TRL's tool loop generates once per turn, right after running the turn's tools.
         has_lines(GRPOTrainer._tool_call_loop, "post_tool_ids, post_tool_logprobs = self._generate_single_turn("),
     ),
-    "_generate_and_score_completions": has_lines(
-        GRPOTrainer._generate_and_score_completions,
-        # The image gather for the completion logs we move to every process.
-        "if images is not None and self.log_multimodal:",
-        # The tool images of the completion logs are read from the completions TRL gathers for the same logs.
-        'self._logs["completion"].extend(gather_object(completions))',
+    "_generate_and_score_completions": all_of(
+        has_lines(
+            GRPOTrainer._generate_and_score_completions,
+            # The image gather for the completion logs we move to every process.
+            "if images is not None and self.log_multimodal:",
+            # The tool images of the completion logs are read from the completions TRL gathers for the same logs.
+            'self._logs["completion"].extend(gather_object(completions))',
+            # The processor calls whose image processor `images_preprocessed_once` serves from its memo: scoring's,
+            "prompt_inputs = self.processing_class(images=images, text=prompts_text, padding=True,",
+        ),
+        # and generation's.
+        has_lines(GRPOTrainer._tokenize_prompts, "tokenized = self.processing_class.apply_chat_template("),
     ),
     "_get_per_token_logps_and_entropies": all_of(
         # Our override forwards the first of these positionally to TRL's method, one chunk at a time.

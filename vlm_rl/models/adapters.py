@@ -60,6 +60,10 @@ class FamilyAdapter:
     """Whether the rows of one prompt can be scored in one packed sequence (`vlm_rl/trainers/shared_prefix.py`):
     the language model takes a custom 4D attention mask and explicit position ids and has no attention rule of its
     own (Gemma 3 attends bidirectionally among image tokens; BLIP-2 prepends query tokens)."""
+    preprocesses_per_image: ClassVar[bool] = False
+    """Whether the image processor's output holds each image's inputs apart from the others' (no padding or tiling
+    that depends on the other images of the call), so that an image shown by several rows can be preprocessed once
+    (`vlm_rl/models/preprocess_once.py`)."""
     image_feature_fields: ClassVar[tuple[str, ...]] = ()
     """Fields of the model's `get_image_features` output that its forward reads from `mm_encoder_outputs`, each
     holding one entry per image; empty where precomputed features are not used (`vlm_rl/trainers/vision_once.py`)."""

@@ -49,6 +49,7 @@ from vlm_rl.models.inputs import (
     select_rows,
 )
 from vlm_rl.models.lora import use_base_as_reference
+from vlm_rl.models.preprocess_once import images_preprocessed_once
 from vlm_rl.models.processing import continuing_final_message, load_processor
 from vlm_rl.models.video import configure_video
 from vlm_rl.rewards.columns import check_reward_columns
@@ -396,7 +397,9 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         )
         self._video_fields = None  # `_tokenize_prompts` sets it for a batch with videos
         try:
-            output = super()._generate_and_score_completions(video_rows or inputs)
+            # TRL preprocesses each row's images, for generation and again for scoring: a group's image once instead.
+            with images_preprocessed_once(getattr(self, "processing_class", None), self.adapter):
+                output = super()._generate_and_score_completions(video_rows or inputs)
             if self._video_fields is not None:
                 self._add_video_inputs(output, len(inputs))
         finally:
