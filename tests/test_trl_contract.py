@@ -256,6 +256,16 @@ SEAMS: dict[str, Callable[..., None]] = {
         has_parameters(GRPOTrainer.compute_loss, ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]),
         # `_loss_only_inputs`: TRL's loss scores through the log-prob method, which our override feeds.
         has_lines(GRPOTrainer._compute_loss, "self._get_per_token_logps_and_entropies("),
+        # `row_weight` (micro_batches.py): the row-averaged losses weigh each micro-batch alike, the `dapo` family
+        # divides by the generation batch's loss tokens.
+        has_lines(
+            GRPOTrainer._compute_loss,
+            'if self.loss_type in ["grpo", "sapo"]:',
+            "loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()",
+            "loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * self.max_completion_length)",
+            'elif self.loss_type in ["cispo", "dapo", "vespo"]:',
+            'normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes',
+        ),
     ),
     # Our `_prepare_inputs` is TRL's with the adapter's split/merge in place of TRL's shape-based guess.
     "_prepare_inputs": has_lines(

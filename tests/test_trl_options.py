@@ -130,7 +130,7 @@ OPTIONS = {
     "gradient_accumulation_steps=2": Option({"gradient_accumulation_steps": 2}),
     "steps_per_generation=2": Option(
         {"steps_per_generation": 2, "max_steps": 2},
-        differs="with prompts shared, a prompt's rows stay in one micro-batch (`_shuffle_rows`), so each optimizer "
+        differs="with prompts shared, a prompt's rows stay in one micro-batch (`_micro_batches`), so each optimizer "
         "step sees other rows than in the plain run",
     ),
     "sampling": Option({"temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.01, "repetition_penalty": 1.3}),

@@ -65,9 +65,17 @@ from vlm_rl.trainers.dynamic_sampling import DynamicSampling, GroupFilter, Layou
 from vlm_rl.trainers.epoch_sampler import EpochSeededSampler
 from vlm_rl.trainers.logprobs import align_per_token_inputs, score_from_logits
 from vlm_rl.trainers.metrics import MetricsMixin
+from vlm_rl.trainers.micro_batches import (
+    ROW_MEAN_LOSSES,
+    ROW_WEIGHT,
+    TOKEN_NORMALIZED_LOSSES,
+    balanced_by_tokens,
+    row_weights,
+    rows_of,
+)
 from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import install_console
-from vlm_rl.trainers.shared_prefix import Packing, balanced_by_tokens, forward_flops, image_runs, pack
+from vlm_rl.trainers.shared_prefix import Packing, forward_flops, image_runs, pack
 from vlm_rl.trainers.tool_metrics import ToolMetricsMixin
 from vlm_rl.trainers.video_rows import NUM_VIDEOS, VideoFields, prompts_with_videos, without_clips
 from vlm_rl.trainers.vision_once import encode_images_once, encoded_slots, image_features_reused
@@ -861,7 +869,9 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         keys = (*self.adapter.image_keys, *self.adapter.video_keys, NUM_VIDEOS, *self.adapter.row_keys)
         self._loss_only_inputs = {k: inputs[k] for k in keys if k in inputs and k not in _TRL_LOGPS_PARAMETERS}
         try:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # A micro-batch dealt by tokens counts in its window by its rows (`micro_batches.py`).
+            return loss * inputs[ROW_WEIGHT] if ROW_WEIGHT in inputs else loss
         finally:
             self._loss_only_inputs = MappingProxyType({})
 
@@ -876,8 +886,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             batch = self._scored_generation_batch(generation_batch)
-            batch = self._shuffle_rows(batch)
-            batches = split_tensor_dict(batch, self.args.steps_per_generation)
+            batches = self._micro_batches(batch)
             self._buffered_inputs = [self._merge_micro_batch(micro_batch) for micro_batch in batches]
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
@@ -921,14 +930,17 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         self._round_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         return self._round_rewards
 
-    def _shuffle_rows(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """TRL's shuffle of the generation batch before it is cut into micro-batches; with prompts shared, the
-        prompts are shuffled and each prompt's rows stay together, so that a micro-batch scores each of its prompts
-        once for all of its completions instead of once per micro-batch it landed in. Where every micro-batch holds
-        whole groups, the groups are also dealt so that the micro-batches hold about as many tokens each
-        (`balanced_by_tokens`): with uneven completions, no micro-batch gets all the long ones."""
-        if not self._shares_prompts(self.model) or self.args.steps_per_generation == 1:
-            return shuffle_sequence_dict(batch)
+    def _micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """TRL's shuffle of the generation batch and its cut into `steps_per_generation` micro-batches. With prompts
+        shared, the prompts are shuffled and each prompt's rows stay together, so that a micro-batch scores each of
+        its prompts once for all of its completions instead of once per micro-batch it landed in; and the groups are
+        dealt so that the micro-batches hold about as many tokens each (`micro_batches.py`): with uneven completions,
+        no micro-batch gets all the long ones. Where the loss allows it exactly, the micro-batches' row counts differ
+        and each is weighted by its rows (`ROW_WEIGHT`); otherwise, with groups of one size, their row counts stay
+        equal."""
+        count = self.args.steps_per_generation
+        if not self._shares_prompts(self.model) or count == 1:
+            return split_tensor_dict(shuffle_sequence_dict(batch), count)
         keys = [key for key in self.adapter.image_keys if isinstance(batch.get(key), list)]
         rows = range(len(batch["prompt_ids"]))
         num_images = batch.get("num_images") or [0] * len(rows)
@@ -936,20 +948,30 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         images = parts[0] if parts is not None else [batch[key] for key in keys]
         groups = group_rows(batch["prompt_ids"], images)
         groups = [groups[i] for i in torch.randperm(len(groups))]
-        micro_batch = self.args.per_device_train_batch_size
-        if all(len(group) == len(groups[0]) for group in groups) and micro_batch % len(groups[0]) == 0:
-            # A group's packed length: its prompt once, then each completion and one token more.
-            prompts, completions = batch["prompt_mask"].sum(dim=1), batch["completion_mask"].sum(dim=1)
-            tokens = [int(prompts[group[0]]) + int((completions[group] + 1).sum()) for group in groups]
-            groups = balanced_by_tokens(groups, tokens, micro_batch // len(groups[0]))
-        order = torch.cat([torch.tensor(group)[torch.randperm(len(group))] for group in groups])
+        # A group's packed length: its prompt once, then each completion and one token more.
+        prompts, completions = batch["prompt_mask"].sum(dim=1), batch["completion_mask"].sum(dim=1)
+        tokens = [int(prompts[group[0]]) + int((completions[group] + 1).sum()) for group in groups]
+        window, size = self.args.gradient_accumulation_steps, len(groups[0])
+        # One accumulation window per generation: the optimizer step holds the same rows whatever the cut.
+        exact = self.loss_type in ROW_MEAN_LOSSES | TOKEN_NORMALIZED_LOSSES and count == window
+        if exact and len(groups) >= count:
+            bins = balanced_by_tokens(groups, tokens, count)
+        elif all(len(group) == size for group in groups) and self.args.per_device_train_batch_size % size == 0:
+            per_group = self.args.per_device_train_batch_size // size
+            bins = balanced_by_tokens(groups, tokens, count, per_micro_batch=per_group)
+        else:  # groups of different sizes: equal row counts, cut where they fall
+            return split_tensor_dict(rows_of(batch, self._within_groups(groups)), count)
+        micro_batches = [rows_of(batch, self._within_groups(groups)) for groups in bins]
+        if self.loss_type in ROW_MEAN_LOSSES:
+            weights = row_weights([sum(map(len, groups)) for groups in bins], window)
+            for micro_batch, weight in zip(micro_batches, weights, strict=True):
+                micro_batch[ROW_WEIGHT] = torch.tensor(weight)
+        return micro_batches
 
-        def permute(value):
-            if isinstance(value, torch.Tensor) and value.ndim >= 1:
-                return value[order]
-            return [value[i] for i in order] if isinstance(value, list) else value
-
-        return {key: permute(value) for key, value in batch.items()}
+    @staticmethod
+    def _within_groups(groups: list[list[int]]) -> torch.Tensor:
+        """The rows of `groups`, group after group, each group's rows shuffled."""
+        return torch.cat([torch.tensor(group)[torch.randperm(len(group))] for group in groups])
 
     def _merge_micro_batch(self, micro_batch: dict[str, Any]) -> dict[str, Any]:
         if micro_batch.get("num_images") is None:

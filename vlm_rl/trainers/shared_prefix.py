@@ -167,19 +167,3 @@ def image_runs(ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     starts = is_image.clone()
     starts[:, 1:] &= ~is_image[:, :-1]
     return starts.sum(dim=1)
-
-
-def balanced_by_tokens(groups: list[list[int]], tokens: list[int], per_micro_batch: int) -> list[list[int]]:
-    """`groups` reordered so that each run of `per_micro_batch` groups (a micro-batch) holds about as many tokens as
-    the others: the largest group first into the micro-batch with the fewest tokens that has room (ties keep the
-    given order, so a shuffled input stays shuffled). The micro-batches come out in a random order."""
-    count = len(groups) // per_micro_batch
-    if count < 2:
-        return groups
-    bins: list[list[int]] = [[] for _ in range(count)]
-    totals = [0] * count
-    for index in sorted(range(len(groups)), key=lambda i: -tokens[i]):
-        target = min((b for b in range(count) if len(bins[b]) < per_micro_batch), key=lambda b: totals[b])
-        bins[target].append(index)
-        totals[target] += tokens[index]
-    return [groups[i] for b in torch.randperm(count).tolist() for i in bins[b]]
