@@ -157,3 +157,52 @@ def test_temporal_settings_are_checked_with_the_field_to_change(load_tiny, tmp_p
     model, processor = load_tiny("qwen2_vl")
     with pytest.raises(ValueError, match="reward 'accuracy', which is not among the rewards \\['in_order'\\]: set"):
         trainer_for(model, processor, tmp_path, temporal_grpo=True, eval_accuracy_reward="accuracy")
+
+
+# Records, per process and reward call, each row's clip as the grey levels of its frames (None: no video).
+FRAME_RECORDER = """
+import json
+import os
+
+
+def frame_levels(completions, videos=None, **kwargs):
+    with open(os.path.join(os.path.dirname(__file__), f"frames-rank{os.environ['RANK']}.jsonl"), "a") as f:
+        shown = [[round(float(frame.mean())) for frame in clips[0]] if clips else None
+                 for clips in videos or [[]] * len(completions)]
+        f.write(json.dumps(shown) + "\\n")
+    return [float(len(completion[0]["content"])) for completion in completions]
+"""
+
+
+@pytest.mark.scale
+def test_two_processes_one_with_video_rows_one_without_roll_out_alike_and_log_the_comparison(tmp_path):
+    """Process 1 holds a video prompt and process 0 a text prompt at every step: process 0 generates and scores a
+    padding row in step with process 1's shuffled rollout (TRL's reward gather would otherwise hang), and both log
+    the same comparison."""
+    import json
+
+    from test_distributed import check_ran, check_trained, launch, trainer_state, write_recipe
+
+    for k, shade in enumerate(SHADES):
+        Image.new("RGB", (56, 56), (shade,) * 3).save(tmp_path / f"frame{k}.png")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(6):  # unshuffled: process 0 gets prompt 2k (text), process 1 prompt 2k+1 (video)
+            video = [f"frame{k}.png" for k in range(len(SHADES))] if i % 2 else []
+            f.write(json.dumps({"question": f"Lighter or darker? ({i})", "answer": "lighter", "videos": video}) + "\n")
+    (tmp_path / "recorder.py").write_text(FRAME_RECORDER)
+    recipe = write_recipe(
+        tmp_path, dataset=str(tmp_path / "train.jsonl"), train_size=None, eval_size=None, prompt_template="{question}",
+        shuffle_dataset=False, reward_funcs=["accuracy", "recorder.py:frame_levels"], per_device_train_batch_size=2,
+        final_eval=False, temporal_grpo=True, video_max_pixels=56 * 56, max_steps=2,
+    )  # fmt: skip
+    code, output = launch("cpu_ddp.yaml", recipe, timeout=240)
+    check_ran(code, output)
+    check_trained(tmp_path / "run", 2)
+    calls = [[json.loads(line) for line in (tmp_path / f"frames-rank{rank}.jsonl").read_text().splitlines()]
+             for rank in (0, 1)]  # fmt: skip
+    assert calls[0] == [[None, None], [None]] * 2  # its text rows, then a padding row, at each step
+    for ordered, shuffled in zip(calls[1][::2], calls[1][1::2], strict=True):
+        assert ordered == [list(SHADES)] * 2 and len(shuffled) == 1  # one shuffled rollout (G // 2) of its prompt
+        assert sorted(shuffled[0]) == list(SHADES) and all(a != b for a, b in zip(shuffled[0], SHADES, strict=True))
+    logged = [entry for entry in trainer_state(tmp_path / "run")["log_history"] if "loss" in entry]
+    assert [entry["temporal/video_prompts"] for entry in logged] == [1.0, 1.0]
