@@ -55,7 +55,7 @@ def rows() -> list[dict]:
     ]  # fmt: skip
 
 
-def trainer_for(model, processor, tmp_path, **overrides):
+def trainer_for(model, processor, tmp_path, rewards=(in_order,), **overrides):
     from conftest import small_config
     from datasets import Dataset
 
@@ -65,8 +65,9 @@ def trainer_for(model, processor, tmp_path, **overrides):
                 "max_completion_length": 3, "eval_accuracy_reward": "in_order"}  # fmt: skip
     frames = [Image.fromarray(frame) for frame in grey_clip()]  # a video as PIL frames, as the Python API takes it
     dataset = Dataset.from_list([row | {"videos": frames if row["videos"] else []} for row in rows()])
-    return VLMGRPOTrainer(model=model, reward_funcs=[in_order], args=small_config(tmp_path, **(settings | overrides)),
-                          train_dataset=dataset, processing_class=processor)  # fmt: skip
+    args = small_config(tmp_path, **(settings | overrides))
+    return VLMGRPOTrainer(model=model, reward_funcs=list(rewards), args=args, train_dataset=dataset,
+                          processing_class=processor)  # fmt: skip
 
 
 @pytest.fixture
@@ -136,6 +137,23 @@ def test_off_by_default_nothing_is_rolled_out_twice_and_on_the_ordered_completio
     assert torch.equal(batch_on["completion_ids"], batch_off["completion_ids"])
     bonus = [0.5 * (score > 0.5 and bool(row["videos"])) for row, score in zip(rows(), rewards_off, strict=True)]
     assert rewards_on == pytest.approx([r + b for r, b in zip(rewards_off, bonus, strict=True)])
+
+
+def complement(completions, ordered_score, **kwargs) -> list[float]:
+    """1 - `ordered_score`: with `in_order`, the same total for every row shown its clip in order."""
+    return [1.0 - score for score in ordered_score]
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_dynamic_sampling_keeps_a_group_whose_spread_comes_from_the_bonus(load_tiny, tmp_path, temporal):
+    model, processor = load_tiny("qwen2_vl")
+    trainer = trainer_for(model, processor, tmp_path, (in_order, complement), temporal_grpo=temporal,
+                          dynamic_sampling=True, max_resample_rounds=0)  # fmt: skip
+    trainer.model.train()
+    trainer._scored_generation_batch(rows())
+    # Without the bonus every row's total is 1: no group varies. With it, the first prompt's totals are 1.3 and 1.
+    kept = trainer._metrics["train"]["dynamic_sampling/kept_fraction"][-1]
+    assert kept == (0.25 if temporal else 0.0)
 
 
 def test_a_training_run_logs_the_temporal_metrics(load_tiny, tmp_path):

@@ -87,7 +87,7 @@ class TemporalRule:
 
 
 @contextlib.contextmanager
-def _unlogged(trainer) -> Iterator[None]:
+def _beside_the_batch(trainer) -> Iterator[None]:
     """Inside, the `log_extra` / `log_metric` callbacks TRL hands reward functions do nothing (the shuffled scores
     must not become rows of the completion table or samples of a logged metric), and the batch's prompt inputs that
     `_tokenize_prompts` keeps for the ordered rows' scoring are left as they are."""
@@ -152,7 +152,7 @@ class TemporalGRPO:
         rows += [rows[0] if rows else inputs[0]] * padding
         shown += [shown[0] if shown else prompts[0]] * padding
         groups = [(first + index) // group_size for index in chosen] + [-1] * padding
-        with _unlogged(trainer):
+        with _beside_the_batch(trainer):
             with trainer._timed("rollout"):
                 prompt_ids, images, fields = trainer._tokenize_prompts(shown)
                 completion_ids, _ = trainer._generate_single_turn(prompt_ids, images, fields, group_size)
