@@ -454,6 +454,27 @@ SEAMS: dict[str, Callable[..., None]] = {
             'multimodal_fields = {k: v for k, v in tokenized.items() if k not in ("input_ids", "attention_mask")}',
         ),
     ),
+    # `temporal_grpo.py`: T-GRPO's shuffled rollouts are generated and scored as TRL's own rows are: from the prompts
+    # TRL's batch method built (images in place) and passes to `_calculate_rewards`, with the bonus added to what that
+    # returns before the advantages; decoded as TRL decodes completions without a response schema; scored by TRL's
+    # `_calculate_rewards`, whose logging callbacks it silences and whose gather keeps the processes in step.
+    "copy: T-GRPO's shuffled rollouts (temporal_grpo.py)": all_of(
+        has_lines(
+            GRPOTrainer._generate_and_score_completions,
+            "rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids_list)",
+            "unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)",
+        ),
+        has_lines(
+            GRPOTrainer._generate,
+            "contents = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)",
+        ),
+        has_lines(
+            GRPOTrainer._calculate_rewards,
+            'reward_kwargs["log_extra"] = self._log_completion_extra',
+            'reward_kwargs["log_metric"] = self._log_metric',
+            "rewards_per_func = gather(rewards_per_func)",
+        ),
+    ),
     # --- private attributes read
     "attributes: GRPOTrainer": lambda stock_trainer: [
         pytest.fail(f"TRL's trainer has no {name} after __init__")

@@ -451,6 +451,49 @@ class VLMGRPOConfig(GRPOConfig):
         metadata={"help": "The reward whose score is the accuracy of the band filter. Unset: `eval_accuracy_reward`."},
     )
 
+    temporal_grpo: bool = field(
+        default=False,
+        metadata={
+            "help": "T-GRPO (Video-R1): also roll out each video prompt with its clip's frames shuffled (those "
+            "completions are scored, compared and dropped, never trained on); a prompt whose share of correct "
+            "completions p is at least `temporal_margin` x the shuffled share p~ gets `temporal_bonus` added to the "
+            "accuracy reward of each correct completion (see docs/trainer.md). Rows without a video are untouched; "
+            "not with vLLM."
+        },
+    )
+    temporal_bonus: float = field(
+        default=0.3,
+        metadata={"help": "With `temporal_grpo`: added to a correct completion's accuracy reward (Video-R1's alpha)."},
+    )
+    temporal_margin: float = field(
+        default=0.8,
+        metadata={
+            "help": "With `temporal_grpo`: a prompt earns the bonus when p >= this x the shuffled share p~ "
+            "(Video-R1's mu)."
+        },
+    )
+    temporal_shuffled_generations: int | None = field(
+        default=None,
+        metadata={
+            "help": "With `temporal_grpo`: shuffled rollouts per video prompt (1 to num_generations). Unset: half of "
+            "num_generations, at least 1 (as Video-R1)."
+        },
+    )
+    temporal_accuracy_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "With `temporal_grpo`: the reward that says whether a completion is correct and gets the "
+            "bonus. Unset: `eval_accuracy_reward`."
+        },
+    )
+    temporal_accuracy_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": "With `temporal_grpo`: a completion is correct when its accuracy reward is above this (Video-R1's "
+            "code: 0.1, for its partial-credit rewards)."
+        },
+    )
+
     def __post_init__(self):
         generation_batch_given = self.generation_batch_size is not None
         try:
@@ -470,6 +513,7 @@ class VLMGRPOConfig(GRPOConfig):
         if self.vllm_server_retry_timeout < 0:
             raise ValueError(f"vllm_server_retry_timeout must be >= 0 seconds, got {self.vllm_server_retry_timeout}.")
         self._check_dynamic_sampling()
+        self._check_temporal_grpo()
         if self.max_tool_turns is not None:
             if self.max_tool_turns < 1:
                 raise ValueError(f"max_tool_turns must be at least 1, got {self.max_tool_turns}.")
@@ -497,6 +541,24 @@ class VLMGRPOConfig(GRPOConfig):
                 f"or a divisor of num_generations ({self.num_generations}): set per_device_train_batch_size to "
                 f"{self.num_generations // math.gcd(self.num_generations, self.steps_per_generation)}."
             )
+
+    def _check_temporal_grpo(self) -> None:
+        """T-GRPO's settings: the shuffled rollouts run through the policy's own `generate`."""
+        if not self.temporal_grpo:
+            return
+        if self.use_vllm:
+            raise ValueError(
+                "temporal_grpo generates its shuffled rollouts with the policy's `generate`, not vLLM: set use_vllm: "
+                "false or temporal_grpo: false."
+            )
+        shuffled = self.temporal_shuffled_generations
+        if shuffled is not None and not 1 <= shuffled <= self.num_generations:
+            raise ValueError(
+                f"temporal_shuffled_generations must be between 1 and num_generations ({self.num_generations}), "
+                f"got {shuffled}."
+            )
+        if self.temporal_margin < 0:
+            raise ValueError(f"temporal_margin must be >= 0, got {self.temporal_margin}.")
 
     def _indivisible_batch(self, generation_batch_given: bool) -> str:
         """GRPOConfig's batch-size checks in the recipe's words: the fields to change, and a value that works.

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from vlm_rl.config import parse_recipe
 from vlm_rl.data import image_counts, load_rows
-from vlm_rl.data.video import with_video
+from vlm_rl.data.video import derangement, shuffled_frame_order, with_video
 from vlm_rl.errors import InvalidValueError, MissingPathError
 from vlm_rl.export import ADAPTER_CONFIG, load_merged
 from vlm_rl.models import adapter_for, load_model_and_processor
@@ -71,27 +71,11 @@ def _generate(
     return texts, ids, prompt_ids
 
 
-def derangement(items: Sequence[int], rng: random.Random) -> dict[int, int]:
-    """A random map of `items` onto themselves in which none maps to itself (one cycle through all of them)."""
-    order = list(items)
-    rng.shuffle(order)
-    return {item: order[(position + 1) % len(order)] for position, item in enumerate(order)}
-
-
 def deranged_rows(image_rows: Sequence[int], seed: int = 0) -> dict[int, int]:
     """For each image row, the other image row whose images it gets in a blind evaluation (none keeps its own)."""
     if len(image_rows) < 2:
         raise InvalidValueError("A blind evaluation needs at least two rows with images.")
     return derangement(image_rows, random.Random(seed))
-
-
-def shuffled_frame_order(num_frames: int, row: int, seed: int = 0) -> list[int]:
-    """The order in which row `row`'s clip shows its frames in a frames-shuffled evaluation: position k shows frame
-    `order[k]`, no frame in its own place (one frame: unchanged). Seeded per row, so a rerun shows the same order."""
-    if num_frames < 2:
-        return list(range(num_frames))
-    moved = derangement(range(num_frames), random.Random(f"frames:{seed}:{row}"))
-    return [moved[position] for position in range(num_frames)]
 
 
 def _batches(dataset: Dataset, batch_size: int) -> Iterator[list[tuple[int, dict]]]:

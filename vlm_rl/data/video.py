@@ -7,6 +7,8 @@ One video per row for now. The frames are sampled while decoding, at the process
 from __future__ import annotations
 
 import os
+import random
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -150,3 +152,21 @@ def with_video(prompt: list[dict], videos: list, num_images: int) -> list[dict]:
         messages[index] = {**message, "content": content}
         return messages
     raise ClipError("bad_prompt", "the row has a video but its prompt has no user message to put it in")
+
+
+def derangement(items: Sequence[int], rng: random.Random) -> dict[int, int]:
+    """A random map of `items` onto themselves in which none maps to itself (one cycle through all of them)."""
+    order = list(items)
+    rng.shuffle(order)
+    return {item: order[(position + 1) % len(order)] for position, item in enumerate(order)}
+
+
+def shuffled_frame_order(num_frames: int, row: int | str, seed: int = 0) -> list[int]:
+    """The order in which row `row`'s clip shows its frames with its frames shuffled (the evaluation's
+    `--ablate-frames`, T-GRPO's shuffled rollouts): position k shows frame `order[k]`, no frame in its own place (one
+    frame: unchanged). Seeded by `row` (the evaluation's row index; training's step and group), so a rerun shows the
+    same order."""
+    if num_frames < 2:
+        return list(range(num_frames))
+    moved = derangement(range(num_frames), random.Random(f"frames:{seed}:{row}"))
+    return [moved[position] for position in range(num_frames)]

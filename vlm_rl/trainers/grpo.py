@@ -76,6 +76,7 @@ from vlm_rl.trainers.micro_batches import (
 from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import install_console
 from vlm_rl.trainers.shared_prefix import Packing, forward_flops, image_runs, pack
+from vlm_rl.trainers.temporal_grpo import TemporalGRPO, TemporalRule
 from vlm_rl.trainers.tool_metrics import ToolMetricsMixin
 from vlm_rl.trainers.video_rows import NUM_VIDEOS, VideoFields, prompts_with_videos, without_clips
 from vlm_rl.trainers.vision_once import encode_images_once, encoded_slots, image_features_reused
@@ -169,6 +170,8 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         self.options = options
         if options.dynamic_sampling:
             self._check_dynamic_sampling()
+        if options.temporal_grpo:
+            self._check_temporal_grpo()
         use_base_as_reference(self.model)  # beta > 0, fresh LoRA: the reference is the adapter-disabled base
         self.adapter = self._family_adapter()
         # The models TRL gave a fused LM head (the policy unwrapped from PEFT, the reference model).
@@ -229,6 +232,32 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             options.max_resample_rounds,
             self._tokenizer.pad_token_id,
         )
+
+    @functools.cached_property
+    def temporal(self) -> TemporalGRPO | None:
+        """T-GRPO's shuffled rollouts and bonus (`temporal_grpo.py`) when the options turn it on, else None."""
+        options = self.options
+        if not options.temporal_grpo:
+            return None
+        accuracy = options.temporal_accuracy_reward or options.eval_accuracy_reward
+        rule = TemporalRule(
+            self.reward_func_names.index(accuracy),
+            options.temporal_bonus,
+            options.temporal_margin,
+            options.temporal_accuracy_threshold,
+            self.num_generations,
+        )
+        per_prompt = options.temporal_shuffled_generations or max(1, self.num_generations // 2)
+        return TemporalGRPO(rule, per_prompt, self.args.seed)
+
+    def _check_temporal_grpo(self) -> None:
+        """What T-GRPO needs besides the config's own checks: its accuracy reward among the rewards."""
+        accuracy = self.options.temporal_accuracy_reward or self.options.eval_accuracy_reward
+        if accuracy not in self.reward_func_names:
+            raise ValueError(
+                f"temporal_grpo counts correct completions with the reward {accuracy!r}, which is not among the "
+                f"rewards {self.reward_func_names}: set temporal_accuracy_reward (or eval_accuracy_reward)."
+            )
 
     def _check_dynamic_sampling(self) -> None:
         """What dynamic sampling needs besides the config's own checks: indexable data and the band's reward."""
@@ -925,10 +954,14 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         return batch
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        # TRL's gathered rewards of every process's rows, kept for dynamic sampling's decision, which TRL's
-        # `_generate_and_score_completions` does not return.
-        self._round_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        return self._round_rewards
+        # TRL's gathered rewards of every process's rows, with T-GRPO's bonus for the video prompts that do better in
+        # order (`temporal_grpo.py`: TRL computes the advantages from them next); kept for dynamic sampling's
+        # decision, which TRL's `_generate_and_score_completions` does not return.
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.temporal is not None and self.model.training:
+            rewards = self.temporal.with_bonus(self, inputs, prompts, rewards)
+        self._round_rewards = rewards
+        return rewards
 
     def _micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """TRL's shuffle of the generation batch and its cut into `steps_per_generation` micro-batches. With prompts

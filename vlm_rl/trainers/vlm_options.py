@@ -38,6 +38,12 @@ class VLMOptions:
     video_num_frames: int | None = _DEFAULTS["video_num_frames"]
     video_max_pixels: int | None = _DEFAULTS["video_max_pixels"]
     video_total_pixels: int | None = _DEFAULTS["video_total_pixels"]
+    temporal_grpo: bool = _DEFAULTS["temporal_grpo"]
+    temporal_bonus: float = _DEFAULTS["temporal_bonus"]
+    temporal_margin: float = _DEFAULTS["temporal_margin"]
+    temporal_shuffled_generations: int | None = _DEFAULTS["temporal_shuffled_generations"]
+    temporal_accuracy_reward: str | None = _DEFAULTS["temporal_accuracy_reward"]
+    temporal_accuracy_threshold: float = _DEFAULTS["temporal_accuracy_threshold"]
 
     @classmethod
     def from_args(cls, args: Any) -> VLMOptions:
