@@ -5,6 +5,7 @@ does. The plain path (both switches off) is the reference; each switch alone and
 must actually run fewer tokens through the language model / vision tower where the family supports them.
 """
 
+import functools
 import random
 from dataclasses import replace
 
@@ -395,3 +396,52 @@ def test_video_groups_match_the_plain_forward_with_each_prompt_and_each_video_on
                 assert counts["vision"] == distinct, where
             else:  # each group's images and video once for its COPIES rows
                 assert counts["vision"] * COPIES == plain[3]["vision"], where
+
+
+def count_video_patches(model, seen: list[int]) -> None:
+    """Have the model's video encoder note the patches of each call in `seen`: in generation (which picks its inputs
+    by the encoder's signature) and in scoring, inside the forward or encoded once."""
+    encode = model.model.get_video_features
+
+    @functools.wraps(encode)
+    def counted(pixel_values_videos, *args, **kwargs):
+        seen.append(pixel_values_videos.size(0))
+        return encode(pixel_values_videos, *args, **kwargs)
+
+    model.model.get_video_features = counted
+
+
+def test_training_on_video_rows_with_both_switches_logs_the_plain_runs_numbers(load_tiny, tmp_path):
+    """End to end on video files, images and text, an optimizer step of two micro-batches (prompts kept whole by the
+    shuffle): with both switches, the plain run's rewards, loss and gradient norm, with fewer video patches through
+    the vision tower. One step: the shuffles draw from the RNG differently, so later generations sample other
+    completions."""
+    from PIL import Image
+    from test_video import frame, load, video_trainer, write_jsonl, write_video
+
+    write_video(tmp_path / "clip.mp4")
+    Image.fromarray(frame(3)).save(tmp_path / "still.png")
+    rows = [
+        {"prompt": "Which way does the bar grow?", "videos": ["clip.mp4"], "answer": "right"},
+        {"prompt": "Say right.", "answer": "right"},
+        {"prompt": "Where is the bar?", "images": ["still.png"], "answer": "left"},
+        {"prompt": "Same bar?", "images": ["still.png"], "videos": ["clip.mp4"], "answer": "yes"},
+    ]
+    histories, video_patches = {}, {False: [], True: []}
+    for switches in (False, True):
+        task = load(write_jsonl(tmp_path / "d.jsonl", rows))
+        model, processor = load_tiny("qwen2_5_vl")
+        count_video_patches(model, video_patches[switches])
+        settings = {"video_num_frames": 4, "per_device_train_batch_size": 4, "steps_per_generation": 2,
+                    "gradient_accumulation_steps": 2, "max_steps": 1, "share_prompt_prefix": switches,
+                    "encode_images_once": switches}  # fmt: skip
+        trainer = video_trainer(model, processor, tmp_path / str(switches), [], dataset=task.train,
+                                reward=completion_length_reward, **settings)  # fmt: skip
+        task.attach_processor(processor)
+        trainer.train()
+        histories[switches] = [row for row in trainer.state.log_history if "loss" in row]
+    (plain,), (shared,) = histories[False], histories[True]
+    assert plain["grad_norm"] > 0, "the comparison needs a non-zero update"
+    assert 0 < sum(video_patches[True]) < sum(video_patches[False])
+    for key in ("reward", "loss", "grad_norm", "entropy", "completions/mean_length"):
+        assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
