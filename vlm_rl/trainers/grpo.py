@@ -577,7 +577,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         )
 
     def _images_encoded_once(self, model, inputs: dict[str, Any]) -> dict[str, Any] | None:
-        """The vision inputs of a forward as features of each distinct image, encoded once (`vision_once.py`)."""
+        """A forward's vision inputs as features of each distinct image and video, encoded once (`vision_once.py`)."""
         base = self._unwrapped(model)
         if not self._encodes_images_once(base):
             return None
