@@ -5,6 +5,7 @@ does. The plain path (both switches off) is the reference; each switch alone and
 must actually run fewer tokens through the language model / vision tower where the family supports them.
 """
 
+import functools
 import random
 from dataclasses import replace
 
@@ -60,10 +61,11 @@ def distinct_images(adapter, kind: str) -> tuple[int, int]:
     return len(distinct), len(images)
 
 
-def scoring_batch(trainer, kind: str):
-    """Trainer inputs for a batch with every prompt `COPIES` times, rows shuffled. The copies of a prompt get
-    completions of different lengths (1 to 6 tokens), so that they differ and some are padded."""
-    distinct = prompts(trainer.adapter, kind)
+def scoring_batch(trainer, kind: str | list[dict]):
+    """Trainer inputs for a batch with every prompt (of a `kind`, or the rows given) `COPIES` times, rows shuffled.
+    The copies of a prompt get completions of different lengths (1 to 6 tokens), so that they differ and some are
+    padded."""
+    distinct = prompts(trainer.adapter, kind) if isinstance(kind, str) else kind
     order = [i for i in range(len(distinct)) for _ in range(COPIES)]
     random.Random(1).shuffle(order)
     rows = [distinct[i] for i in order]
@@ -77,7 +79,8 @@ def scoring_batch(trainer, kind: str):
     completion_mask = (torch.arange(width)[None] < lengths[:, None]).long()
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention_mask = torch.cat([batch["prompt_mask"], completion_mask], dim=1)
-    keys = (*trainer.adapter.image_keys, *trainer.adapter.row_keys, "num_images", "num_tiles")
+    adapter = trainer.adapter
+    keys = (*adapter.image_keys, *adapter.video_keys, *adapter.row_keys, "num_images", "num_tiles", "num_videos")
     inputs = {key: batch[key] for key in keys if batch.get(key) is not None}
     return input_ids, attention_mask, completion_mask, inputs
 
@@ -327,3 +330,118 @@ def test_distinct_prompts_of_uneven_length_are_scored_without_padding(load_tiny,
     assert counts["language"] == int(attention_mask.sum()) < input_ids.numel() == plain[3]["language"]
     torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0)
     assert_grads_close(grads, plain[2], "one forward per row")
+
+
+VIDEO_FAMILIES = sorted(name for name in SHARED_FAMILIES if tiny_families()[name].video_keys)
+
+
+def video_prompts() -> list[dict]:
+    """A video prompt; the same question about another clip of the same size (the same prompt ids: only the video
+    tells the two prompts apart); the first clip again beside an image under another question (a video that two
+    prompts show); an image prompt; a text-only prompt. The clip runs at twice the test rate, so that its timing
+    (Qwen2.5-VL's `second_per_grid_ts`) is not the default one second per temporal patch."""
+    from test_video import RATE, clip
+
+    first = clip(rate=2 * RATE)
+    other = type(first)(first[::-1].copy(), first.metadata)
+    image = draw_shape("circle", "red", 56, random.Random(0))
+    rows = [
+        ("Which way does the bar grow?", [], [first]),
+        ("Which way does the bar grow?", [], [other]),
+        ("Same color as the bar?", [image], [first]),
+        ("Color?", [image], []),
+        ("Say red.", [], []),
+    ]
+    return [{"prompt": [{"role": "user", "content": text}], "images": images, "videos": videos, "answer": "red"}
+            for text, images, videos in rows]  # fmt: skip
+
+
+def distinct_patches(pixels: torch.Tensor, grid: torch.Tensor) -> int:
+    """The patches of the distinct items (images or videos) of `pixels`, each `grid` row one item's (t, h, w)."""
+    items = torch.split(pixels, grid.prod(dim=-1).tolist())
+    return sum({item.numpy().tobytes(): item.size(0) for item in items}.values())
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_groups_match_the_plain_forward_with_each_prompt_and_each_video_once(family, load_tiny, tmp_path):
+    """A micro-batch of video, image-plus-video, image and text-only groups: with each switch and both, the plain
+    forward's log-probs and gradients (M-RoPE of the videos, with Qwen2.5-VL's timing, gathered into the packing),
+    each group's prompt and video once through the language model and the vision tower, each distinct video once."""
+    from test_video import video_trainer
+
+    model, processor = load_tiny(family)
+    rows = video_prompts()
+    trainer = video_trainer(model, processor, tmp_path, rows, num_generations=COPIES,
+                            per_device_train_batch_size=COPIES, max_completion_length=6)  # fmt: skip
+    batch = scoring_batch(trainer, rows)
+    inputs = batch[3]
+    assert sum(inputs["num_videos"]) == 3 * COPIES
+    if family == "qwen2_5_vl":
+        assert inputs["second_per_grid_ts"].tolist() == [0.5] * 3 * COPIES
+    plain = score(trainer, model, batch, (False, False), None)
+    for mode, switches in MODES.items():
+        for chunk in (None, 4):  # one chunk, or chunks that cut through prompt groups
+            logps, entropies, grads, counts = score(trainer, model, batch, switches, chunk)
+            where = f"{family}, video batch, {mode}, chunk {chunk}"
+            torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0, msg=f"log-probs: {where}")
+            torch.testing.assert_close(entropies, plain[1], atol=1e-5, rtol=0, msg=f"entropies: {where}")
+            assert_grads_close(grads, plain[2], where)
+            if chunk is not None:
+                continue
+            if switches[0]:  # each prompt once: the language model runs fewer tokens
+                assert counts["language"] < plain[3]["language"], where
+            if switches[1]:  # each distinct image and video once, also the video two prompts show
+                distinct = distinct_patches(inputs["pixel_values"], inputs["image_grid_thw"])
+                distinct += distinct_patches(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+                assert counts["vision"] == distinct, where
+            else:  # each group's images and video once for its COPIES rows
+                assert counts["vision"] * COPIES == plain[3]["vision"], where
+
+
+def count_video_patches(model, seen: list[int]) -> None:
+    """Have the model's video encoder note the patches of each call in `seen`: in generation (which picks its inputs
+    by the encoder's signature) and in scoring, inside the forward or encoded once."""
+    encode = model.model.get_video_features
+
+    @functools.wraps(encode)
+    def counted(pixel_values_videos, *args, **kwargs):
+        seen.append(pixel_values_videos.size(0))
+        return encode(pixel_values_videos, *args, **kwargs)
+
+    model.model.get_video_features = counted
+
+
+def test_training_on_video_rows_with_both_switches_logs_the_plain_runs_numbers(load_tiny, tmp_path):
+    """End to end on video files, images and text, an optimizer step of two micro-batches (prompts kept whole by the
+    shuffle): with both switches, the plain run's rewards, loss and gradient norm, with fewer video patches through
+    the vision tower. One step: the shuffles draw from the RNG differently, so later generations sample other
+    completions."""
+    from PIL import Image
+    from test_video import frame, load, video_trainer, write_jsonl, write_video
+
+    write_video(tmp_path / "clip.mp4")
+    Image.fromarray(frame(3)).save(tmp_path / "still.png")
+    rows = [
+        {"prompt": "Which way does the bar grow?", "videos": ["clip.mp4"], "answer": "right"},
+        {"prompt": "Say right.", "answer": "right"},
+        {"prompt": "Where is the bar?", "images": ["still.png"], "answer": "left"},
+        {"prompt": "Same bar?", "images": ["still.png"], "videos": ["clip.mp4"], "answer": "yes"},
+    ]
+    histories, video_patches = {}, {False: [], True: []}
+    for switches in (False, True):
+        task = load(write_jsonl(tmp_path / "d.jsonl", rows))
+        model, processor = load_tiny("qwen2_5_vl")
+        count_video_patches(model, video_patches[switches])
+        settings = {"video_num_frames": 4, "per_device_train_batch_size": 4, "steps_per_generation": 2,
+                    "gradient_accumulation_steps": 2, "max_steps": 1, "share_prompt_prefix": switches,
+                    "encode_images_once": switches}  # fmt: skip
+        trainer = video_trainer(model, processor, tmp_path / str(switches), [], dataset=task.train,
+                                reward=completion_length_reward, **settings)  # fmt: skip
+        task.attach_processor(processor)
+        trainer.train()
+        histories[switches] = [row for row in trainer.state.log_history if "loss" in row]
+    (plain,), (shared,) = histories[False], histories[True]
+    assert plain["grad_norm"] > 0, "the comparison needs a non-zero update"
+    assert 0 < sum(video_patches[True]) < sum(video_patches[False])
+    for key in ("reward", "loss", "grad_norm", "entropy", "completions/mean_length"):
+        assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key

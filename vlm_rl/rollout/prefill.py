@@ -4,7 +4,8 @@ TRL passes `generate` every prompt G times, so the prompt's tokens (and its imag
 processed G times before the first completion token. A causal language model's cache for a prompt does not depend
 on what follows it, so here each distinct prompt (same token ids, same images) but its last token is run once with
 the cache on, the cache's rows are copied out to the G rows that share it, and `generate` continues from there with
-the last prompt token: the same next-token distributions, at about 1/G of the prefill.
+the last prompt token: the same next-token distributions, at about 1/G of the prefill. Videos (Qwen-VL families) are
+part of the prompt like images: rows with the same prompt ids but different clips are different prompts.
 """
 
 from __future__ import annotations
@@ -24,11 +25,17 @@ from vlm_rl.rollout.in_place_cache import append_in_place
 
 @contextlib.contextmanager
 def prompts_prefilled_once(
-    model, base_model, adapter: FamilyAdapter, num_images: list[int], num_tiles: list[int] | None = None
+    model,
+    base_model,
+    adapter: FamilyAdapter,
+    num_images: list[int],
+    num_tiles: list[int] | None = None,
+    num_videos: list[int] | None = None,
 ) -> Iterator[None]:
     """Inside, `model.generate(input_ids=..., attention_mask=..., <vision inputs>, ...)` prefills each distinct prompt
-    of its batch once. `base_model` is `model` without wrappers (PEFT); `num_images` counts each row's images, and
-    `num_tiles` (for families whose vision inputs hold tiles) each row's tiles."""
+    of its batch once. `base_model` is `model` without wrappers (PEFT); `num_images` counts each row's images,
+    `num_tiles` (for families whose vision inputs hold tiles) each row's tiles, and `num_videos` (where the batch
+    has videos) each row's videos."""
     original = model.generate
     had_own = "generate" in vars(model)
 
@@ -43,11 +50,13 @@ def prompts_prefilled_once(
         expands = (config.num_beams or 1) > 1 or (config.num_return_sequences or 1) > 1
         if input_ids.size(1) < 2 or config.cache_implementation or expands:
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        vision = {key: kwargs.pop(key) for key in list(kwargs) if key in adapter.image_keys}
+        vision = {key: kwargs.pop(key) for key in list(kwargs) if key in (*adapter.image_keys, *adapter.video_keys)}
         per_token = {key: kwargs.pop(key) for key in list(kwargs) if key in adapter.row_keys}
-        tiles = {} if num_tiles is None else {"num_tiles": num_tiles}
-        split = adapter.split_vision_inputs({**vision, **per_token, **tiles}, num_images)
-        groups = group_rows(input_ids, [split[key] for key in adapter.image_keys if isinstance(split.get(key), list)])
+        counts = {} if num_tiles is None else {"num_tiles": num_tiles}
+        counts |= {} if num_videos is None else {"num_videos": num_videos}
+        split = adapter.split_vision_inputs({**vision, **per_token, **counts}, num_images)
+        keys = (*adapter.image_keys, *adapter.video_keys)
+        groups = group_rows(input_ids, [split[key] for key in keys if isinstance(split.get(key), list)])
         firsts = [group[0] for group in groups]
         prefill = select_rows(adapter, split, num_images, firsts)
         for key in BOOKKEEPING_KEYS:

@@ -79,7 +79,7 @@ from vlm_rl.trainers.shared_prefix import Packing, forward_flops, image_runs, pa
 from vlm_rl.trainers.temporal_grpo import TemporalGRPO, TemporalRule
 from vlm_rl.trainers.tool_metrics import ToolMetricsMixin
 from vlm_rl.trainers.video_rows import NUM_VIDEOS, VideoFields, prompts_with_videos, without_clips
-from vlm_rl.trainers.vision_once import encode_images_once, encoded_slots, image_features_reused
+from vlm_rl.trainers.vision_once import MODALITIES, encode_images_once, encoded_slots, image_features_reused
 from vlm_rl.trainers.vlm_options import VLMOptions
 
 logger = logging.getLogger(__name__)
@@ -401,13 +401,15 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         )
         # Rows that have emitted EOS leave the decoding forwards (exact: the other rows' logits are unchanged).
         ended_left_out = finished_rows_left_out(model, base, self.adapter)
-        # Sharing each prompt's prefill covers image inputs only: a batch with videos generates plainly.
-        if not self._shares_prompts(self.model, False) or "pixel_values_videos" in multimodal_fields:
+        # A batch's video inputs are those of its one prompt tokenization (`_tokenize_prompts`; tools, which tokenize
+        # each turn, refuse video rows), so its rows' video counts are known.
+        videos = self._video_fields.num_videos if self._video_fields is not None else None
+        if not self._shares_prompts(self.model, False) or ("pixel_values_videos" in multimodal_fields and not videos):
             with reused, ended_left_out:
                 return super()._generate_single_turn(*args)
         images = images if images is not None else [[] for _ in prompt_ids]
         tiles = self.adapter.tiles_per_row(self.processing_class, images)
-        prefilled = prompts_prefilled_once(model, base, self.adapter, [len(row) for row in images], tiles)
+        prefilled = prompts_prefilled_once(model, base, self.adapter, [len(row) for row in images], tiles, videos)
         with reused, ended_left_out, prefilled:
             return super()._generate_single_turn(*args)
 
@@ -551,8 +553,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         split_inputs = self.adapter.split_vision_inputs(model_inputs, num_images)
         batch_size = batch_size or input_ids.size(0)
         # An MoE router's load-balancing loss counts every token it routes: with each prompt once it would change.
-        # Sharing prompts covers image inputs only: a batch with videos is scored plainly.
-        shares_prompts = self._shares_prompts(model) and not compute_aux_loss and NUM_VIDEOS not in model_inputs
+        shares_prompts = self._shares_prompts(model) and not compute_aux_loss
         logps, entropies, aux_losses = [], [], []
         for start in range(0, input_ids.size(0), batch_size):
             rows = range(start, min(start + batch_size, input_ids.size(0)))
@@ -583,13 +584,13 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         self, model, input_ids, attention_mask, logits_to_keep, compute_entropy, compute_aux_loss, inputs
     ):
         """TRL's log-prob forward of one chunk, with the chunk's own model inputs."""
-        # Inputs TRL's method has no parameter for (a family's extra inputs) go straight to the model call.
-        has_videos = inputs.pop(NUM_VIDEOS, None) is not None
+        # Inputs TRL's method has no parameter for (a family's extra inputs, the video inputs) go straight to the
+        # model call.
+        num_videos = inputs.pop(NUM_VIDEOS, None)
         extra = {key: inputs.pop(key) for key in list(inputs) if key not in _TRL_LOGPS_PARAMETERS}
-        # Encode-once covers images only: a forward with videos runs its vision tower as the model does.
-        encoded = None if has_videos else self._images_encoded_once(model, inputs)
+        encoded = self._images_encoded_once(model, {**inputs, **extra, NUM_VIDEOS: num_videos})
         if encoded is not None:  # TRL's method passes vision inputs only along with `pixel_values`
-            extra.update(encoded)
+            extra = {key: value for key, value in extra.items() if key not in self.adapter.video_keys} | encoded
             inputs = {key: value for key, value in inputs.items() if key not in self.adapter.image_keys}
         return super()._get_per_token_logps_and_entropies(
             functools.partial(model, **extra) if extra else model,
@@ -616,7 +617,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         )
 
     def _images_encoded_once(self, model, inputs: dict[str, Any]) -> dict[str, Any] | None:
-        """The vision inputs of a forward as features of each distinct image, encoded once (`vision_once.py`)."""
+        """A forward's vision inputs as features of each distinct image and video, encoded once (`vision_once.py`)."""
         base = self._unwrapped(model)
         if not self._encodes_images_once(base):
             return None
@@ -714,7 +715,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             return None
         images, by_part = parts
         # Rows of their own prompt are groups of one: scored at their own length too (`_packings`).
-        groups = group_rows(input_ids[:, :prompt_length], images)
+        groups = group_rows(input_ids[:, :prompt_length], images + self._row_videos(split_inputs, rows))
         base = self._unwrapped(model)
         text_config = base.config.get_text_config()
         sizes = (text_config.hidden_size, getattr(text_config, "intermediate_size", 4 * text_config.hidden_size))
@@ -799,19 +800,20 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
     def _images_encoded_once_across(
         self, model, every: dict[str, Any], forwards: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
-        """The inputs of the `forwards` that together hold the images of `every`, with each distinct image encoded
-        once for all of them (`vision_once.py`): also an image that two prompts scored in separate forwards show."""
+        """The inputs of the `forwards` that together hold the images and videos of `every`, with each distinct one
+        encoded once for all of them (`vision_once.py`): also one that two prompts scored in separate forwards show."""
         encoded = self._images_encoded_once(model, every)
         if encoded is None:
             return forwards
-        result, first = [], 0
+        vision_keys = (*self.adapter.image_keys, *self.adapter.video_keys)
+        result, first = [], {modality.name: 0 for modality in MODALITIES}
         for inputs in forwards:
-            count = sum(inputs.get("num_images") or [])
-            if count:
-                own = encoded if len(forwards) == 1 else encoded_slots(self.adapter, encoded, inputs, first, count)
-                inputs = {key: value for key, value in inputs.items() if key not in self.adapter.image_keys} | own
+            counts = {modality.name: sum(inputs.get(modality.count) or []) for modality in MODALITIES}
+            if any(counts.values()):
+                own = encoded if len(forwards) == 1 else encoded_slots(self.adapter, encoded, inputs, first)
+                inputs = {key: value for key, value in inputs.items() if key not in vision_keys} | own
             result.append(inputs)
-            first += count
+            first = {name: first[name] + count for name, count in counts.items()}
         return result
 
     def _packed_forward(
@@ -886,6 +888,12 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             images = [{key: split[key][i] for key in keys} for i in range(count)]
             parts.append((images[: count - completion_count], images[count - completion_count :]))
         return parts
+
+    def _row_videos(self, split_inputs: dict[str, Any], rows: range) -> list[list[torch.Tensor]]:
+        """Per video input, each row's input of `rows` (as split per row by the adapter): with the prompt ids, they
+        tell the rows of one prompt (two clips of one size under one question have the same prompt ids)."""
+        keys = [key for key in self.adapter.video_keys if isinstance(split_inputs.get(key), list)]
+        return [split_inputs[key][rows.start : rows.stop] for key in keys]
 
     @staticmethod
     def _cat_images(images: list[dict[str, torch.Tensor]], key: str, row_value: torch.Tensor) -> torch.Tensor:
@@ -979,7 +987,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         num_images = batch.get("num_images") or [0] * len(rows)
         parts = self._prompt_images(batch, keys, num_images, rows, batch["prompt_ids"], batch["completion_ids"])
         images = parts[0] if parts is not None else [batch[key] for key in keys]
-        groups = group_rows(batch["prompt_ids"], images)
+        groups = group_rows(batch["prompt_ids"], images + self._row_videos(batch, rows))
         groups = [groups[i] for i in torch.randperm(len(groups))]
         # A group's packed length: its prompt once, then each completion and one token more.
         prompts, completions = batch["prompt_mask"].sum(dim=1), batch["completion_mask"].sum(dim=1)

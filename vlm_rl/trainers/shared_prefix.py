@@ -1,7 +1,7 @@
 """Shared-prompt scoring: the G completions of a prompt in one sequence that holds the prompt once.
 
 GRPO scores G completions per prompt, and in VLM RL the prompt is the long part (hundreds of image tokens). The
-plain forward runs it G times; here the rows whose prompt is the same (token ids and images) become one sequence
+plain forward runs it G times; here the rows whose prompt is the same (token ids, images and video) become one sequence
 
     prompt[:-1] | prompt[-1] c¹ | prompt[-1] c² | … | prompt[-1] cᴳ
 
@@ -11,7 +11,7 @@ predicts the first completion token, which differs between segments. The positio
 (M-RoPE included), gathered into this layout. So every scored token sees exactly the keys, values and positions it
 sees in the plain forward: the same log-probs, and the same gradients (the prompt's activations receive the sum of
 the G segments' gradients, as the G copies of the prompt do in the plain forward). The language model processes
-P + G·(C + 1) tokens per group instead of G·(P + C), and the vision tower sees the group's images once.
+P + G·(C + 1) tokens per group instead of G·(P + C), and the vision tower sees the group's images and video once.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ call that tokenizes the prompts for generation (`_tokenize_prompts`, through the
 videos in the prompts; its video inputs, and its per-token `mm_token_type_ids`, which mark the video tokens the
 second call does not expand, are kept (`VideoFields`) and given to every log-prob forward of the batch.
 
-Prompt sharing and encode-once cover images only: a forward with video inputs takes the plain path.
+Prompt sharing and encode-once treat a row's video as part of its prompt, like its images (`shared_prefix.py`,
+`vision_once.py`).
 """
 
 from __future__ import annotations

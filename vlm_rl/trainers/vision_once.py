@@ -1,9 +1,10 @@
-"""Each distinct image of a forward through the vision tower once.
+"""Each distinct image and each distinct video of a forward through the vision tower once.
 
-A GRPO batch holds every image G times (once per completion). transformers 5 models take precomputed vision-encoder
-outputs (`mm_encoder_outputs`) in place of `pixel_values`; here the distinct images of a forward are encoded once and
-their features indexed out to every image slot that shows them. Indexing is differentiable, so a trainable vision
-tower gets the summed gradient of all the slots, as it does when each copy is encoded separately.
+A GRPO batch holds every image and video G times (once per completion). transformers 5 models take precomputed
+vision-encoder outputs (`mm_encoder_outputs`) in place of `pixel_values` / `pixel_values_videos`; here the distinct
+images and videos of a forward are encoded once and their features indexed out to every slot that shows them.
+Indexing is differentiable, so a trainable vision tower gets the summed gradient of all the slots, as it does when
+each copy is encoded separately.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import hashlib
 import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,56 +89,107 @@ def image_features_reused(base_model, adapter: FamilyAdapter, cache: dict) -> It
         del owner.get_image_features
 
 
-def encode_images_once(base_model, adapter: FamilyAdapter, inputs: dict[str, Any]) -> dict[str, Any] | None:
-    """Model inputs that replace `inputs`' image inputs with `mm_encoder_outputs` of each distinct image encoded once.
+@dataclass(frozen=True)
+class Modality:
+    """Images or videos: the model inputs of each and the encoder that turns them into features."""
 
-    `inputs` are a forward's merged model inputs (`num_images` among them); None where they hold no image or the
-    family does not support it (the caller then passes `inputs` unchanged). Images that are all distinct take the same
-    route, so that every image forward runs the vision tower at the same point (before the language model's token
-    embeddings), which processes training together rely on.
+    name: str
+    """The key of `mm_encoder_outputs` (`image` / `video`)."""
+    count: str
+    """The bookkeeping input counting each row's items (`num_images` / `num_videos`)."""
+    pixels: str
+    """The input the precomputed features replace."""
+    encoder: str
+    """The model's method that encodes them (`get_image_features` / `get_video_features`)."""
+
+    def keys(self, adapter: FamilyAdapter) -> tuple[str, ...]:
+        return adapter.image_keys if self.name == "image" else adapter.video_keys
+
+    def split(self, adapter: FamilyAdapter, inputs: dict[str, Any], counts: list[int]) -> dict[str, Any]:
+        """`inputs` of this modality split by `counts` (each row's items), as the adapter splits them."""
+        if self.name == "image":
+            return adapter.split_vision_inputs(inputs, counts)
+        return adapter.split_vision_inputs({**inputs, self.count: counts}, [])
+
+
+IMAGE = Modality("image", "num_images", "pixel_values", "get_image_features")
+VIDEO = Modality("video", "num_videos", "pixel_values_videos", "get_video_features")
+MODALITIES = (IMAGE, VIDEO)
+
+
+def encode_images_once(base_model, adapter: FamilyAdapter, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """Model inputs that replace `inputs`' image and video inputs with `mm_encoder_outputs` of each distinct image and
+    each distinct video encoded once.
+
+    `inputs` are a forward's merged model inputs (`num_images` / `num_videos` among them); None where they hold no
+    image or video, or the family cannot take one of them precomputed (the caller then passes `inputs` unchanged: the
+    model refuses precomputed features beside raw pixels). Items that are all distinct take the same route, so that
+    every vision forward runs the vision tower at the same point (before the language model's token embeddings),
+    which processes training together rely on.
     """
-    num_images = inputs.get("num_images")
-    if not adapter.image_feature_fields or inputs.get("pixel_values") is None or not num_images:
+    present = [modality for modality in MODALITIES if inputs.get(modality.pixels) is not None]
+    if not present or not adapter.image_feature_fields:
         return None
     if "mm_encoder_outputs" not in inspect.signature(base_model.forward).parameters:
         return None
-    image_inputs = {key: inputs[key] for key in adapter.image_keys if inputs.get(key) is not None}
-    per_image = adapter.split_vision_inputs(image_inputs, [1] * sum(num_images))
-    images = [tuple(per_image[key][i] for key in image_inputs) for i in range(sum(num_images))]
-    distinct: list[int] = []  # the first slot of each distinct image
-    index: list[int] = []  # for each slot, its image's position in `distinct`
-    for slot, image in enumerate(images):
+    replaced, outputs = {}, {}
+    for modality in present:
+        encoded = _encode_once(base_model, adapter, inputs, modality)
+        if encoded is None:
+            return None
+        replaced |= encoded[0]
+        outputs[modality.name] = encoded[1]
+    return {**replaced, "mm_encoder_outputs": outputs}
+
+
+def _encode_once(base_model, adapter: FamilyAdapter, inputs: dict[str, Any], modality: Modality):
+    """`modality`'s inputs of `inputs` but its pixels, and the features of each of its slots with each distinct item
+    encoded once; None where the model has no encoder for it."""
+    counts = inputs.get(modality.count)
+    if not counts or not hasattr(base_model, modality.encoder):
+        return None
+    own = {key: inputs[key] for key in modality.keys(adapter) if inputs.get(key) is not None}
+    per_item = modality.split(adapter, own, [1] * sum(counts))
+    items = [tuple(per_item[key][i] for key in own) for i in range(sum(counts))]
+    distinct: list[int] = []  # the first slot of each distinct item
+    index: list[int] = []  # for each slot, its item's position in `distinct`
+    for slot, item in enumerate(items):
         for position, first in enumerate(distinct):
-            other = images[first]
-            if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(image, other, strict=True)):
+            other = items[first]
+            if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(item, other, strict=True)):
                 index.append(position)
                 break
         else:
             index.append(len(distinct))
             distinct.append(slot)
-    encoder_inputs = adapter.merge_vision_inputs({key: [per_image[key][i] for i in distinct] for key in image_inputs})
-    # Image inputs the encoder takes, by name or through `**kwargs` (LLaVA passes Pixtral's `image_sizes` that way).
-    parameters = inspect.signature(base_model.get_image_features).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    kept = {
-        key: value for key, value in encoder_inputs.items() if key in parameters or (takes_any and key in image_inputs)
-    }
-    features = base_model.get_image_features(**kept, return_dict=True)
+    encoder_inputs = adapter.merge_vision_inputs({key: [per_item[key][i] for i in distinct] for key in own})
+    # Inputs the encoder takes by name, or for images also through `**kwargs` (LLaVA passes Pixtral's `image_sizes`
+    # that way); a video's timing (`second_per_grid_ts`) is for the positions, not the encoder.
+    encoder = getattr(base_model, modality.encoder)
+    parameters = inspect.signature(encoder).parameters
+    takes_any = modality is IMAGE and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kept = {key: value for key, value in encoder_inputs.items() if key in parameters or (takes_any and key in own)}
+    features = encoder(**kept, return_dict=True)
     reused = type(features)(
         **{field: _select(getattr(features, field), index) for field in adapter.image_feature_fields}
     )
-    replaced = {key: value for key, value in image_inputs.items() if key != "pixel_values"}
-    return {**replaced, "mm_encoder_outputs": {"image": reused}}
+    return {key: value for key, value in own.items() if key != modality.pixels}, reused
 
 
-def encoded_slots(adapter: FamilyAdapter, encoded: dict[str, Any], inputs: dict[str, Any], first: int, count: int):
-    """`encode_images_once`'s output for the image slots `first` to `first + count` of the forward it encoded, given
-    as their own forward's model inputs `inputs`: another forward's share of the same encoding."""
-    features = encoded["mm_encoder_outputs"]["image"]
-    slots = list(range(first, first + count))
-    kept = type(features)(
-        **{field: _select(getattr(features, field), slots) for field in adapter.image_feature_fields}
-    )
-    keys = [key for key in adapter.image_keys if key != "pixel_values" and inputs.get(key) is not None]
-    replaced = {key: inputs[key] for key in keys}
-    return {**replaced, "mm_encoder_outputs": {"image": kept}}
+def encoded_slots(adapter: FamilyAdapter, encoded: dict[str, Any], inputs: dict[str, Any], first: dict[str, int]):
+    """`encode_images_once`'s output for the slots of the forward it encoded that a forward of their own, with model
+    inputs `inputs`, holds: per modality, from slot `first[name]` on, as many as `inputs` count. Another forward's
+    share of the same encoding."""
+    outputs, replaced = {}, {}
+    for modality in MODALITIES:
+        features = encoded["mm_encoder_outputs"].get(modality.name)
+        count = sum(inputs.get(modality.count) or [])
+        if features is None or not count:
+            continue
+        slots = list(range(first[modality.name], first[modality.name] + count))
+        outputs[modality.name] = type(features)(
+            **{field: _select(getattr(features, field), slots) for field in adapter.image_feature_fields}
+        )
+        keys = [key for key in modality.keys(adapter) if key != modality.pixels and inputs.get(key) is not None]
+        replaced |= {key: inputs[key] for key in keys}
+    return {**replaced, "mm_encoder_outputs": outputs}

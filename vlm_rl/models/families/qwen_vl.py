@@ -72,14 +72,18 @@ class GridAdapter(FamilyAdapter):
     def position_ids(
         self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any]
     ) -> torch.Tensor:
-        # M-RoPE: image tokens get 2D grid positions, and the text after an image continues from its largest one.
-        if inputs.get("image_grid_thw") is None:  # the plain forward of rows without images numbers the columns
-            return super().position_ids(model, input_ids, attention_mask, inputs)
+        # M-RoPE: image and video tokens get grid positions (a video's temporal ones from its timing: Qwen2.5-VL's
+        # `second_per_grid_ts`), and the text after them continues from their largest one.
+        if inputs.get("image_grid_thw") is None and inputs.get("video_grid_thw") is None:
+            return super().position_ids(model, input_ids, attention_mask, inputs)  # no vision: numbered columns
+        timing = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
         positions, _ = model.model.get_rope_index(
             input_ids,
             mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
             attention_mask=attention_mask,
+            **timing,
         )
         return positions
 
