@@ -90,8 +90,10 @@ class TemporalRule:
 def _beside_the_batch(trainer) -> Iterator[None]:
     """Inside, the `log_extra` / `log_metric` callbacks TRL hands reward functions do nothing (the shuffled scores
     must not become rows of the completion table or samples of a logged metric), and the batch's prompt inputs that
-    `_tokenize_prompts` keeps for the ordered rows' scoring are left as they are."""
+    `_tokenize_prompts` keeps for the ordered rows' scoring are left as they are; the shuffled rows' own tokenization
+    sets the video inputs their generation reads (prefill sharing counts each row's videos from them)."""
     kept = trainer._adapter_fields, trainer._video_fields
+    trainer._video_fields = None
     trainer._log_completion_extra = trainer._log_metric = lambda *args, **kwargs: None
     try:
         yield
