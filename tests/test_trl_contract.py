@@ -22,6 +22,7 @@ from conftest import shapes_trainer, small_config
 from datasets import concatenate_datasets
 from packaging.version import Version
 from transformers import ProcessorMixin, Qwen2_5_VLModel, Qwen2VLModel, Qwen3VLModel, Trainer
+from transformers.models.internvl.processing_internvl import InternVLProcessor
 from transformers.video_processing_utils import BaseVideoProcessor
 from trl import GRPOConfig, GRPOTrainer, SFTTrainer
 from trl.data_utils import prepare_multimodal_messages
@@ -423,6 +424,15 @@ SEAMS: dict[str, Callable[..., None]] = {
             'video_metadata = kwargs.pop("video_metadata")',
         ),
         has_lines(ProcessorMixin.apply_chat_template, 'for key in ["video", "url", "path"]'),
+    ),
+    # `InternVLAdapter.prepare_processor_for_video` (families/internvl.py) gives the processor a subclass whose
+    # `__call__` keeps a `<video>` placeholder as text in a call without videos (TRL's scoring call) and asks for image
+    # tensors in a call with videos (TRL's prompt tokenization passes no `return_tensors`).
+    "swap: InternVL processor takes the calls of a batch with videos (families/internvl.py)": has_lines(
+        InternVLProcessor.__call__,
+        "for match in re.finditer(self.multimodal_pattern, sample)]",
+        'video_pixel_values = model_inputs.pop("pixel_values_videos")',
+        'model_inputs["pixel_values"] = concatenate_list(image_video_patches)',
     ),
     # `video_rows.py`: TRL builds the scoring forward's vision inputs with a processor call that passes images only
     # (none at all without images), so the video inputs and `mm_token_type_ids` come from the prompt tokenization

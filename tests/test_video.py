@@ -173,7 +173,7 @@ def test_bad_clips_name_the_file_and_row_or_are_skipped_and_counted(tmp_path, lo
 # ----- models -------------------------------------------------------------------------------------------------------
 
 # The families whose adapters declare video inputs: the support table's "Video rows" column (docs/models.md).
-QWEN_FAMILIES = sorted(name for name, adapter in registered_adapters().items() if adapter.video_keys)
+VIDEO_FAMILIES = sorted(name for name, adapter in registered_adapters().items() if adapter.video_keys)
 GENERATIONS = 2
 
 
@@ -186,7 +186,12 @@ def clip(frames: int = 4, rate: float = RATE) -> Clip:
     return Clip(np.stack([frame(i) for i in range(frames)]), metadata)
 
 
-def mixed_video_rows():
+def video_frames(family: str) -> tuple[int, int]:
+    """The frame counts of the two videos of `mixed_video_rows`: different where the family allows it."""
+    return (4, 4) if registered_adapters()[family].uniform_frames else (4, 6)
+
+
+def mixed_video_rows(frames: tuple[int, int] = (4, 6)):
     """Text-only, image, video, and image-plus-video rows of different prompt lengths, each repeated per generation."""
     import random
 
@@ -194,10 +199,18 @@ def mixed_video_rows():
 
     image = draw_shape("circle", "red", 56, random.Random(0))
     rows = [
-        {"prompt": [{"role": "user", "content": "Which way does the bar grow?"}], "images": [], "videos": [clip()]},
+        {
+            "prompt": [{"role": "user", "content": "Which way does the bar grow?"}],
+            "images": [],
+            "videos": [clip(frames[0])],
+        },
         {"prompt": [{"role": "user", "content": "Say red."}], "images": [], "videos": []},
         {"prompt": [{"role": "user", "content": "Color?"}], "images": [image], "videos": []},
-        {"prompt": [{"role": "user", "content": "Same color as the bar?"}], "images": [image], "videos": [clip(6)]},
+        {
+            "prompt": [{"role": "user", "content": "Same color as the bar?"}],
+            "images": [image],
+            "videos": [clip(frames[1])],
+        },
     ]
     return [{**row, "answer": "red", "task": "video"} for row in rows for _ in range(GENERATIONS)]
 
@@ -237,40 +250,50 @@ def single_sample_logps(model, processor, row, completion_ids):
     prompt_ids = encoded.pop("input_ids")
     encoded.pop("attention_mask")
     input_ids = torch.cat([prompt_ids, completion_ids[None]], dim=1)
-    encoded["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], torch.zeros_like(completion_ids)[None]], 1)
+    if "mm_token_type_ids" in encoded:
+        types = encoded["mm_token_type_ids"]
+        encoded["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(completion_ids)[None]], 1)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **encoded).logits
     logits = logits[0, prompt_ids.size(1) - 1 : -1].float()
     return prompt_ids[0], torch.log_softmax(logits, dim=-1).gather(-1, completion_ids[:, None])[:, 0]
 
 
-def test_the_video_families_are_the_qwen_vl_generations():
-    assert QWEN_FAMILIES == ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+def test_the_video_families_are_the_qwen_vl_generations_llava_onevision_internvl_and_smolvlm():
+    assert VIDEO_FAMILIES == ["internvl", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm"]
 
 
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def video_settings(family: str) -> dict:
+    """`video_max_pixels` for the families that take a frame-size budget (Qwen-VL); the others resize every frame to
+    one fixed size and refuse it."""
+    return {} if family.startswith("qwen") else {"video_max_pixels": None}
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_video_rows_logprobs_match_a_single_sample_forward_in_any_chunking_and_in_trls_scoring(
     family, load_tiny, tmp_path
 ):
     model, processor = load_tiny(family)
-    rows = mixed_video_rows()
+    rows = mixed_video_rows(video_frames(family))
     # Two iterations per generation: TRL's own scoring forward (its "old" log-probs) runs inside the batch's scoring.
-    trainer = video_trainer(model, processor, tmp_path, rows, num_iterations=2)
+    trainer = video_trainer(model, processor, tmp_path, rows, num_iterations=2, **video_settings(family))
     batch = trainer._generate_and_score_completions(rows)
     assert batch["num_videos"] == [len(row["videos"]) for row in rows]
     assert batch["num_images"] == [len(row["images"]) for row in rows]
     keys = (*trainer.adapter.image_keys, *trainer.adapter.video_keys, *trainer.adapter.row_keys, "num_images",
-            "num_videos")  # fmt: skip
+            "num_videos", "num_tiles")  # fmt: skip
     inputs = {key: batch[key] for key in keys if key in batch}
-    video_tokens = (batch["prompt_ids"] == model.config.video_token_id).sum(dim=1)
-    assert [bool(n) for n in video_tokens] == [bool(row["videos"]) for row in rows]
+    if getattr(model.config, "video_token_id", None) is not None:  # InternVL and SmolVLM show frames as images
+        video_tokens = (batch["prompt_ids"] == model.config.video_token_id).sum(dim=1)
+        assert [bool(n) for n in video_tokens] == [bool(row["videos"]) for row in rows]
     # The whole batch at once, and chunks of 2 and 3: some hold no video, some no image, some neither.
     logps = assert_chunks_match_single_samples(trainer, model, processor, rows, batch, inputs, single_sample_logps)
     mask = batch["completion_mask"].bool()
     torch.testing.assert_close(batch["old_per_token_logps"][mask], logps[mask], atol=1e-5, rtol=0)
 
 
-def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path, load_tiny):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", *(name for name in VIDEO_FAMILIES if not name.startswith("qwen"))])
+def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path, load_tiny, family):
     write_video(tmp_path / "clip.mp4")
     Image.fromarray(frame(3)).save(tmp_path / "still.png")
     rows = [
@@ -280,10 +303,10 @@ def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path
         {"prompt": "Same bar?", "images": ["still.png"], "videos": ["clip.mp4"], "answer": "yes"},
     ]
     task = load(write_jsonl(tmp_path / "d.jsonl", rows))
-    model, processor = load_tiny("qwen2_5_vl")
+    model, processor = load_tiny(family)
     # beta > 0: TRL's scoring also runs the reference model on the video rows.
     settings = {"video_num_frames": 4, "per_device_train_batch_size": 4, "steps_per_generation": 2, "max_steps": 2,
-                "beta": 0.04}  # fmt: skip
+                "beta": 0.04, **video_settings(family)}  # fmt: skip
     trainer = video_trainer(model, processor, tmp_path, [], dataset=task.train, reward=varied, **settings)
     task.attach_processor(processor)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -292,9 +315,11 @@ def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path
     assert len(losses) == 2 and all(np.isfinite(losses))
     kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
     assert kls and all(np.isfinite(kls))
-    assert processor.video_processor.num_frames == 4 and processor.video_processor.size["longest_edge"] == 3136
+    assert processor.video_processor.num_frames == 4
+    assert family != "qwen2_5_vl" or processor.video_processor.size["longest_edge"] == 3136
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
-    assert any(name.startswith("model.visual") for name in changed)  # the vision tower saw the video (or image)
+    vision = trainer.adapter.vision_modules
+    assert any(name.startswith(vision) for name in changed)  # the vision tower saw the video (or image)
 
 
 def test_a_family_without_video_refuses_a_video_row_naming_the_family_and_row(load_tiny, tmp_path):

@@ -89,6 +89,11 @@ def configure_video(
     if fps is not None or num_frames is not None:
         video_processor.fps, video_processor.num_frames = fps, num_frames
     if max_pixels is not None:
+        if not hasattr(video_processor, "merge_size"):  # Qwen-VL's video processors read `size` as a pixel budget
+            raise ValueError(
+                f"video_max_pixels: {type(video_processor).__name__} resizes every frame to one fixed size "
+                f"({_frame_size(video_processor)}), so it does not apply; remove it from the recipe."
+            )
         size = dict(video_processor.size)
         size["longest_edge"] = int(max_pixels)
         size["shortest_edge"] = min(size.get("shortest_edge") or 0, int(max_pixels))
@@ -102,3 +107,12 @@ def configure_video(
         unit = (video_processor.patch_size * video_processor.merge_size) ** 2
         video_processor.cap_pixels_per_frame = True
         video_processor.max_video_tokens = max(1, round(int(total_pixels) / (0.9 * unit)))
+
+
+def _frame_size(video_processor) -> str:
+    """The fixed frame size of a video processor, for messages: SmolVLM's tile edge, else `size`'s height × width."""
+    tile = getattr(video_processor, "max_image_size", None) or {}
+    if tile.get("longest_edge"):
+        return f"{tile['longest_edge']}×{tile['longest_edge']}"
+    size = video_processor.size
+    return f"{size['width']}×{size['height']}" if size.get("width") else str(dict(size))

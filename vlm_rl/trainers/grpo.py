@@ -68,7 +68,13 @@ from vlm_rl.trainers.preemption import PreemptionCallback
 from vlm_rl.trainers.progress import install_console
 from vlm_rl.trainers.shared_prefix import Packing, balanced_by_tokens, forward_flops, image_runs, pack
 from vlm_rl.trainers.tool_metrics import ToolMetricsMixin
-from vlm_rl.trainers.video_rows import NUM_VIDEOS, VideoFields, prompts_with_videos, without_clips
+from vlm_rl.trainers.video_rows import (
+    NUM_VIDEOS,
+    VideoFields,
+    count_videos,
+    prompts_with_videos,
+    without_clips,
+)
 from vlm_rl.trainers.vision_once import encode_images_once, encoded_slots, image_features_reused
 from vlm_rl.trainers.vlm_options import VLMOptions
 
@@ -335,8 +341,10 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             multimodal_fields[key] = pad([torch.tensor(row) for row in value], padding_value=0, padding_side="right")
             adapter_fields[key] = multimodal_fields[key]
         self._adapter_fields = adapter_fields  # read by `_generate_and_score_completions`
-        if "pixel_values_videos" in multimodal_fields and self._video_fields is None:  # the batch's first call
-            self._video_fields = VideoFields.from_processor_output(multimodal_fields, self.adapter, prompts)
+        if self._video_fields is None and any(count_videos(prompts)):  # the batch's first call
+            self._video_fields = VideoFields.from_processor_output(
+                multimodal_fields, self.adapter, prompts, self.processing_class
+            )
         # The processor returns vision inputs as NumPy arrays (with `environment_factory`, TRL's per-prompt calls make
         # them lists of arrays). TRL's generation converts them to tensors, but its tool-calling loop splits them per
         # row first (`split_pixel_values_by_grid`), which needs tensors: in TRL 1.16 every tool call in a batch with an
@@ -364,7 +372,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         # Rows that have emitted EOS leave the decoding forwards (exact: the other rows' logits are unchanged).
         ended_left_out = finished_rows_left_out(model, base, self.adapter)
         # Sharing each prompt's prefill covers image inputs only: a batch with videos generates plainly.
-        if not self._shares_prompts(self.model, False) or "pixel_values_videos" in multimodal_fields:
+        if not self._shares_prompts(self.model, False) or self._video_fields is not None:
             with reused, ended_left_out:
                 return super()._generate_single_turn(*args)
         images = images if images is not None else [[] for _ in prompt_ids]
@@ -544,7 +552,10 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
     ):
         """TRL's log-prob forward of one chunk, with the chunk's own model inputs."""
         # Inputs TRL's method has no parameter for (a family's extra inputs) go straight to the model call.
-        has_videos = inputs.pop(NUM_VIDEOS, None) is not None
+        num_videos = inputs.pop(NUM_VIDEOS, None)
+        has_videos = num_videos is not None
+        if has_videos:  # InternVL / SmolVLM take frames among their image inputs
+            inputs = self.adapter.video_forward_inputs(inputs, num_videos)
         extra = {key: inputs.pop(key) for key in list(inputs) if key not in _TRL_LOGPS_PARAMETERS}
         # Encode-once covers images only: a forward with videos runs its vision tower as the model does.
         encoded = None if has_videos else self._images_encoded_once(model, inputs)

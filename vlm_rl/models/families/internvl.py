@@ -9,7 +9,9 @@ TRL 1.16 recomputes it (`num_tiles`, per sample) when some image has more than o
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,32 @@ TOKENS_PER_TILE = int((TILE_SIZE // PATCH_SIZE) ** 2 * DOWNSAMPLE_RATIO**2)
 MAX_TILES = 4
 
 
+@functools.cache
+def video_ready_class(processor_class: type) -> type:
+    """`processor_class` (InternVL's) made to take the trainer's calls of a batch with videos (same name: saved files
+    are unchanged). Overrides `InternVLProcessor.__call__` (transformers 5.19), which merges image tiles and video
+    frames in the order of the prompt's placeholders: it fails on a `<video>` placeholder when called without videos
+    (TRL's scoring call passes the images alone; the frames come from the prompt tokenization, `video_inputs`), and
+    on images with videos when the images come back as a list (no `return_tensors`, as in TRL's prompt tokenization).
+    """
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is None:  # a `<video>` placeholder stays one token
+            pattern, self.multimodal_pattern = (
+                self.multimodal_pattern,
+                re.compile(f"(?P<image>{re.escape(self.image_token)})"),
+            )
+            try:
+                return processor_class.__call__(self, images, text, videos, **kwargs)
+            finally:
+                self.multimodal_pattern = pattern
+        if images is not None and kwargs.get("return_tensors") is None:
+            kwargs.setdefault("images_kwargs", {"return_tensors": "pt"})
+        return processor_class.__call__(self, images, text, videos, **kwargs)
+
+    return type(processor_class.__name__, (processor_class,), {"__call__": __call__, "video_ready": True})
+
+
 class InternVLAdapter(FamilyAdapter):
     """Tile-indexed `pixel_values`: each sample owns as many consecutive tiles as its images were cut into."""
 
@@ -76,6 +104,34 @@ class InternVLAdapter(FamilyAdapter):
         "`-hf` checkpoints only (not the remote-code ones)."
     )
     shares_prompts = True
+    # Each frame is one tile of `image_seq_length` image tokens ("Frame1: <img>...</img>"): the processor merges the
+    # frames into `pixel_values` in prompt order, and the adapter keeps them apart, [videos, frames, C, H, W].
+    video_keys = ("pixel_values_videos",)
+    uniform_frames = True
+
+    def prepare_processor_for_video(self, processor) -> None:
+        if not getattr(processor, "video_ready", False):
+            processor.__class__ = video_ready_class(type(processor))
+
+    def video_inputs(self, fields: dict[str, Any], processor, videos: list) -> dict[str, Any]:
+        """The frames, processed as the processor call did (its own output holds them only merged with the images)."""
+        return {
+            "pixel_values_videos": processor.video_processor(videos=videos, return_tensors="pt")["pixel_values_videos"]
+        }
+
+    def video_forward_inputs(self, inputs: dict[str, Any], num_videos: list[int]) -> dict[str, Any]:
+        """`pixel_values` as the processor merges it: each row's image tiles, then its video's frames, row by row
+        (the prompt puts a row's video after its images), and `num_tiles` counting both (TRL's log-prob method slices
+        by it)."""
+        videos = inputs.pop("pixel_values_videos")
+        images = inputs.get("pixel_values")
+        image_tiles = list(inputs.get("num_tiles") or inputs.get("num_images") or [0] * len(num_videos))
+        image_rows = torch.split(images, image_tiles) if images is not None else [videos[:0, 0]] * len(num_videos)
+        frame_rows = torch.split(videos.flatten(0, 1), [n * videos.size(1) for n in num_videos])
+        rows = list(zip(image_rows, frame_rows, strict=True))
+        inputs["pixel_values"] = torch.cat([tiles for row in rows for tiles in row])
+        inputs["num_tiles"] = [len(image) + len(frames) for image, frames in rows]
+        return inputs
 
     def tiles_per_row(self, processor, images: list[list]) -> list[int] | None:
         """Each row's tile count, as TRL computes it for the training batch (the processor's `num_patches`)."""
@@ -92,7 +148,7 @@ class InternVLAdapter(FamilyAdapter):
         TRL computes `num_tiles` only when the tile count differs from the image count; every image has at
         least one tile, so equal counts mean exactly one tile per image and `num_images` is then exact.
         """
-        split = dict(inputs)
+        split = dict(inputs) | self._split_videos(inputs)
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             return split
@@ -177,5 +233,11 @@ class InternVLAdapter(FamilyAdapter):
             },
             processor_class="InternVLProcessor",
             processor={"image_seq_length": TOKENS_PER_TILE},
+            video_processor_class="InternVLVideoProcessor",
+            video_processor={
+                "size": {"height": TILE_SIZE, "width": TILE_SIZE},
+                "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225],
+            },
         )
         save_tiny_model(spec, output_dir, seed=seed)
