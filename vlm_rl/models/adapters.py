@@ -91,10 +91,6 @@ class FamilyAdapter:
             if inputs.get(key) is not None
         }
 
-    def prepare_processor_for_video(self, processor) -> None:
-        """Fix what `processor` gets wrong in the trainer's calls of a batch with videos (none by default; idempotent):
-        the prompt tokenization without `return_tensors`, and TRL's scoring call, which passes the images alone."""
-
     def video_inputs(self, fields: dict[str, Any], processor, videos: list) -> dict[str, Any]:
         """The video inputs of a batch (the `video_keys`, one entry per video) from the output of the processor call
         that tokenized its prompts for generation, `fields`; `videos`: the batch's clips in order, for a family whose

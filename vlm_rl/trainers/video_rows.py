@@ -47,7 +47,6 @@ def prompts_with_videos(rows: list[dict], adapter: FamilyAdapter, processor, *, 
     if uses_tools or use_vllm:
         what = "tools" if uses_tools else "vLLM generation"
         raise ValueError(f"Video rows (row {first} of this batch) do not work with {what} yet; see docs/data.md.")
-    adapter.prepare_processor_for_video(processor)
     clips = [_clips(row.get(VIDEOS), processor, index) for index, row in enumerate(rows)]
     adapter.check_videos_per_row([len(row_clips) for row_clips in clips])  # one video per row
     adapter.check_video_frames([len(row_clips[0]) if row_clips else None for row_clips in clips])

@@ -9,9 +9,7 @@ TRL 1.16 recomputes it (`num_tiles`, per sample) when some image has more than o
 
 from __future__ import annotations
 
-import functools
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -62,32 +60,6 @@ TOKENS_PER_TILE = int((TILE_SIZE // PATCH_SIZE) ** 2 * DOWNSAMPLE_RATIO**2)
 MAX_TILES = 4
 
 
-@functools.cache
-def video_ready_class(processor_class: type) -> type:
-    """`processor_class` (InternVL's) made to take the trainer's calls of a batch with videos (same name: saved files
-    are unchanged). Overrides `InternVLProcessor.__call__` (transformers 5.19), which merges image tiles and video
-    frames in the order of the prompt's placeholders: it fails on a `<video>` placeholder when called without videos
-    (TRL's scoring call passes the images alone; the frames come from the prompt tokenization, `video_inputs`), and
-    on images with videos when the images come back as a list (no `return_tensors`, as in TRL's prompt tokenization).
-    """
-
-    def __call__(self, images=None, text=None, videos=None, **kwargs):
-        if videos is None:  # a `<video>` placeholder stays one token
-            pattern, self.multimodal_pattern = (
-                self.multimodal_pattern,
-                re.compile(f"(?P<image>{re.escape(self.image_token)})"),
-            )
-            try:
-                return processor_class.__call__(self, images, text, videos, **kwargs)
-            finally:
-                self.multimodal_pattern = pattern
-        if images is not None and kwargs.get("return_tensors") is None:
-            kwargs.setdefault("images_kwargs", {"return_tensors": "pt"})
-        return processor_class.__call__(self, images, text, videos, **kwargs)
-
-    return type(processor_class.__name__, (processor_class,), {"__call__": __call__, "video_ready": True})
-
-
 class InternVLAdapter(FamilyAdapter):
     """Tile-indexed `pixel_values`: each sample owns as many consecutive tiles as its images were cut into."""
 
@@ -108,10 +80,6 @@ class InternVLAdapter(FamilyAdapter):
     # frames into `pixel_values` in prompt order, and the adapter keeps them apart, [videos, frames, C, H, W].
     video_keys = ("pixel_values_videos",)
     uniform_frames = True
-
-    def prepare_processor_for_video(self, processor) -> None:
-        if not getattr(processor, "video_ready", False):
-            processor.__class__ = video_ready_class(type(processor))
 
     def video_inputs(self, fields: dict[str, Any], processor, videos: list) -> dict[str, Any]:
         """The frames, processed as the processor call did (its own output holds them only merged with the images)."""
