@@ -5,6 +5,7 @@ Qwen-VL families train on batches mixing text-only, image and video rows.
 Clips are tiny and written by each test: 8 frames of 56×56, a bar growing left to right.
 """
 
+import copy
 import json
 
 import av
@@ -235,15 +236,20 @@ def video_trainer(model, processor, tmp_path, rows, dataset=None, reward=None, *
                           processing_class=processor)  # fmt: skip
 
 
-def single_sample_logps(model, processor, row, completion_ids):
-    """Log-probs of `completion_ids` after `row`'s prompt (its image and video included), from one unpadded forward
-    of that sample alone, through the processor directly."""
+def with_clip(row) -> list[dict]:
+    """`row`'s conversation with its images and video, as the trainer builds it."""
     from trl.data_utils import prepare_multimodal_messages
 
     from vlm_rl.data.video import with_video
 
-    conversation = prepare_multimodal_messages(with_video(row["prompt"], row["videos"], len(row["images"])),
-                                               images=row["images"])  # fmt: skip
+    return prepare_multimodal_messages(with_video(row["prompt"], row["videos"], len(row["images"])),
+                                       images=row["images"])  # fmt: skip
+
+
+def single_sample_logps(model, processor, row, completion_ids):
+    """Log-probs of `completion_ids` after `row`'s prompt (its image and video included), from one unpadded forward
+    of that sample alone, through the processor directly."""
+    conversation = with_clip(row)
     encoded = processor.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
@@ -448,3 +454,71 @@ def test_a_frame_strip_keeps_at_most_eight_frames_first_to_last_scaled_down_to_9
     assert picked[0] == 0 and picked[-1] == 220 and picked == sorted(picked)
     small = clip_from_frames([Image.new("RGB", (40, 30))] * 2, "test")
     assert frame_strip(small).size == (2 * 40, 30)  # never scaled up
+
+
+# ----- the other video families: LLaVA-OneVision, InternVL, SmolVLM --------------------------------------------------
+
+OTHER_VIDEO_FAMILIES = [name for name in VIDEO_FAMILIES if not name.startswith("qwen")]
+
+
+@pytest.mark.parametrize("family", OTHER_VIDEO_FAMILIES)
+def test_a_tiny_model_saves_its_video_processor_and_reloads_it_ready_for_clips(family, tiny_dirs, tmp_path):
+    from vlm_rl.models.processing import load_processor
+
+    processor = load_processor(str(tiny_dirs[family]))
+    assert processor.video_processor.reads_clip_metadata
+    assert getattr(processor, "video_ready", False) == (family != "llava_onevision")  # the two processor fixes
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == type(processor).__name__
+    loaded = load_processor(str(tmp_path))
+    assert type(loaded.video_processor).__name__ == type(processor.video_processor).__name__
+    assert loaded.video_processor.size == processor.video_processor.size
+
+
+@pytest.mark.parametrize("family", OTHER_VIDEO_FAMILIES)
+def test_video_families_that_stack_a_batchs_videos_refuse_two_frame_counts_naming_rows(family, load_tiny, tmp_path):
+    model, processor = load_tiny(family)
+    rows = mixed_video_rows((4, 6))
+    trainer = video_trainer(model, processor, tmp_path, rows, **video_settings(family))
+    expected = (rf"^{trainer.adapter.label} takes videos of one frame count per batch, but row 0 of this batch has 4 "
+                r"frames and row 6 of this batch 6; set `video_num_frames`")  # fmt: skip
+    with pytest.raises(ValueError, match=expected):
+        trainer._generate_and_score_completions(rows)
+
+
+@pytest.mark.parametrize("family", OTHER_VIDEO_FAMILIES)
+def test_video_max_pixels_is_refused_where_every_frame_has_one_fixed_size(family, load_tiny):
+    _, processor = load_tiny(family)
+    with pytest.raises(ValueError, match=r"^video_max_pixels: .*VideoProcessor resizes every frame to one fixed size "
+                                         r"\(\d+×\d+\), so it does not apply"):  # fmt: skip
+        configure_video(processor, max_pixels=SIDE * SIDE)
+
+
+def test_smolvlms_processor_keeps_the_images_of_a_call_with_videos_each_rows_frames_after_its_tiles(load_tiny):
+    from transformers import SmolVLMProcessor
+
+    _, processor = load_tiny("smolvlm")
+    rows = mixed_video_rows((4, 4))[::GENERATIONS]  # video; text; image; image + video
+    conversations = [with_clip(row) for row in rows]
+    inputs = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, padding=True,
+                                           return_tensors="pt")  # fmt: skip
+    tiles = inputs["pixel_attention_mask"].flatten(2).any(-1).sum(-1).tolist()
+    image_tiles = 5  # a 2×2 grid and the global image
+    assert tiles == [4, 0, image_tiles, image_tiles + 4]
+    # Stock transformers keeps only the frames (two videos of 4): the image tiles are gone.
+    stock = copy.copy(processor)
+    stock.__class__ = SmolVLMProcessor
+    text = processor.apply_chat_template(conversations, tokenize=False)
+    images, videos = [row["images"] for row in rows], [row["videos"] for row in rows]
+    kept = stock(images=images, text=text, videos=videos, return_tensors="pt", padding=True)
+    assert kept["pixel_values"].shape[:2] == (2, 4)
+
+
+def test_families_without_video_refuse_a_video_row_naming_family_and_row():
+    refusing = {name: adapter for name, adapter in registered_adapters().items() if not adapter.video_keys}
+    assert sorted(refusing) == ["blip2", "gemma3", "idefics3", "instructblip", "llava", "llava_next"]
+    for adapter in refusing.values():
+        with pytest.raises(
+            ValueError, match=rf"^{adapter.label} does not take video, but row 2 of this batch has one"
+        ):
+            adapter.check_videos_per_row([0, 0, 1, 1])
