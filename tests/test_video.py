@@ -522,3 +522,18 @@ def test_families_without_video_refuse_a_video_row_naming_family_and_row():
             ValueError, match=rf"^{adapter.label} does not take video, but row 2 of this batch has one"
         ):
             adapter.check_videos_per_row([0, 0, 1, 1])
+
+
+def test_a_rows_video_goes_after_its_images_in_list_content_too():
+    from vlm_rl.data.video import with_video
+
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Same?"}]}]
+    (message,) = with_video(prompt, [clip()], 1)
+    assert [part["type"] for part in message["content"]] == ["image", "video", "text"]
+
+
+def test_plain_text_prompts_count_no_videos():
+    from vlm_rl.trainers.video_rows import count_videos
+
+    video = [{"role": "user", "content": [{"type": "video", "video": clip()}, {"type": "text", "text": "Which?"}]}]
+    assert count_videos(["A plain-text prompt.", video, [{"role": "user", "content": "Hi."}]]) == [0, 1, 0]

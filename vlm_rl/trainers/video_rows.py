@@ -77,9 +77,11 @@ def _clips(value: Any, processor, row: int) -> list[Clip]:
     raise ValueError(f"row {row} of this batch: its `videos` value is not a video file or PIL frames ({shown}).")
 
 
-def _video_parts(prompt: list) -> list[dict]:
-    """A prompt's video blocks, in order."""
-    return [part for message in prompt if isinstance(message["content"], list) for part in message["content"]
+def _video_parts(prompt: Any) -> list[dict]:
+    """A prompt's video blocks, in order (none in a plain-text prompt)."""
+    if not isinstance(prompt, list):
+        return []
+    return [part for message in prompt if isinstance(message.get("content"), list) for part in message["content"]
             if part.get("type") == "video"]  # fmt: skip
 
 
