@@ -537,3 +537,36 @@ def test_plain_text_prompts_count_no_videos():
 
     video = [{"role": "user", "content": [{"type": "video", "video": clip()}, {"type": "text", "text": "Which?"}]}]
     assert count_videos(["A plain-text prompt.", video, [{"role": "user", "content": "Hi."}]]) == [0, 1, 0]
+
+
+def test_smolvlm_frames_go_after_each_rows_tiles_padded_to_the_larger_size_where_tiles_and_frames_differ():
+    from vlm_rl.models.video import merged_frames
+
+    tiles, frames = torch.ones(2, 2, 3, 8, 8), torch.full((1, 3, 3, 4, 6), 2.0)  # rows × tiles; videos × frames
+    masks = {"pixel_attention_mask": torch.ones(2, 2, 8, 8), "pixel_attention_mask_videos": torch.ones(1, 3, 4, 6)}
+    merged = merged_frames({"pixel_values": tiles, "pixel_values_videos": frames, **masks}, [0, 1])
+    assert merged.keys() == {"pixel_values", "pixel_attention_mask"}
+    assert merged["pixel_values"].shape == (2, 5, 3, 8, 8)
+    assert merged["pixel_values"][1, 2:, :, :4, :6].eq(2).all() and merged["pixel_values"][0, 2:].eq(0).all()
+    mask = merged["pixel_attention_mask"]
+    assert mask[1, 2:].sum() == 3 * 4 * 6 and mask[0, 2:].sum() == 0
+
+
+@pytest.mark.parametrize("family", OTHER_VIDEO_FAMILIES)
+def test_the_evaluation_shows_the_other_video_families_each_rows_images_and_video(family, tmp_path, load_tiny):
+    from vlm_rl.evaluation import evaluate_policy
+
+    write_video(tmp_path / "clip.mp4")
+    Image.fromarray(frame(3)).save(tmp_path / "still.png")
+    rows = [{"prompt": "Which way?", "videos": ["clip.mp4"]}, {"prompt": "Say hi."},
+            {"prompt": "Same bar?", "images": ["still.png"], "videos": ["clip.mp4"]}]  # fmt: skip
+    task = load(write_jsonl(tmp_path / "d.jsonl", rows))
+    model, processor = load_tiny(family)
+    configure_video(processor, num_frames=2)
+    task.attach_processor(processor)
+
+    def zero(prompts, completions, **kwargs) -> list[float]:
+        return [0.0] * len(prompts)
+
+    records = evaluate_policy(model, processor, task.train, [zero], max_new_tokens=2, batch_size=3)
+    assert [record["num_videos"] for record in records] == [1, 0, 1]

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vlm_rl.data.video import Clip
 
@@ -74,6 +75,9 @@ def merged_frames(inputs: dict[str, Any], counts: list[int]) -> dict[str, Any]:
         images = merged.get(key)
         if images is not None:
             images = torch.stack([torch.as_tensor(row) for row in images]) if isinstance(images, list) else images
+            height, width = (max(a, b) for a, b in zip(images.shape[-2:], frames.shape[-2:], strict=True))
+            # Zero padding on the bottom and right, where the pixel mask is zero: as the processor pads tiles.
+            images, frames = (F.pad(t, (0, width - t.size(-1), 0, height - t.size(-2))) for t in (images, frames))
             frames = torch.cat([images.to(frames.dtype), frames], dim=1)
         merged[key] = frames
     return merged
