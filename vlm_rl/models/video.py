@@ -8,6 +8,9 @@ checkpoint all apply the same ones.
 A processor given bare frames knows nothing of their timing: Qwen2.5-VL's `second_per_grid_ts` and Qwen3-VL's
 timestamps then assume 24 frames per second. `Clip` carries the metadata `load_video` returned, and the video
 processor reads it (`clip_metadata_class`): transformers' chat template passes only the frames on.
+
+`prepare_video` also fixes the processors whose calls with videos transformers 5.19 gets wrong (`VIDEO_FIXES`):
+SmolVLM's drops a call's image pixels when it also has videos, InternVL's fails on calls the trainer makes.
 """
 
 from __future__ import annotations
