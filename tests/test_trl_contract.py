@@ -22,6 +22,8 @@ from conftest import shapes_trainer, small_config
 from datasets import concatenate_datasets
 from packaging.version import Version
 from transformers import ProcessorMixin, Qwen2_5_VLModel, Qwen2VLModel, Qwen3VLModel, Trainer
+from transformers.models.internvl.processing_internvl import InternVLProcessor
+from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 from transformers.video_processing_utils import BaseVideoProcessor
 from trl import GRPOConfig, GRPOTrainer, SFTTrainer
 from trl.data_utils import prepare_multimodal_messages
@@ -430,7 +432,7 @@ SEAMS: dict[str, Callable[..., None]] = {
             )
         ),
     ),
-    # `read_clip_metadata` (models/video.py) gives the video processor a subclass whose `preprocess` fills
+    # `prepare_video` (models/video.py) gives the video processor a subclass whose `preprocess` fills
     # `video_metadata` from the `Clip`s it is handed: the chat template passes on each video block's frames alone.
     "swap: video processor preprocess reads Clip metadata (models/video.py)": all_of(
         has_lines(
@@ -439,6 +441,26 @@ SEAMS: dict[str, Callable[..., None]] = {
             'video_metadata = kwargs.pop("video_metadata")',
         ),
         has_lines(ProcessorMixin.apply_chat_template, 'for key in ["video", "url", "path"]'),
+    ),
+    # `prepare_video` (models/video.py) gives an InternVL processor a subclass whose
+    # `__call__` keeps a `<video>` placeholder as text in a call without videos (TRL's scoring call) and asks for image
+    # tensors in a call with videos (TRL's prompt tokenization passes no `return_tensors`).
+    "swap: InternVL processor takes the calls of a batch with videos (models/video.py)": has_lines(
+        InternVLProcessor.__call__,
+        "for match in re.finditer(self.multimodal_pattern, sample)]",
+        'video_pixel_values = model_inputs.pop("pixel_values_videos")',
+        'model_inputs["pixel_values"] = concatenate_list(image_video_patches)',
+    ),
+    # `prepare_video` (models/video.py) gives a SmolVLM processor a subclass that keeps a call's video frames apart
+    # from its images' `pixel_values` (which the merged output would drop) and puts them after each row's image tiles.
+    "swap: SmolVLM processor keeps images and videos of one call (models/video.py)": all_of(
+        has_lines(
+            ProcessorMixin.__call__,
+            "processed_videos, videos_replacements = self._process_videos(",
+            "data = {**text_inputs, **processed_images, **processed_videos, **processed_audio}",
+        ),
+        has_lines(ProcessorMixin._process_videos, "replacement_text = self.replace_video_token(processed_videos"),
+        has_lines(SmolVLMProcessor.replace_video_token, 'num_frames = video_inputs["pixel_values"].shape[1]'),
     ),
     # `video_rows.py`: TRL builds the scoring forward's vision inputs with a processor call that passes images only
     # (none at all without images), so the video inputs and `mm_token_type_ids` come from the prompt tokenization

@@ -5,6 +5,7 @@ Qwen-VL families train on batches mixing text-only, image and video rows.
 Clips are tiny and written by each test: 8 frames of 56×56, a bar growing left to right.
 """
 
+import copy
 import json
 
 import av
@@ -173,7 +174,7 @@ def test_bad_clips_name_the_file_and_row_or_are_skipped_and_counted(tmp_path, lo
 # ----- models -------------------------------------------------------------------------------------------------------
 
 # The families whose adapters declare video inputs: the support table's "Video rows" column (docs/models.md).
-QWEN_FAMILIES = sorted(name for name, adapter in registered_adapters().items() if adapter.video_keys)
+VIDEO_FAMILIES = sorted(name for name, adapter in registered_adapters().items() if adapter.video_keys)
 GENERATIONS = 2
 
 
@@ -186,7 +187,12 @@ def clip(frames: int = 4, rate: float = RATE) -> Clip:
     return Clip(np.stack([frame(i) for i in range(frames)]), metadata)
 
 
-def mixed_video_rows():
+def video_frames(family: str) -> tuple[int, int]:
+    """The frame counts of the two videos of `mixed_video_rows`: different where the family allows it."""
+    return (4, 4) if registered_adapters()[family].uniform_frames else (4, 6)
+
+
+def mixed_video_rows(frames: tuple[int, int] = (4, 6)):
     """Text-only, image, video, and image-plus-video rows of different prompt lengths, each repeated per generation."""
     import random
 
@@ -194,10 +200,18 @@ def mixed_video_rows():
 
     image = draw_shape("circle", "red", 56, random.Random(0))
     rows = [
-        {"prompt": [{"role": "user", "content": "Which way does the bar grow?"}], "images": [], "videos": [clip()]},
+        {
+            "prompt": [{"role": "user", "content": "Which way does the bar grow?"}],
+            "images": [],
+            "videos": [clip(frames[0])],
+        },
         {"prompt": [{"role": "user", "content": "Say red."}], "images": [], "videos": []},
         {"prompt": [{"role": "user", "content": "Color?"}], "images": [image], "videos": []},
-        {"prompt": [{"role": "user", "content": "Same color as the bar?"}], "images": [image], "videos": [clip(6)]},
+        {
+            "prompt": [{"role": "user", "content": "Same color as the bar?"}],
+            "images": [image],
+            "videos": [clip(frames[1])],
+        },
     ]
     return [{**row, "answer": "red", "task": "video"} for row in rows for _ in range(GENERATIONS)]
 
@@ -222,55 +236,70 @@ def video_trainer(model, processor, tmp_path, rows, dataset=None, reward=None, *
                           processing_class=processor)  # fmt: skip
 
 
-def single_sample_logps(model, processor, row, completion_ids):
-    """Log-probs of `completion_ids` after `row`'s prompt (its image and video included), from one unpadded forward
-    of that sample alone, through the processor directly."""
+def with_clip(row) -> list[dict]:
+    """`row`'s conversation with its images and video, as the trainer builds it."""
     from trl.data_utils import prepare_multimodal_messages
 
     from vlm_rl.data.video import with_video
 
-    conversation = prepare_multimodal_messages(with_video(row["prompt"], row["videos"], len(row["images"])),
-                                               images=row["images"])  # fmt: skip
+    return prepare_multimodal_messages(with_video(row["prompt"], row["videos"], len(row["images"])),
+                                       images=row["images"])  # fmt: skip
+
+
+def single_sample_logps(model, processor, row, completion_ids):
+    """Log-probs of `completion_ids` after `row`'s prompt (its image and video included), from one unpadded forward
+    of that sample alone, through the processor directly."""
+    conversation = with_clip(row)
     encoded = processor.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     prompt_ids = encoded.pop("input_ids")
     encoded.pop("attention_mask")
     input_ids = torch.cat([prompt_ids, completion_ids[None]], dim=1)
-    encoded["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], torch.zeros_like(completion_ids)[None]], 1)
+    if "mm_token_type_ids" in encoded:
+        types = encoded["mm_token_type_ids"]
+        encoded["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(completion_ids)[None]], 1)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **encoded).logits
     logits = logits[0, prompt_ids.size(1) - 1 : -1].float()
     return prompt_ids[0], torch.log_softmax(logits, dim=-1).gather(-1, completion_ids[:, None])[:, 0]
 
 
-def test_the_video_families_are_the_qwen_vl_generations():
-    assert QWEN_FAMILIES == ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+def test_the_video_families_are_the_qwen_vl_generations_llava_onevision_internvl_and_smolvlm():
+    assert VIDEO_FAMILIES == ["internvl", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm"]
 
 
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def video_settings(family: str) -> dict:
+    """`video_max_pixels` for the families that take a frame-size budget (Qwen-VL); the others resize every frame to
+    one fixed size and refuse it."""
+    return {} if family.startswith("qwen") else {"video_max_pixels": None}
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_video_rows_logprobs_match_a_single_sample_forward_in_any_chunking_and_in_trls_scoring(
     family, load_tiny, tmp_path
 ):
     model, processor = load_tiny(family)
-    rows = mixed_video_rows()
+    rows = mixed_video_rows(video_frames(family))
     # Two iterations per generation: TRL's own scoring forward (its "old" log-probs) runs inside the batch's scoring.
-    trainer = video_trainer(model, processor, tmp_path, rows, num_iterations=2)
+    trainer = video_trainer(model, processor, tmp_path, rows, num_iterations=2, **video_settings(family))
     batch = trainer._generate_and_score_completions(rows)
     assert batch["num_videos"] == [len(row["videos"]) for row in rows]
     assert batch["num_images"] == [len(row["images"]) for row in rows]
     keys = (*trainer.adapter.image_keys, *trainer.adapter.video_keys, *trainer.adapter.row_keys, "num_images",
-            "num_videos")  # fmt: skip
+            "num_videos", "num_tiles")  # fmt: skip
     inputs = {key: batch[key] for key in keys if key in batch}
-    video_tokens = (batch["prompt_ids"] == model.config.video_token_id).sum(dim=1)
-    assert [bool(n) for n in video_tokens] == [bool(row["videos"]) for row in rows]
+    if getattr(model.config, "video_token_id", None) is not None:  # InternVL and SmolVLM show frames as images
+        video_tokens = (batch["prompt_ids"] == model.config.video_token_id).sum(dim=1)
+        assert [bool(n) for n in video_tokens] == [bool(row["videos"]) for row in rows]
     # The whole batch at once, and chunks of 2 and 3: some hold no video, some no image, some neither.
     logps = assert_chunks_match_single_samples(trainer, model, processor, rows, batch, inputs, single_sample_logps)
     mask = batch["completion_mask"].bool()
     torch.testing.assert_close(batch["old_per_token_logps"][mask], logps[mask], atol=1e-5, rtol=0)
 
 
-def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path, load_tiny):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", *(name for name in VIDEO_FAMILIES if not name.startswith("qwen"))])
+def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path, load_tiny, family):
     write_video(tmp_path / "clip.mp4")
     Image.fromarray(frame(3)).save(tmp_path / "still.png")
     rows = [
@@ -280,10 +309,10 @@ def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path
         {"prompt": "Same bar?", "images": ["still.png"], "videos": ["clip.mp4"], "answer": "yes"},
     ]
     task = load(write_jsonl(tmp_path / "d.jsonl", rows))
-    model, processor = load_tiny("qwen2_5_vl")
+    model, processor = load_tiny(family)
     # beta > 0: TRL's scoring also runs the reference model on the video rows.
     settings = {"video_num_frames": 4, "per_device_train_batch_size": 4, "steps_per_generation": 2, "max_steps": 2,
-                "beta": 0.04}  # fmt: skip
+                "beta": 0.04, **video_settings(family)}  # fmt: skip
     trainer = video_trainer(model, processor, tmp_path, [], dataset=task.train, reward=varied, **settings)
     task.attach_processor(processor)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -292,9 +321,11 @@ def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path
     assert len(losses) == 2 and all(np.isfinite(losses))
     kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
     assert kls and all(np.isfinite(kls))
-    assert processor.video_processor.num_frames == 4 and processor.video_processor.size["longest_edge"] == 3136
+    assert processor.video_processor.num_frames == 4
+    assert family != "qwen2_5_vl" or processor.video_processor.size["longest_edge"] == 3136
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
-    assert any(name.startswith("model.visual") for name in changed)  # the vision tower saw the video (or image)
+    vision = trainer.adapter.vision_modules
+    assert any(name.startswith(vision) for name in changed)  # the vision tower saw the video (or image)
 
 
 def test_a_family_without_video_refuses_a_video_row_naming_the_family_and_row(load_tiny, tmp_path):
@@ -423,3 +454,119 @@ def test_a_frame_strip_keeps_at_most_eight_frames_first_to_last_scaled_down_to_9
     assert picked[0] == 0 and picked[-1] == 220 and picked == sorted(picked)
     small = clip_from_frames([Image.new("RGB", (40, 30))] * 2, "test")
     assert frame_strip(small).size == (2 * 40, 30)  # never scaled up
+
+
+# ----- the other video families: LLaVA-OneVision, InternVL, SmolVLM --------------------------------------------------
+
+OTHER_VIDEO_FAMILIES = [name for name in VIDEO_FAMILIES if not name.startswith("qwen")]
+
+
+@pytest.mark.parametrize("family", OTHER_VIDEO_FAMILIES)
+def test_a_tiny_model_saves_its_video_processor_and_reloads_it_ready_for_clips(family, tiny_dirs, tmp_path):
+    from vlm_rl.models.processing import load_processor
+
+    processor = load_processor(str(tiny_dirs[family]))
+    assert processor.video_processor.reads_clip_metadata
+    assert getattr(processor, "video_ready", False) == (family != "llava_onevision")  # the two processor fixes
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == type(processor).__name__
+    loaded = load_processor(str(tmp_path))
+    assert type(loaded.video_processor).__name__ == type(processor.video_processor).__name__
+    assert loaded.video_processor.size == processor.video_processor.size
+
+
+@pytest.mark.parametrize("family", OTHER_VIDEO_FAMILIES)
+def test_video_families_that_stack_a_batchs_videos_refuse_two_frame_counts_naming_rows(family, load_tiny, tmp_path):
+    model, processor = load_tiny(family)
+    rows = mixed_video_rows((4, 6))
+    trainer = video_trainer(model, processor, tmp_path, rows, **video_settings(family))
+    expected = (rf"^{trainer.adapter.label} takes videos of one frame count per batch, but row 0 of this batch has 4 "
+                r"frames and row 6 of this batch 6; set `video_num_frames`")  # fmt: skip
+    with pytest.raises(ValueError, match=expected):
+        trainer._generate_and_score_completions(rows)
+
+
+@pytest.mark.parametrize("family", OTHER_VIDEO_FAMILIES)
+def test_video_max_pixels_is_refused_where_every_frame_has_one_fixed_size(family, load_tiny):
+    _, processor = load_tiny(family)
+    with pytest.raises(ValueError, match=r"^video_max_pixels: .*VideoProcessor resizes every frame to one fixed size "
+                                         r"\(\d+×\d+\), so it does not apply"):  # fmt: skip
+        configure_video(processor, max_pixels=SIDE * SIDE)
+
+
+def test_smolvlms_processor_keeps_the_images_of_a_call_with_videos_each_rows_frames_after_its_tiles(load_tiny):
+    from transformers import SmolVLMProcessor
+
+    _, processor = load_tiny("smolvlm")
+    rows = mixed_video_rows((4, 4))[::GENERATIONS]  # video; text; image; image + video
+    conversations = [with_clip(row) for row in rows]
+    inputs = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, padding=True,
+                                           return_tensors="pt")  # fmt: skip
+    tiles = inputs["pixel_attention_mask"].flatten(2).any(-1).sum(-1).tolist()
+    image_tiles = 5  # a 2×2 grid and the global image
+    assert tiles == [4, 0, image_tiles, image_tiles + 4]
+    # Stock transformers keeps only the frames (two videos of 4): the image tiles are gone.
+    stock = copy.copy(processor)
+    stock.__class__ = SmolVLMProcessor
+    text = processor.apply_chat_template(conversations, tokenize=False)
+    images, videos = [row["images"] for row in rows], [row["videos"] for row in rows]
+    kept = stock(images=images, text=text, videos=videos, return_tensors="pt", padding=True)
+    assert kept["pixel_values"].shape[:2] == (2, 4)
+
+
+def test_families_without_video_refuse_a_video_row_naming_family_and_row():
+    refusing = {name: adapter for name, adapter in registered_adapters().items() if not adapter.video_keys}
+    assert sorted(refusing) == ["blip2", "gemma3", "idefics3", "instructblip", "llava", "llava_next"]
+    for adapter in refusing.values():
+        with pytest.raises(
+            ValueError, match=rf"^{adapter.label} does not take video, but row 2 of this batch has one"
+        ):
+            adapter.check_videos_per_row([0, 0, 1, 1])
+
+
+def test_a_rows_video_goes_after_its_images_in_list_content_too():
+    from vlm_rl.data.video import with_video
+
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Same?"}]}]
+    (message,) = with_video(prompt, [clip()], 1)
+    assert [part["type"] for part in message["content"]] == ["image", "video", "text"]
+
+
+def test_plain_text_prompts_count_no_videos():
+    from vlm_rl.trainers.video_rows import count_videos
+
+    video = [{"role": "user", "content": [{"type": "video", "video": clip()}, {"type": "text", "text": "Which?"}]}]
+    assert count_videos(["A plain-text prompt.", video, [{"role": "user", "content": "Hi."}]]) == [0, 1, 0]
+
+
+def test_smolvlm_frames_go_after_each_rows_tiles_padded_to_the_larger_size_where_tiles_and_frames_differ():
+    from vlm_rl.models.video import merged_frames
+
+    tiles, frames = torch.ones(2, 2, 3, 8, 8), torch.full((1, 3, 3, 4, 6), 2.0)  # rows × tiles; videos × frames
+    masks = {"pixel_attention_mask": torch.ones(2, 2, 8, 8), "pixel_attention_mask_videos": torch.ones(1, 3, 4, 6)}
+    merged = merged_frames({"pixel_values": tiles, "pixel_values_videos": frames, **masks}, [0, 1])
+    assert merged.keys() == {"pixel_values", "pixel_attention_mask"}
+    assert merged["pixel_values"].shape == (2, 5, 3, 8, 8)
+    assert merged["pixel_values"][1, 2:, :, :4, :6].eq(2).all() and merged["pixel_values"][0, 2:].eq(0).all()
+    mask = merged["pixel_attention_mask"]
+    assert mask[1, 2:].sum() == 3 * 4 * 6 and mask[0, 2:].sum() == 0
+
+
+@pytest.mark.parametrize("family", OTHER_VIDEO_FAMILIES)
+def test_the_evaluation_shows_the_other_video_families_each_rows_images_and_video(family, tmp_path, load_tiny):
+    from vlm_rl.evaluation import evaluate_policy
+
+    write_video(tmp_path / "clip.mp4")
+    Image.fromarray(frame(3)).save(tmp_path / "still.png")
+    rows = [{"prompt": "Which way?", "videos": ["clip.mp4"]}, {"prompt": "Say hi."},
+            {"prompt": "Same bar?", "images": ["still.png"], "videos": ["clip.mp4"]}]  # fmt: skip
+    task = load(write_jsonl(tmp_path / "d.jsonl", rows))
+    model, processor = load_tiny(family)
+    configure_video(processor, num_frames=2)
+    task.attach_processor(processor)
+
+    def zero(prompts, completions, **kwargs) -> list[float]:
+        return [0.0] * len(prompts)
+
+    records = evaluate_policy(model, processor, task.train, [zero], max_new_tokens=2, batch_size=3)
+    assert [record["num_videos"] for record in records] == [1, 0, 1]

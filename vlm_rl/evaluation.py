@@ -137,7 +137,9 @@ def evaluate_policy(
                 for (index, _), clips in zip(indexed, videos, strict=True)
             ]
         if any(videos):
-            adapter_for(model.config).check_videos_per_row([len(clips) for clips in videos])
+            adapter = adapter_for(model.config)
+            adapter.check_videos_per_row([len(clips) for clips in videos])
+            adapter.check_video_frames([len(clips[0]) if clips else None for clips in videos])
             if environment_factory is not None:
                 raise InvalidValueError("Video rows cannot be evaluated with tools yet; see docs/data.md.")
         prompts = [

@@ -147,8 +147,9 @@ def with_video(prompt: list[dict], videos: list, num_images: int) -> list[dict]:
         video = [{"type": "video", "video": clip} for clip in videos]
         if isinstance(content, str):
             content = [*({"type": "image"} for _ in range(num_images)), *video, {"type": "text", "text": content}]
-        else:
-            content = [*video, *content]
+        else:  # after the images already placed (InternVL and SmolVLM take a row's tiles and frames in this order)
+            after = max((i + 1 for i, part in enumerate(content) if part.get("type") == "image"), default=0)
+            content = [*content[:after], *video, *content[after:]]
         messages[index] = {**message, "content": content}
         return messages
     raise ClipError("bad_prompt", "the row has a video but its prompt has no user message to put it in")

@@ -46,6 +46,8 @@ class FamilyAdapter:
     """Model inputs with one entry per image (or per tile, per grid row: see `split_vision_inputs`)."""
     video_keys: ClassVar[tuple[str, ...]] = ()
     """Model inputs of videos (split per row by `num_videos`); empty: the family refuses rows with a video."""
+    uniform_frames: ClassVar[bool] = False
+    """Whether the processor stacks a batch's videos into one tensor, so that they need one frame count."""
     row_keys: ClassVar[tuple[str, ...]] = PER_TOKEN_KEYS
     """Model inputs with one row per sample, needed with or without images (e.g. per-token type ids)."""
     multi_image: ClassVar[bool] = True
@@ -60,6 +62,9 @@ class FamilyAdapter:
     """Whether the rows of one prompt can be scored in one packed sequence (`vlm_rl/trainers/shared_prefix.py`):
     the language model takes a custom 4D attention mask and explicit position ids and has no attention rule of its
     own (Gemma 3 attends bidirectionally among image tokens; BLIP-2 prepends query tokens)."""
+    shares_video_prompts: ClassVar[bool] = False
+    """Whether prompt sharing (the packed forward, prefill once) and encode-once also cover rows with a video; where
+    not, a forward or generation whose inputs hold a video takes the plain path."""
     preprocesses_per_image: ClassVar[bool] = False
     """Whether the image processor's output holds each image's inputs apart from the others' (no padding or tiling
     that depends on the other images of the call), so that an image shown by several rows can be preprocessed once
@@ -83,7 +88,26 @@ class FamilyAdapter:
         for key in self.image_keys:
             if key in inputs and inputs[key] is not None:
                 split[key] = self._split_by_counts(key, inputs[key], num_images)
-        return split
+        return split | self._split_videos(inputs)
+
+    def _split_videos(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The `video_keys` inputs split per sample by `num_videos` (one entry per video)."""
+        return {
+            key: self._split_by_counts(key, inputs[key], list(inputs["num_videos"]))
+            for key in self.video_keys
+            if inputs.get(key) is not None
+        }
+
+    def video_inputs(self, fields: dict[str, Any], processor, videos: list) -> dict[str, Any]:
+        """The video inputs of a batch (the `video_keys`, one entry per video) from the output of the processor call
+        that tokenized its prompts for generation, `fields`; `videos`: the batch's clips in order, for a family whose
+        processor merges frames into its image inputs and so returns no video input of its own."""
+        return {key: fields[key] for key in self.video_keys if key in fields}
+
+    def video_forward_inputs(self, inputs: dict[str, Any], num_videos: list[int]) -> dict[str, Any]:
+        """The merged inputs of a log-prob forward with videos (`num_videos` per row) as the model takes them: as they
+        are, unless the family's processor merges frames into its image inputs."""
+        return inputs
 
     def merge_vision_inputs(self, split: dict[str, Any]) -> dict[str, Any]:
         """The inverse of `split_vision_inputs`: batched tensors again, for a forward pass."""
@@ -125,6 +149,21 @@ class FamilyAdapter:
         several = [i for i, n in enumerate(num_videos) if n > 1]
         if several:
             raise ValueError(f"{where(several[0])} has {num_videos[several[0]]} videos; a row holds one for now.")
+
+    def check_video_frames(
+        self, frames: Sequence[int | None], where: Callable[[int], str] = "row {} of this batch".format
+    ) -> None:
+        """Refuse videos of different frame counts in one batch (`frames`: each row's, None without a video) where the
+        family stacks a batch's videos into one tensor (`uniform_frames`), before its processor fails on them."""
+        counts = {n for n in frames if n is not None}
+        if self.uniform_frames and len(counts) > 1:
+            first = next(i for i, n in enumerate(frames) if n is not None)
+            other = next(i for i, n in enumerate(frames) if n is not None and n != frames[first])
+            raise ValueError(
+                f"{self.label} takes videos of one frame count per batch, but {where(first)} has {frames[first]} "
+                f"frames and {where(other)} {frames[other]}; set `video_num_frames` (not `video_fps`) so every clip "
+                "is sampled to the same count."
+            )
 
     def repad_prompt_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """A left-padded batch of prompt inputs (one processor call), with any input that must pad elsewhere fixed.

@@ -21,7 +21,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
 from vlm_rl.data.rows import generation_prompt
-from vlm_rl.models.video import read_clip_metadata
+from vlm_rl.models.video import prepare_video
 
 
 @functools.cache
@@ -124,7 +124,7 @@ def _with_chat_template(processor):
     tokenizer = getattr(processor, "tokenizer", None)
     if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None):
         processor.chat_template = tokenizer.chat_template
-    read_clip_metadata(processor)  # and decoded clips carry their timing into its video processor (`models/video.py`)
+    prepare_video(processor)  # decoded clips carry their timing into its video processor (`models/video.py`)
     return processor
 
 

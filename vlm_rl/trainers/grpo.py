@@ -78,7 +78,13 @@ from vlm_rl.trainers.progress import install_console
 from vlm_rl.trainers.shared_prefix import Packing, forward_flops, image_runs, pack
 from vlm_rl.trainers.temporal_grpo import TemporalGRPO, TemporalRule
 from vlm_rl.trainers.tool_metrics import ToolMetricsMixin
-from vlm_rl.trainers.video_rows import NUM_VIDEOS, VideoFields, prompts_with_videos, without_clips
+from vlm_rl.trainers.video_rows import (
+    NUM_VIDEOS,
+    VideoFields,
+    count_videos,
+    prompts_with_videos,
+    without_clips,
+)
 from vlm_rl.trainers.vision_once import MODALITIES, encode_images_once, encoded_slots, image_features_reused
 from vlm_rl.trainers.vlm_options import VLMOptions
 
@@ -373,8 +379,10 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             multimodal_fields[key] = pad([torch.tensor(row) for row in value], padding_value=0, padding_side="right")
             adapter_fields[key] = multimodal_fields[key]
         self._adapter_fields = adapter_fields  # read by `_generate_and_score_completions`
-        if "pixel_values_videos" in multimodal_fields and self._video_fields is None:  # the batch's first call
-            self._video_fields = VideoFields.from_processor_output(multimodal_fields, self.adapter, prompts)
+        if self._video_fields is None and any(count_videos(prompts)):  # the batch's first call
+            self._video_fields = VideoFields.from_processor_output(
+                multimodal_fields, self.adapter, prompts, self.processing_class
+            )
         # The processor returns vision inputs as NumPy arrays (with `environment_factory`, TRL's per-prompt calls make
         # them lists of arrays). TRL's generation converts them to tensors, but its tool-calling loop splits them per
         # row first (`split_pixel_values_by_grid`), which needs tensors: in TRL 1.16 every tool call in a batch with an
@@ -402,9 +410,12 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         # Rows that have emitted EOS leave the decoding forwards (exact: the other rows' logits are unchanged).
         ended_left_out = finished_rows_left_out(model, base, self.adapter)
         # A batch's video inputs are those of its one prompt tokenization (`_tokenize_prompts`; tools, which tokenize
-        # each turn, refuse video rows), so its rows' video counts are known.
+        # each turn, refuse video rows), so its rows' video counts are known. Families whose prefill sharing does not
+        # cover video generate such a batch plainly.
         videos = self._video_fields.num_videos if self._video_fields is not None else None
-        if not self._shares_prompts(self.model, False) or ("pixel_values_videos" in multimodal_fields and not videos):
+        if not self._shares_prompts(self.model, False) or (
+            videos is not None and not self.adapter.shares_video_prompts
+        ):
             with reused, ended_left_out:
                 return super()._generate_single_turn(*args)
         images = images if images is not None else [[] for _ in prompt_ids]
@@ -553,7 +564,12 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         split_inputs = self.adapter.split_vision_inputs(model_inputs, num_images)
         batch_size = batch_size or input_ids.size(0)
         # An MoE router's load-balancing loss counts every token it routes: with each prompt once it would change.
-        shares_prompts = self._shares_prompts(model) and not compute_aux_loss
+        # Families whose packed forward does not cover video score a batch with videos plainly.
+        shares_prompts = (
+            self._shares_prompts(model)
+            and not compute_aux_loss
+            and (self.adapter.shares_video_prompts or NUM_VIDEOS not in model_inputs)
+        )
         logps, entropies, aux_losses = [], [], []
         for start in range(0, input_ids.size(0), batch_size):
             rows = range(start, min(start + batch_size, input_ids.size(0)))
@@ -585,8 +601,10 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
     ):
         """TRL's log-prob forward of one chunk, with the chunk's own model inputs."""
         # Inputs TRL's method has no parameter for (a family's extra inputs, the video inputs) go straight to the
-        # model call.
+        # model call; InternVL / SmolVLM take their frames among their image inputs.
         num_videos = inputs.pop(NUM_VIDEOS, None)
+        if num_videos is not None:
+            inputs = self.adapter.video_forward_inputs(inputs, num_videos)
         extra = {key: inputs.pop(key) for key in list(inputs) if key not in _TRL_LOGPS_PARAMETERS}
         encoded = self._images_encoded_once(model, {**inputs, **extra, NUM_VIDEOS: num_videos})
         if encoded is not None:  # TRL's method passes vision inputs only along with `pixel_values`

@@ -50,6 +50,7 @@ def prompts_with_videos(rows: list[dict], adapter: FamilyAdapter, processor, *, 
         raise ValueError(f"Video rows (row {first} of this batch) do not work with {what} yet; see docs/data.md.")
     clips = [_clips(row.get(VIDEOS), processor, index) for index, row in enumerate(rows)]
     adapter.check_videos_per_row([len(row_clips) for row_clips in clips])  # one video per row
+    adapter.check_video_frames([len(row_clips[0]) if row_clips else None for row_clips in clips])
     converted = []
     for row, videos in zip(rows, clips, strict=True):
         prompt = with_video(row["prompt"], videos, len(row.get("images") or []))
@@ -77,13 +78,25 @@ def _clips(value: Any, processor, row: int) -> list[Clip]:
     raise ValueError(f"row {row} of this batch: its `videos` value is not a video file or PIL frames ({shown}).")
 
 
+def _video_parts(prompt: Any) -> list[dict]:
+    """A prompt's video blocks, in order (none in a plain-text prompt)."""
+    if not isinstance(prompt, list):
+        return []
+    return [part for message in prompt if isinstance(message.get("content"), list) for part in message["content"]
+            if part.get("type") == "video"]  # fmt: skip
+
+
 def count_videos(prompts: list) -> list[int]:
     """Each prompt's video blocks."""
-    return [
-        sum(1 for message in prompt if isinstance(message["content"], list) for part in message["content"]
-            if part.get("type") == "video")
-        for prompt in prompts
-    ]  # fmt: skip
+    return [len(_video_parts(prompt)) for prompt in prompts]
+
+
+def _stacked(value: Any) -> torch.Tensor:
+    """A processor output as one tensor: without `return_tensors`, per-video outputs (LLaVA-OneVision's frames) come
+    back as a list of arrays or tensors."""
+    if isinstance(value, list | tuple) and value and not isinstance(value[0], int | float):
+        return torch.stack([torch.as_tensor(item) for item in value])
+    return torch.as_tensor(value)
 
 
 @dataclass
@@ -95,8 +108,11 @@ class VideoFields:
     mm_token_type_ids: list[list[int]] | None  # per prompt, unpadded
 
     @classmethod
-    def from_processor_output(cls, fields: dict[str, Any], adapter: FamilyAdapter, prompts: list) -> VideoFields:
-        inputs = {key: torch.as_tensor(fields[key]) for key in adapter.video_keys if key in fields}
+    def from_processor_output(
+        cls, fields: dict[str, Any], adapter: FamilyAdapter, prompts: list, processor
+    ) -> VideoFields:
+        clips = [part["video"] for prompt in prompts for part in _video_parts(prompt)]
+        inputs = {key: _stacked(value) for key, value in adapter.video_inputs(fields, processor, clips).items()}
         types = fields.get("mm_token_type_ids")
         types = [list(map(int, row)) for row in types] if types is not None else None
         return cls(inputs, count_videos(prompts), types)

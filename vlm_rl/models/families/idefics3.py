@@ -19,8 +19,11 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.tiny import TinySpec, TinyTokenizer, attention_sizes, decoder_sizes, save_tiny_model, vision_sizes
+from vlm_rl.models.video import VIDEO_NAMES, merged_frames
 
 # `<row_i_col_j>` for the tile grid (the processors know up to 6×6), `<global-img>` for the global image.
 TILE_TOKENS = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
@@ -42,7 +45,8 @@ def chat_template(prefix: str) -> str:
             "{{- ':' if content[0]['type'] == 'image' else ': ' }}",
             "{%- for part in content %}",
             "{%- if part['type'] == 'text' %}{{- part['text'] }}",
-            "{%- elif part['type'] == 'image' %}{{- '<image>' }}{%- endif %}",
+            "{%- elif part['type'] == 'image' %}{{- '<image>' }}",
+            "{%- elif part['type'] == 'video' %}{{- '<video>' }}{%- endif %}",
             "{%- endfor %}",
             "{{- '<end_of_utterance>\\n' }}",
             "{%- endfor %}",
@@ -77,7 +81,7 @@ class Idefics3Adapter(FamilyAdapter):
         A tile is padding where its `pixel_attention_mask` is all zero (the processor marks every real tile's
         pixels), or, without a mask, where its pixels are all zero, the rule the model itself applies.
         """
-        split = dict(inputs)
+        split = dict(inputs) | self._split_videos(inputs)
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             return split
@@ -102,6 +106,9 @@ class Idefics3Adapter(FamilyAdapter):
     def merge_vision_inputs(self, split: dict[str, Any]) -> dict[str, Any]:
         """Pad each row to the most tiles (and the largest tile) of these rows with zeros, as the processor does."""
         merged = dict(split)
+        for key in self.video_keys:  # one entry per video
+            if isinstance(split.get(key), list):
+                merged[key] = torch.cat(split[key])
         for key in self.image_keys:
             rows = split.get(key)
             if not isinstance(rows, list):
@@ -149,6 +156,7 @@ class Idefics3Adapter(FamilyAdapter):
     model_class: ClassVar[str] = "Idefics3ForConditionalGeneration"
     processor_class: ClassVar[str] = "Idefics3Processor"
     image_processor_class: ClassVar[str] = "Idefics3ImageProcessor"
+    video_processor_class: ClassVar[str | None] = None
     text_tokens: ClassVar[tuple[str, ...]] = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>")
     template_prefix: ClassVar[str] = "<|begin_of_text|>"
     bos_token: ClassVar[str] = "<|begin_of_text|>"
@@ -198,6 +206,13 @@ class Idefics3Adapter(FamilyAdapter):
             },
             processor_class=self.processor_class,
             processor={"image_seq_len": (self.tile_size // self.patch_size) ** 2 // self.scale_factor**2},
+            video_processor_class=self.video_processor_class,
+            video_processor={
+                "size": {"longest_edge": self.longest_edge},
+                "max_image_size": {"longest_edge": self.tile_size},
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+            },
         )
         save_tiny_model(spec, output_dir, seed=seed)
 
@@ -208,12 +223,33 @@ class SmolVLMAdapter(Idefics3Adapter):
     name = "smolvlm"
     label = "SmolVLM"
     model_types = ("smolvlm",)
-    notes = Idefics3Adapter.notes + " Its processor needs the `num2words` package."
+    # Each frame is one tower-sized tile of `<image>` tokens after a timestamp; [videos, frames, C, H, W] and its mask.
+    video_keys = tuple(VIDEO_NAMES.values())
+    uniform_frames = True  # the processor's text for each video names the batch's most frames
+    notes = Idefics3Adapter.notes + (
+        " Its processor needs the `num2words` package. Each video frame becomes one tile-sized image (after the "
+        "row's images; `video_max_pixels` does not apply). Videos need one frame count per batch "
+        "(`video_num_frames`): the processor pads a call's videos to its most frames and writes that count into "
+        "every video's introduction. Called with images and videos, transformers' processor drops the images' "
+        "pixels; vlm-rl's processors (`load_processor`, and any the trainer is given) keep both."
+    )
     config_class = "SmolVLMConfig"
     model_class = "SmolVLMForConditionalGeneration"
     processor_class = "SmolVLMProcessor"
     image_processor_class = "SmolVLMImageProcessor"
+    video_processor_class = "SmolVLMVideoProcessor"
     text_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
     template_prefix = "<|im_start|>"
     bos_token = "<|im_start|>"
     pad_token = "<|im_end|>"
+
+    def video_inputs(self, fields: dict[str, Any], processor, videos: list) -> dict[str, Any]:
+        """The frames, processed as the processor call did (its output holds them merged with the image tiles)."""
+        frames = processor.video_processor(videos=videos, return_tensors="pt")
+        return {VIDEO_NAMES[key]: frames[key] for key in VIDEO_NAMES}
+
+    def video_forward_inputs(self, inputs: dict[str, Any], num_videos: list[int]) -> dict[str, Any]:
+        inputs = merged_frames(inputs, num_videos)
+        # TRL's log-prob method compares `pixel_values` with the image count, which a chunk without images lacks.
+        inputs.setdefault("num_images", [0] * len(num_videos))
+        return inputs

@@ -76,6 +76,30 @@ class InternVLAdapter(FamilyAdapter):
         "`-hf` checkpoints only (not the remote-code ones)."
     )
     shares_prompts = True
+    # Each frame is one tile of `image_seq_length` image tokens ("Frame1: <img>...</img>"): the processor merges the
+    # frames into `pixel_values` in prompt order, and the adapter keeps them apart, [videos, frames, C, H, W].
+    video_keys = ("pixel_values_videos",)
+    uniform_frames = True
+
+    def video_inputs(self, fields: dict[str, Any], processor, videos: list) -> dict[str, Any]:
+        """The frames, processed as the processor call did (its own output holds them only merged with the images)."""
+        return {
+            "pixel_values_videos": processor.video_processor(videos=videos, return_tensors="pt")["pixel_values_videos"]
+        }
+
+    def video_forward_inputs(self, inputs: dict[str, Any], num_videos: list[int]) -> dict[str, Any]:
+        """`pixel_values` as the processor merges it: each row's image tiles, then its video's frames, row by row
+        (the prompt puts a row's video after its images), and `num_tiles` counting both (TRL's log-prob method slices
+        by it)."""
+        videos = inputs.pop("pixel_values_videos")
+        images = inputs.get("pixel_values")
+        image_tiles = list(inputs.get("num_tiles") or inputs.get("num_images") or [0] * len(num_videos))
+        image_rows = torch.split(images, image_tiles) if images is not None else [videos[:0, 0]] * len(num_videos)
+        frame_rows = torch.split(videos.flatten(0, 1), [n * videos.size(1) for n in num_videos])
+        rows = list(zip(image_rows, frame_rows, strict=True))
+        inputs["pixel_values"] = torch.cat([tiles for row in rows for tiles in row])
+        inputs["num_tiles"] = [len(image) + len(frames) for image, frames in rows]
+        return inputs
 
     def tiles_per_row(self, processor, images: list[list]) -> list[int] | None:
         """Each row's tile count, as TRL computes it for the training batch (the processor's `num_patches`)."""
@@ -92,7 +116,7 @@ class InternVLAdapter(FamilyAdapter):
         TRL computes `num_tiles` only when the tile count differs from the image count; every image has at
         least one tile, so equal counts mean exactly one tile per image and `num_images` is then exact.
         """
-        split = dict(inputs)
+        split = dict(inputs) | self._split_videos(inputs)
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             return split
@@ -177,5 +201,11 @@ class InternVLAdapter(FamilyAdapter):
             },
             processor_class="InternVLProcessor",
             processor={"image_seq_length": TOKENS_PER_TILE},
+            video_processor_class="InternVLVideoProcessor",
+            video_processor={
+                "size": {"height": TILE_SIZE, "width": TILE_SIZE},
+                "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225],
+            },
         )
         save_tiny_model(spec, output_dir, seed=seed)

@@ -82,6 +82,8 @@ class LlavaAdapter(FamilyAdapter):
     model_class: ClassVar[str] = "LlavaForConditionalGeneration"
     processor_class: ClassVar[str] = "LlavaProcessor"
     image_processor_class: ClassVar[str] = "CLIPImageProcessor"
+    video_processor_class: ClassVar[str | None] = None
+    """Saved with the processor where the family takes video."""
     image_size: ClassVar[int] = 56
     """Side of the vision tower's square input (real checkpoints: 336 for CLIP, 384 for SigLIP)."""
     vision_model_type: ClassVar[str] = "clip_vision_model"
@@ -140,6 +142,8 @@ class LlavaAdapter(FamilyAdapter):
             },
             processor_class=self.processor_class,
             processor=self._processor(),
+            video_processor_class=self.video_processor_class,
+            video_processor=self._video_processor(),
         )
         save_tiny_model(spec, output_dir, seed=seed)
 
@@ -157,6 +161,10 @@ class LlavaAdapter(FamilyAdapter):
             "size": {"shortest_edge": self.image_size},
             "crop_size": {"height": self.image_size, "width": self.image_size},
         }
+
+    def _video_processor(self) -> dict[str, Any]:
+        """Video-processor settings (for a family with `video_processor_class`)."""
+        return {}
 
     def _processor(self) -> dict[str, Any]:
         """Processor settings that count an image's tokens: CLIP adds a CLS token, the `default` strategy drops it."""
@@ -237,15 +245,20 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     label = "LLaVA-OneVision"
     model_types = ("llava_onevision",)
     image_keys = ("pixel_values", "image_sizes", "batch_num_images")
+    video_keys = ("pixel_values_videos",)  # [videos, frames, C, H, W]: every frame one square, pooled 2×2
+    uniform_frames = True
     notes = (
         "A row with one image is tiled as in NeXT (no pixel budget), a row with several gets one square tile per "
-        "image, so the processor needs one image list per text (a flat list tiles each image). Videos are not used."
+        "image, so the processor needs one image list per text (a flat list tiles each image). Video frames are "
+        "resized to the tower's square (`video_max_pixels` does not apply), and the processor stacks a batch's "
+        "videos, so they need one frame count (`video_num_frames`, not `video_fps`)."
     )
 
     config_class = "LlavaOnevisionConfig"
     model_class = "LlavaOnevisionForConditionalGeneration"
     processor_class = "LlavaOnevisionProcessor"
     image_processor_class = "LlavaOnevisionImageProcessor"
+    video_processor_class = "LlavaOnevisionVideoProcessor"
     vision_model_type = "siglip_vision_model"
     vision_feature_layer = -1
     vision_feature_select_strategy = "full"  # SigLIP has no CLS token
@@ -293,6 +306,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             "size": {"height": self.image_size, "width": self.image_size},
             "image_grid_pinpoints": self._pinpoints(),
         }
+
+    def _video_processor(self) -> dict[str, Any]:
+        return {"size": {"height": self.image_size, "width": self.image_size}, "image_mean": list(self.image_mean),
+                "image_std": list(self.image_std)}  # fmt: skip
 
     def _processor(self) -> dict[str, Any]:
         return {

@@ -66,6 +66,7 @@ class GridAdapter(FamilyAdapter):
     video_keys = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
     image_size_bounds = ("min_pixels", "max_pixels")
     shares_prompts = True
+    shares_video_prompts = True
     preprocesses_per_image = True
     image_feature_fields = ("pooler_output",)
 
