@@ -94,7 +94,7 @@ def test_prefilled_generation_has_the_logits_of_stock_generate(family, load_tiny
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0, msg=f"logits of generated token {step}")
 
 
-VIDEO_FAMILIES = [family for family in SHARED_FAMILIES if tiny_families()[family].video_keys]
+VIDEO_FAMILIES = [family for family in SHARED_FAMILIES if tiny_families()[family].shares_video_prompts]
 
 
 def video_trainer_and_rows(family, load_tiny, tmp_path):

@@ -332,7 +332,7 @@ def test_distinct_prompts_of_uneven_length_are_scored_without_padding(load_tiny,
     assert_grads_close(grads, plain[2], "one forward per row")
 
 
-VIDEO_FAMILIES = sorted(name for name in SHARED_FAMILIES if tiny_families()[name].video_keys)
+VIDEO_FAMILIES = sorted(name for name in SHARED_FAMILIES if tiny_families()[name].shares_video_prompts)
 
 
 def video_prompts() -> list[dict]:
