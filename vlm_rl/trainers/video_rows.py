@@ -6,7 +6,8 @@ call that tokenizes the prompts for generation (`_tokenize_prompts`, through the
 videos in the prompts; its video inputs, and its per-token `mm_token_type_ids`, which mark the video tokens the
 second call does not expand, are kept (`VideoFields`) and given to every log-prob forward of the batch.
 
-Prompt sharing and encode-once cover images only: a forward with video inputs takes the plain path.
+Prompt sharing and encode-once cover images only: a forward with video inputs takes the plain path. vLLM generation
+gets each prompt's clip from the same prompts (`VideoFields.clips`, `VLMRollout.videos`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ VIDEOS = "videos"
 NUM_VIDEOS = "num_videos"  # bookkeeping, like `num_images`: each row's video count
 
 
-def prompts_with_videos(rows: list[dict], adapter: FamilyAdapter, processor, *, uses_tools: bool, use_vllm: bool):
+def prompts_with_videos(rows: list[dict], adapter: FamilyAdapter, processor, *, uses_tools: bool):
     """`rows` with each video row's clip in its prompt (None when no row has a video); refuses what cannot train.
 
     Rows built by vlm-rl's data loading hold decoded `Clip`s; a `videos` value given directly (a video file path,
@@ -44,9 +45,8 @@ def prompts_with_videos(rows: list[dict], adapter: FamilyAdapter, processor, *, 
     if first is None:
         return None
     adapter.check_videos_per_row([int(bool(row.get(VIDEOS))) for row in rows])  # before decoding anything
-    if uses_tools or use_vllm:
-        what = "tools" if uses_tools else "vLLM generation"
-        raise ValueError(f"Video rows (row {first} of this batch) do not work with {what} yet; see docs/data.md.")
+    if uses_tools:
+        raise ValueError(f"Video rows (row {first} of this batch) do not work with tools yet; see docs/data.md.")
     clips = [_clips(row.get(VIDEOS), processor, index) for index, row in enumerate(rows)]
     adapter.check_videos_per_row([len(row_clips) for row_clips in clips])  # one video per row
     converted = []
@@ -76,13 +76,10 @@ def _clips(value: Any, processor, row: int) -> list[Clip]:
     raise ValueError(f"row {row} of this batch: its `videos` value is not a video file or PIL frames ({shown}).")
 
 
-def count_videos(prompts: list) -> list[int]:
-    """Each prompt's video blocks."""
-    return [
-        sum(1 for message in prompt if isinstance(message["content"], list) for part in message["content"]
-            if part.get("type") == "video")
-        for prompt in prompts
-    ]  # fmt: skip
+def prompt_videos(prompt: list) -> list:
+    """A prompt's clips, from its video blocks."""
+    return [part["video"] for message in prompt if isinstance(message["content"], list) for part in message["content"]
+            if part.get("type") == "video"]  # fmt: skip
 
 
 @dataclass
@@ -92,13 +89,15 @@ class VideoFields:
     inputs: dict[str, torch.Tensor]  # the adapter's video keys, batched
     num_videos: list[int]
     mm_token_type_ids: list[list[int]] | None  # per prompt, unpadded
+    clips: list[Clip | None]  # per prompt: its video (one per row), for vLLM generation
 
     @classmethod
     def from_processor_output(cls, fields: dict[str, Any], adapter: FamilyAdapter, prompts: list) -> VideoFields:
         inputs = {key: torch.as_tensor(fields[key]) for key in adapter.video_keys if key in fields}
         types = fields.get("mm_token_type_ids")
         types = [list(map(int, row)) for row in types] if types is not None else None
-        return cls(inputs, count_videos(prompts), types)
+        videos = [prompt_videos(prompt) for prompt in prompts]
+        return cls(inputs, [len(row) for row in videos], types, [row[0] if row else None for row in videos])
 
     def model_inputs(self, width: int, prompt_width: int, device: torch.device) -> dict[str, Any]:
         """The video inputs of a forward over `width` columns whose first `prompt_width` are the (left-padded)
