@@ -357,17 +357,15 @@ def test_video_total_pixels_shrinks_the_frames_of_a_clip_over_its_budget(load_ti
     assert budgeted < unbounded and budgeted * 14 * 14 <= 2 * 150_000
 
 
-def test_video_rows_with_tools_or_vllm_are_refused_naming_the_row(load_tiny):
+def test_video_rows_with_tools_are_refused_naming_the_row(load_tiny):
     from vlm_rl.models import adapter_for
     from vlm_rl.trainers.video_rows import prompts_with_videos
 
     model, processor = load_tiny("qwen2_vl")
     rows = mixed_video_rows()[2:]  # the first video row is row 4
-    for flags, what in (({"uses_tools": True, "use_vllm": False}, "tools"), ({"uses_tools": False, "use_vllm": True},
-                                                                               "vLLM generation")):  # fmt: skip
-        with pytest.raises(ValueError, match=rf"^Video rows \(row 4 of this batch\) do not work with {what} yet"):
-            prompts_with_videos(rows, adapter_for(model.config), processor, **flags)
-    converted = prompts_with_videos(rows, adapter_for(model.config), processor, uses_tools=False, use_vllm=False)
+    with pytest.raises(ValueError, match=r"^Video rows \(row 4 of this batch\) do not work with tools yet"):
+        prompts_with_videos(rows, adapter_for(model.config), processor, uses_tools=True)
+    converted = prompts_with_videos(rows, adapter_for(model.config), processor, uses_tools=False)
     assert [part["type"] for part in converted[4]["prompt"][0]["content"]] == ["image", "video", "text"]
 
 

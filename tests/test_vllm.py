@@ -23,7 +23,7 @@ import pytest
 import yaml
 from conftest import small_config
 from datasets import Dataset
-from test_video import write_video
+from test_video import write_jsonl, write_video
 
 from vlm_rl.data.synthetic import FEATURES, draw_shape
 from vlm_rl.data.video import decode_file
@@ -356,3 +356,46 @@ def test_colocate_grpo_with_video_rows(tiny_qwen25, video_file, tmp_path):
     assert 0 < smaller.count(model.config.video_token_id) < video_tokens
     with rollout.videos([clip]), pytest.raises(ValueError, match=r"^vLLM expanded the prompt of row 0 into"):
         rollout.generate([smaller], None, 1)
+
+
+@pytest.fixture
+def video_recipe_data(tmp_path, video_file) -> None:
+    """The server's recipe data (next to its recipe): text rows and video rows, so that it makes room for a video."""
+    Path(tmp_path / "bar.mp4").write_bytes(Path(video_file).read_bytes())
+    rows = [{"prompt": "Which way?", "videos": "bar.mp4", "answer": "right"}, {"prompt": "Say red.", "answer": "red"}]
+    write_jsonl(tmp_path / "videos.jsonl", rows)
+
+
+SERVER_VIDEO_SETTINGS = {"video_num_frames": 4, "video_max_pixels": VIDEO_MAX_PIXELS}
+
+
+@pytest.mark.parametrize("vllm_server", [{"dataset": "videos.jsonl", **SERVER_VIDEO_SETTINGS}], indirect=True)
+def test_server_grpo_with_video_rows(video_recipe_data, vllm_server, tiny_qwen, video_file, tmp_path):
+    """`vlm-rl vllm-serve` makes room for the recipe's videos with its video settings; the trainer sends each clip's
+    frames and timing, and a clip the server expands otherwise than the trainer is refused."""
+    model, processor = load_policy(tiny_qwen)
+    log = CompletionLog()
+    bias = {int(model.config.video_token_id): 40.0, int(model.config.image_token_id): 40.0}
+    args = vllm_config(
+        tmp_path / "run",
+        vllm_mode="server",
+        vllm_server_host="127.0.0.1",
+        vllm_server_port=vllm_server["vllm_server_port"],
+        vllm_weight_transport="files",
+        generation_kwargs={"logit_bias": bias},
+        **SERVER_VIDEO_SETTINGS,
+    )
+    trainer = VLMGRPOTrainer(
+        model=model, reward_funcs=[log], args=args, train_dataset=video_rows(video_file), processing_class=processor
+    )
+    train_and_check(trainer, log, model, processor)
+    rollout = trainer.vllm_generation
+    clip = decode_file(video_file, "bar.mp4", num_frames=4)
+    expected = trainer_visual_tokens(processor, model.config.video_token_id, clip, "video")
+    assert rollout.engine_visual_tokens(clip, "video") == expected > 0
+
+    processor.video_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28}
+    content = [{"type": "video", "video": clip}, {"type": "text", "text": "Which way?"}]
+    ids = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)[0]
+    with rollout.videos([clip]), pytest.raises(ValueError, match=r"runs of video tokens .* the vLLM server processed"):
+        rollout.generate([ids], None, 1)
