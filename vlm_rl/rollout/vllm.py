@@ -60,6 +60,7 @@ def same_request(ids: list[int], images: list | None, other_ids: list[int], othe
 
 
 def same_video(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether two rows hold the same clip (GRPO's copies of a row each decode it again)."""
     return a is b or (a is not None and b is not None and a.shape == b.shape and np.array_equal(a, b))
 
 
@@ -194,6 +195,7 @@ def trainer_visual_tokens(processor, token_id: int, media: Image.Image | np.ndar
 
 
 def describe(media: Image.Image | np.ndarray) -> str:
+    """An image or clip as the token-count errors name it."""
     if isinstance(media, Image.Image):
         return f"a {media.width}x{media.height} image"
     return f"a {len(media)}-frame {media.shape[2]}x{media.shape[1]} video"
