@@ -4,8 +4,9 @@ for video rows).
 Batches mix image rows, text-only rows and two-image rows (and video rows, alone or with an image). A `logit_bias`
 pushes the image token up so that an unbanned engine samples it; the rollouts must never contain it. Weight sync is
 checked through TRL's own measure, the gap between vLLM's sampling log-probs and the trainer's log-probs of the same
-tokens: it stays small with sync and grows step by step without. Both sides must expand an image into the same number
-of tokens."""
+tokens: it stays small with sync and grows step by step without. Both sides must expand an image (and a video) into
+the same number of tokens, and vLLM's prompt must be the trainer's, token for token.
+"""
 
 from __future__ import annotations
 

@@ -419,8 +419,8 @@ class VLMRollout(VLLMGeneration):
         """How many image (`kind="video"`: video) tokens vLLM expands `media` into, with its own processor and
         settings."""
         if self.mode == "server":
-            images, video = ([media], None) if kind == "image" else ([], media)
-            features = self.vllm_client.render(images, video)["features"]
+            row = RowMedia.of([media], None) if kind == "image" else RowMedia.of([], media)
+            features = self.vllm_client.image_features([row])[0]
             return int(features["mm_placeholders"][kind][0]["length"])
         from vllm import SamplingParams
 
