@@ -291,9 +291,10 @@ def video_file(tmp_path_factory) -> str:
     return str(write_video(tmp_path_factory.mktemp("clips") / "bar.mp4"))
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen25(tmp_path_factory) -> Path:
-    return build_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("tiny") / "qwen2_5_vl")
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def tiny_video_model(tmp_path_factory, request) -> Path:
+    """Qwen2.5-VL (a run of video tokens, `second_per_grid_ts`) and Qwen3-VL (timed frames, each its own run)."""
+    return build_tiny_model(request.param, tmp_path_factory.mktemp("tiny") / request.param)
 
 
 def video_rows(video: str) -> Dataset:
@@ -321,10 +322,10 @@ def test_unexpanded_gives_back_the_placeholders_the_chat_template_writes():
     assert unexpanded(timed, {image, video}, start, end) == [1, start, video, end, 2]
 
 
-def test_colocate_grpo_with_video_rows(tiny_qwen25, video_file, tmp_path):
+def test_colocate_grpo_with_video_rows(tiny_video_model, video_file, tmp_path):
     """A video reaches vLLM with the trainer's frames and settings: the same prompt tokens, video tokens banned,
     the log-prob gap as small as for images; a trainer whose settings vLLM does not reproduce is stopped."""
-    model, processor = load_policy(tiny_qwen25)
+    model, processor = load_policy(tiny_video_model)
     log = CompletionLog()
     bias = {int(model.config.video_token_id): 40.0, int(model.config.image_token_id): 40.0}
     args = vllm_config(tmp_path, vllm_mode="colocate", generation_kwargs={"logit_bias": bias}, video_num_frames=4,
@@ -350,13 +351,14 @@ def test_colocate_grpo_with_video_rows(tiny_qwen25, video_file, tmp_path):
         assert rollout.generate([ids], None, 1)[0] == [ids]
 
     # Video settings vLLM was not started with: refused at start-up (the probe) and for any prompt, both counts named.
-    processor.video_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28}
+    # Frames enlarged to about 12544 pixels (the clip's 56x56 upscaled, the probe's 320x240 scaled down less).
+    processor.video_processor.size = {"shortest_edge": 16 * VIDEO_MAX_PIXELS, "longest_edge": 16 * VIDEO_MAX_PIXELS}
     with pytest.raises(ValueError, match=r"video into \d+ video tokens, the trainer's processor into \d+"):
         rollout.check_visual_tokens()
-    smaller = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)[0]
-    assert 0 < smaller.count(model.config.video_token_id) < video_tokens
+    larger = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)[0]
+    assert larger.count(model.config.video_token_id) > video_tokens
     with rollout.videos([clip]), pytest.raises(ValueError, match=r"^vLLM expanded the prompt of row 0 into"):
-        rollout.generate([smaller], None, 1)
+        rollout.generate([larger], None, 1)
 
 
 @pytest.fixture
