@@ -356,6 +356,11 @@ SEAMS: dict[str, Callable[..., None]] = {
         has_parameters(VLLMGeneration.generate, ["self", "prompts", "images", "num_generations", "profiler"]),
         sampling_params_match_trl,
     ),
+    # Server mode: the features of each row's images and video (`RowMedia`) placed at their tokens, per modality.
+    "VLLMGeneration._place_features": all_of(
+        has_parameters(VLLMGeneration._place_features, ["self", "features", "prompt_ids"]),
+        has_lines(VLLMGeneration.generate, "self._place_features(prompt_features, prompt_ids)"),
+    ),
     # --- VLMClient (rollout/vllm.py)
     "VLLMClient._post": has_lines(VLLMClient._post, "def _post(self, url: str, **kwargs) -> dict:"),
     # The two calls a server-mode rollout makes on the main process, retried through a server outage
@@ -527,10 +532,8 @@ SEAMS: dict[str, Callable[..., None]] = {
     ),
     "attributes: VLLMGeneration": all_of(
         has_lines(VLLMGeneration._init_vllm, "self._llm_weights_sleeping = self.enable_sleep_mode"),
-        # Methods `VLMRollout` calls but keeps TRL's: ZeRO-3/PEFT-aware parameter walk, feature placement.
-        holds(
-            lambda: callable(VLLMGeneration._iter_named_params) and callable(VLLMGeneration._place_features), "gone"
-        ),
+        # A method `VLMRollout` calls but keeps TRL's: the ZeRO-3/PEFT-aware parameter walk.
+        holds(lambda: callable(VLLMGeneration._iter_named_params), "gone"),
     ),
 }
 

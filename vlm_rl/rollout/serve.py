@@ -1,8 +1,10 @@
 """`vlm-rl vllm-serve`: a vLLM server for `vllm_mode: server`, configured from the training recipe.
 
-The server must expand images exactly as the trainer's processor does and accept every row's images, so its
-settings come from the same recipe: the model (a `tiny:` model is built first), `min_pixels` / `max_pixels`, the
-data's largest number of images per row, the weight transport. Everything after `--` goes to vLLM unchanged.
+The server must expand images and videos exactly as the trainer's processor does and accept every row's images and
+video, so its settings come from the same recipe: the model (a `tiny:` model is built first), `min_pixels` /
+`max_pixels`, the video settings (`video_max_pixels`, `video_total_pixels`; the frames arrive sampled), the data's
+largest number of images per row and whether a row has a video, the weight transport. Everything after `--` goes to
+vLLM unchanged.
 
     vlm-rl vllm-serve --config recipes/X.yaml [--field value ...] [-- --vllm-flag ...]
 """
@@ -18,7 +20,9 @@ import torch
 
 from vlm_rl.config import parse_recipe
 from vlm_rl.models import load_processor
+from vlm_rl.models.video import configure_video
 from vlm_rl.prepare import images_per_prompt, prepare_data, prepare_model_path
+from vlm_rl.rollout.vllm import most_videos_per_row, with_video_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +37,20 @@ def server_args(argv: list[str]) -> list[str]:
     model_path, adapter, _ = prepare_model_path(model_args, training_args, recipe_dir)
     processor = load_processor(str(model_path), trust_remote_code=training_args.trust_remote_code)
     adapter.set_image_size_bounds(processor, model_args.min_pixels, model_args.max_pixels)
+    configure_video(
+        processor,
+        fps=training_args.video_fps,
+        num_frames=training_args.video_num_frames,
+        max_pixels=training_args.video_max_pixels,
+        total_pixels=training_args.video_total_pixels,
+    )
     limit = training_args.vllm_limit_mm_per_prompt
+    task = None
+    if limit is None or adapter.video_keys:
+        task = prepare_data(data_args, training_args, recipe_dir)
     if limit is None:
-        limit = images_per_prompt(training_args, prepare_data(data_args, training_args, recipe_dir))
+        limit = images_per_prompt(training_args, task)
+    videos = most_videos_per_row(task.train, task.eval) if adapter.video_keys else 0
     host = training_args.vllm_server_host
     port = training_args.vllm_server_port
     if training_args.vllm_server_base_url:
@@ -53,11 +68,15 @@ def server_args(argv: list[str]) -> list[str]:
         # The trainer's importance-sampling correction needs the logprobs after temperature and processing.
         "--logprobs-mode", "processed_logprobs",
         "--max-logprobs", "-1",
-        "--limit-mm-per-prompt", json.dumps({"image": limit}),
+        "--limit-mm-per-prompt", json.dumps({"image": limit, **({"video": videos} if videos else {})}),
         # Serves `/v1/chat/completions/render`, where TRL's client turns images into features.
         "--enable-scale-out",
     ]  # fmt: skip
     mm_processor_kwargs = adapter.engine_processor_kwargs(processor)
+    if videos:
+        mm_processor_kwargs = with_video_kwargs(mm_processor_kwargs, processor)
+        # Each clip's timing reaches the server as request `media_io_kwargs` (`VLMClient.render`).
+        args.append("--trust-request-mm-kwargs")
     if mm_processor_kwargs:
         args += ["--mm-processor-kwargs", json.dumps(mm_processor_kwargs)]
     if training_args.vllm_max_model_length:

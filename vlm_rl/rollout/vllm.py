@@ -3,9 +3,14 @@
 TRL 1.16's `VLLMGeneration` (colocate and server) is kept for everything it does right (gathering prompts,
 ZeRO-3/PEFT-aware parameter iteration, broadcasting the results); this subclass changes what a VLM needs:
 
-- the engine sees images with the trainer's image-size settings (`mm_processor_kwargs`) and the data's largest number
-  of images per row (`limit_mm_per_prompt`), and both sides are checked to expand an image into the same number of
-  visual tokens before the first rollout;
+- the engine sees images and videos with the trainer's size settings (`mm_processor_kwargs`), the data's largest
+  number of images per row and room for a video where the data has videos (`limit_mm_per_prompt`); both sides are
+  checked to expand an image (and a video) into the same number of visual tokens before the first rollout;
+- prompts reach vLLM with their image and video placeholders as the chat template writes them (vLLM 0.32 expands the
+  placeholders of a token prompt itself, also ones the trainer's processor expanded already: an image would be there
+  twice), and each prompt vLLM expanded must equal the trainer's, token for token;
+- a video row's clip reaches vLLM as its sampled frames with the loader's timing (`clip_item`), so vLLM samples no
+  frames of its own;
 - image/video/vision-marker tokens can never be sampled (`bad_words`: a hard ban, whatever the policy or a
   `logit_bias` says): the next training forward would fail on them;
 - colocate sends each distinct prompt once with `n` = its number of copies, so vLLM processes and encodes its images
@@ -19,18 +24,26 @@ ZeRO-3/PEFT-aware parameter iteration, broadcasting the results); this subclass 
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from accelerate.utils import broadcast_object_list
+from datasets import Dataset
 from PIL import Image
-from trl.generation.vllm_client import VLLMClient
+from transformers.video_utils import VideoMetadata
+from trl.generation.vllm_client import VLLMClient, to_openai_messages
 from trl.generation.vllm_generation import VLLMGeneration, extract_logprobs
 
 from vlm_rl.config import WEIGHT_TRANSPORTS
+from vlm_rl.data import video_counts
+from vlm_rl.data.video import FRAMES_FPS, Clip
 from vlm_rl.rollout.server_retry import ServerRetry, VLLMServerGone, session_without_connection_retries
 
 logger = logging.getLogger(__name__)
@@ -46,25 +59,117 @@ def same_request(ids: list[int], images: list | None, other_ids: list[int], othe
     )
 
 
-def group_copies(prompts: list[list[int]], images: list[list | None]) -> list[tuple[int, int]]:
-    """(first row, number of rows) for each run of consecutive identical rows."""
+def same_video(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether two rows hold the same clip (GRPO's copies of a row each decode it again)."""
+    return a is b or (a is not None and b is not None and a.shape == b.shape and np.array_equal(a, b))
+
+
+def group_copies(
+    prompts: list[list[int]], images: list[list | None], videos: list[np.ndarray | None] | None = None
+) -> list[tuple[int, int]]:
+    """(first row, number of rows) for each run of consecutive identical rows (prompt, images and video)."""
+    videos = videos or [None] * len(prompts)
     groups: list[tuple[int, int]] = []
     for row, (ids, row_images) in enumerate(zip(prompts, images, strict=True)):
         if groups:
             start, count = groups[-1]
-            if same_request(prompts[start], images[start], ids, row_images):
+            if same_request(prompts[start], images[start], ids, row_images) and same_video(videos[start], videos[row]):
                 groups[-1] = (start, count + 1)
                 continue
         groups.append((row, 1))
     return groups
 
 
-def vllm_prompt(ids: list[int], images: list | None) -> dict[str, Any]:
-    """A token-id prompt for vLLM, with its images as multi-modal data when it has any."""
+def clip_item(clip: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """A clip as vLLM's video processors take one: its frames and the timing the loader recorded. The frames are
+    sampled already (`do_sample_frames: False`), so vLLM keeps them as they are, as the trainer's processor does."""
+    frames = np.asarray(clip)
+    metadata = getattr(clip, "metadata", None) or VideoMetadata(total_num_frames=len(frames), fps=FRAMES_FPS)
+    fps = float(metadata.fps or FRAMES_FPS)
+    total = int(metadata.total_num_frames or len(frames))
+    indices = [
+        int(i) for i in (metadata.frames_indices if metadata.frames_indices is not None else range(len(frames)))
+    ]
+    return frames, {
+        "total_num_frames": total,
+        "fps": fps,
+        "duration": float(metadata.duration or total / fps),
+        "frames_indices": indices,
+        "width": int(frames.shape[2]),
+        "height": int(frames.shape[1]),
+        "video_backend": metadata.video_backend or "frames",
+        "do_sample_frames": False,
+    }
+
+
+def vllm_prompt(ids: list[int], images: list | None, video: np.ndarray | None = None) -> dict[str, Any]:
+    """A token-id prompt for vLLM, with its images and video as multi-modal data when it has any."""
     prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}
+    data: dict[str, Any] = {}
     if images:
-        prompt["multi_modal_data"] = {"image": list(images) if len(images) > 1 else images[0]}
+        data["image"] = list(images) if len(images) > 1 else images[0]
+    if video is not None:
+        data["video"] = clip_item(video)
+    if data:
+        prompt["multi_modal_data"] = data
     return prompt
+
+
+def unexpanded(ids: list[int], media: Collection[int], start: int | None = None, end: int | None = None) -> list[int]:
+    """`ids` with each image or video placeholder as the chat template writes it, before a processor expanded it.
+
+    vLLM 0.32 expands the placeholders of a token prompt itself, also those already expanded (an image of N tokens
+    would become 2N - 1). A `start` ... `end` span holding media tokens (nested spans: Qwen3-VL's timed frames)
+    becomes `start`, one media token, `end`; elsewhere a run of one media token becomes one.
+    """
+    out: list[int] = []
+    i = 0
+    while i < len(ids):
+        token = ids[i]
+        if start is not None and token == start:
+            depth, j = 0, i
+            while j < len(ids):
+                depth += (ids[j] == start) - (ids[j] == end)
+                if depth == 0:
+                    break
+                j += 1
+            inner = [t for t in ids[i + 1 : j] if t in media]
+            if inner and j < len(ids):
+                out += [start, inner[0], end]
+                i = j + 1
+                continue
+        if token in media:
+            while i + 1 < len(ids) and ids[i + 1] == token:
+                i += 1
+        out.append(token)
+        i += 1
+    return out
+
+
+def most_videos_per_row(*datasets: Any) -> int:
+    """1 when a row of `datasets` has a video (one video per row), else 0; a dataset that cannot be read ahead
+    (streamed) may hold one. Nothing is decoded."""
+    for dataset in datasets:
+        if dataset is None:
+            continue
+        if not isinstance(dataset, Dataset) or video_counts(dataset)[0].any():
+            return 1
+    return 0
+
+
+def with_video_kwargs(image_kwargs: dict[str, Any], processor) -> dict[str, Any]:
+    """vLLM's `mm_processor_kwargs` for the image settings `image_kwargs` and `processor`'s video settings
+    (`configure_video`), each scoped to its modality: flat settings (the image size) would apply to videos too, and
+    vLLM 0.32 started with flat image settings beside scoped video ones ignores the flat ones. Frames come sampled
+    (`clip_item`): vLLM samples none."""
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is None:
+        return image_kwargs
+    settings = {"size": dict(video_processor.size), "do_sample_frames": False}
+    for name in ("cap_pixels_per_frame", "max_video_tokens"):
+        if getattr(video_processor, name, None) is not None:
+            settings[name] = getattr(video_processor, name)
+    return {**image_kwargs, "images_kwargs": dict(image_kwargs), "videos_kwargs": settings}
 
 
 def probe_image() -> Image.Image:
@@ -72,13 +177,55 @@ def probe_image() -> Image.Image:
     return Image.new("RGB", (320, 240), (127, 127, 127))
 
 
-def trainer_visual_tokens(processor, image_token_id: int, image: Image.Image) -> int:
-    """How many image tokens the trainer's processor expands `image` into."""
+def probe_clip() -> Clip:
+    """A 4-frame 2-second clip whose token count depends on the video size settings."""
+    metadata = VideoMetadata(total_num_frames=8, fps=4.0, width=320, height=240, duration=2.0, video_backend="probe",
+                             frames_indices=[0, 2, 4, 6])  # fmt: skip
+    return Clip(np.full((4, 240, 320, 3), 127, np.uint8), metadata)
+
+
+def trainer_visual_tokens(processor, token_id: int, media: Image.Image | np.ndarray, kind: str = "image") -> int:
+    """How many `token_id` tokens the trainer's processor expands `media` (an image, or a clip: `kind="video"`)
+    into."""
     text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=False, tokenize=False
+        [{"role": "user", "content": [{"type": kind}]}], add_generation_prompt=False, tokenize=False
     )
-    ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0]
-    return int((ids == image_token_id).sum())
+    ids = processor(text=[text], **{f"{kind}s": [media]}, return_tensors="pt")["input_ids"][0]
+    return int((ids == token_id).sum())
+
+
+def describe(media: Image.Image | np.ndarray) -> str:
+    """An image or clip as the token-count errors name it."""
+    if isinstance(media, Image.Image):
+        return f"a {media.width}x{media.height} image"
+    return f"a {len(media)}-frame {media.shape[2]}x{media.shape[1]} video"
+
+
+def video_url(clip: np.ndarray) -> tuple[dict, dict]:
+    """A clip as an OpenAI message part (its frames, lossless PNG, in vLLM's `video/jpeg` frame-list data URL) and
+    the request's `media_io_kwargs` that give vLLM its timing (no frames are sampled again)."""
+    frames, metadata = clip_item(clip)
+    encoded = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="PNG")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode())
+    part = {"type": "video_url", "video_url": {"url": "data:video/jpeg;base64," + ",".join(encoded)}}
+    timing = {key: metadata[key] for key in ("fps", "frames_indices", "total_num_frames", "duration")}
+    return part, {"video": {"num_frames": -1, **timing}}
+
+
+class RowMedia(list):
+    """A row's images, and its video, as one entry of the image lists TRL's server path gathers and hands to
+    `VLMClient.image_features` (TRL 1.16's `VLLMGeneration.generate` knows images only)."""
+
+    video: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, images: list | None, video: np.ndarray | None) -> RowMedia:
+        row = cls(images or [])
+        row.video = video
+        return row
 
 
 class VLMClient(VLLMClient):
@@ -93,9 +240,43 @@ class VLMClient(VLLMClient):
 
     def image_features(self, images: list[list | None], *args, **kwargs) -> list[dict | None]:
         if self.retry is None:
-            return super().image_features(images, *args, **kwargs)
+            return self._media_features(images, *args, **kwargs)
         stand_in = [None] * len(images)
-        return self.retry.call("image processing", super().image_features, images, *args, stand_in=stand_in, **kwargs)
+        return self.retry.call("image processing", self._media_features, images, *args, stand_in=stand_in, **kwargs)
+
+    def _media_features(self, rows: list[list | None], max_concurrent_requests: int = 64) -> list[dict | None]:
+        """TRL's `image_features`, for rows that may also hold a video (`RowMedia`)."""
+        if not any(getattr(row, "video", None) is not None for row in rows):
+            return super().image_features(rows, max_concurrent_requests)
+        from concurrent.futures import ThreadPoolExecutor  # lazy: server mode only
+
+        def send(row: list | None) -> dict | None:
+            video = getattr(row, "video", None)
+            return self.render(list(row or []), video)["features"] if row or video is not None else None
+
+        with ThreadPoolExecutor(max_workers=min(max_concurrent_requests, len(rows))) as executor:
+            return list(executor.map(send, rows))
+
+    def render(self, images: list[Image.Image], video: np.ndarray | None = None) -> dict:
+        """The server's processing of one prompt's images and video (`/v1/chat/completions/render`, as TRL's
+        `image_features` calls it): its token ids and features."""
+        (message,) = to_openai_messages([{"role": "user", "content": [{"type": "image", "image": i} for i in images]}])
+        body: dict[str, Any] = {"model": self.model, "max_tokens": 1}
+        if video is not None:
+            part, body["media_io_kwargs"] = video_url(video)
+            message["content"].append(part)
+        response = self.session.post(
+            f"{self.base_url}/v1/chat/completions/render", json={**body, "messages": [message]}
+        )
+        if response.status_code == 404:
+            raise RuntimeError(
+                f"The vLLM server at {self.base_url} does not serve `/v1/chat/completions/render`, which multimodal "
+                "prompts use; start it with `vlm-rl vllm-serve` (which passes `--enable-scale-out`)."
+            )
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM server request {self.base_url}/v1/chat/completions/render failed: "
+                               f"{response.status_code} {response.text[:500]}")  # fmt: skip
+        return response.json()
 
     def generate(self, *args, **kwargs) -> dict:
         if self.retry is None:
@@ -115,13 +296,18 @@ class VLMClient(VLLMClient):
 
 
 class VLMRollout(VLLMGeneration):
-    """TRL's vLLM generation backend, for rows with zero, one or several images (see the module docstring)."""
+    """TRL's vLLM generation backend, for rows with zero, one or several images and at most one video (see the
+    module docstring)."""
+
+    # The batch's videos, one entry per prompt (None: no video), while the trainer generates (`videos`).
+    _videos: list[np.ndarray | None] | None = None
 
     def __init__(
         self,
         *args: Any,
         mm_processor_kwargs: dict[str, Any] | None = None,
         limit_mm_per_prompt: int = 1,
+        video_limit: int = 0,
         banned_tokens: list[str] | None = None,
         image_token_id: int | None = None,
         weight_transport: str = "auto",
@@ -132,8 +318,11 @@ class VLMRollout(VLLMGeneration):
     ):
         if weight_transport not in WEIGHT_TRANSPORTS:
             raise ValueError(f"vllm_weight_transport must be one of {WEIGHT_TRANSPORTS}, got {weight_transport!r}.")
-        self.mm_processor_kwargs = mm_processor_kwargs or {}
+        self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
+        if video_limit:
+            self.mm_processor_kwargs = with_video_kwargs(self.mm_processor_kwargs, kwargs.get("processing_class"))
         self.limit_mm_per_prompt = max(1, limit_mm_per_prompt)
+        self.video_limit = video_limit
         self.image_token_id = image_token_id
         self.dtype = dtype
         self.weights_dir = weights_dir
@@ -147,8 +336,30 @@ class VLMRollout(VLLMGeneration):
         generation_kwargs["bad_words"] = sorted({*generation_kwargs.get("bad_words", []), *(banned_tokens or [])})
         kwargs["generation_kwargs"] = generation_kwargs
         super().__init__(*args, **kwargs)
+        config = self.model.config
+        self.video_token_id = getattr(config, "video_token_id", None) if video_limit else None
+        tokens = {"image": self.image_token_id, "video": self.video_token_id}
+        self.media_tokens = {kind: token for kind, token in tokens.items() if token is not None}
+        self.vision_markers = (
+            getattr(config, "vision_start_token_id", None),
+            getattr(config, "vision_end_token_id", None),
+        )
         if self.image_token_id is not None and self.accelerator.is_main_process:
             self.check_visual_tokens()
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """vLLM's `limit_mm_per_prompt`: video only where the data has videos (vLLM sets memory aside for each)."""
+        return {"image": self.limit_mm_per_prompt, **({"video": self.video_limit} if self.video_limit else {})}
+
+    @contextlib.contextmanager
+    def videos(self, clips: list[np.ndarray | None] | None) -> Iterator[None]:
+        """Inside, `generate` sends each prompt its clip (`clips`: one entry per prompt, None for a row without)."""
+        self._videos = clips
+        try:
+            yield
+        finally:
+            self._videos = None
 
     # ----------------------------------------------------------------------------------------------- start-up
     def _init_vllm(self):
@@ -196,7 +407,7 @@ class VLMRollout(VLLMGeneration):
             logprobs_mode="processed_logprobs",
             trust_remote_code=self.trust_remote_code,
             mm_processor_kwargs=self.mm_processor_kwargs or None,
-            limit_mm_per_prompt={"image": self.limit_mm_per_prompt},
+            limit_mm_per_prompt=self.limits,
         )
         if self.enable_sleep_mode:
             self.llm.sleep(level=2)
@@ -204,37 +415,98 @@ class VLMRollout(VLLMGeneration):
         self.accelerator.wait_for_everyone()
         return None
 
-    def engine_visual_tokens(self, image: Image.Image) -> int:
-        """How many image tokens vLLM expands `image` into, with its own processor and settings."""
+    def engine_visual_tokens(self, media: Image.Image | np.ndarray, kind: str = "image") -> int:
+        """How many image (`kind="video"`: video) tokens vLLM expands `media` into, with its own processor and
+        settings."""
         if self.mode == "server":
-            features = self.vllm_client.image_features([[image]])[0]
-            return int(features["mm_placeholders"]["image"][0]["length"])
+            row = RowMedia.of([media], None) if kind == "image" else RowMedia.of([], media)
+            features = self.vllm_client.image_features([row])[0]
+            return int(features["mm_placeholders"][kind][0]["length"])
         from vllm import SamplingParams
 
         text = self.processing_class.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=False, tokenize=False
+            [{"role": "user", "content": [{"type": kind}]}], add_generation_prompt=False, tokenize=False
         )
+        item = media if kind == "image" else clip_item(media)
         output = self.llm.generate(
-            [{"prompt": text, "multi_modal_data": {"image": image}}],
+            [{"prompt": text, "multi_modal_data": {kind: item}}],
             sampling_params=SamplingParams(max_tokens=1),
             use_tqdm=False,
         )[0]
-        return sum(token == self.image_token_id for token in output.prompt_token_ids)
+        return sum(token == self.media_tokens[kind] for token in output.prompt_token_ids)
 
-    def check_visual_tokens(self, image: Image.Image | None = None) -> None:
-        """Fail before training when vLLM and the trainer would see an image as different numbers of tokens."""
-        image = image or probe_image()
-        expected = trainer_visual_tokens(self.processing_class, self.image_token_id, image)
-        found = self.engine_visual_tokens(image)
-        if found != expected:
-            raise ValueError(
-                f"vLLM expands a {image.width}x{image.height} image into {found} image tokens, the trainer's "
-                f"processor into {expected}: the prompts the trainer sends would not match the images. The trainer "
-                "passes "
-                f"mm_processor_kwargs={self.mm_processor_kwargs}; a vLLM server must be started with the same "
-                "(`vlm-rl vllm-serve --config <the same recipe>` does)."
-            )
-        logger.info("vLLM and the trainer both expand a %dx%d image into %d tokens.", image.width, image.height, found)
+    def check_visual_tokens(self, image: Image.Image | None = None, clip: np.ndarray | None = None) -> None:
+        """Fail before training when vLLM and the trainer would see an image (or, with videos in the data, a video)
+        as different numbers of tokens."""
+        probes = [("image", image if image is not None else probe_image())]
+        if "video" in self.media_tokens:
+            probes.append(("video", clip if clip is not None else probe_clip()))
+        for kind, media in probes:
+            expected = trainer_visual_tokens(self.processing_class, self.media_tokens[kind], media, kind)
+            found = self.engine_visual_tokens(media, kind)
+            if found != expected:
+                raise ValueError(
+                    f"vLLM expands {describe(media)} into {found} {kind} tokens, the trainer's processor into "
+                    f"{expected}: the prompts the trainer sends would not match the {kind}s. The trainer passes "
+                    f"mm_processor_kwargs={self.mm_processor_kwargs}; a vLLM server must be started with the same "
+                    "(`vlm-rl vllm-serve --config <the same recipe>` does)."
+                )
+            logger.info("vLLM and the trainer both expand %s into %d tokens.", describe(media), found)
+
+    def engine_prompt(self, ids: list[int]) -> list[int]:
+        """`ids` (expanded by the trainer's processor) with its placeholders as vLLM expects them (`unexpanded`)."""
+        return unexpanded(ids, set(self.media_tokens.values()), *self.vision_markers)
+
+    def check_engine_prompt(self, row: int, trainer_ids: list[int], engine_ids: list[int]) -> None:
+        """Fail when vLLM expanded a prompt's images or video into other tokens than the trainer's processor did:
+        the completion would be sampled for another prompt than the one trained on."""
+        if list(engine_ids) == list(trainer_ids):
+            return
+
+        def counts(ids: list[int]) -> str:
+            return ", ".join(f"{sum(t == token for t in ids)} {kind}" for kind, token in self.media_tokens.items())
+
+        raise ValueError(
+            f"vLLM expanded the prompt of row {row} into {len(engine_ids)} tokens ({counts(engine_ids)} tokens), "
+            f"the trainer's processor into {len(trainer_ids)} ({counts(trainer_ids)}): vLLM would sample for another "
+            f"prompt than the one trained on. The trainer passes mm_processor_kwargs={self.mm_processor_kwargs}; "
+            "its image and video settings must be ones vLLM's processor for this model applies (docs/vllm.md)."
+        )
+
+    def _place_features(self, features: dict | None, prompt_ids: list[int]) -> dict | None:
+        """TRL's placement of the server's features at the prompt's image tokens, for video tokens too.
+
+        Each image or video is one run of its token in the prompt (Qwen2-VL, Qwen2.5-VL). Qwen3-VL's timed video
+        frames are runs of their own, which vLLM 0.32's generate endpoint cannot take as one video (it receives
+        offsets and lengths only).
+        """
+        if features is None:
+            return None
+        placed = {}
+        for kind, ranges in features["mm_placeholders"].items():
+            token = self.media_tokens.get(kind)
+            runs: list[dict[str, int]] = []
+            for offset, value in enumerate(prompt_ids):
+                if value != token:
+                    continue
+                if runs and runs[-1]["offset"] + runs[-1]["length"] == offset:
+                    runs[-1]["length"] += 1
+                else:
+                    runs.append({"offset": offset, "length": 1})
+            if len(runs) != len(ranges) or [r["length"] for r in runs] != [r["length"] for r in ranges]:
+                raise ValueError(
+                    f"The prompt holds {len(runs)} runs of {kind} tokens ({[r['length'] for r in runs]} tokens) where "
+                    f"the vLLM server processed {len(ranges)} {kind}(s) of {[r['length'] for r in ranges]} tokens; "
+                    "start the server with `vlm-rl vllm-serve --config <the same recipe>`"
+                    + (
+                        ", or use vllm_mode: colocate (one video's frames are separate runs)"
+                        if kind == "video"
+                        else ""
+                    )
+                    + "."
+                )
+            placed[kind] = runs
+        return {**features, "mm_placeholders": {**features["mm_placeholders"], **placed}}
 
     # ------------------------------------------------------------------------------------------ weight sync
     def sync_weights(self):
@@ -317,14 +589,21 @@ class VLMRollout(VLLMGeneration):
     def generate(self, prompts, images, num_generations, profiler=None):
         # The trainer marks image-less rows with an empty list; TRL's backend expects None there.
         images = [row or None for row in images] if images is not None else None
+        videos = self._videos
         if self.mode == "server":
+            if videos is not None:  # TRL's server path gathers and sends images only: each row's video rides along
+                images = [
+                    RowMedia.of(row, video) for row, video in zip(images or [None] * len(prompts), videos, strict=True)
+                ]
             result = super().generate(prompts, images, num_generations, profiler)
             if prompts and not result[1]:  # no completions: the main process gave up on the server
                 self._stop_if_server_gone()
             return result
-        return self._generate_colocated(prompts, images or [None] * len(prompts), profiler)
+        return self._generate_colocated(prompts, images or [None] * len(prompts), videos, profiler)
 
-    def _generate_colocated(self, prompts: list[list[int]], images: list, profiler: Callable | None):
+    def _generate_colocated(
+        self, prompts: list[list[int]], images: list, videos: list | None, profiler: Callable | None
+    ):
         from contextlib import nullcontext
 
         from vllm import SamplingParams
@@ -347,11 +626,16 @@ class VLMRollout(VLLMGeneration):
             from vllm.sampling_params import StructuredOutputsParams
 
             settings["structured_outputs"] = StructuredOutputsParams(regex=self.structured_outputs_regex)
-        groups = group_copies(prompts, images)
-        requests_ = [vllm_prompt(prompts[start], images[start]) for start, _ in groups]
+        videos = videos or [None] * len(prompts)
+        groups = group_copies(prompts, images, videos)
+        requests_ = [
+            vllm_prompt(self.engine_prompt(prompts[start]), images[start], videos[start]) for start, _ in groups
+        ]
         params = [SamplingParams(n=count, **settings) for _, count in groups]
         with profiler or nullcontext():
             outputs = self.llm.generate(requests_, sampling_params=params, use_tqdm=False)
+        for out, (start, _) in zip(outputs, groups, strict=True):
+            self.check_engine_prompt(start, prompts[start], out.prompt_token_ids)
         prompt_ids = [
             list(out.prompt_token_ids) for out, (_, count) in zip(outputs, groups, strict=True) for _ in range(count)
         ]

@@ -57,7 +57,7 @@ from vlm_rl.rewards.configured import ConfiguredReward, bind_context
 from vlm_rl.rewards.registry import reward_or_model
 from vlm_rl.rollout.finished_rows import finished_rows_left_out
 from vlm_rl.rollout.prefill import prompts_prefilled_once
-from vlm_rl.rollout.vllm import VLMRollout
+from vlm_rl.rollout.vllm import VLMRollout, most_videos_per_row
 from vlm_rl.trainers.block_mask import KERNEL, block_sparse_unavailable, packed_block_mask
 from vlm_rl.trainers.checkpointing import CheckpointMixin, RescheduleOnResume
 from vlm_rl.trainers.completion_logs import tool_images
@@ -322,6 +322,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             mm_processor_kwargs=adapter_for(config).engine_processor_kwargs(processing_class),
             limit_mm_per_prompt=options.vllm_limit_mm_per_prompt
             or images_per_conversation(args, train_dataset, uses_tools),
+            video_limit=most_videos_per_row(train_dataset) if adapter_for(config).vllm_video else 0,
             banned_tokens=processing_class.tokenizer.convert_ids_to_tokens(media),
             image_token_id=getattr(processing_class, "image_token_id", None),
             weight_transport=options.vllm_weight_transport,
@@ -398,6 +399,14 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
         # `generate` on the policy (no vLLM): prefill each distinct prompt once instead of once per generation.
         # With tools, each turn is generated from the whole conversation so far: each image is encoded once per step.
         args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        if self.use_vllm and self._video_fields is not None:  # vLLM gets each prompt's clip with its images
+            if not self.adapter.vllm_video:
+                raise ValueError(
+                    f"{self.adapter.label} video rows do not go through vLLM yet (the Qwen-VL families' do): set "
+                    "`use_vllm: false` for this dataset, or drop its `videos` column."
+                )
+            with self.vllm_generation.videos(self._video_fields.clips):
+                return super()._generate_single_turn(*args)
         if self.use_vllm or self.use_transformers_continuous_batching:
             return super()._generate_single_turn(*args)
         model = self.accelerator.unwrap_model(self.model_wrapped)
@@ -443,7 +452,6 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             self.adapter,
             getattr(self, "processing_class", None),
             uses_tools=bool(getattr(self, "tools", None)),
-            use_vllm=getattr(self, "use_vllm", False),
         )
         self._video_fields = None  # `_tokenize_prompts` sets it for a batch with videos
         try:

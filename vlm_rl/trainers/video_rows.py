@@ -7,7 +7,8 @@ videos in the prompts; its video inputs, and its per-token `mm_token_type_ids`, 
 second call does not expand, are kept (`VideoFields`) and given to every log-prob forward of the batch.
 
 Prompt sharing and encode-once treat a row's video as part of its prompt, like its images (`shared_prefix.py`,
-`vision_once.py`).
+`vision_once.py`), in the families whose adapter says so (`shares_video_prompts`). vLLM generation gets each prompt's
+clip from the same prompts (`VideoFields.clips`, `VLMRollout.videos`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ VIDEOS = "videos"
 NUM_VIDEOS = "num_videos"  # bookkeeping, like `num_images`: each row's video count
 
 
-def prompts_with_videos(rows: list[dict], adapter: FamilyAdapter, processor, *, uses_tools: bool, use_vllm: bool):
+def prompts_with_videos(rows: list[dict], adapter: FamilyAdapter, processor, *, uses_tools: bool):
     """`rows` with each video row's clip in its prompt (None when no row has a video); refuses what cannot train.
 
     Rows built by vlm-rl's data loading hold decoded `Clip`s; a `videos` value given directly (a video file path,
@@ -45,9 +46,8 @@ def prompts_with_videos(rows: list[dict], adapter: FamilyAdapter, processor, *, 
     if first is None:
         return None
     adapter.check_videos_per_row([int(bool(row.get(VIDEOS))) for row in rows])  # before decoding anything
-    if uses_tools or use_vllm:
-        what = "tools" if uses_tools else "vLLM generation"
-        raise ValueError(f"Video rows (row {first} of this batch) do not work with {what} yet; see docs/data.md.")
+    if uses_tools:
+        raise ValueError(f"Video rows (row {first} of this batch) do not work with tools yet; see docs/data.md.")
     clips = [_clips(row.get(VIDEOS), processor, index) for index, row in enumerate(rows)]
     adapter.check_videos_per_row([len(row_clips) for row_clips in clips])  # one video per row
     adapter.check_video_frames([len(row_clips[0]) if row_clips else None for row_clips in clips])
@@ -91,6 +91,11 @@ def count_videos(prompts: list) -> list[int]:
     return [len(_video_parts(prompt)) for prompt in prompts]
 
 
+def prompt_videos(prompt: list) -> list:
+    """A prompt's clips, from its video blocks."""
+    return [part["video"] for part in _video_parts(prompt)]
+
+
 def _stacked(value: Any) -> torch.Tensor:
     """A processor output as one tensor: without `return_tensors`, per-video outputs (LLaVA-OneVision's frames) come
     back as a list of arrays or tensors."""
@@ -106,6 +111,7 @@ class VideoFields:
     inputs: dict[str, torch.Tensor]  # the adapter's video keys, batched
     num_videos: list[int]
     mm_token_type_ids: list[list[int]] | None  # per prompt, unpadded
+    clips: list[Clip | None]  # per prompt: its video (one per row), for vLLM generation
 
     @classmethod
     def from_processor_output(
@@ -115,7 +121,8 @@ class VideoFields:
         inputs = {key: _stacked(value) for key, value in adapter.video_inputs(fields, processor, clips).items()}
         types = fields.get("mm_token_type_ids")
         types = [list(map(int, row)) for row in types] if types is not None else None
-        return cls(inputs, count_videos(prompts), types)
+        videos = [prompt_videos(prompt) for prompt in prompts]
+        return cls(inputs, [len(row) for row in videos], types, [row[0] if row else None for row in videos])
 
     def model_inputs(self, width: int, prompt_width: int, device: torch.device) -> dict[str, Any]:
         """The video inputs of a forward over `width` columns whose first `prompt_width` are the (left-padded)

@@ -67,6 +67,7 @@ class GridAdapter(FamilyAdapter):
     image_size_bounds = ("min_pixels", "max_pixels")
     shares_prompts = True
     shares_video_prompts = True
+    vllm_video = True
     preprocesses_per_image = True
     image_feature_fields = ("pooler_output",)
 
