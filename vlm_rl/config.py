@@ -543,6 +543,12 @@ def _next_multiple(value: int, unit: int) -> int:
     return math.ceil(value / unit) * unit
 
 
+def _grpo_field(name: str) -> Any:
+    """A field of `VLMGRPOConfig` (its default and help) for another config that means the same by it."""
+    source = VLMGRPOConfig.__dataclass_fields__[name]
+    return field(default=source.default, metadata=source.metadata)
+
+
 @dataclass
 class VLMSFTConfig(SFTConfig):
     """TRL's `SFTConfig` for `vlm-rl sft`, with vlm-rl's defaults where TRL's would break its data.
@@ -556,6 +562,11 @@ class VLMSFTConfig(SFTConfig):
         metadata={"help": "Keep False: vlm-rl's data loader needs every raw column of the rows it builds."},
     )
     step_timeout: float | None = step_timeout_field()
+    # `vlm-rl train`'s video settings: SFT trains on clips sampled and sized as GRPO and evaluation will show them.
+    video_fps: float | None = _grpo_field("video_fps")
+    video_num_frames: int | None = _grpo_field("video_num_frames")
+    video_max_pixels: int | None = _grpo_field("video_max_pixels")
+    video_total_pixels: int | None = _grpo_field("video_total_pixels")
 
 
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig)
