@@ -20,12 +20,19 @@ held-out accuracy against step.
 GRPO with the tools off, for the same budget: `no_tools`. Its entry adds `tool_calls_per_completion` (calls that
 ran per held-out row, greedy) before and after GRPO, and the figure the training tool-call rate.
 
+`synthetic:motion` (`--task motion`, `recipes/motion_sft_cpu.yaml` then `recipes/motion_cpu.yaml`) is a task on video:
+4-frame clips whose answer (which way the shape moves) is in the order of the frames. Its control is not the blind
+run but the same held-out clips with each clip's frames shuffled (`vlm-rl eval --ablate-frames`): a policy that
+reads the order falls to about chance there. Its entry has `shuffled_frames_sft` and `shuffled_frames_grpo` in place
+of `blind_*`.
+
 `--algorithms` trains GRPO, DAPO (clip-higher, dynamic sampling, token-level loss), Dr. GRPO and GSPO from one
 counting SFT start for the same wall time each, and reports final held-out accuracy and the completions generated.
 
 Writes `results.json`, `results.md` (the tables) and `learning_<task>.png` under `--output_dir`. The last line
 of output is one JSON object: `{task: {sft, grpo, sft_sampled, grpo_sampled, blind_sft, blind_grpo, chance,
-sft_minutes, grpo_minutes, ...}}`, each score the mean over seeds, with `*_spread` (max - min) where several ran.
+sft_minutes, grpo_minutes, total_minutes, ...}}` (`total_minutes`: SFT, GRPO and every evaluation), each score the
+mean over seeds, with `*_spread` (max - min) where several ran.
 """
 
 from __future__ import annotations
