@@ -153,7 +153,8 @@ class DataArguments:
             "`grounding` / `math`, for reward routing), `synthetic:counting`, `synthetic:grounding`, "
             "`synthetic:count_diff` (scenes of several shapes with multi-token answers and an `sft` split, "
             "docs/learning.md), `synthetic:zoom` (a small dot's colour in a named cell of a large image, a task for "
-            "the `zoom_in` tool, with an `sft` split of tool-calling replies: docs/tools.md), a local "
+            "the `zoom_in` tool, with an `sft` split of tool-calling replies: docs/tools.md), `synthetic:motion` "
+            "(4-frame clips of a moving shape, a `videos` column, and an `sft` split: docs/learning.md), a local "
             ".jsonl/.json/.parquet/.csv file, a glob or a "
             "directory of such files, a directory written by `Dataset.save_to_disk`, or a Hub dataset id. "
             "Relative paths: from the recipe's directory, then the working directory."
@@ -164,8 +165,8 @@ class DataArguments:
         default="train",
         metadata={
             "help": "The training split of a Hub dataset or a saved `DatasetDict`; for the synthetic scene tasks "
-            "(`counting`, `grounding`, `count_diff`) and `zoom`, `sft`: the rows with a teacher's reply, for "
-            "`vlm-rl sft`."
+            "(`counting`, `grounding`, `count_diff`), `zoom` and `motion`, `sft`: the rows with a teacher's reply, "
+            "for `vlm-rl sft`."
         },
     )
     eval_dataset: str | None = field(
