@@ -14,8 +14,8 @@ of the path and the second patch the second half, so the order is still there af
 not training clips. `sft` rows add a `completion` from a *biased teacher*: it sees the clip, but on `bias_rate` of
 the vertical clips it reads the image's y axis upside down (as if y grew upwards) and says "up" for "down" and the
 reverse, with reasoning to match ("From the bottom to the top."); horizontal clips it always gets right. SFT on it
-gives a policy that reads the clip and the format and keeps the teacher's error (about 0.6 held-out at the default
-0.8), which GRPO with the true `answer` can remove.
+gives a policy that reads the clip and the format and keeps the teacher's error: greedily, it swaps up and down on
+every vertical clip (about 0.4 held-out), which GRPO with the true `answer` can remove.
 """
 
 from __future__ import annotations
