@@ -20,12 +20,19 @@ held-out accuracy against step.
 GRPO with the tools off, for the same budget: `no_tools`. Its entry adds `tool_calls_per_completion` (calls that
 ran per held-out row, greedy) before and after GRPO, and the figure the training tool-call rate.
 
+`synthetic:motion` (`--task motion`, `recipes/motion_sft_cpu.yaml` then `recipes/motion_cpu.yaml`) is a task on video:
+4-frame clips whose answer (which way the shape moves) is in the order of the frames. Its control is not the blind
+run but the same held-out clips with each clip's frames shuffled (`vlm-rl eval --ablate-frames`): a policy that
+reads the order falls to about chance there. Its entry has `shuffled_frames_sft` and `shuffled_frames_grpo` in place
+of `blind_*`.
+
 `--algorithms` trains GRPO, DAPO (clip-higher, dynamic sampling, token-level loss), Dr. GRPO and GSPO from one
 counting SFT start for the same wall time each, and reports final held-out accuracy and the completions generated.
 
 Writes `results.json`, `results.md` (the tables) and `learning_<task>.png` under `--output_dir`. The last line
 of output is one JSON object: `{task: {sft, grpo, sft_sampled, grpo_sampled, blind_sft, blind_grpo, chance,
-sft_minutes, grpo_minutes, ...}}`, each score the mean over seeds, with `*_spread` (max - min) where several ran.
+sft_minutes, grpo_minutes, total_minutes, ...}}` (`total_minutes`: SFT, GRPO and every evaluation), each score the
+mean over seeds, with `*_spread` (max - min) where several ran.
 """
 
 from __future__ import annotations
@@ -70,6 +77,9 @@ class Task:
     # A task with tools also runs SFT (on this split) + GRPO with the tools off, for the same budget: `no_tools`.
     no_tools_split: str | None = None
     in_default_run: bool = True  # zoom: only with `--task zoom` (about 30 minutes of its own)
+    # The control evaluation: `blind` (images swapped between rows) or `shuffled_frames` (each clip's frames shuffled,
+    # for a task on video whose answer is in the order of the frames).
+    control: str = "blind"
 
 
 TASKS = {
@@ -79,6 +89,7 @@ TASKS = {
     "zoom": Task(
         seeds=1, score="accuracy", grpo_recipe="zoom_cpu.yaml", no_tools_split="sft_no_tools", in_default_run=False
     ),
+    "motion": Task(seeds=1, score="accuracy", grpo_recipe="motion_cpu.yaml", control="shuffled_frames"),
 }
 # Extra `vlm-rl train` flags per algorithm, on top of the counting GRPO recipe (TRL's names for each).
 ALGORITHMS = {
@@ -119,8 +130,11 @@ def run_cli(
     return (time.perf_counter() - start) / 60
 
 
-def evaluate(model_dir: Path, grpo_recipe: Path, samples: int, seed: int, overrides: list[str]) -> dict:
-    """Greedy, sampled and blind held-out scores of the model in `model_dir`, on the GRPO recipe's held-out rows."""
+def evaluate(
+    model_dir: Path, grpo_recipe: Path, samples: int, seed: int, overrides: list[str], control: str = "blind"
+) -> dict:
+    """Greedy, sampled and `control` (blind, or frames shuffled) held-out scores of the model in `model_dir`, on the
+    GRPO recipe's held-out rows."""
     model_args, data_args, reward_args, training_args, _ = parse_recipe(["--config", str(grpo_recipe), *overrides])
     task = prepare_data(data_args, training_args, grpo_recipe.parent)
     rewards = prepare_rewards(reward_args, training_args, grpo_recipe.parent)
@@ -133,7 +147,10 @@ def evaluate(model_dir: Path, grpo_recipe: Path, samples: int, seed: int, overri
     )
     kwargs["max_tool_turns"] = training_args.max_tool_calling_iterations
     greedy = evaluate_policy(model, processor, task.eval, rewards, **kwargs)
-    blind = evaluate_policy(model, processor, task.eval, rewards, blind=True, **kwargs)
+    if control == "blind":
+        controlled = evaluate_policy(model, processor, task.eval, rewards, blind=True, **kwargs)
+    else:
+        controlled = evaluate_policy(model, processor, task.eval, rewards, shuffle_frames=True, seed=seed, **kwargs)
     torch.manual_seed(seed)
     repeated = concatenate_datasets([task.eval] * samples)
     sampled = evaluate_policy(model, processor, repeated, rewards, temperature=training_args.temperature, **kwargs)
@@ -142,7 +159,7 @@ def evaluate(model_dir: Path, grpo_recipe: Path, samples: int, seed: int, overri
     return {
         "greedy": mean_reward(greedy, name),
         "sampled": mean_reward(sampled, name),
-        "blind": mean_reward(blind, name, has_images=True),
+        control: mean_reward(controlled, name, **{"has_images" if control == "blind" else "has_videos": True}),
         "chance": task.chance,
         "mean_completion_tokens": mean(tokens),
         "format": mean(r["rewards"]["think_answer_format"] for r in sampled) if has_format else None,
@@ -179,14 +196,21 @@ def with_start(points: list[tuple[int, float]], start: float) -> list[tuple[int,
 
 
 def sft_then_grpo(
-    sft_recipe: Path, grpo_recipe: Path, run_dir: Path, samples: int, seed: int, overrides: list[str], *sft_flags: str
+    sft_recipe: Path,
+    grpo_recipe: Path,
+    run_dir: Path,
+    samples: int,
+    seed: int,
+    overrides: list[str],
+    *sft_flags: str,
+    control: str = "blind",
 ) -> tuple[dict, dict, float, float]:
     """`vlm-rl sft`, evaluate, `vlm-rl train` from the SFT output, evaluate: (before, after, SFT and GRPO minutes)."""
     sft_minutes = run_cli("sft", sft_recipe, run_dir / "sft", seed, *sft_flags, *overrides)
-    before = evaluate(run_dir / "sft", grpo_recipe, samples, seed, overrides)
+    before = evaluate(run_dir / "sft", grpo_recipe, samples, seed, overrides, control)
     grpo_args = ["--model_name_or_path", str(run_dir / "sft"), *overrides]
     grpo_minutes = run_cli("train", grpo_recipe, run_dir / "grpo", seed, *grpo_args)
-    after = evaluate(run_dir / "grpo", grpo_recipe, samples, seed, overrides)
+    after = evaluate(run_dir / "grpo", grpo_recipe, samples, seed, overrides, control)
     return before, after, sft_minutes, grpo_minutes
 
 
@@ -206,20 +230,23 @@ def run_seed(name: str, seed: int, output_dir: Path, samples: int, overrides: li
     task = TASKS[name]
     sft_recipe, grpo_recipe = RECIPES / f"{name}_sft_cpu.yaml", RECIPES / task.grpo_recipe.format(name=name)
     run_dir = output_dir / f"{name}-seed{seed}"
+    start = time.perf_counter()
     before, after, sft_minutes, grpo_minutes = sft_then_grpo(
-        sft_recipe, grpo_recipe, run_dir, samples, seed, overrides
+        sft_recipe, grpo_recipe, run_dir, samples, seed, overrides, control=task.control
     )
+    control = task.control
     result = {
         "seed": seed,
         "sft": before["greedy"],
         "grpo": after["greedy"],
         "sft_sampled": before["sampled"],
         "grpo_sampled": after["sampled"],
-        "blind_sft": before["blind"],
-        "blind_grpo": after["blind"],
+        f"{control}_sft": before[control],
+        f"{control}_grpo": after[control],
         "chance": before["chance"],
         "sft_minutes": sft_minutes,
         "grpo_minutes": grpo_minutes,
+        "total_minutes": (time.perf_counter() - start) / 60,  # SFT, GRPO and every evaluation
         "completion_tokens_grpo": after["mean_completion_tokens"],
         "format_grpo": after["format"],
         "hits_sft": before["hits"],
@@ -251,10 +278,11 @@ def summarize(runs: list[dict]) -> dict:
     """Means over seeds, with the spread (max - min) of each score where several seeds ran."""
     keys = (*SCORES, "chance", "sft_minutes", "grpo_minutes", "completion_tokens_grpo", "format_grpo", "hits_sft")
     keys += ("hits_grpo", "tool_calls_sft", "tool_calls_per_completion", "no_tools", "no_tools_sampled")
-    keys += ("blind_no_tools", "no_tools_minutes")
+    keys += ("blind_no_tools", "no_tools_minutes", "shuffled_frames_sft", "shuffled_frames_grpo", "total_minutes")
     summary = {key: mean(run[key] for run in runs) for key in keys if runs[0].get(key) is not None}
     if len(runs) > 1:
-        summary |= {f"{key}_spread": max(r[key] for r in runs) - min(r[key] for r in runs) for key in SCORES}
+        scores = [key for key in SCORES if runs[0].get(key) is not None]
+        summary |= {f"{key}_spread": max(r[key] for r in runs) - min(r[key] for r in runs) for key in scores}
     summary["seeds"] = len(runs)
     return summary
 
@@ -313,6 +341,17 @@ def markdown(results: dict[str, dict], runs: dict[str, list[dict]]) -> str:
                 f"| {name} | {cell(summary, 'grpo')} | {cell(summary, 'no_tools')} | {cell(summary, 'blind_grpo')} "
                 f"| {calls} | {summary['no_tools_minutes']:.1f} |"
             )
+    ordered = [name for name, summary in results.items() if "shuffled_frames_grpo" in summary]
+    if ordered:
+        lines += [
+            "",
+            "| task | GRPO greedy | frames shuffled, SFT | frames shuffled, GRPO | chance | minutes in all |",
+        ]
+        lines += ["|---|---|---|---|---|---|"]
+        for name in ordered:
+            summary = results[name]
+            scores = " | ".join(cell(summary, k) for k in ("grpo", "shuffled_frames_sft", "shuffled_frames_grpo"))
+            lines.append(f"| {name} | {scores} | {cell(summary, 'chance')} | {summary['total_minutes']:.1f} |")
     for name, task_runs in runs.items():
         if name != "counting":
             continue

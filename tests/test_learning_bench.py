@@ -58,3 +58,20 @@ def test_the_zoom_task_runs_with_and_without_its_tool(tmp_path):
     recipe = yaml.safe_load((ROOT / "recipes" / "zoom_cpu.yaml").read_text())
     assert "tools" not in plain and plain == {k: v for k, v in recipe.items() if k not in ("tools", "max_tool_turns")}
     assert "| zoom |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow  # about 2 minutes: SFT and GRPO on video rows, and four evaluations, in subprocesses
+def test_the_motion_task_reports_the_grpo_model_with_its_frames_shuffled(tmp_path):
+    """`--task motion`: SFT + GRPO on clips; the control is the held-out clips with their frames shuffled."""
+    process = subprocess.run(
+        [sys.executable, "benchmarks/learning.py", "--smoke", "--task", "motion", "--samples", "1",
+         "--output_dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    summary = json.loads(process.stdout.strip().splitlines()[-1])["motion"]
+    for key in ("sft", "grpo", "shuffled_frames_sft", "shuffled_frames_grpo", "chance"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert "blind_grpo" not in summary  # no images to swap
+    assert summary["total_minutes"] >= summary["sft_minutes"] + summary["grpo_minutes"]
+    assert "| motion |" in (tmp_path / "results.md").read_text()

@@ -27,6 +27,7 @@ from test_data import png, write_jsonl
 
 from vlm_rl.config import RECIPE_DATACLASSES
 from vlm_rl.data.export import main as export_shapes
+from vlm_rl.data.video_r1 import convert as convert_video_r1
 from vlm_rl.models import tiny_families
 from vlm_rl.recipe_check import build_field_table, check_recipe
 from vlm_rl.train import main as train_main
@@ -124,6 +125,43 @@ def multiple_choice(directory: Path) -> None:
         write_jsonl(directory / f"data/mcq/{split}.jsonl", rows)
 
 
+def video_r1(directory: Path) -> None:
+    """Video-R1-260k's layout (one JSON array, paths relative to it, image rows mixed in), converted as the recipe's
+    header says."""
+    import av  # lazy: only this recipe writes clips
+
+    root = directory / "data/video_r1"
+    types = ("numerical", "regression", "multiple choice", "OCR", "free-form")  # held out (seed 0): rows 2, 4, 6, 13…
+    answers = {"multiple choice": "B", "numerical": "3", "regression": "2.5", "OCR": "STOP", "free-form": "a ball"}
+    rows = []
+    for i in range(20):
+        problem_type, data_type = types[i % 5], "image" if i % 4 == 3 else "video"
+        path = f"./clips/{i}.mp4" if data_type == "video" else f"./pictures/{i}.png"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        if data_type == "image":
+            png(root / path, size=(40, 30))
+        else:
+            with av.open(str(root / path), "w") as container:
+                stream = container.add_stream("libx264", rate=4)
+                stream.width = stream.height = 56
+                stream.pix_fmt = "yuv420p"
+                for level in range(0, 240, 60):
+                    frame = av.VideoFrame.from_image(Image.new("RGB", (56, 56), (level, 0, 0)))
+                    for packet in stream.encode(frame):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+        choice = problem_type == "multiple choice"
+        rows.append(
+            {"problem_id": i, "problem": "What happens to the light?", "problem_type": problem_type,
+             "options": ["A. it dims", "B. it brightens"] if choice else [], "process": "<think>...</think>",
+             "solution": f"<answer>{answers[problem_type]}</answer>", "path": path, "data_type": data_type,
+             "data_source": "test"}
+        )  # fmt: skip
+    (root / "Video-R1-260k.json").write_text(json.dumps(rows))
+    convert_video_r1(root / "Video-R1-260k.json", root / "train.jsonl")
+
+
 def shapes_jsonl(directory: Path) -> None:
     export_shapes(["--output_dir", str(directory / "data/shapes_jsonl"), "--train_size", "8", "--eval_size", "4"])
 
@@ -146,6 +184,11 @@ RECIPE_SETUPS = {
     "local_jsonl_cpu.yaml": Setup("qwen2_vl", shapes_jsonl),
     "grounding_grpo_cpu.yaml": Setup("qwen3_vl", None),
     "zoom_cpu.yaml": Setup("qwen3_vl", None),
+    "motion_cpu.yaml": Setup("qwen2_vl", None),
+    # Enough held-out rows for each routed reward to score one.
+    "qwen2_5_vl_7b_video_r1.yaml": Setup(
+        "qwen2_5_vl", video_r1, {"train_size": "14", "eval_size": "6", "video_max_pixels": "3136"}
+    ),
     "qwen2_5_vl_3b_rec_grounding.yaml": Setup("qwen2_5_vl", vlm_r1_refcoco),
     "qwen2_5_vl_7b_geometry.yaml": Setup("qwen2_5_vl", geometry3k),
     "qwen3_vl_counting.yaml": Setup("qwen3_vl", r1v_clevr),

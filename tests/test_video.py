@@ -418,15 +418,36 @@ def test_the_python_api_takes_a_video_file_path_or_pil_frames_per_row(tmp_path, 
         trainer._generate_and_score_completions([{**rows[0], "videos": str(tmp_path / "gone.mp4")}])
 
 
-def test_sft_refuses_a_video_row_instead_of_training_without_its_video(load_tiny):
+def test_sft_trains_on_a_video_row_with_the_prompt_and_video_inputs_grpo_generates_from(load_tiny):
+    """A `vlm-rl sft` batch of text, image, video and image-plus-video rows: each row's prompt tokens and the video
+    inputs are those GRPO's prompt tokenization gives; the labels are the reply only. Frames not decoded by the data
+    loader (PIL images) are refused rather than trained on without their video."""
+    from vlm_rl.data.video import with_video
     from vlm_rl.models import adapter_for
-    from vlm_rl.models.collator import PromptCompletionCollator
+    from vlm_rl.models.collator import IGNORE_INDEX, PromptCompletionCollator
+    from vlm_rl.models.inputs import prompt_inputs
 
     model, processor = load_tiny("qwen2_vl")
-    answer = [{"role": "assistant", "content": "right"}]
-    rows = [{"prompt": row["prompt"], "completion": answer, "videos": row["videos"]} for row in mixed_video_rows()[2:]]
-    with pytest.raises(ValueError, match=r"^vlm-rl sft does not take video rows yet \(row 4 of this batch has one\)"):
-        PromptCompletionCollator(processor, adapter_for(model.config))(rows)
+    configure_video(processor, max_pixels=SIDE * SIDE)
+    adapter = adapter_for(model.config)
+    answer = [{"role": "assistant", "content": "<answer>right</answer>"}]
+    rows = [{**row, "completion": answer} for row in mixed_video_rows()[::GENERATIONS]]
+    batch = PromptCompletionCollator(processor, adapter)(rows)
+    prompts = [with_video(row["prompt"], row["videos"], len(row["images"])) for row in rows]
+    expected = prompt_inputs(adapter, processor, prompts, [row["images"] for row in rows])
+    assert torch.equal(batch["pixel_values_videos"], expected["pixel_values_videos"])
+    assert torch.equal(batch["video_grid_thw"], expected["video_grid_thw"])
+    for i in range(len(rows)):
+        prompt_ids = expected["input_ids"][i][expected["attention_mask"][i] == 1].tolist()
+        ids = batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist()
+        labels = batch["labels"][i]
+        assert ids[: len(prompt_ids)] == prompt_ids and (labels[: len(prompt_ids)] == IGNORE_INDEX).all()
+        assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]).startswith("<answer>right</answer>")
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    frames = [Image.fromarray(frame(index)) for index in range(4)]
+    with pytest.raises(ValueError, match=r"^vlm-rl sft takes a video row \(row 0 of this batch\) as decoded clips"):
+        PromptCompletionCollator(processor, adapter)([{**rows[0], "videos": frames}])
 
 
 def test_a_recipe_with_video_rows_for_a_family_without_video_fails_before_the_model_loads(tmp_path, tiny_dirs):

@@ -153,7 +153,8 @@ class DataArguments:
             "`grounding` / `math`, for reward routing), `synthetic:counting`, `synthetic:grounding`, "
             "`synthetic:count_diff` (scenes of several shapes with multi-token answers and an `sft` split, "
             "docs/learning.md), `synthetic:zoom` (a small dot's colour in a named cell of a large image, a task for "
-            "the `zoom_in` tool, with an `sft` split of tool-calling replies: docs/tools.md), a local "
+            "the `zoom_in` tool, with an `sft` split of tool-calling replies: docs/tools.md), `synthetic:motion` "
+            "(4-frame clips of a moving shape, a `videos` column, and an `sft` split: docs/learning.md), a local "
             ".jsonl/.json/.parquet/.csv file, a glob or a "
             "directory of such files, a directory written by `Dataset.save_to_disk`, or a Hub dataset id. "
             "Relative paths: from the recipe's directory, then the working directory."
@@ -164,8 +165,8 @@ class DataArguments:
         default="train",
         metadata={
             "help": "The training split of a Hub dataset or a saved `DatasetDict`; for the synthetic scene tasks "
-            "(`counting`, `grounding`, `count_diff`) and `zoom`, `sft`: the rows with a teacher's reply, for "
-            "`vlm-rl sft`."
+            "(`counting`, `grounding`, `count_diff`), `zoom` and `motion`, `sft`: the rows with a teacher's reply, "
+            "for `vlm-rl sft`."
         },
     )
     eval_dataset: str | None = field(
@@ -605,6 +606,12 @@ def _next_multiple(value: int, unit: int) -> int:
     return math.ceil(value / unit) * unit
 
 
+def _grpo_field(name: str) -> Any:
+    """A field of `VLMGRPOConfig` (its default and help) for another config that means the same by it."""
+    source = VLMGRPOConfig.__dataclass_fields__[name]
+    return field(default=source.default, metadata=source.metadata)
+
+
 @dataclass
 class VLMSFTConfig(SFTConfig):
     """TRL's `SFTConfig` for `vlm-rl sft`, with vlm-rl's defaults where TRL's would break its data.
@@ -618,6 +625,11 @@ class VLMSFTConfig(SFTConfig):
         metadata={"help": "Keep False: vlm-rl's data loader needs every raw column of the rows it builds."},
     )
     step_timeout: float | None = step_timeout_field()
+    # `vlm-rl train`'s video settings: SFT trains on clips sampled and sized as GRPO and evaluation will show them.
+    video_fps: float | None = _grpo_field("video_fps")
+    video_num_frames: int | None = _grpo_field("video_num_frames")
+    video_max_pixels: int | None = _grpo_field("video_max_pixels")
+    video_total_pixels: int | None = _grpo_field("video_total_pixels")
 
 
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, RewardArguments, VLMGRPOConfig)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from datasets import Dataset
 
+from vlm_rl.data.motion import make_motion_dataset
 from vlm_rl.data.rows import (
     IMAGE_COLUMNS,
     LazyRows,
@@ -22,7 +23,7 @@ from vlm_rl.data.rows import (
     undecoded,
 )
 from vlm_rl.data.scenes import CELL, COUNTS, make_count_diff_dataset, make_counting_dataset, make_grounding_dataset
-from vlm_rl.data.sources import Source, read_source, resolve_path
+from vlm_rl.data.sources import Source, read_source, resolve_path, with_row_ids
 from vlm_rl.data.stats import DataError, SkippedRows
 from vlm_rl.data.synthetic import COLORS, make_grounding_math_dataset, make_shapes_dataset
 from vlm_rl.data.video import VIDEO_COLUMNS
@@ -35,10 +36,10 @@ logger = logging.getLogger("vlm_rl")
 
 SYNTHETIC_DATASETS = (
     "synthetic:shapes", "synthetic:grounding_math", "synthetic:counting", "synthetic:grounding",
-    "synthetic:count_diff", "synthetic:zoom",
+    "synthetic:count_diff", "synthetic:zoom", "synthetic:motion",
 )  # fmt: skip
 SCENES = {"synthetic:counting", "synthetic:grounding", "synthetic:count_diff"}
-WITH_SFT_ROWS = SCENES | {"synthetic:zoom"}
+WITH_SFT_ROWS = SCENES | {"synthetic:zoom", "synthetic:motion"}
 # Recipe fields that only mean something for data read from files or the Hub.
 FILE_ONLY_FIELDS = (
     "dataset_config", "eval_dataset", "eval_split", "column_mapping", "prompt_template", "system_prompt", "image_root",
@@ -188,6 +189,8 @@ def _synthetic(args: DataArguments, seed: int) -> TaskData:
             eval=held_out,
             chance=_most_common_share(held_out),
         )
+    if args.dataset == "synthetic:motion":
+        return _motion(args, seed, train_size, eval_size)
     if args.dataset == "synthetic:shapes":
         kwargs = {"image_size": args.image_size, "text_fraction": args.text_fraction, "seed": seed}
         return TaskData(
@@ -217,6 +220,32 @@ def _scenes(args: DataArguments, seed: int, train_size: int, eval_size: int) -> 
     held_out = make(eval_size, "test", seed=seed, **kwargs) if eval_size > 0 else None
     chance = _most_common_share(held_out) if args.dataset != "synthetic:grounding" else None
     return TaskData(train=make(train_size, args.split, seed=seed, **kwargs), eval=held_out, chance=chance)
+
+
+def _motion(args: DataArguments, seed: int, train_size: int, eval_size: int) -> TaskData:
+    """`synthetic:motion` (`vlm_rl.data.motion`): its clips are frames in memory, which go through the loader that
+    file data goes through, so that training, generation and evaluation all see the same decoded clips."""
+    try:
+        train = make_motion_dataset(train_size, args.split, image_size=args.image_size, seed=seed)
+        held_out = make_motion_dataset(eval_size, "test", image_size=args.image_size, seed=seed) if eval_size else None
+    except ValueError as error:
+        raise DataError(str(error)) from error
+    skipped_train, skipped_eval = SkippedRows("train"), SkippedRows("eval")
+    return TaskData(
+        train=_in_memory(train, args, skipped_train),
+        eval=_in_memory(held_out, args, skipped_eval) if held_out is not None else None,
+        chance=_most_common_share(held_out),
+        skipped_train=skipped_train,
+        skipped_eval=skipped_eval,
+    )
+
+
+def _in_memory(dataset: Dataset, args: DataArguments, skipped: SkippedRows) -> Dataset:
+    """A generated dataset, loaded lazily like rows read from a file (its images handed over undecoded)."""
+    dataset = with_row_ids(dataset)
+    fmt = RowFormat.for_dataset(dataset, None, None, args.dataset)
+    dataset = undecoded(dataset, fmt.image_column, fmt.video_column)
+    return _Split(dataset, Source(args.dataset, [], None), fmt, skipped).lazy(args)
 
 
 def _most_common_share(held_out: Dataset | None) -> float | None:

@@ -114,10 +114,10 @@ def read_source(
             tried = [spec] if Path(spec).is_absolute() else [str(d / spec) for d in (base_dir, Path.cwd()) if d]
             raise DataError(f"Data file {spec!r} not found (looked for: {', '.join(tried)}).")
         dataset = _pick_split(_load_hub(spec, split=split, config=config), split, split_field, spec)
-        return _with_row_ids(dataset), Source(spec, [], image_root)
+        return with_row_ids(dataset), Source(spec, [], image_root)
     if local.is_dir() and _is_saved_dataset(local):
         dataset = _pick_split(load_from_disk(str(local)), split, split_field, str(local))
-        return _with_row_ids(dataset), Source(str(local), [SourceFile(local, 0, len(dataset))], image_root)
+        return with_row_ids(dataset), Source(str(local), [SourceFile(local, 0, len(dataset))], image_root)
     if split_field == "eval_split" and split is not None:
         raise DataError(_no_splits(local, split))
     paths = _data_files(local)
@@ -328,10 +328,10 @@ def _read_parquet(paths: list[Path], name: Path, image_root: Path | None) -> tup
         files.append(SourceFile(path, start, num_rows))
         start += num_rows
     dataset = concatenate_datasets([Dataset.from_parquet(str(path)) for path in paths])
-    return _with_row_ids(dataset), Source(str(name), files, image_root)
+    return with_row_ids(dataset), Source(str(name), files, image_root)
 
 
-def _with_row_ids(dataset: Dataset) -> Dataset:
+def with_row_ids(dataset: Dataset) -> Dataset:
     if ROW_ID in dataset.column_names:
         raise DataError(f"The data has a column named {ROW_ID!r}, which vlm-rl reserves; rename it.")
     return dataset.add_column(ROW_ID, range(len(dataset)))

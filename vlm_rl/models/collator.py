@@ -24,6 +24,7 @@ from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import flush_left
 
 from vlm_rl.data.rows import generation_prompt
+from vlm_rl.data.video import Clip, with_video
 from vlm_rl.errors import InvalidValueError
 from vlm_rl.models.adapters import FamilyAdapter
 from vlm_rl.models.inputs import prompt_inputs
@@ -158,12 +159,13 @@ class PromptCompletionCollator:
     max_length: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> BatchFeature:
-        video_row = next((i for i, example in enumerate(examples) if example.get("videos")), None)
-        if video_row is not None:  # they would train without their video
-            raise ValueError(f"vlm-rl sft does not take video rows yet (row {video_row} of this batch has one).")
-        prompts = [example["prompt"] for example in examples]
         completions = [completion_messages(example["completion"]) for example in examples]
         row_images = [list(example.get("images") or []) for example in examples]
+        prompts = [
+            self._with_video(example, len(images), row)
+            for row, (example, images) in enumerate(zip(examples, row_images, strict=True))
+        ]
+        self.adapter.check_videos_per_row([len(example.get("videos") or []) for example in examples])
         tools = self._tools(examples)
         returned = [row[len(row) - tool_images(c) :] for row, c in zip(row_images, completions, strict=True)]
         images = [row[: len(row) - len(r)] for row, r in zip(row_images, returned, strict=True)]
@@ -206,6 +208,19 @@ class PromptCompletionCollator:
         inputs |= {"input_ids": ids, "attention_mask": mask, "labels": labels}
         inputs |= dict(zip(per_token, token_values, strict=True))
         return BatchFeature(inputs)
+
+    def _with_video(self, example: dict[str, Any], num_images: int, row: int) -> list[dict]:
+        """The row's prompt with its video (decoded clips, as the data loader gives them) placed as GRPO places it, so
+        the video's inputs come out of the same `apply_chat_template` call as the prompt's tokens."""
+        videos = list(example.get("videos") or [])
+        if not videos:
+            return example["prompt"]
+        if not all(isinstance(clip, Clip) for clip in videos) or len(completion_messages(example["completion"])) > 1:
+            raise InvalidValueError(
+                f"vlm-rl sft takes a video row (row {row} of this batch) as decoded clips with a one-message "
+                "completion: load the rows through the recipe's data (a `videos` column), without tool turns."
+            )
+        return with_video(example["prompt"], videos, num_images)
 
     def _tools(self, examples: list[dict[str, Any]]) -> list | None:
         """The batch's tool schemas (a `tools` column: JSON text or a list), one set for the whole batch."""
