@@ -44,6 +44,14 @@ def uneven_generate(model, processor, inputs, lengths: torch.Tensor, sample: boo
     )
 
 
+def assert_same_generation(ours, stock, lengths: torch.Tensor) -> None:
+    """The same tokens as stock `generate`, and the same logits for each row until its EOS."""
+    assert torch.equal(ours.sequences, stock.sequences)
+    for step, (mine, theirs) in enumerate(zip(ours.logits, stock.logits, strict=True)):
+        going = step < lengths
+        torch.testing.assert_close(mine[going], theirs[going], atol=1e-5, rtol=0, msg=f"token {step}")
+
+
 @pytest.mark.parametrize("family", DECODING_FAMILIES)
 def test_ended_rows_leave_the_decoding_forwards_with_the_same_tokens_and_logits(family, load_tiny, tmp_path):
     model, processor = load_tiny(family)
@@ -60,10 +68,7 @@ def test_ended_rows_leave_the_decoding_forwards_with_the_same_tokens_and_logits(
                 ours = uneven_generate(model, processor, inputs, lengths, sample)
         finally:
             hook.remove()
-        assert torch.equal(ours.sequences, stock.sequences)
-        for step, (mine, theirs) in enumerate(zip(ours.logits, stock.logits, strict=True)):
-            going = step < lengths
-            torch.testing.assert_close(mine[going], theirs[going], atol=1e-5, rtol=0, msg=f"token {step}")
+        assert_same_generation(ours, stock, lengths)
         # After the prefill, forward i runs the rows whose EOS comes later than token i.
         decoded = [batch for batch, tokens in calls[1:]]
         assert decoded == [max(1, int((lengths > step).sum())) for step in range(1, len(decoded) + 1)]

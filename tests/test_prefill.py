@@ -109,8 +109,7 @@ def video_trainer_and_rows(family, load_tiny, tmp_path):
     rows = [row for row in video_prompts() for _ in range(COPIES)]
     random.Random(0).shuffle(rows)
     trainer = video_trainer(model, processor, tmp_path, rows, num_generations=COPIES, max_completion_length=5)
-    return model, processor, trainer, prompts_with_videos(rows, trainer.adapter, processor, uses_tools=False,
-                                                          use_vllm=False)  # fmt: skip
+    return model, processor, trainer, prompts_with_videos(rows, trainer.adapter, processor, uses_tools=False)
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
@@ -119,7 +118,7 @@ def test_video_prompts_prefilled_once_with_rows_ending_early_have_the_logits_of_
 ):
     """M-RoPE of the videos (Qwen2.5-VL's timing, Qwen3-VL's timestamps) carries over from the prefill; two clips
     under one question stay two prompts; rows that end leave the decoding forwards (sampled, fixed seed)."""
-    from test_finished_rows import uneven_generate
+    from test_finished_rows import assert_same_generation, uneven_generate
 
     from vlm_rl.rollout.finished_rows import finished_rows_left_out
     from vlm_rl.trainers.video_rows import count_videos
@@ -138,10 +137,7 @@ def test_video_prompts_prefilled_once_with_rows_ending_early_have_the_logits_of_
             ours = uneven_generate(model, processor, inputs, lengths, sample=True)
     finally:
         hook.remove()
-    assert torch.equal(ours.sequences, stock.sequences)
-    for step, (mine, theirs) in enumerate(zip(ours.logits, stock.logits, strict=True)):
-        going = step < lengths
-        torch.testing.assert_close(mine[going], theirs[going], atol=1e-5, rtol=0, msg=f"token {step}")
+    assert_same_generation(ours, stock, lengths)
     # One prefill row per distinct prompt (5: the two clips under one question apart), then the rows still going.
     assert calls[0] == (5, inputs["input_ids"].size(1) - 1)
     assert [rows for rows, _ in calls[1:]] == [len(rows)] + [max(1, int((lengths > step).sum())) for step in

@@ -130,6 +130,24 @@ def score(trainer, model, batch, modes: tuple[bool, bool], chunk: int | None):
     return logps.detach() * completion_mask, entropies.detach() * completion_mask, grads, counts
 
 
+def scores_match_the_plain_forward(trainer, model, batch, label: str):
+    """Score `batch` under each mode, in one chunk and in chunks of 4 that cut through prompt groups, checking
+    log-probs, entropies and gradients against the plain forward's; returns the plain scores and, per mode, where it
+    ran, its switches and its one-chunk token counts."""
+    plain = score(trainer, model, batch, (False, False), None)
+    modes = []
+    for mode, switches in MODES.items():
+        for chunk in (None, 4):
+            logps, entropies, grads, counts = score(trainer, model, batch, switches, chunk)
+            where = f"{label}, {mode}, chunk {chunk}"
+            torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0, msg=f"log-probs: {where}")
+            torch.testing.assert_close(entropies, plain[1], atol=1e-5, rtol=0, msg=f"entropies: {where}")
+            assert_grads_close(grads, plain[2], where)
+            if chunk is None:
+                modes.append((where, switches, counts))
+    return plain, modes
+
+
 @pytest.mark.parametrize(
     ("family", "kind"),
     [
@@ -142,33 +160,25 @@ def test_switches_match_the_plain_forward(family, kind, load_tiny, tmp_path):
         model, processor, tmp_path, num_generations=COPIES, per_device_train_batch_size=COPIES, max_completion_length=6
     )
     batch = scoring_batch(trainer, kind)
-    plain = score(trainer, model, batch, (False, False), None)
-    for mode, switches in MODES.items():
-        for chunk in (None, 4):  # one chunk, or chunks that cut through prompt groups
-            logps, entropies, grads, counts = score(trainer, model, batch, switches, chunk)
-            where = f"{family}, {kind} batch, {mode}, chunk {chunk}"
-            torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0, msg=f"log-probs: {where}")
-            torch.testing.assert_close(entropies, plain[1], atol=1e-5, rtol=0, msg=f"entropies: {where}")
-            assert_grads_close(grads, plain[2], where)
-            if chunk is not None:
-                continue
-            shares = switches[0] and family in SHARED_FAMILIES
-            encodes = switches[1] and family in ENCODED_FAMILIES
-            rows, width = batch[0].shape
-            if shares:  # each prompt once: at most one padded row per prompt, then each completion and one token more
-                bound = rows // COPIES * width + rows * (batch[2].size(1) + 1)
-                assert counts["language"] <= bound < plain[3]["language"], where
-            else:
-                assert counts["language"] == plain[3]["language"], where
-            if kind == "text":
-                assert counts["vision"] == plain[3]["vision"] == 0, where
-            elif encodes:  # each distinct image once, also one that two different prompts show
-                distinct, slots = distinct_images(trainer.adapter, kind)
-                assert counts["vision"] * COPIES * slots == plain[3]["vision"] * distinct, where
-            elif shares:  # each prompt's images once for its COPIES rows
-                assert counts["vision"] * COPIES == plain[3]["vision"], where
-            else:
-                assert counts["vision"] == plain[3]["vision"], where
+    plain, modes = scores_match_the_plain_forward(trainer, model, batch, f"{family}, {kind} batch")
+    for where, switches, counts in modes:
+        shares = switches[0] and family in SHARED_FAMILIES
+        encodes = switches[1] and family in ENCODED_FAMILIES
+        rows, width = batch[0].shape
+        if shares:  # each prompt once: at most one padded row per prompt, then each completion and one token more
+            bound = rows // COPIES * width + rows * (batch[2].size(1) + 1)
+            assert counts["language"] <= bound < plain[3]["language"], where
+        else:
+            assert counts["language"] == plain[3]["language"], where
+        if kind == "text":
+            assert counts["vision"] == plain[3]["vision"] == 0, where
+        elif encodes:  # each distinct image once, also one that two different prompts show
+            distinct, slots = distinct_images(trainer.adapter, kind)
+            assert counts["vision"] * COPIES * slots == plain[3]["vision"] * distinct, where
+        elif shares:  # each prompt's images once for its COPIES rows
+            assert counts["vision"] * COPIES == plain[3]["vision"], where
+        else:
+            assert counts["vision"] == plain[3]["vision"], where
 
 
 @pytest.mark.parametrize("family", [name for name in ALL_FAMILIES if name not in SHARED_FAMILIES + ENCODED_FAMILIES])
@@ -378,24 +388,16 @@ def test_video_groups_match_the_plain_forward_with_each_prompt_and_each_video_on
     assert sum(inputs["num_videos"]) == 3 * COPIES
     if family == "qwen2_5_vl":
         assert inputs["second_per_grid_ts"].tolist() == [0.5] * 3 * COPIES
-    plain = score(trainer, model, batch, (False, False), None)
-    for mode, switches in MODES.items():
-        for chunk in (None, 4):  # one chunk, or chunks that cut through prompt groups
-            logps, entropies, grads, counts = score(trainer, model, batch, switches, chunk)
-            where = f"{family}, video batch, {mode}, chunk {chunk}"
-            torch.testing.assert_close(logps, plain[0], atol=1e-5, rtol=0, msg=f"log-probs: {where}")
-            torch.testing.assert_close(entropies, plain[1], atol=1e-5, rtol=0, msg=f"entropies: {where}")
-            assert_grads_close(grads, plain[2], where)
-            if chunk is not None:
-                continue
-            if switches[0]:  # each prompt once: the language model runs fewer tokens
-                assert counts["language"] < plain[3]["language"], where
-            if switches[1]:  # each distinct image and video once, also the video two prompts show
-                distinct = distinct_patches(inputs["pixel_values"], inputs["image_grid_thw"])
-                distinct += distinct_patches(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-                assert counts["vision"] == distinct, where
-            else:  # each group's images and video once for its COPIES rows
-                assert counts["vision"] * COPIES == plain[3]["vision"], where
+    plain, modes = scores_match_the_plain_forward(trainer, model, batch, f"{family}, video batch")
+    for where, switches, counts in modes:
+        if switches[0]:  # each prompt once: the language model runs fewer tokens
+            assert counts["language"] < plain[3]["language"], where
+        if switches[1]:  # each distinct image and video once, also the video two prompts show
+            distinct = distinct_patches(inputs["pixel_values"], inputs["image_grid_thw"])
+            distinct += distinct_patches(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+            assert counts["vision"] == distinct, where
+        else:  # each group's images and video once for its COPIES rows
+            assert counts["vision"] * COPIES == plain[3]["vision"], where
 
 
 def count_video_patches(model, seen: list[int]) -> None:
@@ -416,17 +418,9 @@ def test_training_on_video_rows_with_both_switches_logs_the_plain_runs_numbers(l
     shuffle): with both switches, the plain run's rewards, loss and gradient norm, with fewer video patches through
     the vision tower. One step: the shuffles draw from the RNG differently, so later generations sample other
     completions."""
-    from PIL import Image
-    from test_video import frame, load, video_trainer, write_jsonl, write_video
+    from test_video import file_rows, load, video_trainer, write_jsonl
 
-    write_video(tmp_path / "clip.mp4")
-    Image.fromarray(frame(3)).save(tmp_path / "still.png")
-    rows = [
-        {"prompt": "Which way does the bar grow?", "videos": ["clip.mp4"], "answer": "right"},
-        {"prompt": "Say right.", "answer": "right"},
-        {"prompt": "Where is the bar?", "images": ["still.png"], "answer": "left"},
-        {"prompt": "Same bar?", "images": ["still.png"], "videos": ["clip.mp4"], "answer": "yes"},
-    ]
+    rows = file_rows(tmp_path)
     histories, video_patches = {}, {False: [], True: []}
     for switches in (False, True):
         task = load(write_jsonl(tmp_path / "d.jsonl", rows))

@@ -298,16 +298,21 @@ def test_video_rows_logprobs_match_a_single_sample_forward_in_any_chunking_and_i
     torch.testing.assert_close(batch["old_per_token_logps"][mask], logps[mask], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", *(name for name in VIDEO_FAMILIES if not name.startswith("qwen"))])
-def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path, load_tiny, family):
-    write_video(tmp_path / "clip.mp4")
-    Image.fromarray(frame(3)).save(tmp_path / "still.png")
-    rows = [
+def file_rows(directory) -> list[dict]:
+    """JSONL rows with a video file, text only, an image file, and an image and a video; the files in `directory`."""
+    write_video(directory / "clip.mp4")
+    Image.fromarray(frame(3)).save(directory / "still.png")
+    return [
         {"prompt": "Which way does the bar grow?", "videos": ["clip.mp4"], "answer": "right"},
         {"prompt": "Say right.", "answer": "right"},
         {"prompt": "Where is the bar?", "images": ["still.png"], "answer": "left"},
         {"prompt": "Same bar?", "images": ["still.png"], "videos": ["clip.mp4"], "answer": "yes"},
     ]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", *(name for name in VIDEO_FAMILIES if not name.startswith("qwen"))])
+def test_a_grpo_run_trains_on_video_files_images_and_text_loaded_lazily(tmp_path, load_tiny, family):
+    rows = file_rows(tmp_path)
     task = load(write_jsonl(tmp_path / "d.jsonl", rows))
     model, processor = load_tiny(family)
     # beta > 0: TRL's scoring also runs the reference model on the video rows.

@@ -244,15 +244,24 @@ def vllm_server(tiny_qwen, tmp_path, request):
         log.close()
 
 
-def test_server_grpo_with_mixed_rows(vllm_server, tiny_qwen, tmp_path):
-    model, processor = load_policy(tiny_qwen)
-    log = CompletionLog()
-    args = vllm_config(
-        tmp_path / "run",
+def server_config(output_dir, vllm_server, **overrides):
+    """`vllm_config` for the test's vLLM server on 127.0.0.1, weights synced through files (no NCCL on CPU)."""
+    return vllm_config(
+        output_dir,
         vllm_mode="server",
         vllm_server_host="127.0.0.1",
         vllm_server_port=vllm_server["vllm_server_port"],
         vllm_weight_transport="files",
+        **overrides,
+    )
+
+
+def test_server_grpo_with_mixed_rows(vllm_server, tiny_qwen, tmp_path):
+    model, processor = load_policy(tiny_qwen)
+    log = CompletionLog()
+    args = server_config(
+        tmp_path / "run",
+        vllm_server,
         generation_kwargs=biased_towards_image_token(model),
     )
     trainer = VLMGRPOTrainer(
@@ -379,12 +388,9 @@ def test_server_grpo_with_video_rows(video_recipe_data, vllm_server, tiny_qwen, 
     model, processor = load_policy(tiny_qwen)
     log = CompletionLog()
     bias = {int(model.config.video_token_id): 40.0, int(model.config.image_token_id): 40.0}
-    args = vllm_config(
+    args = server_config(
         tmp_path / "run",
-        vllm_mode="server",
-        vllm_server_host="127.0.0.1",
-        vllm_server_port=vllm_server["vllm_server_port"],
-        vllm_weight_transport="files",
+        vllm_server,
         generation_kwargs={"logit_bias": bias},
         **SERVER_VIDEO_SETTINGS,
     )

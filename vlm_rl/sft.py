@@ -29,7 +29,7 @@ from vlm_rl.data import DataError, SkippedRowsCallback, TaskData
 from vlm_rl.data.rows import trainer_columns
 from vlm_rl.models import adapter_for
 from vlm_rl.models.collator import PromptCompletionCollator
-from vlm_rl.models.video import configure_video
+from vlm_rl.models.video import configure_video_from
 from vlm_rl.prepare import Prepared, RunFinished, evaluates, prepare_run
 from vlm_rl.redaction import redacted_argv
 from vlm_rl.train import check_zero3_saves_full_model, describe_distribution, end_processes, load_policy
@@ -112,13 +112,7 @@ def build_trainer(
 ) -> SFTTrainer:
     """`VLMSFTTrainer` with the prompt-completion collator of the model's family (`vlm_rl.models.collator`), and the
     recipe's video settings on the processor (saved with the model, as `vlm-rl train` saves them)."""
-    configure_video(
-        processor,
-        fps=args.video_fps,
-        num_frames=args.video_num_frames,
-        max_pixels=args.video_max_pixels,
-        total_pixels=args.video_total_pixels,
-    )
+    configure_video_from(processor, args)
     return VLMSFTTrainer(
         model=model,
         args=args,

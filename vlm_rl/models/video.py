@@ -216,3 +216,15 @@ def _frame_size(video_processor) -> str:
         return f"{tile['longest_edge']}×{tile['longest_edge']}"
     size = video_processor.size
     return f"{size['width']}×{size['height']}" if size.get("width") else str(dict(size))
+
+
+def configure_video_from(processor, settings: Any) -> None:
+    """`configure_video` with a recipe's `video_fps`, `video_num_frames`, `video_max_pixels` and `video_total_pixels`
+    (from `VLMGRPOConfig`, `VLMSFTConfig` or `VLMOptions`), so that training, generation and serving agree."""
+    configure_video(
+        processor,
+        fps=settings.video_fps,
+        num_frames=settings.video_num_frames,
+        max_pixels=settings.video_max_pixels,
+        total_pixels=settings.video_total_pixels,
+    )

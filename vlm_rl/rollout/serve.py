@@ -20,7 +20,7 @@ import torch
 
 from vlm_rl.config import parse_recipe
 from vlm_rl.models import load_processor
-from vlm_rl.models.video import configure_video
+from vlm_rl.models.video import configure_video_from
 from vlm_rl.prepare import images_per_prompt, prepare_data, prepare_model_path
 from vlm_rl.rollout.vllm import most_videos_per_row, with_video_kwargs
 
@@ -37,13 +37,7 @@ def server_args(argv: list[str]) -> list[str]:
     model_path, adapter, _ = prepare_model_path(model_args, training_args, recipe_dir)
     processor = load_processor(str(model_path), trust_remote_code=training_args.trust_remote_code)
     adapter.set_image_size_bounds(processor, model_args.min_pixels, model_args.max_pixels)
-    configure_video(
-        processor,
-        fps=training_args.video_fps,
-        num_frames=training_args.video_num_frames,
-        max_pixels=training_args.video_max_pixels,
-        total_pixels=training_args.video_total_pixels,
-    )
+    configure_video_from(processor, training_args)
     limit = training_args.vllm_limit_mm_per_prompt
     task = None
     if limit is None or adapter.video_keys:

@@ -51,7 +51,7 @@ from vlm_rl.models.inputs import (
 from vlm_rl.models.lora import use_base_as_reference
 from vlm_rl.models.preprocess_once import images_preprocessed_once
 from vlm_rl.models.processing import continuing_final_message, load_processor
-from vlm_rl.models.video import configure_video
+from vlm_rl.models.video import configure_video_from
 from vlm_rl.rewards.columns import check_reward_columns
 from vlm_rl.rewards.configured import ConfiguredReward, bind_context
 from vlm_rl.rewards.registry import reward_or_model
@@ -161,13 +161,7 @@ class VLMGRPOTrainer(CheckpointMixin, MetricsMixin, ToolMetricsMixin, GRPOTraine
             # on the right, which misaligns those inputs with the prompt for every row shorter than the
             # longest: left-pad everywhere.
             processing_class.tokenizer.padding_side = "left"
-            configure_video(
-                processing_class,
-                fps=options.video_fps,
-                num_frames=options.video_num_frames,
-                max_pixels=options.video_max_pixels,
-                total_pixels=options.video_total_pixels,
-            )
+            configure_video_from(processing_class, options)
         uses_tools = bool(kwargs.get("tools") or kwargs.get("environment_factory"))
         with self._vlm_rollout_backend(
             model, args, options, processing_class, kwargs.get("train_dataset"), uses_tools
