@@ -118,6 +118,7 @@ def test_wandb_gets_scalars_and_a_completions_table_per_step_with_every_image(tm
     assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 2
 
 
+@pytest.mark.scale  # a training run in a subprocess (13 s): with the other end-to-end runs
 def test_trackio_gets_the_tables_and_tensorboard_the_scalars(tmp_path):
     pytest.importorskip("trackio")
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -142,6 +143,7 @@ def test_trackio_gets_the_tables_and_tensorboard_the_scalars(tmp_path):
     assert len(scalars.Scalars("train/timing/rollout_s")) == 2
 
 
+@pytest.mark.scale  # a training run in a subprocess (13 s): with the other end-to-end runs
 def test_console_bar_shows_step_reward_and_eta_and_the_logs_time_each_phase(tmp_path):
     recipe = write_recipe(tmp_path, [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
