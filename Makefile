@@ -31,9 +31,10 @@ $(VENV)/.installed-scale: $(VENV)/.installed
 	touch $@
 
 test-scale: $(VENV)/.installed-scale
-	$(RUN_ENV) $(PY) -m pytest -q -m scale
+	$(RUN_ENV) $(PY) -m pytest -q -m "scale and not slow"
 
-test-slow: $(VENV)/.installed
+# Long runs (benchmark smokes, a vLLM server of its own for video): with the scale extras, as some need vLLM.
+test-slow: $(VENV)/.installed-scale
 	$(RUN_ENV) $(PY) -m pytest -q -m slow
 
 # Step time and peak memory against stock TRL (docs/benchmarks.md): the `short` shape at G = 2, 4, 8, 16, then the

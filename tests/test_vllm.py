@@ -381,6 +381,7 @@ def video_recipe_data(tmp_path, video_file) -> None:
 SERVER_VIDEO_SETTINGS = {"video_num_frames": 4, "video_max_pixels": VIDEO_MAX_PIXELS}
 
 
+@pytest.mark.slow  # a server of its own (about 4 minutes): `make test-slow`, which keeps the scale suite under 30
 @pytest.mark.parametrize("vllm_server", [{"dataset": "videos.jsonl", **SERVER_VIDEO_SETTINGS}], indirect=True)
 def test_server_grpo_with_video_rows(video_recipe_data, vllm_server, tiny_qwen, video_file, tmp_path):
     """`vlm-rl vllm-serve` makes room for the recipe's videos with its video settings; the trainer sends each clip's
